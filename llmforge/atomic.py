@@ -1,0 +1,70 @@
+"""Write outputs atomically: a temp file (or folder) beside the target, renamed into place on success."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import LlmforgeError
+
+
+def check_output_dir(path: Path) -> None:
+    """Raise a clear error when the folder that should hold ``path`` is missing or not writable."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LlmforgeError(f"output folder {parent} does not exist", hint="create it or pass another -o path")
+    if not os.access(parent, os.W_OK):
+        raise LlmforgeError(f"output folder {parent} is not writable", hint="pass another -o path")
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
+
+    On any exception the temporary file is removed, so no half-written output is ever left behind.
+    """
+    target = Path(target)
+    check_output_dir(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise LlmforgeError(f"no space left on the device while writing {target}",
+                                hint="free some disk space or write elsewhere with -o") from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a folder: build it under a temp name, then rename into place.
+
+    An existing ``target`` folder is replaced only after the new one is complete.
+    """
+    target = Path(target)
+    check_output_dir(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,208 @@
+"""The ``llmforge`` command line: one click group, thin. Each command parses, calls the library, prints.
+
+Library functions raise :class:`llmforge.errors.LlmforgeError` for user mistakes; ``main`` turns those into
+one line on stderr and a non-zero exit. Diagnostics go to stderr so stdout stays clean for data.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import LlmforgeError
+
+
+def echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmforge")
+def cli() -> None:
+    """Fine-tune a language model and ship it to a local runtime (GGUF + Ollama)."""
+
+
+# ---------------------------------------------------------------- export (HF / PEFT -> GGUF)
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--quant", "-q", default="f16", show_default=True, help="Quant type or mixture (see `llmforge quants`).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Output .gguf path (default: beside SOURCE).")
+@click.option("--base", type=click.Path(path_type=Path), help="Base model folder for an adapter SOURCE.")
+@click.option("--lora-only", is_flag=True, help="Write a GGUF LoRA adapter instead of merging (adapter SOURCE).")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="llama.cpp importance-matrix file for K-quants.")
+@click.option("--name", help="general.name written into the GGUF.")
+def convert(source: Path, quant: str, output: Path | None, base: Path | None, lora_only: bool,
+            imatrix: Path | None, name: str | None) -> None:
+    """Convert a Hugging Face model folder or a PEFT adapter folder to GGUF."""
+    from .export.convert import convert as run_convert
+
+    report = run_convert(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name)
+    for line in report.summary_lines():
+        echo_err(line)
+    click.echo(str(report.path))
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Summarise a GGUF file: architecture, parameters, types, tokenizer, chat template."""
+    import json
+
+    from .export.inspect import format_inspection, inspect_gguf
+
+    info = inspect_gguf(path)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+# ---------------------------------------------------------------- quantization
+
+@cli.command()
+@click.argument("input_path", metavar="IN.gguf", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUT.gguf", type=click.Path(path_type=Path))
+@click.option("--quant", "-q", required=True, help="Target quant type or mixture (see `llmforge quants`).")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="llama.cpp importance-matrix file.")
+def quantize(input_path: Path, output_path: Path, quant: str, imatrix: Path | None) -> None:
+    """Requantize an f32/f16/bf16 GGUF."""
+    from .quant.requantize import quantize_gguf
+
+    report = quantize_gguf(input_path, output_path, quant, imatrix=imatrix)
+    for line in report.summary_lines():
+        echo_err(line)
+    click.echo(str(output_path))
+
+
+@cli.command()
+def quants() -> None:
+    """List the quant types and mixtures with bits per weight."""
+    from .quant.mixtures import describe_quants
+
+    for name, bpw, text in describe_quants():
+        click.echo(f"{name:<8} {bpw:>6.2f} bpw  {text}")
+
+
+# ---------------------------------------------------------------- templates and Modelfile
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--check", is_flag=True, help="Render Jinja and Go on the conversation fixtures; print a table.")
+@click.option("--chat-template", "named", help="Use one of llmforge's named templates instead.")
+def template(source: Path, check: bool, named: str | None) -> None:
+    """Translate SOURCE's chat template (model folder, adapter folder or GGUF) to an Ollama Go template."""
+    from .templates.cli_support import run_template_command
+
+    run_template_command(source, check=check, named=named)
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--from", "from_", help="FROM line (default: the GGUF path, or SOURCE when it is a GGUF).")
+@click.option("--adapter", type=click.Path(path_type=Path), help="GGUF LoRA adapter for an ADAPTER line.")
+@click.option("--system", help="Default SYSTEM prompt.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Extra PARAMETER lines.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+def modelfile(source: Path, from_: str | None, adapter: Path | None, system: str | None,
+              params: tuple[str, ...], output: Path | None) -> None:
+    """Generate an Ollama Modelfile (TEMPLATE, stops, num_ctx, SYSTEM, ADAPTER, LICENSE) for SOURCE."""
+    from .templates.cli_support import run_modelfile_command
+
+    run_modelfile_command(source, from_=from_, adapter=adapter, system=system, params=params, output=output)
+
+
+# ---------------------------------------------------------------- Ollama
+
+@cli.command()
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Ollama model name, e.g. mymodel:latest.")
+@click.option("--modelfile", "modelfile_path", type=click.Path(path_type=Path), help="Use this Modelfile.")
+@click.option("--adapter", type=click.Path(path_type=Path), help="GGUF LoRA adapter to attach.")
+@click.option("--host", help="Ollama host (default: $OLLAMA_HOST or 127.0.0.1:11434).")
+def push(gguf: Path, name: str, modelfile_path: Path | None, adapter: Path | None, host: str | None) -> None:
+    """Upload a GGUF to a local Ollama server and create NAME from it."""
+    from .export.ollama import push_model
+
+    report = push_model(gguf, name, modelfile=modelfile_path, adapter=adapter, host=host)
+    for line in report.summary_lines():
+        echo_err(line)
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Ollama model name.")
+@click.option("--quant", "-q", default="q4_k_m", show_default=True)
+@click.option("--output-dir", "-o", type=click.Path(path_type=Path), help="Folder for the GGUF and Modelfile.")
+@click.option("--base", type=click.Path(path_type=Path), help="Base model folder for an adapter SOURCE.")
+@click.option("--host", help="Ollama host (default: $OLLAMA_HOST or 127.0.0.1:11434).")
+def ship(source: Path, name: str, quant: str, output_dir: Path | None, base: Path | None, host: str | None) -> None:
+    """Convert + Modelfile + push in one command."""
+    from .pipeline import ship as run_ship
+
+    report = run_ship(source, name=name, quant=quant, output_dir=output_dir, base=base, host=host)
+    for line in report.summary_lines():
+        echo_err(line)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("prompt")
+@click.option("--host", help="Ollama host (default: $OLLAMA_HOST or 127.0.0.1:11434).")
+def run(name: str, prompt: str, host: str | None) -> None:
+    """Smoke-chat with a model on the Ollama server (streamed)."""
+    from .export.ollama import smoke_chat
+
+    smoke_chat(name, prompt, host=host, out=sys.stdout)
+
+
+# ---------------------------------------------------------------- training
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--resume", is_flag=True, help="Resume from the newest checkpoint in the output folder.")
+def train(config: Path, overrides: tuple[str, ...], resume: bool) -> None:
+    """Fine-tune with LoRA/QLoRA SFT from a YAML config."""
+    from .trainer.run import train_from_config
+
+    result = train_from_config(config, overrides=overrides, resume=resume)
+    for line in result.summary_lines():
+        echo_err(line)
+
+
+@cli.command("train-and-ship")
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--quant", "-q", default=None, help="Quant mixture for the export (default q4_k_m).")
+@click.option("--demo-check", is_flag=True, help="After shipping, check the learned answers through llama.cpp.")
+def train_and_ship(config: Path | None, overrides: tuple[str, ...], quant: str | None, demo_check: bool) -> None:
+    """Train -> merge -> quantize -> GGUF -> Modelfile -> push. Without CONFIG, runs the bundled example."""
+    from .trainer.run import train_and_ship as run_train_and_ship
+
+    result = run_train_and_ship(config, overrides=overrides, quant=quant, demo_check=demo_check)
+    for line in result.summary_lines():
+        echo_err(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    try:
+        cli.main(args=argv, prog_name="llmforge", standalone_mode=False)
+    except LlmforgeError as exc:
+        echo_err(f"error: {exc.one_line()}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        echo_err("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        echo_err("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
