@@ -108,7 +108,7 @@ def template(source: Path, check: bool, named: str | None) -> None:
 def modelfile(source: Path, from_: str | None, adapter: Path | None, system: str | None,
               params: tuple[str, ...], output: Path | None) -> None:
     """Generate an Ollama Modelfile (TEMPLATE, stops, num_ctx, SYSTEM, ADAPTER, LICENSE) for SOURCE."""
-    from .templates.cli_support import run_modelfile_command
+    from .templates.modelfile import run_modelfile_command
 
     run_modelfile_command(source, from_=from_, adapter=adapter, system=system, params=params, output=output)
 
