@@ -1,0 +1,3 @@
+module llmforge/gorender
+
+go 1.22
