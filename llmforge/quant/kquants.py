@@ -1,0 +1,647 @@
+"""K-quant packing (Q2_K..Q6_K), byte-identical to llama.cpp's reference quantizers.
+
+Mirrors ``quantize_row_q*_K_ref`` (no importance) and ``quantize_row_q*_K_impl`` (with importance,
+llama.cpp's imatrix path) of ggml ``src/ggml-quants.c`` as vendored in llama-cpp-python 0.3.36
+(llama.cpp 0c1e570). Own code, written from the C source and ``shared/docs/gguf-and-kquants.md``.
+
+Bit-exactness needs one float32 rounding per C operator in C's order, no fused multiply-add, and
+sequential (left-to-right) sums. So the work is vectorised *across* sub-blocks while the 16/32
+positions inside a sub-block are summed one after the other. Arrays are kept position-major,
+shape ``(n, S)``: row ``i`` is position ``i`` of all ``S`` sub-blocks.
+
+The algorithm is written once against a tiny array backend (:class:`NumpyOps` here, a torch one in
+``kquants_torch``), so the numpy and torch paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+QK_K = 256
+GROUP_MAX_EPS = 1e-15
+_MAGIC = 12582912.0  # 1.5 * 2**23: llama.cpp's nearest_int reads the bits of f + this
+
+F32 = np.float32
+
+
+def f32(value: float) -> np.float32:
+    """A float32 scalar, for computing C's scalar constant expressions with C's rounding."""
+    return np.float32(value)
+
+
+class NumpyOps:
+    """The array operations the quantizer core needs, on numpy float32/int32 arrays."""
+
+    def const(self, value: Any) -> np.float32:
+        return np.float32(value)
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
+    def izeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.int32)
+
+    def asarray(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def tr(self, a: np.ndarray) -> np.ndarray:
+        """Contiguous transpose of a 2-D array."""
+        return np.ascontiguousarray(a.T)
+
+    def nearest_int(self, f: np.ndarray) -> np.ndarray:
+        bits = (f + np.float32(_MAGIC)).view(np.int32)
+        out = (bits & 0x7FFFFF) - 0x400000
+        # the x86 build's NaNs (0xFFC00000) come out as 0; keep that for any NaN
+        return np.where(np.isnan(f), np.int32(0), out).astype(np.int32, copy=False)
+
+    def where(self, cond: np.ndarray, a: Any, b: Any) -> np.ndarray:
+        return np.where(cond, a, b)
+
+    def abs(self, a: np.ndarray) -> np.ndarray:
+        return np.abs(a)
+
+    def sqrt(self, a: np.ndarray) -> np.ndarray:
+        return np.sqrt(a)  # float32 sqrt is correctly rounded in numpy
+
+    def clip(self, a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        return np.minimum(np.maximum(a, np.int32(lo)), np.int32(hi))
+
+    def imin(self, a: np.ndarray, hi: int) -> np.ndarray:
+        return np.minimum(a, np.int32(hi))
+
+    def fl(self, a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32)
+
+    def fp16(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fp16 bits as int32, the fp16 value back in float32): ggml's RNE conversion."""
+        h = a.astype(np.float16)
+        return h.view(np.uint16).astype(np.int32), h.astype(np.float32)
+
+    def repeat(self, a: np.ndarray, k: int) -> np.ndarray:
+        return np.repeat(a, k)
+
+    def stack(self, cols: list[np.ndarray]) -> np.ndarray:
+        return np.stack(cols)
+
+    def any(self, a: np.ndarray) -> bool:
+        return bool(a.any())
+
+    def to_numpy(self, a: np.ndarray, dtype: Any) -> np.ndarray:
+        return np.asarray(a).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _seq_sum(ops: Any, terms: Any) -> Any:
+    """C's ``s = 0; for i: s += t[i]`` over axis 0, strictly left to right."""
+    acc = ops.zeros(tuple(terms.shape[1:]))
+    for i in range(terms.shape[0]):
+        acc = acc + terms[i]
+    return acc
+
+
+def _first_max(ops: Any, values: Any, key: Any) -> tuple[Any, Any]:
+    """Over axis 0: the largest ``key`` (start +0, strict >) and the ``values`` entry that first had it."""
+    best_key = ops.zeros(tuple(key.shape[1:]))
+    best_val = ops.zeros(tuple(key.shape[1:]))
+    for i in range(key.shape[0]):
+        take = key[i] > best_key
+        best_key = ops.where(take, key[i], best_key)
+        best_val = ops.where(take, values[i], best_val)
+    return best_key, best_val
+
+
+def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nstep: int,
+                   use_mad: bool) -> tuple[Any, Any, Any]:
+    """``make_qkx2_quants`` / ``make_qkx3_quants`` (weights given): scale, the_min, L per sub-block."""
+    n = x.shape[0]
+    zero, one = ops.const(0.0), ops.const(1.0)
+    mn, mx = x[0], x[0]
+    sum_w = w[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        mn = ops.where(x[i] < mn, x[i], mn)
+        mx = ops.where(x[i] > mx, x[i], mx)
+        sum_w = sum_w + w[i]
+        sum_x = sum_x + w[i] * x[i]
+    mn = ops.where(mn > zero, zero, mn)
+    flat = mx == mn
+
+    def error(scale: Any, lf: Any, the_min: Any) -> Any:
+        diff = scale * lf + the_min - x
+        diff = ops.abs(diff) if use_mad else diff * diff
+        return _seq_sum(ops, w * diff)
+
+    fnmax = f32(nmax)
+    iscale = ops.const(fnmax) / (mx - mn)
+    scale = one / iscale
+    L = ops.clip(ops.nearest_int(iscale * (x - mn)), 0, nmax)
+    best = error(scale, ops.fl(L), mn)
+    for step in range(nstep + 1):
+        factor = f32(rmin) + f32(rdelta) * f32(step) + fnmax
+        iscale = ops.const(factor) / (mx - mn)
+        laux = ops.clip(ops.nearest_int(iscale * (x - mn)), 0, nmax)
+        lf = ops.fl(laux)
+        wl = w * lf
+        sum_l = _seq_sum(ops, wl)
+        sum_l2 = _seq_sum(ops, wl * lf)
+        sum_xl = _seq_sum(ops, wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        clamp = this_min > zero
+        this_min = ops.where(clamp, zero, this_min)
+        this_scale = ops.where(clamp, sum_xl / sum_l2, this_scale)
+        cur = error(this_scale, lf, this_min)
+        better = (D > zero) & (cur < best) & ~flat
+        L = ops.where(better, laux, L)
+        best = ops.where(better, cur, best)
+        scale = ops.where(better, this_scale, scale)
+        mn = ops.where(better, this_min, mn)
+    scale = ops.where(flat, zero, scale)
+    L = ops.where(flat, 0, L)
+    return scale, -mn, L
+
+
+def _signed_max(ops: Any, x: Any) -> tuple[Any, Any]:
+    """(amax, the signed x with the first largest |x|) over axis 0."""
+    return _first_max(ops, x, ops.abs(x))
+
+
+def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, Any]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: scale and L (offset by nmax; 0 if all zero)."""
+    zero = ops.const(0.0)
+    amax, vmax = _signed_max(ops, x)
+    allzero = amax < ops.const(GROUP_MAX_EPS)
+    w = qw if qw is not None else x * x
+    wx = w * x
+
+    def fit(iscale: Any) -> tuple[Any, Any, Any]:
+        l = ops.clip(ops.nearest_int(iscale * x), -nmax, nmax - 1)
+        lf = ops.fl(l)
+        return l, _seq_sum(ops, wx * lf), _seq_sum(ops, (w * lf) * lf)
+
+    l, sumlx, suml2 = fit(ops.const(f32(-nmax)) / vmax)
+    L = l + nmax
+    scale = ops.where(suml2 != zero, sumlx / suml2, zero)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        factor = -(f32(nmax) + f32(0.1) * f32(step))
+        l, sumlx, suml2 = fit(ops.const(factor) / vmax)
+        take = (suml2 > zero) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / suml2
+        L = ops.where(take, l + nmax, L)
+        scale = ops.where(take, new_scale, scale)
+        best = ops.where(take, new_scale * sumlx, best)
+    return ops.where(allzero, zero, scale), ops.where(allzero, 0, L)
+
+
+def _fit_q3(ops: Any, x: Any, nmax: int) -> tuple[Any, Any]:
+    """``make_q3_quants(n, nmax, x, L, do_rmse=true)``: scale and L (offset by nmax; 0 if all zero)."""
+    zero = ops.const(0.0)
+    amax, vmax = _signed_max(ops, x)
+    allzero = amax < ops.const(GROUP_MAX_EPS)
+    L = ops.clip(ops.nearest_int((ops.const(f32(-nmax)) / vmax) * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = ops.fl(L)
+    sumlx = _seq_sum(ops, wx * lf)
+    suml2 = _seq_sum(ops, (w * lf) * lf)
+    # A pass that changes nothing leaves the state as it was, so running all 5 passes on every
+    # sub-block equals C's per-sub-block early exit.
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            li = ops.fl(L[i])
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            new_l = ops.clip(ops.nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1)
+            nl = ops.fl(new_l)
+            slx_new = slx + wx[i] * nl
+            sl2_new = sl2 + (w[i] * nl) * nl
+            accept = ((slx > zero) & (new_l != L[i]) & (sl2_new > zero)
+                      & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new) & ~allzero)
+            if ops.any(accept):
+                changed = True
+                L[i] = ops.where(accept, new_l, L[i])
+                sumlx = ops.where(accept, slx_new, sumlx)
+                suml2 = ops.where(accept, sl2_new, suml2)
+        if not changed:
+            break
+    scale = ops.where(suml2 > zero, sumlx / suml2, zero)
+    return ops.where(allzero, zero, scale), ops.where(allzero, 0, L + nmax)
+
+
+def _fit_qp(ops: Any, x: Any, w: Any, nmax: int) -> tuple[Any, Any]:
+    """``make_qp_quants``: scale and L (as uint8 bytes) for non-negative x with weights."""
+    zero, one = ops.const(0.0), ops.const(1.0)
+    mx = ops.zeros(tuple(x.shape[1:]))
+    for i in range(x.shape[0]):
+        mx = ops.where(mx > x[i], mx, x[i])
+    allzero = mx < ops.const(GROUP_MAX_EPS)
+
+    def mse(scale: Any, lf: Any) -> Any:
+        diff = x - scale * lf
+        return _seq_sum(ops, (w * diff) * diff)
+
+    iscale = ops.const(f32(nmax)) / mx
+    best = mse(one / iscale, ops.fl(ops.nearest_int(iscale * x) & 0xFF))
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = ops.const(f32(0.1) * f32(step) + f32(nmax)) / mx
+        cur = mse(one / iscale_is, ops.fl(ops.imin(ops.nearest_int(iscale_is * x), nmax)))
+        take = cur < best
+        best = ops.where(take, cur, best)
+        iscale = ops.where(take, iscale_is, iscale)
+    l = ops.imin(ops.nearest_int(iscale * x), nmax)
+    lf = ops.fl(l)
+    wx = w * x
+    sumlx = _seq_sum(ops, wx * lf)
+    suml2 = _seq_sum(ops, (w * lf) * lf)
+    L = l & 0xFF
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            li = ops.fl(L[i])
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            new_l = ops.imin(ops.nearest_int((x[i] * sl2) / slx), nmax)
+            nl = ops.fl(new_l)
+            slx_new = slx + wx[i] * nl
+            sl2_new = sl2 + (w[i] * nl) * nl
+            accept = ((slx > zero) & (sl2 > zero) & (new_l != L[i])
+                      & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new) & ~allzero)
+            if ops.any(accept):
+                changed = True
+                L[i] = ops.where(accept, new_l & 0xFF, L[i])
+                sumlx = ops.where(accept, slx_new, sumlx)
+                suml2 = ops.where(accept, sl2_new, suml2)
+        if not changed:
+            break
+    scale = ops.where(suml2 > zero, sumlx / suml2, zero)
+    return ops.where(allzero, zero, scale), ops.where(allzero, 0, L)
+
+
+def _sub_blocks(ops: Any, blocks: Any, n: int) -> Any:
+    """(nb, 256) super-blocks -> position-major (n, nb*256/n) sub-blocks."""
+    return ops.tr(blocks.reshape(-1, n))
+
+
+def _per_sub(ops: Any, values: Any, n: int) -> Any:
+    """A per-super-block (nb,) value repeated for each of its 256/n sub-blocks: (nb*256/n,)."""
+    return ops.repeat(values, QK_K // n)
+
+
+def _block_sum_x2(ops: Any, blocks: Any) -> Any:
+    xt = ops.tr(blocks)
+    return _seq_sum(ops, xt * xt)
+
+
+def _requant(ops: Any, x: Any, L: Any, d: Any, dm: Any | None, lo: int, hi: int, offset: int) -> Any:
+    """Second pass: re-quantize each sub-block with its decoded scale ``d`` (keep L where d == 0)."""
+    num = x if dm is None else x + dm
+    l = ops.clip(ops.nearest_int(num / d), lo, hi) + offset
+    return ops.where(d == ops.const(0.0), L, l)
+
+
+# ----------------------------------------------------------------------------- scale packing
+
+
+def _pack_k4_scales(ls: Any, lm: Any) -> list[Any]:
+    """The 12 packed 6-bit scale/min bytes of Q4_K/Q5_K, from (nb, 8) integer arrays."""
+    out = [None] * 12
+    for j in range(4):
+        out[j] = ls[:, j] & 0xFF
+        out[j + 4] = lm[:, j] & 0xFF
+    for j in range(4, 8):
+        out[j + 4] = ((ls[:, j] & 0xF) | ((lm[:, j] & 0xF) << 4)) & 0xFF
+        out[j - 4] = (out[j - 4] | ((ls[:, j] >> 4) << 6)) & 0xFF
+        out[j] = (out[j] | ((lm[:, j] >> 4) << 6)) & 0xFF
+    return out
+
+
+def _unpack_k4_scales(q: list[Any]) -> tuple[list[Any], list[Any]]:
+    """``get_scale_min_k4`` for j = 0..7."""
+    sc, mn = [], []
+    for j in range(8):
+        if j < 4:
+            sc.append(q[j] & 63)
+            mn.append(q[j + 4] & 63)
+        else:
+            sc.append((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4))
+            mn.append((q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    return sc, mn
+
+
+def _pack_q3_scales(l: Any) -> list[Any]:
+    """The 12 Q3_K scale bytes from (nb, 16) 6-bit values (already offset by 32)."""
+    out = [None] * 12
+    for j in range(16):
+        lo = l[:, j] & 0xF
+        if j < 8:
+            out[j] = lo
+        else:
+            out[j - 8] = out[j - 8] | (lo << 4)
+    for k in range(4):
+        acc = (l[:, k] >> 4)
+        for j in (k + 4, k + 8, k + 12):
+            acc = acc | ((l[:, j] >> 4) << (2 * (j // 4)))
+        out[8 + k] = acc
+    return out
+
+
+# ----------------------------------------------------------------------------- the five types
+
+
+@dataclass
+class Packed:
+    """Backend arrays describing quantized super-blocks, before byte packing."""
+
+    L: Any                 # (nb, 256) quant levels
+    d: Any                 # (nb,) fp16 bits
+    dmin: Any = None       # (nb,) fp16 bits
+    scales: Any = None     # list of (nb,) scale bytes
+
+
+def _affine_blocks(ops: Any, blocks: Any, qw: Any | None, n: int, nmax: int,
+                   ref_fit: tuple[float, float, int, bool], weight_sigma2_factor: float) -> tuple[Any, Any, Any, Any, Any]:
+    """Sub-block fits shared by Q2_K/Q4_K/Q5_K: (xs, scales (nb, k), mins (nb, k), L (n, S), sw)."""
+    xs = _sub_blocks(ops, blocks, n)
+    if qw is None:
+        if n == 16:      # Q2_K: w = |x|
+            w = ops.abs(xs)
+        else:            # Q4_K/Q5_K: w = av_x + |x|, av_x = sqrtf(sum_x2/32)
+            av_x = ops.sqrt(_seq_sum(ops, xs * xs) / ops.const(f32(32)))
+            w = av_x + ops.abs(xs)
+        rmin, rdelta, nstep, use_mad = ref_fit
+        sw = None
+    else:
+        sum_x2 = _block_sum_x2(ops, blocks)
+        if weight_sigma2_factor == 1.0:
+            sigma2 = sum_x2 / ops.const(f32(QK_K))
+        else:
+            sigma2 = (ops.const(f32(weight_sigma2_factor)) * sum_x2) / ops.const(f32(QK_K))
+        qws = _sub_blocks(ops, qw, n)
+        w = qws * ops.sqrt(_per_sub(ops, sigma2, n) + xs * xs)
+        sw = _seq_sum(ops, w)
+        rmin, rdelta, nstep, use_mad = -0.9, 0.05, 36, False
+    scale, the_min, L = _fit_scale_min(ops, xs, w, nmax, rmin, rdelta, nstep, use_mad)
+    k = QK_K // n
+    return xs, scale.reshape(-1, k), the_min.reshape(-1, k), L, sw
+
+
+def _q2_k(ops: Any, blocks: Any, qw: Any | None) -> Packed:
+    xs, scales, mins, L, sw = _affine_blocks(ops, blocks, qw, 16, 3, (-0.5, 0.1, 15, True), 1.0)
+    zero = ops.const(0.0)
+    if qw is None:
+        max_scale, _ = _first_max(ops, ops.tr(scales), ops.tr(scales))
+        max_min, _ = _first_max(ops, ops.tr(mins), ops.tr(mins))
+        has_s, has_m = max_scale > zero, max_min > zero
+        q15 = ops.const(f32(15))
+        ls = ops.where(has_s[:, None], ops.nearest_int((q15 / max_scale)[:, None] * scales), 0)
+        lm = ops.where(has_m[:, None], ops.nearest_int((q15 / max_min)[:, None] * mins), 0)
+        d_bits, d_val = ops.fp16(ops.where(has_s, max_scale / q15, zero))
+        m_bits, m_val = ops.fp16(ops.where(has_m, max_min / q15, zero))
+    else:
+        swt = sw.reshape(-1, 16)
+        dm, ls = _fit_qp(ops, ops.tr(scales), ops.tr(swt), 15)
+        mm, lm = _fit_qp(ops, ops.tr(mins), ops.tr(swt), 15)
+        ls, lm = ops.tr(ls), ops.tr(lm)
+        d_bits, d_val = ops.fp16(dm)
+        m_bits, m_val = ops.fp16(mm)
+    byte = (ls | (lm << 4)) & 0xFF
+    d, dmn = _sub_major(ops, d_val, byte & 0xF), _sub_major(ops, m_val, byte >> 4)
+    L = _requant(ops, xs, L, d, dmn, 0, 3, 0)
+    return Packed(ops.tr(L).reshape(-1, QK_K), d_bits, m_bits, [byte[:, j] for j in range(16)])
+
+
+def _sub_major(ops: Any, super_val: Any, sub_int: Any) -> Any:
+    """``fp16_value(super) * sub_scale`` as a (S,) row matching the sub-block order of ``_sub_blocks``."""
+    return (super_val[:, None] * ops.fl(sub_int)).reshape(-1)
+
+
+def _k4(ops: Any, blocks: Any, qw: Any | None, nmax: int, ref_fit: tuple[float, float, int, bool],
+        clamp_weighted: bool) -> Packed:
+    """Q4_K (nmax 15) and Q5_K (nmax 31): 8 sub-blocks of 32 with 6-bit scales and mins."""
+    xs, scales, mins, L, sw = _affine_blocks(ops, blocks, qw, 32, nmax, ref_fit, 2.0)
+    zero = ops.const(0.0)
+    c63 = ops.const(f32(63))
+    if qw is None:
+        max_scale, _ = _first_max(ops, ops.tr(scales), ops.tr(scales))
+        max_min, _ = _first_max(ops, ops.tr(mins), ops.tr(mins))
+        inv_scale = ops.where(max_scale > zero, c63 / max_scale, zero)
+        inv_min = ops.where(max_min > zero, c63 / max_min, zero)
+        ls = ops.imin(ops.nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
+        lm = ops.imin(ops.nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+        d_bits, d_val = ops.fp16(max_scale / c63)
+        m_bits, m_val = ops.fp16(max_min / c63)
+    else:
+        swt = sw.reshape(-1, 8)
+        d_block, ls = _fit_qp(ops, ops.tr(scales), ops.tr(swt), 63)
+        m_block, lm = _fit_qp(ops, ops.tr(mins), ops.tr(swt), 63)
+        ls, lm = ops.tr(ls), ops.tr(lm)
+        if clamp_weighted:  # quantize_row_q5_K_impl clamps, q4_K_impl does not
+            ls, lm = ops.imin(ls, 63), ops.imin(lm, 63)
+        d_bits, d_val = ops.fp16(d_block)
+        m_bits, m_val = ops.fp16(m_block)
+    packed = _pack_k4_scales(ls, lm)
+    sc, mn = _unpack_k4_scales(packed)
+    sc_all = _stack_int(ops, sc)
+    mn_all = _stack_int(ops, mn)
+    L = _requant(ops, xs, L, _sub_major(ops, d_val, sc_all), _sub_major(ops, m_val, mn_all), 0, nmax, 0)
+    return Packed(ops.tr(L).reshape(-1, QK_K), d_bits, m_bits, packed)
+
+
+def _stack_int(ops: Any, cols: list[Any]) -> Any:
+    """List of (nb,) int columns -> (nb, len)."""
+    return ops.tr(ops.stack(cols))
+
+
+def _q3_k(ops: Any, blocks: Any, qw: Any | None) -> Packed:
+    xs = _sub_blocks(ops, blocks, 16)
+    zero = ops.const(0.0)
+    if qw is None:
+        scale, L = _fit_q3(ops, xs, 4)
+        scales = scale.reshape(-1, 16)
+        _, max_scale = _signed_max(ops, ops.tr(scales))
+        has = max_scale != zero
+        iscale = ops.const(f32(-32)) / max_scale
+        l = ops.nearest_int(iscale[:, None] * scales)
+        l = ((l + 128) & 0xFF) - 128                      # through int8_t
+        l = ops.where(has[:, None], ops.clip(l, -32, 31) + 32, 0)
+        d_bits, d_val = ops.fp16(ops.where(has, ops.const(1.0) / iscale, zero))
+    else:
+        sum_x2 = _block_sum_x2(ops, blocks)
+        sigma2 = (ops.const(f32(2)) * sum_x2) / ops.const(f32(QK_K))
+        w = _sub_blocks(ops, qw, 16) * ops.sqrt(_per_sub(ops, sigma2, 16) + xs * xs)
+        sw = _seq_sum(ops, w)
+        scale, L = _fit_symmetric(ops, xs, 4, w)
+        d_block, l = _fit_symmetric(ops, ops.tr(scale.reshape(-1, 16)), 32, ops.tr(sw.reshape(-1, 16)))
+        l = ops.tr(l)
+        d_bits, d_val = ops.fp16(d_block)
+    packed = _pack_q3_scales(l)
+    d = _sub_major(ops, d_val, l - 32)
+    L = _requant(ops, xs, L, d, None, -4, 3, 4)
+    return Packed(ops.tr(L).reshape(-1, QK_K), d_bits, None, packed)
+
+
+def _q6_k(ops: Any, blocks: Any, qw: Any | None) -> Packed:
+    xs = _sub_blocks(ops, blocks, 16)
+    scale, L = _fit_symmetric(ops, xs, 32, None if qw is None else _sub_blocks(ops, qw, 16))
+    scales = scale.reshape(-1, 16)
+    max_abs, max_scale = _signed_max(ops, ops.tr(scales))
+    zero_block = max_abs < ops.const(GROUP_MAX_EPS)
+    iscale = ops.const(f32(-128)) / max_scale
+    d_bits, d_val = ops.fp16(ops.const(1.0) / iscale)
+    sc = ops.imin(ops.nearest_int(iscale[:, None] * scales), 127)
+    sc = ((sc + 128) & 0xFF) - 128                        # stored as int8_t
+    L = _requant(ops, xs, L, _sub_major(ops, d_val, sc), None, -32, 31, 32)
+    L = ops.tr(L).reshape(-1, QK_K)
+    L = ops.where(zero_block[:, None], 0, L)
+    sc = ops.where(zero_block[:, None], 0, sc)
+    d_bits = ops.where(zero_block, 0, d_bits)
+    return Packed(L, d_bits, None, [sc[:, j] & 0xFF for j in range(16)])
+
+
+_CORE: dict[T, Callable[[Any, Any, Any], Packed]] = {
+    T.Q2_K: _q2_k,
+    T.Q3_K: _q3_k,
+    T.Q4_K: lambda ops, b, qw: _k4(ops, b, qw, 15, (-1.0, 0.1, 20, False), False),
+    T.Q5_K: lambda ops, b, qw: _k4(ops, b, qw, 31, (-0.5, 0.1, 15, False), True),
+    T.Q6_K: _q6_k,
+}
+
+K_TYPES: tuple[T, ...] = tuple(_CORE)
+BLOCK_BYTES: dict[T, int] = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}
+
+
+# ----------------------------------------------------------------------------- byte layout (numpy)
+
+
+def _u8(cols: list[np.ndarray]) -> np.ndarray:
+    return np.stack([np.asarray(c) for c in cols], axis=1).astype(np.uint8)
+
+
+def _fp16_bytes(bits: np.ndarray) -> np.ndarray:
+    bits = np.asarray(bits).astype(np.uint16)
+    return bits.reshape(-1, 1).view(np.uint8)
+
+
+def _crumbs(L: np.ndarray, half: int) -> np.ndarray:
+    """Q2_K/Q3_K qs: 4 two-bit values per byte, in halves of 128."""
+    q = L.reshape(-1, 2, 4, 32)  # (nb, half, k, l) = L[128h + 32k + l]
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _layout(qtype: T, p: Packed, to_numpy: Callable[[Any, Any], np.ndarray]) -> np.ndarray:
+    """Assemble the block bytes of ``qtype`` from a :class:`Packed`."""
+    L = to_numpy(p.L, np.uint8)
+    d = _fp16_bytes(to_numpy(p.d, np.uint16))
+    scales = _u8([to_numpy(s, np.uint8) for s in p.scales])
+    if qtype == T.Q2_K:
+        return np.concatenate([scales, _crumbs(L, 2), d, _fp16_bytes(to_numpy(p.dmin, np.uint16))], axis=1)
+    if qtype == T.Q3_K:
+        high = (L > 3).astype(np.uint8)                   # bit j//32 of hmask[j%32]
+        hmask = np.zeros((L.shape[0], 32), dtype=np.uint8)
+        for k in range(8):
+            hmask |= high[:, 32 * k:32 * (k + 1)] << k
+        low = L - (high << 2)
+        return np.concatenate([hmask, _crumbs(low, 2), scales, d], axis=1)
+    if qtype in (T.Q4_K, T.Q5_K):
+        dmin = _fp16_bytes(to_numpy(p.dmin, np.uint16))
+        q = L.reshape(-1, 4, 2, 32)                       # L[64c + 32h + l]
+        qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+        if qtype == T.Q4_K:
+            return np.concatenate([d, dmin, scales, qs], axis=1)
+        hi = (q >> 4) & 1                                  # (nb, c, h, l)
+        qh = np.zeros((L.shape[0], 32), dtype=np.uint8)
+        for c in range(4):
+            qh |= (hi[:, c, 0] << (2 * c)) | (hi[:, c, 1] << (2 * c + 1))
+        return np.concatenate([d, dmin, scales, qh, qs], axis=1)
+    # Q6_K
+    q = L.reshape(-1, 2, 4, 32)                            # L[128h + 32k + l]
+    ql = np.concatenate([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+                         (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
+          | ((q[:, :, 3] >> 4) << 6)).reshape(-1, 64)
+    return np.concatenate([ql, qh, scales, d], axis=1)
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def quantize_blocks(ops: Any, qtype: T, blocks: Any, qw: Any | None = None) -> np.ndarray:
+    """Quantize (nb, 256) float32 super-blocks (backend arrays) into (nb, block_bytes) uint8."""
+    packed = _CORE[qtype](ops, blocks, qw)
+    return _layout(qtype, packed, ops.to_numpy)
+
+
+_NUMPY = NumpyOps()
+CHUNK_BLOCKS = 2048
+
+
+def _check(data: np.ndarray, qtype: T, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    if qtype not in _CORE:
+        raise ValueError(f"{qtype.name} is not a K-quant type")
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.ndim == 1:
+        data = data.reshape(1, -1)
+    if data.shape[-1] % QK_K:
+        raise ValueError(f"row length {data.shape[-1]} is not a multiple of {QK_K}")
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        if importance.shape[-1] != data.shape[-1]:
+            raise ValueError(f"importance has {importance.shape[-1]} columns, the tensor {data.shape[-1]}")
+    return data, importance
+
+
+def _block_weights(importance: np.ndarray | None, data_shape: tuple[int, ...]) -> np.ndarray | None:
+    """Per-column importance repeated for every row, as (rows * blocks_per_row, 256)."""
+    if importance is None:
+        return None
+    cols = data_shape[-1]
+    rows = int(np.prod(data_shape[:-1]))
+    imp = importance.reshape(-1, cols)
+    per_row = np.broadcast_to(imp.reshape(imp.shape[0], 1, cols), (imp.shape[0], rows // imp.shape[0], cols))
+    return per_row.reshape(-1, QK_K)
+
+
+def quantize_k(data: np.ndarray, qtype: T, importance: np.ndarray | None = None,
+               threads: int | None = None) -> np.ndarray:
+    """Quantize float32 ``data`` (..., cols) to ``qtype`` bytes, shaped (..., row_bytes) like gguf-py.
+
+    ``importance`` (cols,) -- or (n_expert, cols) for a 3-D tensor -- switches to llama.cpp's weighted
+    quantizers. Work is split into chunks of super-blocks run on ``threads`` threads (default: all cores).
+    """
+    data, importance = _check(data, qtype, importance)
+    blocks = data.reshape(-1, QK_K)
+    weights = _block_weights(importance, data.shape)
+    out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
+
+    def work(start: int) -> None:
+        stop = min(start + CHUNK_BLOCKS, blocks.shape[0])
+        qw = None if weights is None else np.ascontiguousarray(weights[start:stop])
+        with np.errstate(all="ignore"):
+            out[start:stop] = quantize_blocks(_NUMPY, qtype, blocks[start:stop], qw)
+
+    starts = range(0, blocks.shape[0], CHUNK_BLOCKS)
+    n_threads = threads or os.cpu_count() or 1
+    if n_threads == 1 or len(starts) == 1:
+        for s in starts:
+            work(s)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(work, starts))
+    row_bytes = data.shape[-1] // QK_K * BLOCK_BYTES[qtype]
+    return out.reshape(*data.shape[:-1], row_bytes)
