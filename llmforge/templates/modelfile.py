@@ -1,0 +1,420 @@
+"""Ollama Modelfiles: build one for a model (TEMPLATE, stops, num_ctx, SYSTEM, ADAPTER, LICENSE), write it with
+Ollama's quoting rules, and parse one back the way ``parser/parser.go`` does.
+
+Ollama's parser processes no escapes: a ``\"\"\"`` value ends at the first line whose trimmed buffer ends with
+``\"\"\"``, and non-printable runes are dropped. Go templates can still carry such text, as string actions
+(``{{ "\\"" }}``); plain values (SYSTEM, LICENSE) that cannot be written are left out with a note, and the HTTP
+push sends them in JSON instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import LlmforgeError
+from ..vendor.ollama_api import (DEPRECATED_PARAMETERS, MESSAGE_ROLES, MODELFILE_COMMANDS, PARAMETER_TYPES)
+from .modelfile_stops import default_system_prompt, stop_tokens
+
+NUM_CTX_CAP = 8192  # KV cache memory grows with num_ctx; users raise it with PARAMETER num_ctx
+
+
+@dataclass
+class Modelfile:
+    """One Ollama Modelfile. ``parameters`` is the JSON form /api/create takes (``stop`` is a list)."""
+
+    from_: str
+    template: str | None = None
+    system: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
+    license: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stops(self) -> list[str]:
+        return list(self.parameters.get("stop", []))
+
+    @property
+    def text(self) -> str:
+        return format_modelfile(self)
+
+
+# ---------------------------------------------------------------- writing
+
+_NEWLINES = "\r\n"
+_GO_SPACE = " \t\r\n"  # the only whitespace that can sit in the parser's buffer (others are non-printable)
+
+
+def _is_printable(ch: str) -> bool:
+    """Go's strconv.IsPrint: letters, marks, numbers, punctuation, symbols and the ASCII space."""
+    return ch.isprintable()
+
+
+def _survives_parser(ch: str) -> bool:
+    return _is_printable(ch) or ch in " \t\r\n"
+
+
+def _closes_early(text: str) -> bool:
+    """Would a ``\"\"\"text\"\"\"`` value end before its real end? (a line whose trimmed buffer ends in \"\"\")."""
+    buffer = '"""'
+    for i, ch in enumerate(text):
+        if ch in _NEWLINES and len((buffer + text[:i]).rstrip(_GO_SPACE)) >= 6 \
+                and (buffer + text[:i]).rstrip(_GO_SPACE).endswith('"""'):
+            return True
+    return False
+
+
+def _fits_block(text: str) -> bool:
+    return all(_survives_parser(ch) for ch in text) and not _closes_early(text)
+
+
+def go_template_segments(template: str) -> list[tuple[bool, str]]:
+    """Split a Go template into (is_action, text) pieces, honouring strings, raw strings and comments."""
+    pieces: list[tuple[bool, str]] = []
+    i, n = 0, len(template)
+    while i < n:
+        start = template.find("{{", i)
+        if start < 0:
+            pieces.append((False, template[i:]))
+            break
+        if start > i:
+            pieces.append((False, template[i:start]))
+        j = start + 2
+        while j < n and not template.startswith("}}", j):
+            ch = template[j]
+            if template.startswith("/*", j):
+                end = template.find("*/", j + 2)
+                j = n if end < 0 else end + 2
+                continue
+            if ch in "\"'":
+                j += 1
+                while j < n and template[j] != ch:
+                    j += 2 if template[j] == "\\" else 1
+            elif ch == "`":
+                end = template.find("`", j + 1)
+                j = n if end < 0 else end
+            j += 1
+        end = min(j + 2, n)
+        pieces.append((True, template[start:end]))
+        i = end
+    return pieces
+
+
+def _go_string_action(ch: str) -> str:
+    code = ord(ch)
+    escaped = '\\"' if ch == '"' else (f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return '{{ "' + escaped + '" }}'
+
+
+def _quote_at_line_end(text: str, i: int) -> bool:
+    rest = text[i + 1:]
+    stripped = rest.lstrip(" \t")
+    return stripped == "" or stripped[0] in _NEWLINES
+
+
+def escape_go_template(template: str) -> str:
+    """Rewrite text the Modelfile parser would lose (line-final quotes, non-printable runes) as string actions.
+
+    Rendering is unchanged: ``{{ "\\"" }}`` prints a quote, and trim markers of neighbouring actions still
+    trim the same whitespace.
+    """
+    out = []
+    for is_action, piece in go_template_segments(template):
+        if is_action:
+            out.append(piece)
+            continue
+        for i, ch in enumerate(piece):
+            if not _survives_parser(ch) or (ch == '"' and _quote_at_line_end(piece, i)):
+                out.append(_go_string_action(ch))
+            else:
+                out.append(ch)
+    return "".join(out)
+
+
+def _plain_value(value: str) -> str:
+    return f'"{value}"' if any(c in value for c in " \t") or value == "" else value
+
+
+def _format_parameter(key: str, value: Any) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    lines = []
+    for v in values:
+        if isinstance(v, bool):
+            text = "true" if v else "false"
+        elif isinstance(v, str):
+            text = f'"{v}"'
+        else:
+            text = str(v)
+        lines.append(f"PARAMETER {key} {text}")
+    return lines
+
+
+def format_modelfile(mf: Modelfile) -> str:
+    """The Modelfile text. Values Ollama's parser cannot carry are left out with a ``# note`` line."""
+    lines = ["# Modelfile generated by llmforge"]
+    lines += [f"# note: {note}" for note in mf.notes]
+    lines.append(f"FROM {_plain_value(mf.from_)}")
+    if mf.adapter:
+        lines.append(f"ADAPTER {_plain_value(mf.adapter)}")
+    if mf.template is not None:
+        escaped = escape_go_template(mf.template)
+        if _fits_block(escaped):
+            lines.append(f'TEMPLATE """{escaped}"""')
+        else:
+            lines.append("# note: TEMPLATE left out: Ollama's Modelfile parser cannot carry it; use llmforge push")
+    for keyword, value in (("SYSTEM", mf.system),):
+        if value is not None:
+            lines.append(f'{keyword} """{value}"""' if _fits_block(value) else
+                         f"# note: {keyword} left out: it contains text a Modelfile cannot quote; use llmforge push")
+    for key, value in mf.parameters.items():
+        lines += _format_parameter(key, value)
+    for message in mf.messages:
+        content = message["content"]
+        lines.append(f'MESSAGE {message["role"]} """{content}"""' if _fits_block(content) else
+                     "# note: a MESSAGE was left out: its text cannot be quoted in a Modelfile")
+    if mf.license is not None:
+        lines.append(f'LICENSE """{mf.license}"""' if _fits_block(mf.license) else
+                     "# note: LICENSE left out: its text cannot be quoted in a Modelfile")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- parsing (parser/parser.go rules)
+
+_NIL, _NAME, _VALUE, _PARAM, _MESSAGE, _COMMENT = range(6)
+
+
+def _is_alpha(ch: str) -> bool:
+    return ("a" <= ch <= "z") or ("A" <= ch <= "Z")
+
+
+def _unquote(s: str) -> tuple[str, bool]:
+    if s.startswith('"""'):
+        return (s[3:-3], True) if len(s) >= 6 and s.endswith('"""') else ("", False)
+    if s.startswith('"'):
+        return (s[1:-1], True) if len(s) >= 2 and s.endswith('"') else ("", False)
+    return s, True
+
+
+def _next_state(ch: str, state: int, line: int) -> tuple[int, str | None]:
+    """One step of the parser's state machine: (next state, rune to keep or None)."""
+    space, newline = ch in " \t", ch in _NEWLINES
+    if state == _NIL:
+        if ch == "#":
+            return _COMMENT, None
+        return (_NIL, None) if space or newline else (_NAME, ch)
+    if state == _NAME:
+        if _is_alpha(ch):
+            return _NAME, ch
+        if space:
+            return _VALUE, None
+        raise LlmforgeError(f"Modelfile line {line}: invalid command",
+                            hint=f"commands are {', '.join(sorted(c.upper() for c in MODELFILE_COMMANDS))}")
+    if state == _VALUE:
+        return (_NIL, ch) if space or newline else (_VALUE, ch)
+    if state in (_PARAM, _MESSAGE):
+        if _is_alpha(ch) or (state == _PARAM and (ch.isdigit() or ch == "_")):
+            return state, ch
+        if space:
+            return _VALUE, None
+        what = "PARAMETER" if state == _PARAM else "MESSAGE"
+        raise LlmforgeError(f"Modelfile line {line}: unexpected end of a {what}",
+                            hint="write `PARAMETER name value` / `MESSAGE role text`")
+    return (_NIL, None) if newline else (_COMMENT, None)
+
+
+def parse_commands(text: str) -> list[tuple[str, str, str]]:
+    """Ollama's Modelfile tokenizer: a list of (command, parameter-or-role, value)."""
+    text = text.removeprefix("\ufeff")
+    commands: list[tuple[str, str, str]] = []
+    state, buffer, line = _NIL, [], 1
+    command = sub = ""
+    for ch in text:
+        if ch in _NEWLINES:
+            line += 1
+        nxt, keep = _next_state(ch, state, line)
+        if nxt != state:
+            word = "".join(buffer)
+            if state == _NAME:
+                command = word.lower()
+                if command not in MODELFILE_COMMANDS:
+                    raise LlmforgeError(f"Modelfile line {line}: unknown command {word!r}",
+                                        hint=f"commands are {', '.join(sorted(c.upper() for c in MODELFILE_COMMANDS))}")
+                sub = ""
+                nxt = {"parameter": _PARAM, "message": _MESSAGE}.get(command, nxt)
+            elif state in (_PARAM, _MESSAGE):
+                if state == _MESSAGE and word not in MESSAGE_ROLES:
+                    raise LlmforgeError(f"Modelfile line {line}: invalid MESSAGE role {word!r}",
+                                        hint="roles are system, user, assistant")
+                sub = word
+            elif state == _VALUE:
+                value, ok = _unquote(word.strip(_GO_SPACE))
+                if not ok or ch in " \t":
+                    buffer.append(ch)  # written raw: newlines and tabs survive inside values
+                    continue
+                commands.append((command, sub, value))
+            buffer, state = [], nxt
+        if keep is not None and _is_printable(keep):
+            buffer.append(keep)
+    if state == _VALUE:
+        value, ok = _unquote("".join(buffer).strip(_GO_SPACE))
+        if not ok:
+            raise LlmforgeError(f"Modelfile line {line}: unterminated quoted value",
+                                hint='close it with the same quotes ("" or """)')
+        commands.append((command, sub, value))
+    elif state not in (_NIL, _COMMENT):
+        raise LlmforgeError(f"Modelfile line {line}: unexpected end of file")
+    return commands
+
+
+def parameter_value(key: str, raw: str) -> Any:
+    """Convert a PARAMETER string to the JSON type Ollama's API expects for ``key``."""
+    kind = PARAMETER_TYPES.get(key)
+    if kind is None:
+        raise LlmforgeError(f"unknown Modelfile parameter {key!r}",
+                            hint=f"valid parameters: {', '.join(sorted(PARAMETER_TYPES))}")
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if kind is list:
+            return raw
+        return kind(raw)
+    except ValueError:
+        raise LlmforgeError(f"parameter {key} needs a {kind.__name__} value, got {raw!r}") from None
+
+
+def parse_modelfile(text: str) -> Modelfile:
+    """Parse Modelfile text as Ollama does (no escapes, triple quotes, dropped non-printables)."""
+    fields: dict[str, Any] = {"parameters": {}, "messages": [], "notes": []}
+    licenses: list[str] = []
+    for command, sub, value in parse_commands(text):
+        if command == "from":
+            fields["from_"] = value
+        elif command in ("template", "system", "adapter"):
+            fields[command] = value
+        elif command == "license":
+            licenses.append(value)
+        elif command == "message":
+            fields["messages"].append({"role": sub, "content": value})
+        elif command == "parameter":
+            if sub in DEPRECATED_PARAMETERS:
+                fields["notes"].append(f"parameter {sub} is deprecated and ignored by Ollama")
+                continue
+            converted = parameter_value(sub, value)
+            if sub == "stop":
+                fields["parameters"].setdefault("stop", []).append(converted)
+            else:
+                fields["parameters"][sub] = converted
+        else:
+            fields["notes"].append(f"{command.upper()} is kept by Ollama >= 0.14 only; llmforge ignores it")
+    if "from_" not in fields:
+        raise LlmforgeError("the Modelfile has no FROM line", hint="add `FROM ./model.gguf`")
+    if licenses:
+        fields["license"] = "\n\n".join(licenses)
+    return Modelfile(**fields)
+
+
+# ---------------------------------------------------------------- building
+
+def build_modelfile(from_: str, *, template: str | None = None, system: str | None = None,
+                    stops: Sequence[str] = (), num_ctx: int | None = None,
+                    extra_parameters: Mapping[str, Any] | None = None, adapter: str | None = None,
+                    license: str | None = None, notes: Iterable[str] = ()) -> Modelfile:
+    """A Modelfile from already-known parts; ``extra_parameters`` override the derived ones."""
+    parameters: dict[str, Any] = {}
+    if stops:
+        parameters["stop"] = list(dict.fromkeys(stops))
+    if num_ctx:
+        parameters["num_ctx"] = int(num_ctx)
+    for key, value in (extra_parameters or {}).items():
+        if key not in PARAMETER_TYPES:
+            raise LlmforgeError(f"unknown Ollama parameter {key!r}",
+                                hint=f"valid parameters: {', '.join(sorted(PARAMETER_TYPES))}")
+        parameters[key] = value
+    return Modelfile(from_=from_, template=template, system=system, parameters=parameters, adapter=adapter,
+                     license=license, notes=list(notes))
+
+
+def parse_param_options(params: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` CLI options -> typed parameters (``stop`` may repeat)."""
+    out: dict[str, Any] = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LlmforgeError(f"--param {item!r} is not KEY=VALUE", hint="e.g. --param temperature=0.7")
+        value = parameter_value(key, raw)
+        if key == "stop":
+            out.setdefault("stop", []).append(value)
+        else:
+            out[key] = value
+    return out
+
+
+def modelfile_for_source(source: Path, *, from_: str | None = None, adapter: str | None = None,
+                         system: str | None = None, extra_parameters: Mapping[str, Any] | None = None,
+                         template_source: Path | None = None) -> Modelfile:
+    """Everything a Modelfile needs, derived from a model folder, adapter folder or GGUF.
+
+    The chat template is translated to Go; stops come from rendering the Jinja template; num_ctx from the
+    model's context length (capped at NUM_CTX_CAP); SYSTEM from the default the template injects.
+    """
+    from . import load_template_source, translate_template
+
+    source = Path(source)
+    loaded = load_template_source(template_source or source)
+    notes: list[str] = []
+    go_template = default = None
+    stops: list[str] = []
+    chat_template = getattr(loaded, "chat_template", None)
+    if chat_template:
+        translation = translate_template(chat_template, loaded.special_tokens)
+        go_template = translation.go_template
+        notes += [f"template: {problem}" for problem in getattr(translation, "problems", [])]
+        if getattr(translation, "fallback", None):
+            notes.append(f"template: used the named template {translation.fallback}")
+        stops = stop_tokens(chat_template, special_tokens=loaded.special_tokens,
+                            vocab_specials=getattr(loaded, "special_token_list", ()) or ())
+        default = default_system_prompt(chat_template, special_tokens=loaded.special_tokens)
+    else:
+        notes.append("no chat template found: Ollama will render a bare prompt; pass a model with one")
+        eos = (loaded.special_tokens or {}).get("eos_token")
+        stops = [eos] if eos else []
+    context = getattr(loaded, "context_length", None)
+    num_ctx = min(int(context), NUM_CTX_CAP) if context else None
+    if from_ is None:
+        from_ = f"./{source.name}" if source.suffix == ".gguf" else str(source)
+    return build_modelfile(from_, template=go_template, system=system if system is not None else default,
+                           stops=stops, num_ctx=num_ctx, extra_parameters=extra_parameters, adapter=adapter,
+                           license=getattr(loaded, "license", None), notes=notes)
+
+
+def with_from(mf: Modelfile, from_: str) -> Modelfile:
+    return replace(mf, from_=from_)
+
+
+def run_modelfile_command(source: Path, *, from_: str | None, adapter: Path | None, system: str | None,
+                          params: Sequence[str], output: Path | None) -> None:
+    """``llmforge modelfile``: print (or atomically write) the Modelfile for SOURCE; notes go to stderr."""
+    from ..atomic import atomic_path
+
+    source = Path(source)
+    if not source.exists():
+        raise LlmforgeError(f"{source} does not exist", hint="pass a model folder, an adapter folder or a .gguf")
+    mf = modelfile_for_source(source, from_=from_ or (str(source.resolve()) if source.suffix == ".gguf" else None),
+                              adapter=str(adapter) if adapter else None, system=system,
+                              extra_parameters=parse_param_options(params))
+    for note in mf.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if output is None:
+        sys.stdout.write(mf.text)
+        return
+    with atomic_path(output) as tmp:
+        tmp.write_text(mf.text, encoding="utf-8")
+    print(f"wrote {output}", file=sys.stderr)
