@@ -1,0 +1,1385 @@
+"""Translate a Hugging Face Jinja chat template into an Ollama Go template (messages mode).
+
+The translator walks jinja2's own AST (``Environment.parse``) with a small partial evaluator: values known at
+translation time (special tokens, literals, ``add_generation_prompt``, undefined optional variables) are folded
+in Python; values that depend on the conversation become Go pipelines over Ollama's data model
+(``$.Messages``, ``$.Tools``, ``.ToolCalls`` ...), tagged with a *kind* that says which Ollama type they hold.
+Jinja variables whose value changes inside runtime branches or loops become Go variables (``$x := ...`` at the
+start of their Jinja scope, ``$x = ...`` where Jinja assigns them); the translator discovers them by
+translating once, noticing the change, and translating again.
+
+Assumptions that come from Ollama's data model, not from the template (each is recorded in ``notes``):
+message content is a plain string without ``<think>`` tags (Ollama separates thinking into ``.Thinking``),
+content has no leading/trailing whitespace (``trim`` on content is the identity), tool-call arguments are
+objects. Anything else Go cannot express raises :class:`Unsupported` naming the construct and its line; the
+caller then falls back to a named family template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2.nodes as nodes
+
+from ..errors import LlmforgeError
+from .jinja_render import parse_template
+
+
+class Unsupported(Exception):
+    """A construct with no faithful Go equivalent."""
+
+    def __init__(self, construct: str, lineno: int | None):
+        self.construct = construct
+        self.lineno = lineno
+        super().__init__(f"{construct} (line {lineno})")
+
+
+class _Restart(Exception):
+    """A Jinja variable must become a Go variable; translate again."""
+
+
+class _Undefined:
+    def __repr__(self) -> str:
+        return "Undefined"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return ""
+
+
+UNDEFINED = _Undefined()
+THINK_TAGS = ("<think>", "</think>")
+
+
+# ---------------------------------------------------------------- values
+
+@dataclass(frozen=True)
+class Const:
+    value: Any
+
+
+@dataclass(frozen=True)
+class Rt:
+    """A runtime value: a Go pipeline (``expr``) of a known kind; ``parts`` for strings built by concatenation."""
+
+    expr: str
+    kind: str
+    parts: tuple = ()          # for kind "str": tuple of str (literal) | Rt (runtime) pieces
+    defined: str | None = None  # Go truth expression for `is defined`, when not always defined
+
+
+@dataclass
+class Namespace:
+    attrs: dict[str, Any]
+    go_prefix: str
+
+
+@dataclass
+class LoopInfo:
+    index_var: str
+    list_var: str
+    filtered: bool
+
+
+@dataclass(frozen=True)
+class Macro:
+    node: nodes.Macro
+
+
+# Attribute tables: kind -> attribute -> (Go field, kind of the result). A missing attribute is undefined.
+ATTRS: dict[str, dict[str, tuple[str, str]]] = {
+    "message": {"role": ("Role", "str"), "content": ("Content", "str"), "tool_calls": ("ToolCalls", "toolcalls"),
+                "reasoning_content": ("Thinking", "str"), "thinking": ("Thinking", "str"),
+                "reasoning": ("Thinking", "str"),
+                "name": ("ToolName", "str"), "tool_call_id": ("ToolCallID", "str")},
+    "toolcall": {"id": ("ID", "str"), "function": ("Function", "tcfunction")},
+    "tcfunction": {"name": ("Name", "str"), "arguments": ("Arguments", "arguments")},
+    "tool": {"type": ("Type", "str"), "function": ("Function", "toolfunction")},
+    "toolfunction": {"name": ("Name", "str"), "description": ("Description", "str"),
+                     "parameters": ("Parameters", "parameters")},
+    "parameters": {"type": ("Type", "str"), "required": ("Required", "strlist"),
+                   "properties": ("Properties", "properties")},
+    "property": {"type": ("Type", "str"), "description": ("Description", "str"), "enum": ("Enum", "list")},
+}
+# Attributes that are always present (the rest are "defined" only when non-empty, as in Ollama's JSON).
+ALWAYS_DEFINED = {("message", "role"), ("message", "content"), ("toolcall", "function"),
+                  ("tcfunction", "name"), ("tcfunction", "arguments"), ("tool", "type"), ("tool", "function"),
+                  ("toolfunction", "name"), ("toolfunction", "parameters"), ("parameters", "type"),
+                  ("parameters", "properties")}
+CONST_ATTRS = {("toolcall", "type"): "function"}
+ELEMENT_KIND = {"messages": "message", "toolcalls": "toolcall", "tools": "tool", "strlist": "str", "list": "any"}
+JSON_KINDS = {"tools", "tool", "toolfunction", "parameters", "properties", "property", "arguments", "toolcalls",
+              "toolcall", "tcfunction", "strlist", "str", "int", "bool", "list", "any", "messages", "message"}
+
+
+def go_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def jinja_str(value: Any) -> str:
+    """How Jinja prints a Python value."""
+    if value is None:
+        return "None"
+    if value is UNDEFINED:
+        return ""
+    return str(value)
+
+
+def str_parts(value: Any) -> tuple:
+    if isinstance(value, Const):
+        return (jinja_str(value.value),)
+    if value.kind == "str" and value.parts:
+        return value.parts
+    return (value,)
+
+
+def make_str(parts: tuple) -> Const | Rt:
+    merged: list = []
+    for part in parts:
+        if isinstance(part, str):
+            if part == "":
+                continue
+            if merged and isinstance(merged[-1], str):
+                merged[-1] += part
+                continue
+        merged.append(part)
+    if all(isinstance(p, str) for p in merged):
+        return Const("".join(merged))
+    if len(merged) == 1:
+        return merged[0]
+    fmt = "".join("%s" if isinstance(p, str) or p.kind == "str" else "%v" for p in merged)
+    args = " ".join(go_string(p) if isinstance(p, str) else wrap(p.expr) for p in merged)
+    return Rt(f"printf {go_string(fmt)} {args}", "str", tuple(merged))
+
+
+def wrap(expr: str) -> str:
+    """Parenthesise a Go pipeline used as an argument."""
+    simple = expr.startswith("$") or expr.startswith(".") or expr.startswith('"')
+    return expr if simple and " " not in expr else f"({expr})"
+
+
+def go_literal(value: Any, lineno: int | None) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return go_string(value)
+    if isinstance(value, int):
+        return str(value)
+    if value is None or value is UNDEFINED:
+        return '""'
+    raise Unsupported(f"a constant {type(value).__name__} used at run time", lineno)
+
+
+def as_go(value: Const | Rt, lineno: int | None) -> str:
+    return value.expr if isinstance(value, Rt) else go_literal(value.value, lineno)
+
+
+def int_plus(a: str, b: str) -> str:
+    """a + b for non-negative ints: Go templates have no arithmetic, but printf pads to a width."""
+    return f'len (printf "%*s%*s" {wrap(a)} "" {wrap(b)} "")'
+
+
+def int_minus(a: str, b: str) -> str:
+    """a - b for a >= b >= 0."""
+    return f'len (slice (printf "%*s" {wrap(a)} "") {wrap(b)})'
+
+
+# ---------------------------------------------------------------- translator
+
+@dataclass
+class Translation:
+    """Result of translating a chat template."""
+
+    go_template: str
+    fallback: str | None = None            # named template used instead, when the Jinja is not translatable
+    problems: list[str] = field(default_factory=list)  # untranslatable constructs with their lines
+    notes: list[str] = field(default_factory=list)     # assumptions made (Ollama data model)
+    default_system: str | None = None
+
+
+@dataclass
+class _Scope:
+    env: dict[str, Any]
+
+
+class _Translator:
+    def __init__(self, special_tokens: dict[str, str], forced: dict[str, str], bos_loops: set[int]):
+        self.tokens = special_tokens
+        self.forced = forced          # jinja variable key -> kind, variables that must be Go variables
+        self.bos_loops = bos_loops    # linenos of loops that need a "nothing printed yet" flag
+        self.out: list[str] = []
+        self.env: dict[str, Any] = {}
+        self.notes: set[str] = set()
+        self.counter = 0
+        self.loops: list[LoopInfo] = []
+        self.printed = "no"           # has anything been printed: "no" | "yes" | "maybe"
+        self.fresh_var: str | None = None
+        self.macros_active: list[str] = []
+        self.runtime_depth = 0        # >0 inside a runtime if-branch
+
+    # ------------------------------------------------------------ helpers
+    def fresh(self, stem: str) -> str:
+        self.counter += 1
+        return f"${stem}{self.counter}"
+
+    def emit(self, text: str) -> None:
+        self.out.append(text)
+
+    def emit_text(self, text: str) -> None:
+        if not text:
+            return
+        if "{{" in text or text.endswith("{"):
+            self.emit("{{ " + go_string(text) + " }}")
+        else:
+            self.emit(text)
+        self.mark_printed("yes")
+
+    def mark_printed(self, how: str) -> None:
+        if self.fresh_var and self.printed != "yes":
+            self.emit("{{ " + self.fresh_var + " = false }}")
+        if how == "yes" or self.printed == "yes":
+            self.printed = "yes"
+        else:
+            self.printed = "maybe"
+
+    def var_key(self, name: str) -> str:
+        return name
+
+    # ------------------------------------------------------------ entry
+    def translate(self, tree: nodes.Template) -> str:
+        self.env = {}
+        self.declare_forced(tree.body, self.env, top=True)
+        self.stmts(tree.body)
+        return "".join(self.out)
+
+    def declare_forced(self, body: list[nodes.Node], env: dict[str, Any], top: bool = False) -> None:
+        """Declare, at the start of a Jinja scope, the Go variables for names assigned in it."""
+        for name in sorted(self.assigned_names(body)):
+            if name in self.forced:
+                current = env.get(name, UNDEFINED if name not in self.builtin_names() else None)
+                init = current if current is not None else self.name_value(name, None)
+                expr = as_go(init, None) if isinstance(init, (Const, Rt)) else '""'
+                go = "$" + name
+                if isinstance(init, Rt) and init.expr == go:
+                    continue
+                self.emit("{{ " + f"{go} := {expr}" + " }}")
+                defined = None if not (isinstance(init, Const) and init.value is UNDEFINED) else None
+                env[name] = Rt(go, self.forced[name], defined=defined)
+
+    @staticmethod
+    def builtin_names() -> set[str]:
+        return {"messages", "tools"}
+
+    def assigned_names(self, body: list[nodes.Node]) -> set[str]:
+        names: set[str] = set()
+
+        def walk(node: nodes.Node) -> None:
+            if isinstance(node, (nodes.Assign, nodes.AssignBlock)) and isinstance(node.target, nodes.Name):
+                names.add(node.target.name)
+            if isinstance(node, (nodes.For, nodes.Macro)):
+                return
+            for child in node.iter_child_nodes():
+                if isinstance(child, (nodes.Stmt, nodes.Helper)) or isinstance(child, nodes.Template):
+                    walk(child)
+
+        for stmt in body:
+            walk(stmt)
+        return names
+
+    # ------------------------------------------------------------ statements
+    def stmts(self, body: list[nodes.Node]) -> None:
+        for node in body:
+            self.stmt(node)
+
+    def stmt(self, node: nodes.Node) -> None:
+        handler = getattr(self, f"stmt_{type(node).__name__}", None)
+        if handler is None:
+            raise Unsupported(f"statement {type(node).__name__}", node.lineno)
+        handler(node)
+
+    def stmt_Output(self, node: nodes.Output) -> None:
+        for child in node.nodes:
+            if isinstance(child, nodes.TemplateData):
+                self.emit_text(child.data)
+            else:
+                self.output_expr(child)
+
+    def output_expr(self, expr: nodes.Expr) -> None:
+        if isinstance(expr, nodes.Call) and isinstance(expr.node, nodes.Name):
+            name = expr.node.name
+            if name == "raise_exception":
+                self.notes.add("raise_exception is dropped (Go templates cannot raise)")
+                return
+            macro = self.env.get(name)
+            if isinstance(macro, Macro):
+                self.inline_macro(macro, expr)
+                return
+        if isinstance(expr, nodes.CondExpr):
+            test = self.truth(self.eval(expr.test), expr.lineno)
+            if isinstance(test, Const):
+                if test.value:
+                    self.output_expr(expr.expr1)
+                elif expr.expr2 is not None:
+                    self.output_expr(expr.expr2)
+                return
+            self.emit("{{ if " + test.expr + " }}")
+            before = self.printed
+            self.output_expr(expr.expr1)
+            if expr.expr2 is not None:
+                self.emit("{{ else }}")
+                self.output_expr(expr.expr2)
+            self.emit("{{ end }}")
+            self.printed = "yes" if before == "yes" else "maybe"
+            return
+        if isinstance(expr, (nodes.Concat, nodes.Add)) and self.is_string_concat(expr):
+            for part in (expr.nodes if isinstance(expr, nodes.Concat) else [expr.left, expr.right]):
+                self.output_expr(part)
+            return
+        if isinstance(expr, nodes.Name) and expr.name == "bos_token" and "bos_token" in self.tokens \
+                and "bos_token" not in self.env:
+            self.output_bos()
+            return
+        value = self.eval(expr)
+        self.output_value(value, expr.lineno)
+
+    def is_string_concat(self, expr: nodes.Expr) -> bool:
+        if isinstance(expr, nodes.Concat):
+            return True
+        try:
+            value = self.eval(expr)
+        except Unsupported:
+            return False
+        return isinstance(value, Const) and isinstance(value.value, str) or \
+            isinstance(value, Rt) and value.kind == "str"
+
+    def output_bos(self) -> None:
+        bos = self.tokens["bos_token"]
+        if self.printed == "no":
+            self.notes.add("a leading BOS is left to llama.cpp (it adds BOS when tokenizing)")
+            return
+        if self.printed == "maybe":
+            if self.fresh_var:
+                self.emit("{{ if not " + self.fresh_var + " }}" + bos + "{{ end }}")
+                self.mark_printed("yes")
+                return
+            loop_line = self.loops[-1].index_var if self.loops else None
+            if loop_line is not None and self.current_loop_line is not None:
+                self.bos_loops.add(self.current_loop_line)
+                raise _Restart
+        self.emit_text(bos)
+
+    current_loop_line: int | None = None
+
+    def output_value(self, value: Const | Rt, lineno: int | None) -> None:
+        if isinstance(value, Const):
+            if value.value is UNDEFINED or value.value == "":
+                return
+            if isinstance(value.value, (list, dict)):
+                raise Unsupported("printing a list or dict", lineno)
+            self.emit_text(jinja_str(value.value))
+            return
+        if value.kind == "str":
+            for part in str_parts(value):
+                if isinstance(part, str):
+                    self.emit_text(part)
+                else:
+                    self.emit("{{ " + part.expr + " }}")
+                    self.mark_printed("maybe")
+            return
+        if value.kind == "int":
+            self.emit("{{ " + value.expr + " }}")
+            self.mark_printed("yes")
+            return
+        if value.kind == "bool":
+            self.emit("{{ if " + value.expr + " }}True{{ else }}False{{ end }}")
+            self.mark_printed("yes")
+            return
+        raise Unsupported(f"printing a {value.kind} object directly (Jinja prints a Python repr)", lineno)
+
+    def stmt_If(self, node: nodes.If) -> None:
+        branches = [(node.test, node.body)] + [(e.test, e.body) for e in node.elif_]
+        pending: list[tuple[str, list[nodes.Node]]] = []
+        else_body: list[nodes.Node] | None = node.else_
+        for test_node, body in branches:
+            if self.is_raise_only(body):
+                self.notes.add("raise_exception is dropped (Go templates cannot raise)")
+                test = self.try_truth(test_node)
+                if isinstance(test, Const) and test.value:
+                    # Jinja would raise here for every input: the translation renders as if it did not
+                    return
+                continue
+            test = self.truth(self.eval(test_node), test_node.lineno)
+            if isinstance(test, Const):
+                if test.value:
+                    else_body = body
+                    break
+                continue
+            pending.append((test.expr, body))
+        if not pending:
+            if else_body:
+                self.stmts(else_body)
+            return
+        self.runtime_branches(pending, else_body or [])
+
+    def try_truth(self, test_node: nodes.Expr) -> Const | Rt | None:
+        try:
+            return self.truth(self.eval(test_node), test_node.lineno)
+        except Unsupported:
+            return None
+
+    def is_raise_only(self, body: list[nodes.Node]) -> bool:
+        calls = [n for n in body if not (isinstance(n, nodes.Output) and all(
+            isinstance(c, nodes.TemplateData) and not c.data.strip() for c in n.nodes))]
+        if len(calls) != 1 or not isinstance(calls[0], nodes.Output):
+            return False
+        exprs = [c for c in calls[0].nodes if not isinstance(c, nodes.TemplateData)]
+        return len(exprs) == 1 and isinstance(exprs[0], nodes.Call) and isinstance(exprs[0].node, nodes.Name) \
+            and exprs[0].node.name == "raise_exception"
+
+    def runtime_branches(self, branches: list[tuple[str, list[nodes.Node]]], else_body: list[nodes.Node]) -> None:
+        before_env = dict(self.env)
+        before_printed = self.printed
+        states = []
+        self.runtime_depth += 1
+        for i, (test, body) in enumerate(branches):
+            self.emit("{{ " + ("if " if i == 0 else "else if ") + test + " }}")
+            self.env = dict(before_env)
+            self.printed = before_printed
+            self.stmts(body)
+            states.append((self.env, self.printed))
+        if else_body:
+            self.emit("{{ else }}")
+            self.env = dict(before_env)
+            self.printed = before_printed
+            self.stmts(else_body)
+            states.append((self.env, self.printed))
+        else:
+            states.append((before_env, before_printed))
+        self.emit("{{ end }}")
+        self.runtime_depth -= 1
+        self.merge_envs(before_env, [s[0] for s in states])
+        printed = {s[1] for s in states}
+        self.printed = printed.pop() if len(printed) == 1 else "maybe"
+
+    def merge_envs(self, before: dict[str, Any], after: list[dict[str, Any]]) -> None:
+        """Names whose binding differs between branches must be Go variables: restart if new ones appear."""
+        new_forced = False
+        for name in set().union(*[set(e) for e in after]):
+            values = [e.get(name, UNDEFINED) for e in after]
+            if all(v is values[0] or v == values[0] for v in values):
+                continue
+            if isinstance(before.get(name), Namespace) or name.startswith("\x00"):
+                continue
+            kind = self.kind_of([v for v in values if v is not UNDEFINED])
+            if name not in self.forced:
+                self.forced[name] = kind
+                new_forced = True
+        if new_forced:
+            raise _Restart
+        self.env = dict(after[0])
+
+    @staticmethod
+    def kind_of(values: list[Any]) -> str:
+        kinds = set()
+        for v in values:
+            if isinstance(v, Rt):
+                kinds.add(v.kind)
+            elif isinstance(v, Const):
+                if isinstance(v.value, bool):
+                    kinds.add("bool")
+                elif isinstance(v.value, int):
+                    kinds.add("int")
+                elif isinstance(v.value, str):
+                    kinds.add("str")
+                elif v.value is None or v.value is UNDEFINED:
+                    continue
+                else:
+                    kinds.add("any")
+        if len(kinds) == 1:
+            return kinds.pop()
+        return "any" if kinds else "str"
+
+    def stmt_Assign(self, node: nodes.Assign) -> None:
+        target = node.target
+        if isinstance(target, nodes.NSRef):
+            ns = self.env.get(target.name)
+            if not isinstance(ns, Namespace):
+                raise Unsupported(f"assignment to {target.name}.{target.attr} without a namespace", node.lineno)
+            value = self.eval(node.node)
+            key = f"{ns.go_prefix}_{target.attr}"
+            if key in self.forced:
+                self.emit("{{ " + f"${key} = {as_go(value, node.lineno)}" + " }}")
+                return
+            if self.loops or self.in_branch:
+                old = ns.attrs.get(target.attr)
+                if not (isinstance(old, Const) and isinstance(value, Const) and old == value):
+                    self.forced[key] = self.kind_of([value, old] if old is not None else [value])
+                    raise _Restart
+            ns.attrs[target.attr] = value
+            return
+        if isinstance(target, nodes.Tuple):
+            raise Unsupported("tuple assignment", node.lineno)
+        name = target.name
+        if isinstance(node.node, nodes.Call) and isinstance(node.node.node, nodes.Name) \
+                and node.node.node.name == "namespace":
+            self.env[name] = self.make_namespace(node.node, name)
+            return
+        value = self.eval(node.node)
+        self.bind(name, value, node.lineno)
+
+    @property
+    def in_branch(self) -> bool:
+        return self.runtime_depth > 0
+
+    def bind(self, name: str, value: Const | Rt, lineno: int | None) -> None:
+        if name in self.forced:
+            self.emit("{{ " + f"${name} = {as_go(value, lineno)}" + " }}")
+            defined = value.defined if isinstance(value, Rt) else None
+            self.env[name] = Rt("$" + name, self.forced[name], defined=defined)
+            return
+        if isinstance(value, Rt) and (" " in value.expr or "(" in value.expr):
+            go = self.fresh(name.replace("_", "")[:12] or "v")
+            self.emit("{{ " + f"{go} := {value.expr}" + " }}")
+            value = Rt(go, value.kind, value.parts if value.kind == "str" else (), value.defined)
+            if value.kind == "str":
+                value = Rt(go, "str", (), value.defined)
+        self.env[name] = value
+
+    def make_namespace(self, call: nodes.Call, name: str) -> Namespace:
+        prefix = f"{name}{call.lineno}"
+        ns = Namespace({}, prefix)
+        for kw in call.kwargs:
+            value = self.eval(kw.value)
+            key = f"{prefix}_{kw.key}"
+            if key in self.forced:
+                self.emit("{{ " + f"${key} := {as_go(value, call.lineno)}" + " }}")
+                value = Rt("$" + key, self.forced[key])
+            ns.attrs[kw.key] = value
+        for key in list(self.forced):
+            if key.startswith(prefix + "_") and key[len(prefix) + 1:] not in ns.attrs:
+                self.emit("{{ " + f"${key} := \"\"" + " }}")
+                ns.attrs[key[len(prefix) + 1:]] = Rt("$" + key, self.forced[key])
+        if call.args:
+            raise Unsupported("namespace() with positional arguments", call.lineno)
+        return ns
+
+    def stmt_AssignBlock(self, node: nodes.AssignBlock) -> None:
+        saved_out, saved_printed = self.out, self.printed
+        self.out = []
+        self.stmts(node.body)
+        text = "".join(self.out)
+        self.out, self.printed = saved_out, saved_printed
+        if "{{" in text:
+            raise Unsupported("{% set %} block capturing runtime output", node.lineno)
+        self.bind(node.target.name, Const(text), node.lineno)
+
+    def stmt_Macro(self, node: nodes.Macro) -> None:
+        self.env[node.name] = Macro(node)
+
+    def inline_macro(self, macro: Macro, call: nodes.Call) -> None:
+        m = macro.node
+        if m.name in self.macros_active:
+            raise Unsupported(f"recursive macro {m.name}", call.lineno)
+        saved = self.env
+        self.env = dict(saved)
+        defaults = dict(zip([a.name for a in m.args][len(m.args) - len(m.defaults):], m.defaults))
+        for i, arg in enumerate(m.args):
+            if i < len(call.args):
+                value = self.eval_in(saved, call.args[i])
+            elif any(k.key == arg.name for k in call.kwargs):
+                value = self.eval_in(saved, next(k.value for k in call.kwargs if k.key == arg.name))
+            elif arg.name in defaults:
+                value = self.eval(defaults[arg.name])
+            else:
+                value = Const(UNDEFINED)
+            self.env[arg.name] = value
+        self.macros_active.append(m.name)
+        self.stmts(m.body)
+        self.macros_active.pop()
+        self.env = saved
+
+    def eval_in(self, env: dict[str, Any], expr: nodes.Expr) -> Const | Rt:
+        current = self.env
+        self.env = env
+        try:
+            return self.eval(expr)
+        finally:
+            self.env = current
+
+    def stmt_CallBlock(self, node: nodes.CallBlock) -> None:
+        if isinstance(node.call, nodes.Call) and isinstance(node.call.node, nodes.ExtensionAttribute):
+            self.stmts(node.body)  # {% generation %}: keep the body
+            return
+        raise Unsupported("{% call %} block", node.lineno)
+
+    def stmt_Scope(self, node: nodes.Scope) -> None:
+        self.stmts(node.body)
+
+    def stmt_Continue(self, node: nodes.Continue) -> None:
+        self.emit("{{ continue }}")
+
+    def stmt_Break(self, node: nodes.Break) -> None:
+        self.emit("{{ break }}")
+
+    def stmt_For(self, node: nodes.For) -> None:
+        if node.recursive:
+            raise Unsupported("recursive for loop", node.lineno)
+        iterable = self.eval(node.iter)
+        if isinstance(iterable, Const):
+            self.unrolled_for(node, iterable)
+            return
+        items_of_map = iterable.kind == "items"
+        if not items_of_map and iterable.kind not in ELEMENT_KIND:
+            raise Unsupported(f"for loop over a {iterable.kind}", node.lineno)
+        if node.else_:
+            raise Unsupported("for ... else", node.lineno)
+        list_var = iterable.expr if iterable.expr.startswith("$") and " " not in iterable.expr \
+            else self.fresh("list")
+        if list_var != iterable.expr:
+            self.emit("{{ " + f"{list_var} := {iterable.expr}" + " }}")
+        index_var = self.fresh("i")
+        saved_env, saved_loops, saved_fresh, saved_line = self.env, self.loops, self.fresh_var, self.current_loop_line
+        if node.lineno in self.bos_loops and self.fresh_var is None:
+            self.fresh_var = self.fresh("fresh")
+            self.emit("{{ " + f"{self.fresh_var} := true" + " }}")
+        self.env = dict(saved_env)
+        if items_of_map:
+            if not isinstance(node.target, nodes.Tuple) or len(node.target.items) != 2:
+                raise Unsupported("for loop over items() without (key, value)", node.lineno)
+            key_var, value_var = self.fresh("k"), self.fresh("v")
+            self.emit("{{ range " + f"{key_var}, {value_var} := {list_var}" + " }}")
+            self.env[node.target.items[0].name] = Rt(key_var, "str")
+            self.env[node.target.items[1].name] = Rt(value_var, "property")
+        else:
+            if not isinstance(node.target, nodes.Name):
+                raise Unsupported("for loop with tuple unpacking", node.lineno)
+            elem = self.fresh(node.target.name.replace("_", "")[:8] or "x")
+            self.emit("{{ range " + f"{index_var}, {elem} := {list_var}" + " }}")
+            self.env[node.target.name] = Rt(elem, ELEMENT_KIND[iterable.kind])
+        self.loops = saved_loops + [LoopInfo(index_var, list_var, node.test is not None)]
+        self.env["loop"] = self.loops[-1]
+        self.current_loop_line = node.lineno
+        before_printed = self.printed
+        self.printed = "maybe" if before_printed != "yes" else "yes"
+        self.declare_forced(node.body, self.env)
+        if node.test is not None:
+            test = self.truth(self.eval(node.test), node.lineno)
+            if isinstance(test, Const):
+                if not test.value:
+                    self.emit("{{ continue }}")
+            else:
+                self.emit("{{ if not " + wrap(test.expr) + " }}{{ continue }}{{ end }}")
+        body_env_start = dict(self.env)
+        self.stmts(node.body)
+        self.emit("{{ end }}")
+        # names assigned inside the body do not leak (Jinja scoping); namespace changes were forced
+        self.check_loop_namespaces(body_env_start)
+        self.env, self.loops, self.current_loop_line = saved_env, saved_loops, saved_line
+        self.fresh_var = saved_fresh
+        self.printed = "yes" if before_printed == "yes" else "maybe"
+
+    def check_loop_namespaces(self, start: dict[str, Any]) -> None:
+        pass
+
+    def unrolled_for(self, node: nodes.For, iterable: Const) -> None:
+        items = list(iterable.value.items()) if isinstance(iterable.value, dict) else list(iterable.value or [])
+        if node.else_ and not items:
+            self.stmts(node.else_)
+            return
+        saved = self.env
+        for i, item in enumerate(items):
+            self.env = dict(saved)
+            if isinstance(node.target, nodes.Tuple):
+                for t, v in zip(node.target.items, item):
+                    self.env[t.name] = Const(v)
+            else:
+                self.env[node.target.name] = Const(item)
+            self.env["loop"] = Const({"index0": i, "index": i + 1, "first": i == 0, "last": i == len(items) - 1,
+                                      "length": len(items)})
+            self.stmts(node.body)
+        self.env = saved
+
+    def stmt_With(self, node: nodes.With) -> None:
+        saved = self.env
+        self.env = dict(saved)
+        for target, value in zip(node.targets, node.values):
+            self.env[target.name] = self.eval(value)
+        self.stmts(node.body)
+        self.env = saved
+
+    def stmt_ExprStmt(self, node: nodes.ExprStmt) -> None:
+        raise Unsupported("{% do %} statement", node.lineno)
+
+    # ------------------------------------------------------------ expressions
+    def eval(self, expr: nodes.Expr) -> Const | Rt:
+        handler = getattr(self, f"eval_{type(expr).__name__}", None)
+        if handler is None:
+            raise Unsupported(f"expression {type(expr).__name__}", expr.lineno)
+        return handler(expr)
+
+    def eval_Const(self, expr: nodes.Const) -> Const:
+        return Const(expr.value)
+
+    def eval_TemplateData(self, expr: nodes.TemplateData) -> Const:
+        return Const(expr.data)
+
+    def eval_List(self, expr: nodes.List) -> Const:
+        items = [self.eval(i) for i in expr.items]
+        if not all(isinstance(i, Const) for i in items):
+            raise Unsupported("a list literal holding runtime values", expr.lineno)
+        return Const([i.value for i in items])
+
+    eval_Tuple = eval_List
+
+    def eval_Dict(self, expr: nodes.Dict) -> Const:
+        out = {}
+        for pair in expr.items:
+            k, v = self.eval(pair.key), self.eval(pair.value)
+            if not (isinstance(k, Const) and isinstance(v, Const)):
+                raise Unsupported("a dict literal holding runtime values", expr.lineno)
+            out[k.value] = v.value
+        return Const(out)
+
+    def name_value(self, name: str, lineno: int | None) -> Any:
+        if name == "messages":
+            return Rt("$.Messages", "messages")
+        if name == "tools":
+            return Rt("$.Tools", "tools")
+        if name == "add_generation_prompt":
+            return Const(True)
+        if name in ("enable_thinking",):
+            return Rt("$.Think", "bool", defined="$.IsThinkSet")
+        if name in self.tokens:
+            return Const(self.tokens[name])
+        if name in ("documents", "raise_exception", "strftime_now", "namespace", "dict", "range"):
+            return Const(None)
+        return Const(UNDEFINED)
+
+    def eval_Name(self, expr: nodes.Name) -> Any:
+        if expr.name in self.env:
+            value = self.env[expr.name]
+            if isinstance(value, (Const, Rt)):
+                return value
+            if isinstance(value, LoopInfo):
+                return value  # only attribute access is meaningful
+            if isinstance(value, Namespace):
+                return value
+            raise Unsupported(f"using {expr.name} as a value", expr.lineno)
+        if expr.name == "bos_token" and "bos_token" in self.tokens:
+            self.notes.add("bos_token inside an expression is printed literally")
+        return self.name_value(expr.name, expr.lineno)
+
+    def eval_NSRef(self, expr: nodes.NSRef) -> Any:
+        return self.getattr(self.eval_Name(nodes.Name(expr.name, "load", lineno=expr.lineno)), expr.attr,
+                            expr.lineno)
+
+    def eval_Getattr(self, expr: nodes.Getattr) -> Any:
+        return self.getattr(self.eval(expr.node), expr.attr, expr.lineno)
+
+    def eval_Getitem(self, expr: nodes.Getitem) -> Any:
+        base = self.eval(expr.node)
+        if isinstance(expr.arg, nodes.Slice):
+            return self.slice(base, expr.arg)
+        key = self.eval(expr.arg)
+        if isinstance(key, Const) and isinstance(key.value, str):
+            return self.getattr(base, key.value, expr.lineno)
+        if isinstance(base, Const) and isinstance(key, Const):
+            try:
+                return Const(base.value[key.value])
+            except (IndexError, KeyError, TypeError):
+                return Const(UNDEFINED)
+        if isinstance(base, Rt) and base.kind in ELEMENT_KIND:
+            if isinstance(key, Const) and isinstance(key.value, int):
+                if key.value >= 0:
+                    return Rt(f"index {wrap(base.expr)} {key.value}", ELEMENT_KIND[base.kind])
+                length = f"len {wrap(base.expr)}"
+                return Rt(f"index {wrap(base.expr)} ({int_minus(length, str(-key.value))})",
+                          ELEMENT_KIND[base.kind])
+            if isinstance(key, Rt) and key.kind == "int":
+                return Rt(f"index {wrap(base.expr)} {wrap(key.expr)}", ELEMENT_KIND[base.kind])
+        if isinstance(base, Rt) and base.kind == "arguments" and isinstance(key, Rt):
+            return Rt(f"index {wrap(base.expr)} {wrap(key.expr)}", "any")
+        raise Unsupported("indexing a runtime value", expr.lineno)
+
+    def slice(self, base: Any, s: nodes.Slice) -> Any:
+        start = self.eval(s.start) if s.start else Const(None)
+        stop = self.eval(s.stop) if s.stop else Const(None)
+        step = self.eval(s.step) if s.step else Const(None)
+        if isinstance(base, Const) and all(isinstance(v, Const) for v in (start, stop, step)):
+            return Const(base.value[start.value:stop.value:step.value])
+        if not isinstance(base, Rt) or base.kind not in ELEMENT_KIND or step.value is not None:
+            raise Unsupported("slicing a runtime value (reversed or stepped lists, strings)", s.lineno)
+        args = []
+        for bound in (start, stop):
+            if isinstance(bound, Const) and bound.value is None:
+                args.append(None)
+            elif isinstance(bound, Const) and isinstance(bound.value, int):
+                if bound.value >= 0:
+                    args.append(str(bound.value))
+                else:
+                    args.append(int_minus(f"len {wrap(base.expr)}", str(-bound.value)))
+            elif isinstance(bound, Rt) and bound.kind == "int":
+                args.append(bound.expr)
+            else:
+                raise Unsupported("slice bound", s.lineno)
+        lo = args[0] or "0"
+        expr = f"slice {wrap(base.expr)} {wrap(lo)}" + (f" {wrap(args[1])}" if args[1] else "")
+        return Rt(expr, base.kind)
+
+    def getattr(self, base: Any, attr: str, lineno: int | None) -> Any:
+        if isinstance(base, Namespace):
+            if attr not in base.attrs:
+                return Const(UNDEFINED)
+            return base.attrs[attr]
+        if isinstance(base, LoopInfo):
+            return self.loop_attr(base, attr, lineno)
+        if isinstance(base, Const):
+            value = base.value
+            if isinstance(value, dict):
+                return Const(value.get(attr, UNDEFINED))
+            if value is UNDEFINED or value is None:
+                if value is None:
+                    raise Unsupported(f"attribute {attr} of none", lineno)
+                return Const(UNDEFINED)
+            if isinstance(value, str) and hasattr(str, attr):
+                return Const(("method", value, attr))
+            return Const(UNDEFINED)
+        if (base.kind, attr) in CONST_ATTRS:
+            return Const(CONST_ATTRS[(base.kind, attr)])
+        table = ATTRS.get(base.kind)
+        if table is None:
+            if base.kind == "str" and attr in ("strip", "lstrip", "rstrip", "split", "startswith", "endswith",
+                                               "upper", "lower", "replace", "title", "capitalize", "find"):
+                return Rt(base.expr, "method", (base, attr))
+            if base.kind in ("properties", "arguments") and attr == "items":
+                return Rt(base.expr, "method", (base, attr))
+            if base.kind == "message" and attr == "get":
+                return Rt(base.expr, "method", (base, attr))
+            if base.kind in ("any", "property", "arguments"):
+                raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
+            raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
+        if attr not in table:
+            if base.kind == "message" and attr in ("get",):
+                return Rt(base.expr, "method", (base, attr))
+            if base.kind in ("properties",) and attr == "items":
+                return Rt(base.expr, "method", (base, attr))
+            self.notes.add(f"message fields Ollama does not carry are undefined ({base.kind}.{attr})")
+            return Const(UNDEFINED)
+        go_field, kind = table[attr]
+        expr = f"{wrap(base.expr)}.{go_field}" if not base.expr.startswith("$") or " " in base.expr \
+            else f"{base.expr}.{go_field}"
+        defined = None if (base.kind, attr) in ALWAYS_DEFINED else expr
+        return Rt(expr, kind, defined=defined)
+
+    def loop_attr(self, loop: LoopInfo, attr: str, lineno: int | None) -> Any:
+        if loop.filtered and attr not in ("first",):
+            raise Unsupported(f"loop.{attr} in a filtered for loop", lineno)
+        i, lst = loop.index_var, loop.list_var
+        table = {
+            "index0": lambda: Rt(i, "int"),
+            "index": lambda: Rt(int_plus(i, "1"), "int"),
+            "first": lambda: Rt(f"eq {i} 0", "bool"),
+            "last": lambda: Rt(f"eq (len (slice {lst} {i})) 1", "bool"),
+            "length": lambda: Rt(f"len {lst}", "int"),
+            "revindex0": lambda: Rt(int_minus(f"len (slice {lst} {i})", "1"), "int"),
+            "revindex": lambda: Rt(f"len (slice {lst} {i})", "int"),
+        }
+        if attr == "previtem":
+            raise Unsupported("loop.previtem", lineno)
+        if attr not in table:
+            raise Unsupported(f"loop.{attr}", lineno)
+        return table[attr]()
+
+    def truth(self, value: Any, lineno: int | None) -> Const | Rt:
+        if isinstance(value, Const):
+            return Const(bool(value.value))
+        if isinstance(value, Namespace):
+            return Const(True)
+        if value.kind in ("message", "toolcall", "tool", "tcfunction", "toolfunction", "parameters"):
+            return Const(True)
+        return value
+
+    def eval_Not(self, expr: nodes.Not) -> Any:
+        value = self.truth(self.eval(expr.node), expr.lineno)
+        if isinstance(value, Const):
+            return Const(not value.value)
+        return Rt(f"not {wrap(value.expr)}", "bool")
+
+    def eval_And(self, expr: nodes.And) -> Any:
+        left = self.eval(expr.left)
+        lt = self.truth(left, expr.lineno)
+        if isinstance(lt, Const):
+            return self.eval(expr.right) if lt.value else left
+        right = self.eval(expr.right)
+        rt = self.truth(right, expr.lineno)
+        if isinstance(rt, Const):
+            return Rt(lt.expr, "bool") if rt.value else Const(False)
+        return Rt(f"and {wrap(lt.expr)} {wrap(rt.expr)}", "bool")
+
+    def eval_Or(self, expr: nodes.Or) -> Any:
+        left = self.eval(expr.left)
+        lt = self.truth(left, expr.lineno)
+        if isinstance(lt, Const):
+            return left if lt.value else self.eval(expr.right)
+        right = self.eval(expr.right)
+        rt = self.truth(right, expr.lineno)
+        if isinstance(rt, Const):
+            return Const(True) if rt.value else Rt(lt.expr, "bool")
+        if left.kind == right.kind == "str":
+            return Rt(f"or {wrap(left.expr)} {wrap(right.expr)}", "str")
+        return Rt(f"or {wrap(lt.expr)} {wrap(rt.expr)}", "bool")
+
+    def eval_CondExpr(self, expr: nodes.CondExpr) -> Any:
+        test = self.truth(self.eval(expr.test), expr.lineno)
+        if isinstance(test, Const):
+            if test.value:
+                return self.eval(expr.expr1)
+            return self.eval(expr.expr2) if expr.expr2 is not None else Const(UNDEFINED)
+        a = self.eval(expr.expr1)
+        b = self.eval(expr.expr2) if expr.expr2 is not None else Const("")
+        go = self.fresh("c")
+        self.emit("{{ " + f"{go} := {as_go(b, expr.lineno)}" + " }}{{ if " + test.expr + " }}{{ "
+                  + f"{go} = {as_go(a, expr.lineno)}" + " }}{{ end }}")
+        return Rt(go, self.kind_of([a, b]))
+
+    def eval_Concat(self, expr: nodes.Concat) -> Any:
+        parts: tuple = ()
+        for node in expr.nodes:
+            value = self.eval(node)
+            if isinstance(value, Rt) and value.kind not in ("str", "int"):
+                raise Unsupported(f"concatenating a {value.kind}", expr.lineno)
+            parts += str_parts(value)
+        return make_str(parts)
+
+    def eval_Add(self, expr: nodes.Add) -> Any:
+        left, right = self.eval(expr.left), self.eval(expr.right)
+        if isinstance(left, Const) and isinstance(right, Const):
+            try:
+                return Const(left.value + right.value)
+            except TypeError:
+                raise Unsupported("adding incompatible constants", expr.lineno) from None
+        kinds = {v.kind if isinstance(v, Rt) else type(v.value).__name__ for v in (left, right)}
+        if kinds <= {"str"}:
+            return make_str(str_parts(left) + str_parts(right))
+        if kinds <= {"int"}:
+            return Rt(int_plus(as_go(left, expr.lineno), as_go(right, expr.lineno)), "int")
+        raise Unsupported("arithmetic on runtime values", expr.lineno)
+
+    def eval_Sub(self, expr: nodes.Sub) -> Any:
+        left, right = self.eval(expr.left), self.eval(expr.right)
+        if isinstance(left, Const) and isinstance(right, Const):
+            return Const(left.value - right.value)
+        if all((isinstance(v, Rt) and v.kind == "int") or (isinstance(v, Const) and isinstance(v.value, int))
+               for v in (left, right)):
+            return Rt(int_minus(as_go(left, expr.lineno), as_go(right, expr.lineno)), "int")
+        raise Unsupported("arithmetic on runtime values", expr.lineno)
+
+    def _const_binop(self, expr: nodes.BinExpr, op: Any) -> Any:
+        left, right = self.eval(expr.left), self.eval(expr.right)
+        if isinstance(left, Const) and isinstance(right, Const):
+            return Const(op(left.value, right.value))
+        raise Unsupported(f"arithmetic ({type(expr).__name__}) on runtime values", expr.lineno)
+
+    def eval_Mul(self, expr: nodes.Mul) -> Any:
+        return self._const_binop(expr, lambda a, b: a * b)
+
+    def eval_Mod(self, expr: nodes.Mod) -> Any:
+        return self._const_binop(expr, lambda a, b: a % b)
+
+    def eval_Div(self, expr: nodes.Div) -> Any:
+        return self._const_binop(expr, lambda a, b: a / b)
+
+    def eval_FloorDiv(self, expr: nodes.FloorDiv) -> Any:
+        return self._const_binop(expr, lambda a, b: a // b)
+
+    def eval_Neg(self, expr: nodes.Neg) -> Any:
+        value = self.eval(expr.node)
+        if isinstance(value, Const):
+            return Const(-value.value)
+        raise Unsupported("negating a runtime value", expr.lineno)
+
+    def eval_Compare(self, expr: nodes.Compare) -> Any:
+        left = self.eval(expr.expr)
+        result: Any = Const(True)
+        for op in expr.ops:
+            right = self.eval(op.expr)
+            term = self.compare(left, op.op, right, expr.lineno)
+            result = self.and_values(result, term)
+            left = right
+        return result
+
+    @staticmethod
+    def and_values(a: Any, b: Any) -> Any:
+        if isinstance(a, Const):
+            return b if a.value else a
+        if isinstance(b, Const):
+            return a if b.value else b
+        return Rt(f"and {wrap(a.expr)} {wrap(b.expr)}", "bool")
+
+    def compare(self, left: Any, op: str, right: Any, lineno: int | None) -> Any:
+        import operator
+        ops = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "gt": operator.gt, "lteq": operator.le,
+               "gteq": operator.ge, "in": lambda a, b: a in b, "notin": lambda a, b: a not in b}
+        if isinstance(left, Const) and isinstance(right, Const):
+            try:
+                return Const(ops[op](left.value, right.value))
+            except TypeError:
+                raise Unsupported(f"comparing {left.value!r} {op} {right.value!r}", lineno) from None
+        if op in ("in", "notin"):
+            value = self.contains(left, right, lineno)
+            if op == "notin":
+                return Const(not value.value) if isinstance(value, Const) else Rt(f"not {wrap(value.expr)}", "bool")
+            return value
+        for a, b in ((left, right), (right, left)):
+            if isinstance(b, Const) and (b.value is None or b.value is UNDEFINED) and isinstance(a, Rt):
+                # a runtime field compared with none: Ollama always has a value of the field's type
+                if a.defined:
+                    return Rt(f"not {wrap(a.defined)}", "bool") if op == "eq" else Rt(a.defined, "bool")
+                return Const(op == "ne")
+        if any(isinstance(v, Rt) and v.kind not in ("str", "int", "bool") for v in (left, right)):
+            raise Unsupported(f"comparing a {left.kind if isinstance(left, Rt) else 'constant'} value", lineno)
+        for v in (left, right):
+            if isinstance(v, Const) and not isinstance(v.value, (str, int, bool)):
+                raise Unsupported("comparing with a non-scalar constant", lineno)
+        kinds = {v.kind if isinstance(v, Rt) else ("str" if isinstance(v.value, str) else "int")
+                 for v in (left, right)}
+        if len(kinds) > 1 and "bool" not in kinds:
+            return Const(op == "ne")  # Jinja: a str never equals an int
+        go_op = {"eq": "eq", "ne": "ne", "lt": "lt", "gt": "gt", "lteq": "le", "gteq": "ge"}[op]
+        return Rt(f"{go_op} {wrap(as_go(left, lineno))} {wrap(as_go(right, lineno))}", "bool")
+
+    def contains(self, needle: Any, haystack: Any, lineno: int | None) -> Any:
+        if isinstance(haystack, Const) and isinstance(haystack.value, (list, tuple)) and isinstance(needle, Rt):
+            if needle.kind not in ("str", "int"):
+                raise Unsupported("`in` on a runtime value", lineno)
+            if not haystack.value:
+                return Const(False)
+            return Rt(f"eq {wrap(needle.expr)} " + " ".join(go_literal(v, lineno) for v in haystack.value), "bool")
+        if isinstance(needle, Const) and isinstance(haystack, Rt):
+            if haystack.kind == "message" and isinstance(needle.value, str):
+                table = ATTRS["message"]
+                if needle.value in ("role", "content"):
+                    return Const(True)
+                if needle.value in table:
+                    return Rt(f"{wrap(haystack.expr)}.{table[needle.value][0]}", "bool")
+                return Const(False)
+            if haystack.kind == "str" and isinstance(needle.value, str) and any(t in needle.value for t in THINK_TAGS):
+                self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
+                return Const(False)
+            if haystack.kind in ("arguments", "properties") and isinstance(needle.value, str):
+                raise Unsupported("`in` on a runtime mapping", lineno)
+        raise Unsupported("`in` on runtime strings (substring test)", lineno)
+
+    def eval_Test(self, expr: nodes.Test) -> Any:
+        value = self.eval(expr.node)
+        name = expr.name
+        args = [self.eval(a) for a in expr.args]
+        if isinstance(value, Namespace):
+            return Const(name == "defined")
+        if isinstance(value, LoopInfo):
+            return Const(name == "defined")
+        if isinstance(value, Const):
+            v = value.value
+            table = {
+                "defined": lambda: v is not UNDEFINED, "undefined": lambda: v is UNDEFINED,
+                "none": lambda: v is None, "string": lambda: isinstance(v, str) and v is not UNDEFINED,
+                "mapping": lambda: isinstance(v, dict), "number": lambda: isinstance(v, (int, float))
+                and not isinstance(v, bool), "integer": lambda: isinstance(v, int) and not isinstance(v, bool),
+                "boolean": lambda: isinstance(v, bool), "true": lambda: v is True, "false": lambda: v is False,
+                "iterable": lambda: isinstance(v, (str, list, dict, tuple)),
+                "sequence": lambda: isinstance(v, (str, list, tuple)),
+                "equalto": lambda: v == args[0].value, "eq": lambda: v == args[0].value,
+                "in": lambda: v in args[0].value,
+            }
+            if name not in table or any(isinstance(a, Rt) for a in args):
+                raise Unsupported(f"test `is {name}`", expr.lineno)
+            return Const(table[name]())
+        kind = value.kind
+        if name in ("defined", "undefined", "none"):
+            if value.defined is None:
+                result: Any = Const(name == "defined")
+            else:
+                result = Rt(value.defined, "bool")
+            if name in ("undefined", "none"):
+                if name == "none" and kind == "tools":
+                    return Rt("not $.Tools", "bool")
+                if name == "none" and value.defined is not None and kind == "bool":
+                    return Rt(f"not {value.defined}", "bool")
+                if name == "none" and kind in ("str", "toolcalls", "int"):
+                    return Const(False) if kind != "toolcalls" else Rt(f"not {wrap(value.expr)}", "bool")
+                return Const(not result.value) if isinstance(result, Const) else Rt(f"not {result.expr}", "bool")
+            return result
+        kind_tests = {"string": {"str"}, "mapping": {"arguments", "properties", "message", "tool", "toolcall",
+                                                     "tcfunction", "toolfunction", "parameters", "property"},
+                      "number": {"int"}, "integer": {"int"}, "boolean": {"bool"},
+                      "iterable": {"str", "messages", "tools", "toolcalls", "strlist", "list", "arguments"},
+                      "sequence": {"str", "messages", "tools", "toolcalls", "strlist", "list"}}
+        if name in kind_tests and kind != "any":
+            return Const(kind in kind_tests[name])
+        if name in ("true", "false") and kind == "bool":
+            return Rt(value.expr if name == "true" else f"not {wrap(value.expr)}", "bool")
+        if name in ("equalto", "eq", "==") and args:
+            return self.compare(value, "eq", args[0], expr.lineno)
+        if name in ("ne", "!="):
+            return self.compare(value, "ne", args[0], expr.lineno)
+        raise Unsupported(f"test `is {name}` on a runtime {kind}", expr.lineno)
+
+    def eval_Filter(self, expr: nodes.Filter) -> Any:
+        value = self.eval(expr.node) if expr.node is not None else Const(UNDEFINED)
+        args = [self.eval(a) for a in expr.args]
+        kwargs = {k.key: self.eval(k.value) for k in expr.kwargs}
+        name = expr.name
+        if isinstance(value, Const) and all(isinstance(a, Const) for a in args + list(kwargs.values())):
+            return self.const_filter(name, value.value, [a.value for a in args],
+                                     {k: v.value for k, v in kwargs.items()}, expr.lineno)
+        if isinstance(value, Namespace):
+            raise Unsupported(f"filter {name} on a namespace", expr.lineno)
+        return self.runtime_filter(name, value, args, kwargs, expr.lineno)
+
+    def const_filter(self, name: str, value: Any, args: list, kwargs: dict, lineno: int | None) -> Const:
+        from .jinja_render import make_environment
+
+        env = make_environment()
+        if name not in env.filters:
+            raise LlmforgeError(f"chat template uses an unknown filter `{name}` at line {lineno}",
+                                hint="fix the template or pass --chat-template NAME")
+        if value is UNDEFINED:
+            if name == "default":
+                return Const(args[0] if args else "")
+            if name in ("length", "count"):
+                return Const(0)
+            if name in ("trim", "string", "lower", "upper"):
+                return Const("")
+        func = env.filters[name]
+        import inspect
+        try:
+            params = list(inspect.signature(func).parameters)
+        except (TypeError, ValueError):
+            params = []
+        try:
+            if params and params[0] in ("environment", "eval_ctx", "context", "env"):
+                result = func(env, value, *args, **kwargs)
+            else:
+                result = func(value, *args, **kwargs)
+        except Exception as exc:  # a constant that a filter rejects
+            raise Unsupported(f"filter {name} on a constant ({exc})", lineno) from None
+        if not isinstance(result, (str, int, float, bool, list, dict, tuple, type(None))):
+            result = list(result)
+        return Const(result)
+
+    def runtime_filter(self, name: str, value: Any, args: list, kwargs: dict, lineno: int | None) -> Any:
+        kind = value.kind if isinstance(value, Rt) else "const"
+        if name in ("trim", "strip") or (name == "string" and kind == "str"):
+            if kind != "str":
+                raise Unsupported(f"filter {name} on a {kind}", lineno)
+            return self.trim(value, lineno) if name in ("trim", "strip") else value
+        if name in ("length", "count"):
+            if kind in ("str", "messages", "tools", "toolcalls", "strlist", "list", "arguments", "properties"):
+                return Rt(f"len {wrap(value.expr)}", "int")
+            raise Unsupported(f"length of a {kind}", lineno)
+        if name == "tojson":
+            if isinstance(value, Const):
+                raise Unsupported("tojson of a mix of constants and runtime values", lineno)
+            self.notes.add("JSON is printed by Go's encoder (key order/spacing differ; equal as parsed JSON)")
+            return Rt(f"json {wrap(value.expr)}", "str")
+        if name == "default":
+            if isinstance(value, Const):
+                return value if value.value is not UNDEFINED else args[0] if args else Const("")
+            if value.defined and args and not (isinstance(args[0], Const) and args[0].value in ("", None)):
+                go = self.fresh("d")
+                self.emit("{{ " + f"{go} := {as_go(args[0], lineno)}" + " }}{{ if " + value.defined + " }}{{ "
+                          + f"{go} = {value.expr}" + " }}{{ end }}")
+                return Rt(go, value.kind)
+            return value
+        if name == "string" and kind == "int":
+            return Rt(f"print {wrap(value.expr)}", "str")
+        if name == "first" and kind in ELEMENT_KIND:
+            return Rt(f"index {wrap(value.expr)} 0", ELEMENT_KIND[kind])
+        if name == "last" and kind in ELEMENT_KIND:
+            return Rt(f"index {wrap(value.expr)} ({int_minus(f'len {wrap(value.expr)}', '1')})",
+                      ELEMENT_KIND[kind])
+        if name == "list" and kind in ELEMENT_KIND:
+            return value
+        if name == "items" and kind in ("arguments", "properties"):
+            return Rt(value.expr, "items")
+        raise Unsupported(f"filter `{name}` on a runtime {kind}", lineno)
+
+    def trim(self, value: Any, lineno: int | None, chars: str | None = None, side: str = "both") -> Any:
+        """Strip the literal ends; runtime pieces are taken as already trimmed (Ollama content)."""
+        if isinstance(value, Const):
+            return Const(value.value.strip(chars) if side == "both" else
+                         value.value.lstrip(chars) if side == "left" else value.value.rstrip(chars))
+        self.notes.add("trim/strip of content is the identity (content is assumed to have no outer whitespace)")
+        parts = list(str_parts(value))
+        if side in ("both", "left"):
+            while parts and isinstance(parts[0], str):
+                parts[0] = parts[0].lstrip(chars)
+                if parts[0]:
+                    break
+                parts.pop(0)
+        if side in ("both", "right"):
+            while parts and isinstance(parts[-1], str):
+                parts[-1] = parts[-1].rstrip(chars)
+                if parts[-1]:
+                    break
+                parts.pop()
+        return make_str(tuple(parts))
+
+    def eval_Call(self, expr: nodes.Call) -> Any:
+        if isinstance(expr.node, nodes.Name):
+            name = expr.node.name
+            target = self.env.get(name)
+            if isinstance(target, Macro):
+                saved_out = self.out
+                self.out = []
+                saved_printed = self.printed
+                self.inline_macro(target, expr)
+                text = "".join(self.out)
+                self.out, self.printed = saved_out, saved_printed
+                if "{{" in text:
+                    raise Unsupported(f"macro {name} used as a value with runtime output", expr.lineno)
+                return Const(text)
+            args = [self.eval(a) for a in expr.args]
+            if name == "raise_exception":
+                raise Unsupported("raise_exception used as a value", expr.lineno)
+            if name == "strftime_now":
+                fmt = args[0].value if args and isinstance(args[0], Const) else None
+                if fmt == "%Y-%m-%d":
+                    return Rt("currentDate", "str")
+                raise Unsupported(f"strftime_now({fmt!r}): Ollama's currentDate only gives YYYY-MM-DD", expr.lineno)
+            if name == "range" and all(isinstance(a, Const) for a in args):
+                return Const(list(range(*[a.value for a in args])))
+            if name == "dict":
+                return self.eval_Dict(nodes.Dict([nodes.Pair(nodes.Const(k.key), k.value) for k in expr.kwargs],
+                                                 lineno=expr.lineno))
+            if name in ("namespace",):
+                raise Unsupported("namespace() outside a set", expr.lineno)
+            if name not in self.env and name not in ("range", "dict", "lipsum", "cycler", "joiner"):
+                raise LlmforgeError(f"chat template calls an undefined function `{name}` at line {expr.lineno}",
+                                    hint="fix the template or pass --chat-template NAME")
+            raise Unsupported(f"call to {name}()", expr.lineno)
+        callee = self.eval(expr.node)
+        args = [self.eval(a) for a in expr.args]
+        if isinstance(callee, Const) and isinstance(callee.value, tuple) and callee.value[:1] == ("method",):
+            _, obj, method = callee.value
+            if not all(isinstance(a, Const) for a in args):
+                raise Unsupported(f"str.{method} with runtime arguments", expr.lineno)
+            return Const(getattr(obj, method)(*[a.value for a in args]))
+        if isinstance(callee, Rt) and callee.kind == "method":
+            base, method = callee.parts
+            if method in ("strip", "lstrip", "rstrip") and all(isinstance(a, Const) for a in args):
+                side = {"strip": "both", "lstrip": "left", "rstrip": "right"}[method]
+                return self.trim(base, expr.lineno, args[0].value if args else None, side)
+            if method == "split" and args and isinstance(args[0], Const) and \
+                    any(t in str(args[0].value) for t in THINK_TAGS):
+                self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
+                return Rt(base.expr, "splitlist", (base,))
+            if method == "items":
+                return Rt(base.expr, "items")
+            if method == "get" and args and isinstance(args[0], Const):
+                value = self.getattr(base, args[0].value, expr.lineno)
+                if len(args) > 1 and isinstance(value, Rt) and value.defined:
+                    go = self.fresh("g")
+                    self.emit("{{ " + f"{go} := {as_go(args[1], expr.lineno)}" + " }}{{ if " + value.defined
+                              + " }}{{ " + f"{go} = {value.expr}" + " }}{{ end }}")
+                    return Rt(go, value.kind)
+                if isinstance(value, Const) and value.value is UNDEFINED:
+                    return args[1] if len(args) > 1 else Const(None)
+                return value
+            raise Unsupported(f"string method .{method}() on runtime content", expr.lineno)
+        raise Unsupported("calling a runtime value", expr.lineno)
+
+
+def _split_first_or_last(translator: _Translator) -> None:  # placeholder for clarity of the table below
+    return None
+
+
+def _patch_splitlist() -> None:
+    """`content.split('</think>')[-1]` is the content itself once think tags are gone (see module doc)."""
+    original = _Translator.eval_Getitem
+
+    def eval_Getitem(self: _Translator, expr: nodes.Getitem) -> Any:
+        base = self.eval(expr.node) if not isinstance(expr.arg, nodes.Slice) else None
+        if isinstance(base, Rt) and base.kind == "splitlist":
+            key = self.eval(expr.arg)
+            if isinstance(key, Const) and key.value in (0, -1):
+                return base.parts[0]
+            raise Unsupported("indexing a split string", expr.lineno)
+        return original(self, expr)
+
+    _Translator.eval_Getitem = eval_Getitem
+
+
+_patch_splitlist()
+
+MAX_PASSES = 40
+
+
+def translate_jinja(chat_template: str, special_tokens: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """Translate, raising :class:`Unsupported` for constructs Go cannot express. Returns (go_template, notes)."""
+    tree = parse_template(chat_template)
+    forced: dict[str, str] = {}
+    bos_loops: set[int] = set()
+    for _ in range(MAX_PASSES):
+        translator = _Translator(dict(special_tokens or {}), forced, bos_loops)
+        try:
+            go = translator.translate(tree)
+        except _Restart:
+            continue
+        return go, sorted(translator.notes)
+    raise Unsupported("variables that change type across branches", None)
+
+
+def translate_template(chat_template: str, special_tokens: dict[str, str] | None = None,
+                       allow_fallback: bool = True) -> Translation:
+    """Translate a Jinja chat template to an Ollama Go template; fall back to a named family template.
+
+    Raises LlmforgeError for broken templates (syntax errors, undefined functions) and when no fallback fits.
+    """
+    try:
+        go, notes = translate_jinja(chat_template, special_tokens)
+        translation = Translation(go, notes=notes)
+    except Unsupported as exc:
+        problem = f"{exc.construct} at line {exc.lineno}" if exc.lineno else exc.construct
+        if not allow_fallback:
+            raise LlmforgeError(f"cannot translate the chat template: {problem}",
+                                hint="pass --chat-template NAME to use a named template") from None
+        from .named import closest_named_template, get_named_template
+
+        name = closest_named_template(chat_template)
+        go, notes = translate_jinja(get_named_template(name), special_tokens)
+        translation = Translation(go, fallback=name, problems=[problem], notes=notes)
+    translation.default_system = detect_default_system(chat_template, special_tokens)
+    return translation
+
+
+def detect_default_system(chat_template: str, special_tokens: dict[str, str] | None) -> str | None:
+    """The system prompt a template injects when the conversation has none (Modelfile SYSTEM), if any."""
+    from .jinja_render import render_jinja
+
+    marker = "\x01SYSTEM\x01"
+    user = {"role": "user", "content": "\x01USER\x01"}
+    try:
+        without = render_jinja(chat_template, [user], special_tokens=special_tokens)
+        with_sys = render_jinja(chat_template, [{"role": "system", "content": marker}, user],
+                                special_tokens=special_tokens)
+    except LlmforgeError:
+        return None
+    prefix = 0
+    while prefix < min(len(without), len(with_sys)) and without[prefix] == with_sys[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(without), len(with_sys)) - prefix and without[-1 - suffix] == with_sys[-1 - suffix]:
+        suffix += 1
+    a_mid = without[prefix:len(without) - suffix]
+    b_mid = with_sys[prefix:len(with_sys) - suffix]
+    if marker not in b_mid or not a_mid.strip():
+        return None
+    pre, post = b_mid.split(marker, 1)
+    if a_mid.startswith(pre) and a_mid.endswith(post) and len(a_mid) > len(pre) + len(post):
+        return a_mid[len(pre):len(a_mid) - len(post)] or None
+    return None
