@@ -39,3 +39,24 @@ def ggml_quantize(data: np.ndarray, qtype: T, importance: np.ndarray | None = No
         qw = importance.ctypes.data_as(fp)
     fn(data.ctypes.data_as(fp), out.ctypes.data, rows, cols, qw)
     return out
+
+
+def ggml_quantize_any(data: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
+    """``quantize_<type>`` for any type ggml can quantize (legacy types included)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    lib = ggml_base()
+    fn = getattr(lib, f"quantize_{qtype.name.lower().replace('_k', '_K')}")
+    fp = ctypes.POINTER(ctypes.c_float)
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [fp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, fp]
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    rows, cols = data.shape
+    block, size = GGML_QUANT_SIZES[qtype]
+    out = np.zeros((rows, cols // block * size), dtype=np.uint8)
+    qw = None
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        qw = importance.ctypes.data_as(fp)
+    fn(data.ctypes.data_as(fp), out.ctypes.data, rows, cols, qw)
+    return out

@@ -1,7 +1,15 @@
 """The narrow interface the export path uses to quantize: ftype names, per-tensor type choice, packing.
 
-``llmforge.export`` calls only these three functions; everything behind them (K-quant packing, mixture
+``llmforge.export`` calls only these functions; everything behind them (K-quant packing, mixture
 rules, importance weights, the torch path) lives in the other modules of ``llmforge.quant``.
+Reference: llama.cpp 0c1e570 as vendored in llama-cpp-python 0.3.36.
+
+For exporters:
+- ``choose_tensor_type(ftype, ctx, source_type)`` is stateless and exact for dense models (one attn_v
+  and one ffn_* per layer, the supported archs); set ``TensorContext.has_imatrix`` when an importance
+  matrix is used (it changes the q4_0/q5_0 ffn_down rule). For other models use
+  ``mixtures.TypePlanner`` in ``mixtures.weights_map_order``.
+- ``quantize_array(data, qtype, importance=None, name=...)`` refuses NaN/Inf, naming ``name``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from gguf import LlamaFileType as F
 from gguf import quants as gguf_quants
 
 from ..errors import LlmforgeError
+from . import mixtures
+from .kquants import K_TYPES, quantize_k
 
 
 @dataclass(frozen=True)
@@ -26,13 +36,8 @@ class FType:
     description: str
 
 
-# Filled out by llmforge.quant.mixtures (K-mixtures); the plain types are defined here.
-FTYPES: dict[str, FType] = {
-    "f32": FType("f32", F.ALL_F32, T.F32, "32-bit float, lossless"),
-    "f16": FType("f16", F.MOSTLY_F16, T.F16, "16-bit float"),
-    "bf16": FType("bf16", F.MOSTLY_BF16, T.BF16, "bfloat16, lossless from bf16 checkpoints"),
-    "q8_0": FType("q8_0", F.MOSTLY_Q8_0, T.Q8_0, "8-bit round-to-nearest, blocks of 32"),
-}
+FTYPES: dict[str, FType] = {m.name: FType(m.name, m.file_type, m.base_type, m.description)
+                            for m in mixtures.MIXTURES}
 
 
 def resolve_ftype(name: str) -> FType:
@@ -55,32 +60,54 @@ class TensorContext:
     n_head_kv: int
     n_expert: int = 0
     has_output: bool = True   # False when token_embd is tied to the output
+    has_imatrix: bool = False  # an importance matrix is used (llama.cpp's qs.has_imatrix)
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """llama.cpp's ``tensor_allows_quantization``: >= 2 dims, a *weight, not a norm or similar."""
-    if len(shape) < 2 or not name.endswith("weight"):
-        return False
-    return not any(tag in name for tag in ("_norm.weight", "ffn_gate_inp", "pos_embd", "token_types",
-                                            "ssm_conv1d"))
+    return mixtures.allows_quantization(name, len(shape))
+
+
+def facts_of(ctx: TensorContext) -> mixtures.ModelFacts:
+    return mixtures.ModelFacts(ctx.arch, ctx.n_layer, ctx.n_head, ctx.n_head_kv, ctx.n_expert,
+                               ctx.has_output, ctx.has_imatrix)
 
 
 def choose_tensor_type(ftype: FType, ctx: TensorContext, source_type: T = T.F32) -> T:
-    """The ggml type ``ctx``'s tensor gets under ``ftype`` (plain types only here; see mixtures)."""
+    """The ggml type ``ctx``'s tensor gets under ``ftype``, as ``llama_model_quantize`` would choose it
+    when quantizing an f32 GGUF of the same model (tensors it may not quantize keep ``source_type``,
+    except that f16/bf16 vectors are stored as f32, as llama.cpp's converter writes them)."""
     if not is_quantizable(ctx.name, ctx.shape):
         return T.F32 if source_type not in (T.F16, T.BF16) or len(ctx.shape) < 2 else source_type
-    qtype = ftype.base_type
-    block = gguf_quants.GGML_QUANT_SIZES[qtype][0]
-    if ctx.shape[-1] % block:
-        return T.F16
-    return qtype
+    mixture = mixtures.BY_NAME[ftype.name]
+    return mixtures.stateless_type(mixture, facts_of(ctx), ctx.name, ctx.shape, source_type)
 
 
-def quantize_array(data: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
-    """Pack float32 ``data`` (rows x cols) into ``qtype``'s bytes, exactly as llama.cpp does."""
+def check_finite(data: np.ndarray, name: str) -> None:
+    """Refuse NaN/Inf with the tensor's name (llama.cpp would silently write garbage blocks)."""
+    if not np.isfinite(data).all():
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise LlmforgeError(f"tensor {name!r} holds {bad} NaN/Inf value(s)",
+                            hint="fix or re-export the checkpoint; quantizing it would give a broken model")
+
+
+def quantize_array(data: np.ndarray, qtype: T, importance: np.ndarray | None = None, *,
+                   name: str = "tensor") -> np.ndarray:
+    """Pack float32 ``data`` (rows x cols) into ``qtype``'s bytes, exactly as llama.cpp does.
+
+    ``importance``: per-column importance (llama.cpp imatrix entry, already divided by its counts) for
+    K-types and Q4_0/Q4_1/Q5_0/Q5_1; ignored by Q8_0 and float types, as in llama.cpp.
+    """
     data = np.ascontiguousarray(data, dtype=np.float32)
+    check_finite(data, name)
     if qtype == T.F32:
         return data
     if qtype == T.F16:
         return data.astype(np.float16)
+    if qtype in K_TYPES:
+        return quantize_k(data, qtype, importance)
+    if importance is not None and qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        from .legacy_weighted import quantize_legacy_weighted
+
+        return quantize_legacy_weighted(data, qtype, importance)
     return gguf_quants.quantize(data, qtype)
