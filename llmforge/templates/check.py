@@ -165,6 +165,9 @@ def check_template(chat_template: str, tokens: dict[str, str] | None = None, go_
         except TemplateRaised as exc:
             row.detail = f"Jinja rejects it: {exc}"
             continue
+        except LlmforgeError as exc:
+            row.detail = f"Jinja cannot render it: {exc}"
+            continue
         if "'type': 'text'" in row.jinja:
             row.detail = "template prints content parts as a Python list"
             continue

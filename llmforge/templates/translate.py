@@ -220,6 +220,7 @@ class _Translator:
         self.fresh_var: str | None = None
         self.macros_active: list[str] = []
         self.runtime_depth = 0        # >0 inside a runtime if-branch
+        self.def_vars: set[str] = set()  # Go variables with a companion "$def_<name>" (may be undefined)
 
     # ------------------------------------------------------------ helpers
     def fresh(self, stem: str) -> str:
@@ -260,14 +261,19 @@ class _Translator:
         """Declare, at the start of a Jinja scope, the Go variables for names assigned in it."""
         for name in sorted(self.assigned_names(body)):
             if name in self.forced:
-                current = env.get(name, UNDEFINED if name not in self.builtin_names() else None)
-                init = current if current is not None else self.name_value(name, None)
+                init = env.get(name)
+                if not isinstance(init, (Const, Rt)):
+                    init = self.name_value(name, None)
                 expr = as_go(init, None) if isinstance(init, (Const, Rt)) else '""'
                 go = "$" + name
                 if isinstance(init, Rt) and init.expr == go:
                     continue
                 self.emit("{{ " + f"{go} := {expr}" + " }}")
-                defined = None if not (isinstance(init, Const) and init.value is UNDEFINED) else None
+                defined = None
+                if isinstance(init, Const) and init.value is UNDEFINED:
+                    defined = f"$def_{name}"
+                    self.emit("{{ " + f"{defined} := false" + " }}")
+                    self.def_vars.add(name)
                 env[name] = Rt(go, self.forced[name], defined=defined)
 
     @staticmethod
@@ -538,7 +544,10 @@ class _Translator:
     def bind(self, name: str, value: Const | Rt, lineno: int | None) -> None:
         if name in self.forced:
             self.emit("{{ " + f"${name} = {as_go(value, lineno)}" + " }}")
-            defined = value.defined if isinstance(value, Rt) else None
+            defined = None
+            if name in self.def_vars:
+                defined = f"$def_{name}"
+                self.emit("{{ " + f"{defined} = true" + " }}")
             self.env[name] = Rt("$" + name, self.forced[name], defined=defined)
             return
         if isinstance(value, Rt) and (" " in value.expr or "(" in value.expr):
@@ -571,11 +580,65 @@ class _Translator:
         saved_out, saved_printed = self.out, self.printed
         self.out = []
         self.stmts(node.body)
-        text = "".join(self.out)
+        pieces = self.out
         self.out, self.printed = saved_out, saved_printed
-        if "{{" in text:
-            raise Unsupported("{% set %} block capturing runtime output", node.lineno)
-        self.bind(node.target.name, Const(text), node.lineno)
+        value = self.captured_value(pieces, "{% set %} block capturing runtime output", node.lineno)
+        self.bind(node.target.name, value, node.lineno)
+
+    def captured_value(self, pieces: list[str], construct: str, lineno: int | None) -> Const | Rt:
+        """Captured output as a string value: literal text and plain printed pipelines only."""
+        import re
+
+        parts: list = []
+        for piece in pieces:
+            for i, chunk in enumerate(re.split(r"(\{\{ .*? \}\})", piece)):
+                if i % 2 == 0:
+                    parts.append(chunk)
+                    continue
+                inner = chunk[3:-3]
+                if inner.startswith('"') and inner.endswith('"'):
+                    parts.append(json.loads(inner))
+                elif re.match(r"(if|else|end|range|break|continue|with)\b|\$\w+ :?=", inner):
+                    raise Unsupported(construct, lineno)
+                else:
+                    parts.append(Rt(inner, "str"))
+        return make_str(tuple(parts))
+
+    MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+              "November", "December"]
+
+    def strftime(self, fmt: str, lineno: int | None) -> Const | Rt:
+        """strftime_now(fmt) from Ollama's currentDate (YYYY-MM-DD) by slicing and a month table."""
+        import re
+
+        date = self.fresh("date")
+        self.emit("{{ " + f"{date} := currentDate" + " }}")
+        month_var: dict[str, str] = {}
+
+        def month(full: bool) -> Rt:
+            key = "B" if full else "b"
+            if key not in month_var:
+                go = self.fresh("month")
+                chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f'eq (slice {date} 5 7) "{i + 1:02d}"'
+                                + " }}{{ " + f'{go} = "{name if full else name[:3]}"' + " }}"
+                                for i, name in enumerate(self.MONTHS))
+                self.emit("{{ " + f'{go} := ""' + " }}" + chain + "{{ end }}")
+                month_var[key] = go
+            return Rt(month_var[key], "str")
+
+        fields = {"Y": lambda: Rt(f"slice {date} 0 4", "str"), "y": lambda: Rt(f"slice {date} 2 4", "str"),
+                  "m": lambda: Rt(f"slice {date} 5 7", "str"), "d": lambda: Rt(f"slice {date} 8 10", "str"),
+                  "b": lambda: month(False), "B": lambda: month(True), "%": lambda: "%"}
+        parts: list = []
+        for i, chunk in enumerate(re.split(r"%(.)", fmt)):
+            if i % 2 == 0:
+                parts.append(chunk)
+            elif chunk in fields:
+                parts.append(fields[chunk]())
+            else:
+                raise Unsupported(f"strftime_now format %{chunk} (Ollama only gives currentDate)", lineno)
+        self.notes.add("strftime_now is computed from Ollama's currentDate")
+        return make_str(tuple(parts))
 
     def stmt_Macro(self, node: nodes.Macro) -> None:
         self.env[node.name] = Macro(node)
@@ -792,6 +855,13 @@ class _Translator:
                 return Const(base.value[key.value])
             except (IndexError, KeyError, TypeError):
                 return Const(UNDEFINED)
+        if isinstance(base, Const) and isinstance(base.value, dict) and isinstance(key, Rt) and key.kind == "str" \
+                and all(isinstance(v, (str, int, bool)) for v in base.value.values()):
+            go = self.fresh("lookup")
+            chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f"eq {wrap(key.expr)} {go_string(k)}" + " }}{{ "
+                            + f"{go} = {go_literal(v, expr.lineno)}" + " }}" for i, (k, v) in enumerate(base.value.items()))
+            self.emit("{{ " + f'{go} := ""' + " }}" + chain + "{{ end }}")
+            return Rt(go, self.kind_of([Const(v) for v in base.value.values()]))
         if isinstance(base, Rt) and base.kind in ELEMENT_KIND:
             if isinstance(key, Const) and isinstance(key.value, int):
                 if key.value >= 0:
@@ -950,7 +1020,7 @@ class _Translator:
         parts: tuple = ()
         for node in expr.nodes:
             value = self.eval(node)
-            if isinstance(value, Rt) and value.kind not in ("str", "int"):
+            if isinstance(value, Rt) and value.kind not in ("str", "int", "any", "bool"):
                 raise Unsupported(f"concatenating a {value.kind}", expr.lineno)
             parts += str_parts(value)
         return make_str(parts)
@@ -963,7 +1033,7 @@ class _Translator:
             except TypeError:
                 raise Unsupported("adding incompatible constants", expr.lineno) from None
         kinds = {v.kind if isinstance(v, Rt) else type(v.value).__name__ for v in (left, right)}
-        if kinds <= {"str"}:
+        if kinds <= {"str", "any"}:  # Jinja raises unless an "any" variable holds a string here
             return make_str(str_parts(left) + str_parts(right))
         if kinds <= {"int"}:
             return Rt(int_plus(as_go(left, expr.lineno), as_go(right, expr.lineno)), "int")
@@ -1025,6 +1095,8 @@ class _Translator:
         ops = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "gt": operator.gt, "lteq": operator.le,
                "gteq": operator.ge, "in": lambda a, b: a in b, "notin": lambda a, b: a not in b}
         if isinstance(left, Const) and isinstance(right, Const):
+            if op in ("in", "notin") and right.value in (UNDEFINED, None):
+                return Const(op == "notin")
             try:
                 return Const(ops[op](left.value, right.value))
             except TypeError:
@@ -1040,6 +1112,16 @@ class _Translator:
                 if a.defined:
                     return Rt(f"not {wrap(a.defined)}", "bool") if op == "eq" else Rt(a.defined, "bool")
                 return Const(op == "ne")
+        for a, b in ((left, right), (right, left)):
+            if isinstance(a, Rt) and a.kind == "any" and isinstance(b, Const) and \
+                    isinstance(b.value, (str, bool, int)):
+                # a variable holding values of several types: compare only when the Go types agree
+                go_type = {bool: "bool", str: "string", int: "int"}[type(b.value)]
+                same = f'and (eq (printf "%T" {a.expr}) "{go_type}") (eq {a.expr} {go_literal(b.value, lineno)})'
+                if op == "eq":
+                    return Rt(same, "bool")
+                if op == "ne":
+                    return Rt(f"not ({same})", "bool")
         if any(isinstance(v, Rt) and v.kind not in ("str", "int", "bool") for v in (left, right)):
             raise Unsupported(f"comparing a {left.kind if isinstance(left, Rt) else 'constant'} value", lineno)
         for v in (left, right):
@@ -1067,6 +1149,8 @@ class _Translator:
                 if needle.value in table:
                     return Rt(f"{wrap(haystack.expr)}.{table[needle.value][0]}", "bool")
                 return Const(False)
+            if haystack.kind == "str" and haystack.expr.endswith(".Role") and isinstance(needle.value, str):
+                return self.enumerate_roles(haystack, lambda role: needle.value in role)
             if haystack.kind == "str" and isinstance(needle.value, str) and any(t in needle.value for t in THINK_TAGS):
                 self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
                 return Const(False)
@@ -1229,6 +1313,23 @@ class _Translator:
                 parts.pop()
         return make_str(tuple(parts))
 
+    ROLES = ("system", "user", "assistant", "tool")
+
+    def enumerate_roles(self, role: Rt, func: Any) -> Rt:
+        """A string function of a message role: Ollama roles are a closed set, so tabulate it."""
+        results = {r: func(r) for r in self.ROLES}
+        if all(isinstance(v, bool) for v in results.values()):
+            true_roles = [r for r, v in results.items() if v]
+            if not true_roles:
+                return Const(False)
+            return Rt(f"eq {role.expr} " + " ".join(go_string(r) for r in true_roles), "bool")
+        go = self.fresh("r")
+        chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f"eq {role.expr} {go_string(r)}" + " }}{{ "
+                        + f"{go} = {go_literal(v, None)}" + " }}" for i, (r, v) in enumerate(results.items()))
+        self.emit("{{ " + f"{go} := {role.expr}" + " }}" + chain + "{{ end }}")
+        self.notes.add("string methods on roles are tabulated over Ollama's roles")
+        return Rt(go, "str")
+
     def eval_Call(self, expr: nodes.Call) -> Any:
         if isinstance(expr.node, nodes.Name):
             name = expr.node.name
@@ -1238,18 +1339,17 @@ class _Translator:
                 self.out = []
                 saved_printed = self.printed
                 self.inline_macro(target, expr)
-                text = "".join(self.out)
+                pieces = self.out
                 self.out, self.printed = saved_out, saved_printed
-                if "{{" in text:
-                    raise Unsupported(f"macro {name} used as a value with runtime output", expr.lineno)
-                return Const(text)
+                return self.captured_value(pieces, f"macro {name} used as a value with runtime output",
+                                           expr.lineno)
             args = [self.eval(a) for a in expr.args]
             if name == "raise_exception":
                 raise Unsupported("raise_exception used as a value", expr.lineno)
             if name == "strftime_now":
                 fmt = args[0].value if args and isinstance(args[0], Const) else None
-                if fmt == "%Y-%m-%d":
-                    return Rt("currentDate", "str")
+                if isinstance(fmt, str):
+                    return self.strftime(fmt, expr.lineno)
                 raise Unsupported(f"strftime_now({fmt!r}): Ollama's currentDate only gives YYYY-MM-DD", expr.lineno)
             if name == "range" and all(isinstance(a, Const) for a in args):
                 return Const(list(range(*[a.value for a in args])))
@@ -1290,6 +1390,8 @@ class _Translator:
                 if isinstance(value, Const) and value.value is UNDEFINED:
                     return args[1] if len(args) > 1 else Const(None)
                 return value
+            if base.expr.endswith(".Role") and all(isinstance(a, Const) for a in args):
+                return self.enumerate_roles(base, lambda role: getattr(role, method)(*[a.value for a in args]))
             raise Unsupported(f"string method .{method}() on runtime content", expr.lineno)
         raise Unsupported("calling a runtime value", expr.lineno)
 
