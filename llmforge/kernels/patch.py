@@ -1,0 +1,306 @@
+"""Swap llmforge's kernels into the Hugging Face modules of a supported causal LM (optionally PEFT-wrapped).
+
+``patch_model(model) -> PatchReport``. Per-module patches replace instance ``forward``s (other models in
+the process are untouched), except RoPE: HF attention calls its modeling module's
+``apply_rotary_pos_emb``, which is replaced module-wide by a version that runs the in-place kernel when it
+applies and the original function otherwise. Every kernel picks its torch fallback itself when Triton
+cannot run (CPU without ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmforge.kernels._backend import interpreting, triton_importable, use_triton
+from llmforge.kernels.activations import ACTIVATION_KINDS, gated_activation
+from llmforge.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy
+from llmforge.kernels.fast_lora import LoRAWeights, lora_linear, lora_mlp
+from llmforge.kernels.offload import offloaded_checkpoint
+from llmforge.kernels.rmsnorm import rms_norm
+from llmforge.kernels.rope import apply_rope_, rope_fits
+
+# transformers model_type -> gated MLP layout ("split": gate_proj/up_proj, "fused": gate_up_proj)
+SUPPORTED = {
+    "llama": "split", "mistral": "split", "qwen2": "split", "qwen3": "split",
+    "gemma2": "split", "gemma3_text": "split", "gemma3": "split", "phi3": "fused",
+}
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+
+
+@dataclass
+class PatchReport:
+    """What ``patch_model`` swapped in, and what it left alone and why."""
+    model_type: str
+    supported: bool
+    backend: str  # "triton" (CUDA) or "torch" (fallbacks) for this model's device
+    rms_norm: int = 0
+    rope: bool = False
+    mlp_fused_lora: int = 0
+    mlp_activation_only: int = 0
+    lora_linear: int = 0
+    fused_cross_entropy: bool = False
+    offloaded_checkpoint_layers: int = 0
+    not_patched: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.supported:
+            return f"kernels: {self.model_type} not supported, nothing patched"
+        parts = [f"kernels ({self.backend}) on {self.model_type}: {self.rms_norm} RMSNorm",
+                 f"RoPE {'yes' if self.rope else 'no'}", f"{self.mlp_fused_lora} fused LoRA MLP",
+                 f"{self.mlp_activation_only} MLP activation-only", f"{self.lora_linear} fused LoRA linear",
+                 f"fused CE {'yes' if self.fused_cross_entropy else 'no'}",
+                 f"{self.offloaded_checkpoint_layers} offloaded checkpoint layers"]
+        text = ", ".join(parts)
+        if self.not_patched:
+            text += f"; not patched: {len(self.not_patched)} (" + "; ".join(self.not_patched[:5]) + \
+                    (" ..." if len(self.not_patched) > 5 else "") + ")"
+        return text
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+def lora_unfusable_reason(module: nn.Module) -> str | None:
+    """Why ``module`` (a PEFT LoRA layer) cannot take the fused path right now, or None when it can."""
+    active = list(getattr(module, "active_adapters", []) or [])
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    name = active[0]
+    base = getattr(module, "base_layer", None)
+    checks = (
+        (getattr(module, "disable_adapters", False), "adapters disabled"),
+        (bool(getattr(module, "merged_adapters", [])), "adapter merged"),
+        (name not in getattr(module, "lora_A", {}), "no lora_A"),
+        (not isinstance(base, nn.Linear), "base is not a Linear"),
+        (getattr(base, "bias", None) is not None, "base has a bias"),
+        (getattr(module, "use_dora", {}).get(name, False), "DoRA"),
+        (getattr(module, "lora_bias", {}).get(name, False), "LoRA bias"),
+        (name in getattr(module, "lora_variant", {}), "LoRA variant"),
+        (getattr(module, "fan_in_fan_out", False), "fan_in_fan_out"),
+    )
+    for failed, reason in checks:
+        if failed:
+            return reason
+    if not isinstance(module.lora_dropout[name], nn.Identity):
+        return "lora_dropout > 0"
+    if not isinstance(module.lora_A[name], nn.Linear):
+        return "lora_A is not a Linear"
+    weight = base.weight
+    if weight.requires_grad:
+        return "base weight is trained"
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None and not weight.is_floating_point():
+        return f"base weight is {weight.dtype} (only NF4/FP4 or float bases are fused)"
+    if quant_state is not None and getattr(quant_state, "quant_type", None) not in ("nf4", "fp4"):
+        return "unsupported quantization"
+    return None
+
+
+def lora_weights(module: nn.Module) -> LoRAWeights:
+    name = module.active_adapters[0]
+    weight = module.base_layer.weight
+    return LoRAWeights(weight, getattr(weight, "quant_state", None), module.lora_A[name].weight,
+                       module.lora_B[name].weight, float(module.scaling[name]))
+
+
+def _is_lora(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _patch_lora_linear(module: nn.Module) -> None:
+    original = module.forward
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or lora_unfusable_reason(module) is not None:
+            return original(x, *args, **kwargs)
+        return lora_linear(x, lora_weights(module))
+
+    module.forward = forward
+
+
+# ------------------------------------------------------------------------------------------------ MLP
+def _activation_kind(config) -> str | None:
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return act if act in ACTIVATION_KINDS else None
+
+
+def _patch_split_mlp(mlp: nn.Module, kind: str) -> bool:
+    """Llama-style MLP. Returns True when all three projections take the fused LoRA path."""
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    fusable = all(_is_lora(p) and lora_unfusable_reason(p) is None for p in projections)
+
+    def forward(x):
+        if fusable and all(lora_unfusable_reason(p) is None for p in projections):
+            return lora_mlp(x, *(lora_weights(p) for p in projections), kind)
+        return mlp.down_proj(gated_activation(mlp.gate_proj(x), mlp.up_proj(x), kind))
+
+    mlp.forward = forward
+    return fusable
+
+
+def _patch_fused_mlp(mlp: nn.Module, kind: str) -> None:
+    """Phi-3-style MLP (one gate_up_proj)."""
+
+    def forward(x):
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        return mlp.down_proj(gated_activation(gate.contiguous(), up.contiguous(), kind))
+
+    mlp.forward = forward
+
+
+# ------------------------------------------------------------------------------------------- RMSNorm
+def _patch_rms_norm(norm: nn.Module) -> bool:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    weight = getattr(norm, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor):
+        return False
+    gemma = type(norm).__name__.startswith("Gemma")
+    norm.forward = lambda x: rms_norm(x, norm.weight, eps, gemma)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+def _patch_rope(modeling: types.ModuleType) -> bool:
+    original = getattr(modeling, "apply_rotary_pos_emb", None)
+    if original is None:
+        return False
+    if getattr(original, "_llmforge", False):
+        return True
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
+        if not kwargs and use_triton(q, k) and rope_fits(q, k, cos, sin, unsqueeze_dim):
+            return apply_rope_(q, k, cos, sin, unsqueeze_dim)
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, **kwargs)
+
+    apply_rotary_pos_emb._llmforge = True
+    apply_rotary_pos_emb._original = original
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return True
+
+
+def unpatch_rope(model: nn.Module) -> None:
+    """Restore HF's ``apply_rotary_pos_emb`` in the modeling module of ``model``."""
+    modeling = sys.modules[type(_base_model(model)).__module__]
+    current = getattr(modeling, "apply_rotary_pos_emb", None)
+    if getattr(current, "_llmforge", False):
+        modeling.apply_rotary_pos_emb = current._original
+
+
+# ------------------------------------------------------------------------------------- cross-entropy
+def _patch_causal_lm(lm: nn.Module) -> bool:
+    head = getattr(lm, "lm_head", None)
+    if not (type(head) is nn.Linear and head.bias is None and hasattr(lm, "model")):
+        return False
+    original = lm.forward
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        shift_labels = kwargs.get("shift_labels")
+        if (labels is None and shift_labels is None) or not torch.is_grad_enabled():
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("shift_labels", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        loss = fused_linear_cross_entropy(out.last_hidden_state, lm.lm_head.weight, shift_labels, softcap=softcap,
+                                          ignore_index=ignore_index, num_items_in_batch=num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+    lm.forward = forward
+    return True
+
+
+# ------------------------------------------------------------------------------ gradient checkpointing
+def _apply_offload(base: nn.Module) -> int:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)
+              and getattr(m, "gradient_checkpointing", False)]
+    # the last layer is recomputed right away in backward: offloading it only adds copies
+    for layer in layers[:-1]:
+        layer._gradient_checkpointing_func = offloaded_checkpoint
+    return max(0, len(layers) - 1)
+
+
+def _patch_offload(base: nn.Module) -> int:
+    """Offload checkpointed layer inputs now, and again whenever checkpointing is (re-)enabled later."""
+    setter = getattr(base, "_set_gradient_checkpointing", None)
+    if callable(setter) and not getattr(setter, "_llmforge", False):
+        def set_gradient_checkpointing(*args, **kwargs):
+            result = setter(*args, **kwargs)
+            _apply_offload(base)
+            return result
+        set_gradient_checkpointing._llmforge = True
+        base._set_gradient_checkpointing = set_gradient_checkpointing
+    return _apply_offload(base)
+
+
+# ------------------------------------------------------------------------------------------- driver
+def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None) -> PatchReport:
+    """Patch ``model`` (a transformers causal LM, bare or wrapped by PEFT) in place; returns what was done.
+
+    ``offload_checkpointing``: None = only on CUDA. Call it after ``get_peft_model``; enabling gradient
+    checkpointing before or after is both fine. Unsupported architectures are reported, not patched.
+    """
+    base = _base_model(model)
+    config = base.config
+    model_type = getattr(config, "model_type", "?")
+    device = next(iter(base.parameters())).device
+    backend = ("torch" if not triton_importable() else "triton" if device.type == "cuda"
+               else "triton-interpreter" if interpreting() else "torch")
+    report = PatchReport(model_type=model_type, supported=model_type in SUPPORTED, backend=backend)
+    if not report.supported:
+        return report
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kind = _activation_kind(text_config)
+    layout = SUPPORTED[model_type]
+
+    mlp_projection_ids = set()
+    for name, module in base.named_modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            report.rms_norm += _patch_rms_norm(module)
+        elif type(module).__name__.endswith("MLP"):
+            if kind is None:
+                report.not_patched.append(f"{name}: activation {getattr(text_config, 'hidden_act', '?')}")
+            elif layout == "split" and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+                if _patch_split_mlp(module, kind):
+                    report.mlp_fused_lora += 1
+                    mlp_projection_ids.update(id(p) for p in (module.gate_proj, module.up_proj, module.down_proj))
+                else:
+                    report.mlp_activation_only += 1
+            elif layout == "fused" and hasattr(module, "gate_up_proj"):
+                _patch_fused_mlp(module, kind)
+                report.mlp_activation_only += 1
+
+    for name, module in base.named_modules():
+        if not _is_lora(module) or id(module) in mlp_projection_ids:
+            continue
+        reason = lora_unfusable_reason(module)
+        if reason is None:
+            _patch_lora_linear(module)
+            report.lora_linear += 1
+        elif not isinstance(getattr(module, "base_layer", None), nn.Embedding):
+            report.not_patched.append(f"{name}: {reason}")
+
+    report.rope = _patch_rope(sys.modules[type(base).__module__])
+    report.fused_cross_entropy = _patch_causal_lm(base)
+    if offload_checkpointing or (offload_checkpointing is None and device.type == "cuda"):
+        report.offloaded_checkpoint_layers = _patch_offload(base)
+    return report
