@@ -112,6 +112,7 @@ class PeftAdapter:
     weights_path: Path
     modules: dict[str, LoraModule]              # by base weight name ("<module>.weight")
     whole_tensors: dict[str, str]               # base tensor name -> adapter key (modules_to_save, resized vocab)
+    saved_base_layers: set[str] = field(default_factory=set)  # whole tensors PEFT saved as "<module>.base_layer"
     header: dict[str, dict] = field(repr=False, default_factory=dict)
 
     @property
@@ -196,7 +197,8 @@ def read_adapter(path: str | Path) -> PeftAdapter:
     modules, whole = _parse_keys(header, config, weights)
     if not modules and not whole:
         raise LlmforgeError(f"{weights} holds no LoRA factors", hint="the adapter is empty or not a LoRA adapter")
-    return PeftAdapter(path, config, weights, modules, whole, header)
+    saved = {n for n, k in whole.items() if ".base_layer." in k}
+    return PeftAdapter(path, config, weights, modules, whole, saved, header)
 
 
 def _parse_keys(header: dict[str, dict], config: dict, where: Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
