@@ -46,6 +46,24 @@ def convert(source: Path, quant: str, output: Path | None, base: Path | None, lo
     click.echo(str(report.path))
 
 
+@cli.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder for the merged model.")
+@click.option("--base", type=click.Path(path_type=Path), help="Base model folder (default: the adapter's base).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Weight dtype (default: the base's 16-bit).")
+def merge(adapter: Path, output: Path, base: Path | None, max_shard_size: str, dtype: str | None) -> None:
+    """Merge a PEFT adapter into its base: sharded 16-bit safetensors + config + tokenizer."""
+    from .export.merge import merge_to_hf
+
+    report = merge_to_hf(adapter, output, base=base, max_shard_size=max_shard_size, dtype=dtype)
+    echo_err(f"wrote {report['path']} ({len(report['shards'])} shards, {report['bytes'] / 2**20:.1f} MiB, "
+             f"{report['dtype'].removeprefix('torch.')})")
+    for note in report["notes"]:
+        echo_err(f"checked: {note}")
+    click.echo(str(report["path"]))
+
+
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
