@@ -404,6 +404,16 @@ class _Translator:
             self.emit("{{ if " + value.expr + " }}True{{ else }}False{{ end }}")
             self.mark_printed("yes")
             return
+        if value.kind == "any":
+            self.notes.add("values of mixed type are printed with Go's formatting")
+            self.emit("{{ " + value.expr + " }}")
+            self.mark_printed("maybe")
+            return
+        if value.kind in ("arguments", "tcfunction", "tool", "toolfunction", "parameters", "properties"):
+            self.notes.add("a mapping printed directly is written as JSON (Jinja prints a Python repr)")
+            self.emit("{{ json " + wrap(value.expr) + " }}")
+            self.mark_printed("yes")
+            return
         raise Unsupported(f"printing a {value.kind} object directly (Jinja prints a Python repr)", lineno)
 
     def stmt_If(self, node: nodes.If) -> None:
@@ -696,7 +706,9 @@ class _Translator:
             self.unrolled_for(node, iterable)
             return
         items_of_map = iterable.kind == "items"
-        if not items_of_map and iterable.kind not in ELEMENT_KIND:
+        reverse = iterable.parts == ("reversed",)
+        chars = iterable.kind == "str"
+        if not items_of_map and not chars and iterable.kind not in ELEMENT_KIND:
             raise Unsupported(f"for loop over a {iterable.kind}", node.lineno)
         if node.else_:
             raise Unsupported("for ... else", node.lineno)
@@ -716,13 +728,22 @@ class _Translator:
             key_var, value_var = self.fresh("k"), self.fresh("v")
             self.emit("{{ range " + f"{key_var}, {value_var} := {list_var}" + " }}")
             self.env[node.target.items[0].name] = Rt(key_var, "str")
-            self.env[node.target.items[1].name] = Rt(value_var, "property")
+            self.env[node.target.items[1].name] = Rt(value_var, "any" if iterable.parts == ("arguments",)
+                                                     else "property")
         else:
             if not isinstance(node.target, nodes.Name):
                 raise Unsupported("for loop with tuple unpacking", node.lineno)
             elem = self.fresh(node.target.name.replace("_", "")[:8] or "x")
-            self.emit("{{ range " + f"{index_var}, {elem} := {list_var}" + " }}")
-            self.env[node.target.name] = Rt(elem, ELEMENT_KIND[iterable.kind])
+            if reverse or chars:
+                # Go >= 1.22 ranges over an int: walk indexes, newest first for a reversed list
+                position = int_minus(int_minus(f"len {list_var}", "1"), index_var) if reverse else index_var
+                item = f"slice {list_var} {index_var} ({int_plus(index_var, '1')})" if chars \
+                    else f"index {list_var} ({position})"
+                self.emit("{{ range " + f"{index_var} := len {list_var}" + " }}{{ " + f"{elem} := {item}" + " }}")
+                self.env[node.target.name] = Rt(elem, "char" if chars else ELEMENT_KIND[iterable.kind])
+            else:
+                self.emit("{{ range " + f"{index_var}, {elem} := {list_var}" + " }}")
+                self.env[node.target.name] = Rt(elem, ELEMENT_KIND[iterable.kind])
         self.loops = saved_loops + [LoopInfo(index_var, list_var, node.test is not None)]
         self.env["loop"] = self.loops[-1]
         self.current_loop_line = node.lineno
@@ -737,8 +758,14 @@ class _Translator:
             else:
                 self.emit("{{ if not " + wrap(test.expr) + " }}{{ continue }}{{ end }}")
         body_env_start = dict(self.env)
+        loop_start = len(self.out)
         self.stmts(node.body)
-        self.emit("{{ end }}")
+        if chars and len(self.out) == loop_start:
+            self.out.pop()  # iterating a string's characters did nothing: drop the loop
+            if list_var != iterable.expr:
+                self.out.pop()
+        else:
+            self.emit("{{ end }}")
         # names assigned inside the body do not leak (Jinja scoping); namespace changes were forced
         self.check_loop_namespaces(body_env_start)
         self.env, self.loops, self.current_loop_line = saved_env, saved_loops, saved_line
@@ -849,6 +876,8 @@ class _Translator:
             return self.slice(base, expr.arg)
         key = self.eval(expr.arg)
         if isinstance(key, Const) and isinstance(key.value, str):
+            if isinstance(base, Rt) and base.kind == "str":
+                return Const(UNDEFINED)  # a string indexed by a key: Jinja gives undefined
             return self.getattr(base, key.value, expr.lineno)
         if isinstance(base, Const) and isinstance(key, Const):
             try:
@@ -881,6 +910,9 @@ class _Translator:
         step = self.eval(s.step) if s.step else Const(None)
         if isinstance(base, Const) and all(isinstance(v, Const) for v in (start, stop, step)):
             return Const(base.value[start.value:stop.value:step.value])
+        if isinstance(base, Rt) and base.kind in ELEMENT_KIND and step.value == -1 and start.value is None \
+                and stop.value is None and not base.parts:
+            return Rt(base.expr, base.kind, ("reversed",))
         if not isinstance(base, Rt) or base.kind not in ELEMENT_KIND or step.value is not None:
             raise Unsupported("slicing a runtime value (reversed or stepped lists, strings)", s.lineno)
         args = []
@@ -917,6 +949,8 @@ class _Translator:
                 return Const(UNDEFINED)
             if isinstance(value, str) and hasattr(str, attr):
                 return Const(("method", value, attr))
+            return Const(UNDEFINED)
+        if base.kind == "char":
             return Const(UNDEFINED)
         if (base.kind, attr) in CONST_ATTRS:
             return Const(CONST_ATTRS[(base.kind, attr)])
@@ -1037,6 +1071,12 @@ class _Translator:
             return make_str(str_parts(left) + str_parts(right))
         if kinds <= {"int"}:
             return Rt(int_plus(as_go(left, expr.lineno), as_go(right, expr.lineno)), "int")
+        if "str" in kinds and kinds <= {"str", "arguments", "tcfunction", "tool", "toolfunction", "parameters"}:
+            # Jinja raises on str + mapping (such conversations fail there); Go prints the mapping as JSON
+            self.notes.add("a mapping concatenated to a string is printed as JSON")
+            as_json = [Rt(f"json {wrap(v.expr)}", "str") if isinstance(v, Rt) and v.kind != "str" else v
+                       for v in (left, right)]
+            return make_str(str_parts(as_json[0]) + str_parts(as_json[1]))
         raise Unsupported("arithmetic on runtime values", expr.lineno)
 
     def eval_Sub(self, expr: nodes.Sub) -> Any:
@@ -1154,6 +1194,8 @@ class _Translator:
             if haystack.kind == "str" and isinstance(needle.value, str) and any(t in needle.value for t in THINK_TAGS):
                 self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
                 return Const(False)
+            if haystack.kind == "str" and isinstance(needle.value, str):
+                return self.substring_test(haystack, needle.value)
             if haystack.kind in ("arguments", "properties") and isinstance(needle.value, str):
                 raise Unsupported("`in` on a runtime mapping", lineno)
         raise Unsupported("`in` on runtime strings (substring test)", lineno)
@@ -1204,6 +1246,9 @@ class _Translator:
                       "sequence": {"str", "messages", "tools", "toolcalls", "strlist", "list"}}
         if name in kind_tests and kind != "any":
             return Const(kind in kind_tests[name])
+        go_types = {"string": "string", "boolean": "bool", "mapping": "map[string]interface {}"}
+        if name in go_types and kind == "any":
+            return Rt(f'eq (printf "%T" {wrap(value.expr)}) "{go_types[name]}"', "bool")
         if name in ("true", "false") and kind == "bool":
             return Rt(value.expr if name == "true" else f"not {wrap(value.expr)}", "bool")
         if name in ("equalto", "eq", "==") and args:
@@ -1289,7 +1334,7 @@ class _Translator:
         if name == "list" and kind in ELEMENT_KIND:
             return value
         if name == "items" and kind in ("arguments", "properties"):
-            return Rt(value.expr, "items")
+            return Rt(value.expr, "items", (kind,))
         raise Unsupported(f"filter `{name}` on a runtime {kind}", lineno)
 
     def trim(self, value: Any, lineno: int | None, chars: str | None = None, side: str = "both") -> Any:
@@ -1312,6 +1357,23 @@ class _Translator:
                     break
                 parts.pop()
         return make_str(tuple(parts))
+
+    def affix_test(self, text: Rt, affix: str, prefix: bool) -> Rt:
+        """str.startswith/endswith with a literal: compare a byte slice, guarded by the length (`and` stops)."""
+        n = str(len(affix.encode()))
+        s = wrap(text.expr)
+        part = f"slice {s} 0 {n}" if prefix else f"slice {s} ({int_minus(f'len {s}', n)})"
+        return Rt(f"and (le {n} (len {s})) (eq ({part}) {go_string(affix)})", "bool")
+
+    def substring_test(self, text: Rt, needle: str) -> Rt:
+        """`needle in text`: scan every byte offset (Go >= 1.22 ranges over an int)."""
+        found, k, s = self.fresh("found"), self.fresh("k"), self.fresh("s")
+        n = str(len(needle.encode()))
+        end = int_plus(k, n)
+        self.emit("{{ " + f"{found} := false" + " }}{{ " + f"{s} := {text.expr}" + " }}{{ range " + f"{k} := len {s}"
+                  + " }}{{ if " + f"and (not {found}) (le ({end}) (len {s})) (eq (slice {s} {k} ({end})) "
+                  + f"{go_string(needle)})" + " }}{{ " + f"{found} = true" + " }}{{ end }}{{ end }}")
+        return Rt(found, "bool")
 
     ROLES = ("system", "user", "assistant", "tool")
 
@@ -1379,7 +1441,7 @@ class _Translator:
                 self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
                 return Rt(base.expr, "splitlist", (base,))
             if method == "items":
-                return Rt(base.expr, "items")
+                return Rt(base.expr, "items", (base.kind,))
             if method == "get" and args and isinstance(args[0], Const):
                 value = self.getattr(base, args[0].value, expr.lineno)
                 if len(args) > 1 and isinstance(value, Rt) and value.defined:
@@ -1390,6 +1452,9 @@ class _Translator:
                 if isinstance(value, Const) and value.value is UNDEFINED:
                     return args[1] if len(args) > 1 else Const(None)
                 return value
+            if method in ("startswith", "endswith") and len(args) == 1 and isinstance(args[0], Const) \
+                    and isinstance(args[0].value, str):
+                return self.affix_test(base, args[0].value, method == "startswith")
             if base.expr.endswith(".Role") and all(isinstance(a, Const) for a in args):
                 return self.enumerate_roles(base, lambda role: getattr(role, method)(*[a.value for a in args]))
             raise Unsupported(f"string method .{method}() on runtime content", expr.lineno)
