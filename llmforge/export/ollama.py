@@ -554,12 +554,18 @@ def _check_render(client: OllamaClient, name: str, gguf: Path, version: tuple[in
     rendered = client.render_only(name, conversation)
     report.render_check = ("server render equals the chat template" if rendered == expected else
                            f"DIFFERS from the chat template {first_difference(rendered, expected)}")
-    if version >= FEATURE_VERSIONS["native_jinja"]:
+    if version >= FEATURE_VERSIONS["native_jinja"] and report.template_in_use == "Go TEMPLATE":
         prefer = prefers_gguf_jinja(chat_template, go_template)
         report.template_in_use = ("the GGUF's Jinja template (Ollama >= 0.30 prefers it: the Go template lacks a "
                                   "tool round trip; OLLAMA_GO_TEMPLATE=1 on the server forces the Go one)" if prefer
                                   else "Go TEMPLATE (Ollama >= 0.30 keeps it unless the server sets "
                                        "OLLAMA_GO_TEMPLATE=0)")
+
+
+def _require_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LlmforgeError(f"{path} is not a GGUF file", hint="pass the .gguf written by `llmforge convert`")
 
 
 def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | None = None,
@@ -575,6 +581,7 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
     gguf = Path(gguf)
     if not gguf.is_file():
         raise LlmforgeError(f"{gguf} does not exist", hint="pass the .gguf written by `llmforge convert`")
+    _require_gguf(gguf)
     if not endpoint.is_loopback:
         print(f"warning: sending {gguf.name} to {endpoint.url}, which is not this machine", file=progress)
     client = OllamaClient(endpoint, timeouts=timeouts, progress=progress)
@@ -589,6 +596,8 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
         adapter_path = Path(mf.adapter) if Path(mf.adapter).is_absolute() else base_dir / mf.adapter
     if adapter_path is not None and not adapter_path.is_file():
         raise LlmforgeError(f"adapter {adapter_path} does not exist", hint="pass a GGUF LoRA adapter file")
+    if adapter_path is not None:
+        _require_gguf(adapter_path)
 
     digest, uploaded = client.ensure_blob(gguf)
     report = PushReport(name=name, host=endpoint.url, server_version=version_text, digest=digest,

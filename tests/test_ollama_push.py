@@ -1,0 +1,253 @@
+"""push / run against a fake Ollama server that follows the documented API (tests/fake_ollama.py).
+
+The render check compares the server's render (llmforge's Go renderer, Ollama's engine) with the Jinja chat
+template rendered as transformers does: the real oracle for "the server renders as the template does".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fake_ollama import FakeOllama  # noqa: E402
+from tiny_models import TOKENIZERS  # noqa: E402
+
+from llmforge.errors import LlmforgeError  # noqa: E402
+from llmforge.export.ollama import (OllamaUnreachable, Timeouts, file_sha256, push_model,  # noqa: E402
+                                    smoke_chat)
+from llmforge.templates.modelfile import build_modelfile, parse_modelfile  # noqa: E402
+
+FAST = Timeouts(connect=2.0, read=1.0, stream=2.0)
+QWEN_TEMPLATE = json.loads((TOKENIZERS / "qwen2" / "tokenizer_config.json").read_text())["chat_template"]
+TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "hello"]
+
+
+def write_gguf(path: Path, chat_template: str | None = QWEN_TEMPLATE, payload: int = 4096) -> Path:
+    """A small valid GGUF: tokenizer metadata, the chat template, one tensor of ``payload`` floats."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(TOKENS)
+    writer.add_eos_token_id(2)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    writer.add_tensor("token_embd.weight", np.arange(payload, dtype=np.float32).reshape(-1, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def go_renderer(template: str, messages: list[dict]) -> str:
+    from llmforge.templates import render_go
+
+    return render_go(template, messages)
+
+
+@pytest.fixture(scope="module")
+def go_template() -> str:
+    from llmforge.templates import translate_template
+
+    return translate_template(QWEN_TEMPLATE, {"eos_token": "<|endoftext|>"}).go_template
+
+
+@pytest.fixture
+def gguf_file(tmp_path) -> Path:
+    return write_gguf(tmp_path / "tiny.gguf")
+
+
+@pytest.fixture
+def modelfile(go_template):
+    return build_modelfile("./tiny.gguf", template=go_template, stops=["<|im_end|>", "<|im_start|>"], num_ctx=4096,
+                           system="You are terse.", license="MIT")
+
+
+@pytest.fixture
+def server():
+    with FakeOllama(renderer=go_renderer) as fake:
+        yield fake
+
+
+def push(gguf_file, mf, server, **kw):
+    return push_model(gguf_file, "tiny:latest", modelfile=mf, host=server.url, timeouts=FAST,
+                      progress=io.StringIO(), **kw)
+
+
+def test_push_uploads_creates_verifies_and_renders_like_the_template(gguf_file, modelfile, server):
+    report = push(gguf_file, modelfile, server)
+    assert report.uploaded and server.uploads == 1
+    assert report.digest == file_sha256(gguf_file)
+    assert server.has_blob(report.digest)
+    model = server.models["tiny:latest"]
+    assert model["template"] == modelfile.template and model["system"] == "You are terse."
+    assert model["parameters"] == {"stop": ["<|im_end|>", "<|im_start|>"], "num_ctx": 4096}
+    assert model["files"] == {"tiny.gguf": report.digest} and model["license"] == "MIT"
+    assert report.verified == ["template", "system", "parameters"]
+    assert report.render_check == "server render equals the chat template"
+    assert report.statuses[-1] == "success"
+    assert any("ollama run tiny:latest" in line for line in report.summary_lines())
+
+
+def test_repush_is_idempotent_and_uploads_nothing(gguf_file, modelfile, server):
+    push(gguf_file, modelfile, server)
+    second = push(gguf_file, modelfile, server)
+    assert not second.uploaded
+    assert server.uploads == 1 and server.count("POST", "/api/blobs") == 1
+    assert server.count("POST", "/api/create") == 2
+
+
+def test_render_check_reports_a_template_that_renders_differently(gguf_file, modelfile, server):
+    modelfile.template = modelfile.template.replace("<|im_start|>assistant", "<|im_start|>bot")
+    report = push(gguf_file, modelfile, server)
+    assert report.render_check.startswith("DIFFERS")
+    assert "bot" in report.render_check
+
+
+def test_modelfile_path_is_parsed_and_its_adapter_uploaded(tmp_path, gguf_file, modelfile, server):
+    adapter = write_gguf(tmp_path / "lora.gguf", chat_template=None, payload=64)
+    modelfile.adapter = "./lora.gguf"
+    path = tmp_path / "Modelfile"
+    path.write_text(modelfile.text)
+    report = push(gguf_file, path, server)
+    assert report.adapter_uploaded and server.has_blob(report.adapter_digest)
+    assert server.models["tiny:latest"]["adapters"] == {"lora.gguf": report.adapter_digest}
+    assert server.models["tiny:latest"]["template"] == parse_modelfile(path.read_text()).template
+
+
+def test_run_streams_the_answer_and_sees_it_stop(gguf_file, modelfile, server):
+    push(gguf_file, modelfile, server)
+    out, err = io.StringIO(), io.StringIO()
+    result = smoke_chat("tiny", "Hi", host=server.url, out=out, timeouts=FAST, progress=err)
+    assert out.getvalue() == "Hello from a fake Ollama.\n"
+    assert result.done_reason == "stop" and "stopped on its own" in err.getvalue()
+    smoke_chat("tiny", "Hi", host=server.url, out=out, timeouts=FAST, progress=err, num_predict=2)
+    assert "did not stop by itself" in err.getvalue()
+
+
+def test_run_unknown_model_is_a_clear_error(server):
+    with pytest.raises(LlmforgeError, match="HTTP 404.*not found"):
+        smoke_chat("missing", "Hi", host=server.url, out=io.StringIO(), timeouts=FAST, progress=io.StringIO())
+
+
+# ---------------------------------------------------------------- faults: clear message, retry works
+
+def test_digest_mismatch_is_explained_and_a_retry_succeeds(gguf_file, modelfile, server):
+    server.corrupt_upload()
+    with pytest.raises(LlmforgeError, match="digest mismatch") as info:
+        push(gguf_file, modelfile, server)
+    assert "re-run" in info.value.hint
+    assert not server.has_blob(file_sha256(gguf_file)) and not server.partial_files()
+    assert push(gguf_file, modelfile, server).uploaded
+
+
+def test_server_going_away_mid_upload_leaves_nothing_and_a_retry_succeeds(tmp_path, modelfile, server):
+    big = write_gguf(tmp_path / "tiny.gguf", payload=1 << 20)  # 4 MiB: larger than socket buffers
+    server.drop_upload()
+    with pytest.raises(LlmforgeError, match="lost during the upload of tiny.gguf"):
+        push(big, modelfile, server)
+    assert not server.has_blob(file_sha256(big)) and not server.partial_files()
+    assert "tiny:latest" not in server.models
+    report = push(big, modelfile, server)
+    assert report.uploaded and server.models["tiny:latest"]
+
+
+@pytest.mark.parametrize("route,status,message", [
+    ("POST /api/create", 400, "invalid model name"),
+    ("POST /api/create", 500, "disk full"),
+    ("POST /api/blobs", 500, "no space left on device"),
+    ("GET /api/version", 503, "server busy"),
+    ("POST /api/show", 500, "show failed"),
+])
+def test_http_errors_carry_ollamas_message(gguf_file, modelfile, server, route, status, message):
+    server.fail(route, status, message)
+    with pytest.raises(LlmforgeError) as info:
+        push(gguf_file, modelfile, server)
+    assert f"HTTP {status}" in info.value.message and message in info.value.message, info.value.message
+    assert "Traceback" not in str(info.value)
+    assert push(gguf_file, modelfile, server).statuses[-1] == "success"  # nothing stuck: the retry works
+
+
+def test_head_errors_have_no_body_but_still_a_clear_message(gguf_file, modelfile, server):
+    server.fail("HEAD /api/blobs", 503, "busy")
+    with pytest.raises(LlmforgeError, match=r"blob check \(HTTP 503\)") as info:
+        push(gguf_file, modelfile, server)
+    assert "retry" in info.value.hint
+
+
+def test_error_line_inside_the_create_stream_is_caught(gguf_file, modelfile, server):
+    server.stream_error("unsupported architecture 'foo'")
+    with pytest.raises(LlmforgeError, match="unsupported architecture 'foo'"):
+        push(gguf_file, modelfile, server)
+    assert "tiny:latest" not in server.models
+    assert push(gguf_file, modelfile, server).statuses[-1] == "success"
+
+
+def test_not_a_gguf_fails_clearly(tmp_path, modelfile, server):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(LlmforgeError, match="is not a GGUF file"):
+        push(bad, modelfile, server)
+    assert server.uploads == 0 and server.count("POST", "/api/create") == 0
+
+
+def test_slow_answers_time_out_with_a_message(gguf_file, modelfile, server):
+    server.delay("POST /api/show", 2.5)
+    with pytest.raises(LlmforgeError, match=r"did not answer show tiny:latest within 1 s"):
+        push(gguf_file, modelfile, server)
+    assert push(gguf_file, modelfile, server).verified  # the retry is fine once the server answers
+
+
+def test_no_server_is_unreachable(gguf_file, modelfile):
+    with pytest.raises(OllamaUnreachable, match="no Ollama server"):
+        push_model(gguf_file, "tiny", modelfile=modelfile, host="127.0.0.1:9", timeouts=FAST,
+                   progress=io.StringIO())
+
+
+# ---------------------------------------------------------------- server versions
+
+def test_old_server_without_json_create_is_refused_before_uploading(gguf_file, modelfile):
+    with FakeOllama(version="0.5.4") as old:
+        with pytest.raises(LlmforgeError, match="predates the JSON create API") as info:
+            push(gguf_file, modelfile, old)
+        assert "ollama create" in info.value.hint and old.uploads == 0
+
+
+def test_server_without_render_only_skips_the_render_check(gguf_file, modelfile):
+    with FakeOllama(version="0.11.4", renderer=go_renderer) as server:
+        report = push(gguf_file, modelfile, server)
+    assert report.render_check.startswith("skipped") and "0.11.5" in report.render_check
+
+
+def test_native_jinja_server_is_reported(gguf_file, modelfile):
+    with FakeOllama(version="0.31.0", native_jinja=True, renderer=go_renderer) as server:
+        report = push(gguf_file, modelfile, server)
+    assert "Jinja" in report.template_in_use and "template" not in report.verified
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_push_and_run_print_one_line_errors(tmp_path, gguf_file, modelfile, server, capsys, monkeypatch):
+    from llmforge.cli import main
+
+    path = tmp_path / "Modelfile"
+    path.write_text(modelfile.text)
+    main(["push", str(gguf_file), "--name", "tiny", "--modelfile", str(path), "--host", server.url])
+    assert "created tiny on Ollama" in capsys.readouterr().err
+    main(["run", "tiny", "Hi", "--host", server.url])
+    assert capsys.readouterr().out == "Hello from a fake Ollama.\n"
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", str(gguf_file), "--name", "tiny", "--modelfile", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and err.startswith("error: no Ollama server") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["push", str(gguf_file), "--name", "bad name!", "--host", server.url])
+    assert capsys.readouterr().err.startswith("error: invalid Ollama model name")
