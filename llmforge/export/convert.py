@@ -1,0 +1,211 @@
+"""Hugging Face causal-LM folder -> GGUF, streaming one tensor at a time.
+
+``convert`` is what the CLI calls (and routes PEFT adapter folders to ``llmforge.export.adapter``);
+``convert_model`` is the lower-level entry that takes any :class:`TensorSource` (e.g. a LoRA merge).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType, Keys
+
+from ..atomic import check_output_dir
+from ..errors import LlmforgeError
+from ..quant.api import TensorContext, choose_tensor_type, quantize_array, resolve_ftype
+from .registry import ArchSpec, HParams, find_arch, metadata
+from .source import SafetensorsSource, TensorSource
+from .tokenizer import add_vocab_to_gguf, load_vocab
+from .writer import QUANTIZATION_VERSION, PlannedTensor, StreamingGGUFWriter, check_disk_space
+
+TORCH_TO_GGML = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}
+
+# gguf-py logs merges/special-token chatter at INFO/WARNING; our own progress lines say what matters
+logging.getLogger("gguf").setLevel(logging.ERROR)
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion wrote and what was verified."""
+
+    path: Path
+    quant: str
+    n_tensors: int
+    bytes_written: int
+    checks: list[str] = field(default_factory=list)
+    arch: str = ""
+    type_counts: dict[str, int] = field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.type_counts.items()))
+        lines = [f"wrote {self.path} ({self.bytes_written / 2**20:.1f} MiB, {self.arch}, {self.quant}, "
+                 f"{self.n_tensors} tensors: {types})"]
+        return lines + [f"checked: {c}" for c in self.checks]
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict, with one-line errors for a missing folder/file or bad JSON."""
+    if not model_dir.is_dir():
+        raise LlmforgeError(f"model folder {model_dir} does not exist", hint="pass a Hugging Face model folder")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise LlmforgeError(f"no config.json in {model_dir}", hint="pass a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LlmforgeError(f"{path} is not valid JSON ({exc})", hint="fix or re-save the config") from exc
+    if not isinstance(config, dict):
+        raise LlmforgeError(f"{path} is not a JSON object", hint="fix or re-save the config")
+    return config
+
+
+def default_output(model_dir: Path, quant: str) -> Path:
+    """``<folder>-<quant>.gguf`` beside the model folder."""
+    model_dir = Path(model_dir).resolve()
+    return model_dir.parent / f"{model_dir.name}-{quant.lower()}.gguf"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one GGUF tensor is made: from an HF tensor (+ transform) or from generated data."""
+
+    hf_name: str | None
+    kind: Any                      # gguf.MODEL_TENSOR
+    generated: torch.Tensor | None = None
+
+
+def plan_tensors(spec: ArchSpec, hp: HParams, source: TensorSource) -> list[tuple[str, tuple[int, ...], TensorPlan]]:
+    """(GGUF name, numpy shape, plan) for every tensor of the output, in file order."""
+    tmap = spec.tensor_map(hp.n_layer)
+    tied = bool(hp.get("tie_word_embeddings", default=spec.tied_default))
+    out: list[tuple[str, tuple[int, ...], TensorPlan]] = []
+    from gguf import TENSOR_NAMES
+
+    for kind, data in spec.extra_tensors(hp).items():
+        out.append((TENSOR_NAMES[kind] + ".weight", tuple(data.shape), TensorPlan(None, kind, data)))
+    for name in source.names():
+        if any(name.endswith(s) for s in spec.skip) or (tied and name == "lm_head.weight"):
+            continue
+        mapped = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise LlmforgeError(f"tensor {name!r} has no GGUF counterpart for {spec.name}",
+                                hint="the checkpoint does not match its config.json architecture")
+        kind, gguf_name = mapped
+        out.append((gguf_name, tuple(source.shape(name)), TensorPlan(name, kind)))
+    return out
+
+
+def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float32).contiguous().numpy()
+
+
+def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: TensorSource | None = None,
+                  tokenizer_dir: Path | None = None, imatrix: Any = None, name: str | None = None,
+                  extra_kv: dict[str, Any] | None = None, progress: bool = True) -> ConvertReport:
+    """Convert the model in ``model_dir`` (config + tokenizer; weights from ``tensor_source``) to ``output``.
+
+    ``imatrix``: a path to a llama.cpp importance matrix, or an already loaded ``{gguf_name: weights}``
+    dict; each tensor's entry is passed to ``quantize_array(..., importance=...)``.
+    ``extra_kv``: more GGUF keys, ``{key: value}`` (type inferred) or ``{key: (value, GGUFValueType)}``.
+    """
+    model_dir, output = Path(model_dir), Path(output)
+    ftype = resolve_ftype(quant)
+    config = read_config(model_dir)
+    spec = find_arch(config, str(model_dir / "config.json"))
+    hp = HParams(config)
+    check_output_dir(output)
+    source = tensor_source if tensor_source is not None else SafetensorsSource(model_dir)
+    vocab_size = int(hp.require("vocab_size"))
+    vocab = load_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, vocab_size)
+    importance = _load_importance(imatrix)
+
+    plans = plan_tensors(spec, hp, source)
+    names = {n for n, _, _ in plans}
+    has_output = "output.weight" in names
+    writer = StreamingGGUFWriter(spec.gguf_name)
+    for gguf_name, shape, plan in plans:
+        src_type = TORCH_TO_GGML.get(source.dtype(plan.hf_name) if plan.hf_name else torch.float32, T.F32)
+        ctx = TensorContext(name=gguf_name, shape=shape, arch=spec.gguf_name, n_layer=hp.n_layer,
+                            n_head=hp.n_head, n_head_kv=hp.n_head_kv, has_output=has_output)
+        qtype = T.F32 if plan.generated is not None else choose_tensor_type(ftype, ctx, src_type)
+        writer.plan(gguf_name, shape, qtype, source=plan)
+
+    _add_metadata(writer, spec, hp, vocab, ftype, name or model_dir.resolve().name, model_dir, extra_kv)
+    check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
+
+    def produce(t: PlannedTensor) -> np.ndarray:
+        plan: TensorPlan = t.source
+        if plan.generated is not None:
+            return _to_numpy_f32(plan.generated)
+        tensor = source.load(plan.hf_name)
+        transform = spec.transforms.get(plan.kind)
+        if transform is not None:
+            tensor = transform(tensor, hp)
+        if tuple(tensor.shape) != t.shape:
+            raise LlmforgeError(f"tensor {plan.hf_name!r} has shape {tuple(tensor.shape)}, header says {t.shape}",
+                                hint="the checkpoint is corrupt")
+        if t.qtype == T.F16 and tensor.dtype == torch.float16:
+            return tensor.contiguous().numpy()
+        if t.qtype == T.BF16 and tensor.dtype == torch.bfloat16:
+            return tensor.contiguous().view(torch.int16).numpy().view(np.uint8)
+        data = _to_numpy_f32(tensor)
+        del tensor
+        imp = importance.get(t.name) if importance else None
+        return quantize_array(data, t.qtype, importance=imp) if imp is not None else quantize_array(data, t.qtype)
+
+    result = writer.write(output, produce, progress=progress)
+    counts: dict[str, int] = {}
+    for t in writer.tensors:
+        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    return ConvertReport(result.path, ftype.name, result.n_tensors, result.bytes_written,
+                         [vocab.summary(), *result.checks], spec.gguf_name, counts)
+
+
+def _load_importance(imatrix: Any) -> dict | None:
+    """Hook for importance matrices (K-quants): a path is loaded by ``llmforge.quant.imatrix.load_imatrix``."""
+    if imatrix is None or isinstance(imatrix, dict):
+        return imatrix
+    from ..quant.imatrix import load_imatrix
+
+    return load_imatrix(Path(imatrix))
+
+
+def _add_metadata(writer: StreamingGGUFWriter, spec: ArchSpec, hp: HParams, vocab, ftype, name: str,
+                  model_dir: Path, extra_kv: dict[str, Any] | None) -> None:
+    w = writer.gguf
+    w.add_type("model")
+    w.add_name(name)
+    w.add_string(Keys.General.SOURCE_URL, model_dir.resolve().as_uri())
+    for key, value, vtype in metadata(spec, hp):
+        w.add_key_value(key, value, vtype)
+    w.add_file_type(int(ftype.file_type))
+    add_vocab_to_gguf(w, vocab, add_bos=spec.add_bos)
+    for key, value in (extra_kv or {}).items():
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], GGUFValueType):
+            w.add_key_value(key, value[0], value[1])
+        else:
+            w.add_key_value(key, value, GGUFValueType.get_type(value))
+    w.add_quantization_version(QUANTIZATION_VERSION)
+
+
+def convert(source: Path, output: Path | None, quant: str = "f16", *, base: Path | None = None,
+            lora_only: bool = False, imatrix: Any = None, name: str | None = None) -> ConvertReport:
+    """Convert a Hugging Face model folder (or, via ``llmforge.export.adapter``, a PEFT adapter) to GGUF."""
+    source = Path(source)
+    if (source / "adapter_config.json").is_file():
+        from .adapter import convert_adapter
+
+        return convert_adapter(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name)
+    if base is not None or lora_only:
+        raise LlmforgeError(f"--base/--lora-only apply to adapter folders; {source} has no adapter_config.json",
+                            hint="drop those options for a full model folder")
+    resolve_ftype(quant)
+    out = Path(output) if output is not None else default_output(source, quant)
+    return convert_model(source, out, quant, imatrix=imatrix, name=name)

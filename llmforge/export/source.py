@@ -1,0 +1,140 @@
+"""Where tensors come from: one Hugging Face tensor at a time, never the whole model.
+
+The converter reads weights only through a :class:`TensorSource`, so wrappers (for example a LoRA merge that
+overrides :meth:`TensorSource.load`) can change tensors layer by layer without the converter knowing.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import LlmforgeError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype strings -> torch dtypes (the header is read directly, so shapes/dtypes cost no tensor I/O)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorSource:
+    """A read-only set of named Hugging Face tensors, loaded one at a time.
+
+    Subclasses implement :meth:`names`, :meth:`shape`, :meth:`dtype` and :meth:`load`; wrappers may
+    delegate to an inner source and override only :meth:`load`.
+    """
+
+    def names(self) -> list[str]:
+        """Hugging Face tensor names in file order."""
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape (torch order), without loading it."""
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The tensor's stored dtype, without loading it."""
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:
+        """Load one tensor into memory."""
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+
+def _read_header(path: Path) -> dict:
+    """Parse a safetensors header, checking that every tensor's bytes lie inside the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise LlmforgeError(f"{path} is not a valid safetensors file ({exc})",
+                            hint="re-download or re-save the checkpoint") from exc
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LlmforgeError(f"{path}: malformed header entry for {name!r}",
+                                hint="re-download or re-save the checkpoint") from exc
+        if dtype not in SAFETENSORS_DTYPES:
+            raise LlmforgeError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if end > data_size or start > end:
+            raise LlmforgeError(f"{path} is truncated: tensor {name!r} ends at byte {8 + n + end} "
+                                f"but the file has {size} bytes", hint="re-download or re-save the checkpoint")
+    return header
+
+
+class SafetensorsSource(TensorSource):
+    """Tensors of a Hugging Face model folder: ``model.safetensors`` or shards listed in the index json."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self._file_of: dict[str, Path] = {}
+        self._info: dict[str, dict] = {}
+        for shard in self._shard_files():
+            for name, info in _read_header(shard).items():
+                self._file_of[name] = shard
+                self._info[name] = info
+        self._order = sorted(self._file_of, key=lambda n: (str(self._file_of[n]), self._info[n]["data_offsets"][0]))
+
+    def _shard_files(self) -> list[Path]:
+        index = self.model_dir / INDEX_FILE
+        single = self.model_dir / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LlmforgeError(f"{index} is malformed ({exc})", hint="re-save the checkpoint") from exc
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (self.model_dir / shard).is_file():
+                    raise LlmforgeError(f"shard {shard} listed in {index.name} is missing from {self.model_dir}",
+                                        hint="download every shard of the checkpoint")
+            return [self.model_dir / s for s in shards]
+        if single.is_file():
+            return [single]
+        found = sorted(self.model_dir.glob("*.safetensors"))
+        if found:
+            return found
+        raise LlmforgeError(f"no safetensors weights in {self.model_dir}",
+                            hint="expected model.safetensors or model.safetensors.index.json with its shards")
+
+    def names(self) -> list[str]:
+        return list(self._order)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._info[name]["dtype"]]
+
+    def load(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        path = self._file_of[name]
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise LlmforgeError(f"cannot read tensor {name!r} from {path} ({exc})",
+                                hint="re-download or re-save the checkpoint") from exc
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
