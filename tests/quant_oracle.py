@@ -60,3 +60,36 @@ def ggml_quantize_any(data: np.ndarray, qtype: T, importance: np.ndarray | None 
         qw = importance.ctypes.data_as(fp)
     fn(data.ctypes.data_as(fp), out.ctypes.data, rows, cols, qw)
     return out
+
+
+def llama_quantize_file(src: Path, dst: Path, file_type: int, importance: dict[str, np.ndarray] | None = None,
+                        nthread: int = 2) -> None:
+    """``llama_model_quantize`` (llama-quantize's library entry) with optional importance data."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = int(file_type)
+    keep = []
+    if importance:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+        for i, (name, values) in enumerate(sorted(importance.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(importance)].name = None
+        params.imatrix = entries
+        keep.append(entries)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {src}")
+
+
+def gguf_tensors(path: Path) -> dict[str, tuple[int, bytes]]:
+    """name -> (ggml type id, raw bytes) of every tensor of a GGUF."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {t.name: (int(t.tensor_type), bytes(np.asarray(t.data).view(np.uint8).reshape(-1))) for t in reader.tensors}
