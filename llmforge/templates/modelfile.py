@@ -59,20 +59,6 @@ def _survives_parser(ch: str) -> bool:
     return _is_printable(ch) or ch in " \t\r\n"
 
 
-def _closes_early(text: str) -> bool:
-    """Would a ``\"\"\"text\"\"\"`` value end before its real end? (a line whose trimmed buffer ends in \"\"\")."""
-    buffer = '"""'
-    for i, ch in enumerate(text):
-        if ch in _NEWLINES and len((buffer + text[:i]).rstrip(_GO_SPACE)) >= 6 \
-                and (buffer + text[:i]).rstrip(_GO_SPACE).endswith('"""'):
-            return True
-    return False
-
-
-def _fits_block(text: str) -> bool:
-    return all(_survives_parser(ch) for ch in text) and not _closes_early(text)
-
-
 def go_template_segments(template: str) -> list[tuple[bool, str]]:
     """Split a Go template into (is_action, text) pieces, honouring strings, raw strings and comments."""
     pieces: list[tuple[bool, str]] = []
@@ -150,8 +136,26 @@ def _format_parameter(key: str, value: Any) -> list[str]:
             text = f'"{v}"'
         else:
             text = str(v)
-        lines.append(f"PARAMETER {key} {text}")
+        line = f"PARAMETER {key} {text}"
+        lines.append(line if _reads_back(line, ("parameter", key, str(v) if not isinstance(v, bool) else text))
+                     else f"# note: PARAMETER {key} {v!r} left out: a Modelfile cannot quote it; use llmforge push")
     return lines
+
+
+def _reads_back(line: str, expected: tuple[str, str, str]) -> bool:
+    """Does Ollama's parser read ``line`` back as exactly ``expected`` (command, sub, value)?"""
+    try:
+        return parse_commands(line + "\n") == [expected]
+    except LlmforgeError:
+        return False
+
+
+def _block(keyword: str, value: str, sub: str = "") -> str:
+    head = f"{keyword} {sub + ' ' if sub else ''}"
+    line = f'{head}"""{value}"""'
+    if _reads_back(line, (keyword.lower(), sub, value)):
+        return line
+    return f"# note: a {keyword} was left out: its text cannot be quoted in a Modelfile; use llmforge push"
 
 
 def format_modelfile(mf: Modelfile) -> str:
@@ -162,24 +166,15 @@ def format_modelfile(mf: Modelfile) -> str:
     if mf.adapter:
         lines.append(f"ADAPTER {_plain_value(mf.adapter)}")
     if mf.template is not None:
-        escaped = escape_go_template(mf.template)
-        if _fits_block(escaped):
-            lines.append(f'TEMPLATE """{escaped}"""')
-        else:
-            lines.append("# note: TEMPLATE left out: Ollama's Modelfile parser cannot carry it; use llmforge push")
-    for keyword, value in (("SYSTEM", mf.system),):
-        if value is not None:
-            lines.append(f'{keyword} """{value}"""' if _fits_block(value) else
-                         f"# note: {keyword} left out: it contains text a Modelfile cannot quote; use llmforge push")
+        lines.append(_block("TEMPLATE", escape_go_template(mf.template)))
+    if mf.system is not None:
+        lines.append(_block("SYSTEM", mf.system))
     for key, value in mf.parameters.items():
         lines += _format_parameter(key, value)
     for message in mf.messages:
-        content = message["content"]
-        lines.append(f'MESSAGE {message["role"]} """{content}"""' if _fits_block(content) else
-                     "# note: a MESSAGE was left out: its text cannot be quoted in a Modelfile")
+        lines.append(_block("MESSAGE", message["content"], message["role"]))
     if mf.license is not None:
-        lines.append(f'LICENSE """{mf.license}"""' if _fits_block(mf.license) else
-                     "# note: LICENSE left out: its text cannot be quoted in a Modelfile")
+        lines.append(_block("LICENSE", mf.license))
     return "\n".join(lines) + "\n"
 
 

@@ -270,7 +270,7 @@ class _Translator:
                     continue
                 self.emit("{{ " + f"{go} := {expr}" + " }}")
                 defined = None
-                if isinstance(init, Const) and init.value is UNDEFINED:
+                if isinstance(init, Const) and (init.value is UNDEFINED or init.value is None):
                     defined = f"$def_{name}"
                     self.emit("{{ " + f"{defined} := false" + " }}")
                     self.def_vars.add(name)
@@ -710,8 +710,8 @@ class _Translator:
         chars = iterable.kind == "str"
         if not items_of_map and not chars and iterable.kind not in ELEMENT_KIND:
             raise Unsupported(f"for loop over a {iterable.kind}", node.lineno)
-        if node.else_:
-            raise Unsupported("for ... else", node.lineno)
+        if node.else_ and (node.test is not None or iterable.parts):
+            raise Unsupported("for ... else on a filtered list", node.lineno)
         list_var = iterable.expr if iterable.expr.startswith("$") and " " not in iterable.expr \
             else self.fresh("list")
         if list_var != iterable.expr:
@@ -743,8 +743,13 @@ class _Translator:
                 self.env[node.target.name] = Rt(elem, "char" if chars else ELEMENT_KIND[iterable.kind])
             else:
                 self.emit("{{ range " + f"{index_var}, {elem} := {list_var}" + " }}")
-                self.env[node.target.name] = Rt(elem, ELEMENT_KIND[iterable.kind])
-        self.loops = saved_loops + [LoopInfo(index_var, list_var, node.test is not None)]
+                self.env[node.target.name] = Rt(elem, ELEMENT_KIND[iterable.kind], ("elem", list_var, index_var))
+                if iterable.parts[:1] == ("filter",):
+                    pred = self.filter_predicate(iterable, elem, node.lineno)
+                    self.emit("{{ if not " + wrap(pred) + " }}{{ continue }}{{ end }}")
+                    filtered_iteration = True
+        self.loops = saved_loops + [LoopInfo(index_var, list_var, node.test is not None or
+                                             iterable.parts[:1] == ("filter",))]
         self.env["loop"] = self.loops[-1]
         self.current_loop_line = node.lineno
         before_printed = self.printed
@@ -765,6 +770,10 @@ class _Translator:
             if list_var != iterable.expr:
                 self.out.pop()
         else:
+            if node.else_:
+                self.env = dict(saved_env)
+                self.emit("{{ else }}")  # Go's range-else runs when the list is empty, as Jinja's for-else
+                self.stmts(node.else_)
             self.emit("{{ end }}")
         # names assigned inside the body do not leak (Jinja scoping); namespace changes were forced
         self.check_loop_namespaces(body_env_start)
@@ -891,6 +900,9 @@ class _Translator:
                             + f"{go} = {go_literal(v, expr.lineno)}" + " }}" for i, (k, v) in enumerate(base.value.items()))
             self.emit("{{ " + f'{go} := ""' + " }}" + chain + "{{ end }}")
             return Rt(go, self.kind_of([Const(v) for v in base.value.values()]))
+        if isinstance(base, Rt) and base.parts[:1] == ("filter",) and isinstance(key, Const) \
+                and key.value in (0, -1):
+            return self.runtime_filter("first" if key.value == 0 else "last", base, [], {}, expr.lineno)
         if isinstance(base, Rt) and base.kind in ELEMENT_KIND:
             if isinstance(key, Const) and isinstance(key.value, int):
                 if key.value >= 0:
@@ -1001,6 +1013,10 @@ class _Translator:
     def truth(self, value: Any, lineno: int | None) -> Const | Rt:
         if isinstance(value, Const):
             return Const(bool(value.value))
+        if isinstance(value, Rt) and value.parts[:1] == ("filter",):
+            return Rt(self.filter_summary(value, lineno)["count"], "int")
+        if isinstance(value, Rt) and value.defined and value.kind in ("message", "toolcall", "tool"):
+            return Rt(value.defined, "bool")
         if isinstance(value, Namespace):
             return Const(True)
         if value.kind in ("message", "toolcall", "tool", "tcfunction", "toolfunction", "parameters"):
@@ -1098,6 +1114,14 @@ class _Translator:
         return self._const_binop(expr, lambda a, b: a * b)
 
     def eval_Mod(self, expr: nodes.Mod) -> Any:
+        left, right = self.eval(expr.left), self.eval(expr.right)
+        if isinstance(left, Rt) and left.kind == "int" and isinstance(right, Const) and right.value == 2:
+            # parity from the last binary digit
+            bits, parity = self.fresh("bits"), self.fresh("parity")
+            self.emit("{{ " + f'{bits} := printf "%b" {wrap(left.expr)}' + " }}{{ " + f"{parity} := 0" + " }}{{ if "
+                      + f'eq (slice {bits} ({int_minus(f"len {bits}", "1")})) "1"' + " }}{{ " + f"{parity} = 1"
+                      + " }}{{ end }}")
+            return Rt(parity, "int")
         return self._const_binop(expr, lambda a, b: a % b)
 
     def eval_Div(self, expr: nodes.Div) -> Any:
@@ -1162,6 +1186,9 @@ class _Translator:
                     return Rt(same, "bool")
                 if op == "ne":
                     return Rt(f"not ({same})", "bool")
+        if isinstance(left, Rt) and isinstance(right, Rt) and left.parts[:1] == right.parts[:1] == ("elem",) \
+                and left.parts[1] == right.parts[1] and op in ("eq", "ne"):
+            return Rt(f"{op} {left.parts[2]} {right.parts[2]}", "bool")
         if any(isinstance(v, Rt) and v.kind not in ("str", "int", "bool") for v in (left, right)):
             raise Unsupported(f"comparing a {left.kind if isinstance(left, Rt) else 'constant'} value", lineno)
         for v in (left, right):
@@ -1246,7 +1273,8 @@ class _Translator:
                       "sequence": {"str", "messages", "tools", "toolcalls", "strlist", "list"}}
         if name in kind_tests and kind != "any":
             return Const(kind in kind_tests[name])
-        go_types = {"string": "string", "boolean": "bool", "mapping": "map[string]interface {}"}
+        go_types = {"string": "string", "boolean": "bool", "mapping": "map[string]interface {}",
+                    "sequence": "[]interface {}"}
         if name in go_types and kind == "any":
             return Rt(f'eq (printf "%T" {wrap(value.expr)}) "{go_types[name]}"', "bool")
         if name in ("true", "false") and kind == "bool":
@@ -1302,7 +1330,19 @@ class _Translator:
 
     def runtime_filter(self, name: str, value: Any, args: list, kwargs: dict, lineno: int | None) -> Any:
         kind = value.kind if isinstance(value, Rt) else "const"
+        if kind in ELEMENT_KIND and name in ('length', 'count', 'first', 'last') and value.parts[:1] == ("filter",):
+            summary = self.filter_summary(value, lineno)
+            if name in ("length", "count"):
+                return Rt(summary["count"], "int")
+            if name in ("first", "last"):
+                return Rt(f"index {wrap(value.expr)} {summary[name]}", ELEMENT_KIND[kind],
+                          ("elem", value.expr, summary[name]))
+        if name in ("safe", "e", "escape") and kind == "str" and name == "safe":
+            return value
         if name in ("trim", "strip") or (name == "string" and kind == "str"):
+            if kind == "any":
+                value = Rt(value.expr, "str")
+                kind = "str"
             if kind != "str":
                 raise Unsupported(f"filter {name} on a {kind}", lineno)
             return self.trim(value, lineno) if name in ("trim", "strip") else value
@@ -1333,9 +1373,44 @@ class _Translator:
                       ELEMENT_KIND[kind])
         if name == "list" and kind in ELEMENT_KIND:
             return value
+        if name in ("selectattr", "rejectattr") and kind == "str":
+            return Const([])  # a string's characters have no attributes
+        if name in ("selectattr", "rejectattr") and kind in ELEMENT_KIND and not value.parts \
+                and all(isinstance(a, Const) for a in args):
+            return Rt(value.expr, kind, ("filter", tuple(a.value for a in args), name == "rejectattr"))
+
         if name == "items" and kind in ("arguments", "properties"):
             return Rt(value.expr, "items", (kind,))
         raise Unsupported(f"filter `{name}` on a runtime {kind}", lineno)
+
+    def filter_predicate(self, value: Rt, item: str, lineno: int | None) -> str:
+        _, args, reject = value.parts
+        attr_value = self.getattr(Rt(item, ELEMENT_KIND[value.kind]), args[0], lineno)
+        if len(args) == 1:
+            test = self.truth(attr_value, lineno)
+        elif args[1] in ("equalto", "eq", "==", "sameas"):
+            test = self.compare(attr_value, "eq", Const(args[2]), lineno)
+        elif args[1] in ("ne", "!="):
+            test = self.compare(attr_value, "ne", Const(args[2]), lineno)
+        elif args[1] in ("defined", "undefined", "none", "string"):
+            test = self.eval_Test(nodes.Test(nodes.Name("\x00item", "load"), args[1], [], [], None, None,
+                                             lineno=lineno)) if False else None
+            raise Unsupported(f"selectattr test {args[1]}", lineno)
+        else:
+            raise Unsupported(f"selectattr test {args[1]}", lineno)
+        if isinstance(test, Const):
+            test = Rt("true" if test.value else "false", "bool")
+        return f"not {wrap(test.expr)}" if reject else test.expr
+
+    def filter_summary(self, value: Rt, lineno: int | None) -> dict[str, str]:
+        """Count, first and last index of the items a selectattr/rejectattr keeps (one Go loop)."""
+        count, first, last, k, x = (self.fresh(n) for n in ("count", "first", "last", "k", "x"))
+        pred = self.filter_predicate(value, x, lineno)
+        self.emit("{{ " + f"{count} := 0" + " }}{{ " + f"{first} := 0" + " }}{{ " + f"{last} := 0" + " }}"
+                  + "{{ range " + f"{k}, {x} := {value.expr}" + " }}{{ if " + pred + " }}{{ if not " + count
+                  + " }}{{ " + f"{first} = {k}" + " }}{{ end }}{{ " + f"{last} = {k}" + " }}{{ "
+                  + f"{count} = {int_plus(count, '1')}" + " }}{{ end }}{{ end }}")
+        return {"count": count, "first": first, "last": last}
 
     def trim(self, value: Any, lineno: int | None, chars: str | None = None, side: str = "both") -> Any:
         """Strip the literal ends; runtime pieces are taken as already trimmed (Ollama content)."""
