@@ -24,6 +24,7 @@ DEPRECATED_PARAMETERS = frozenset({
 
 MODELFILE_COMMANDS = frozenset({
     "from", "license", "template", "system", "adapter", "renderer", "parser", "parameter", "message", "requires",
+    "draft",
 })
 # Keywords only newer servers know: never emitted by llmforge.
 NEWER_COMMANDS = frozenset({"renderer", "parser", "requires", "draft"})
