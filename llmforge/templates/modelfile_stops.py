@@ -103,7 +103,7 @@ def stop_tokens(chat_template: str, *, special_tokens: Mapping[str, str] | None 
             continue
         header = next((line.strip() for line in piece.splitlines() if line.strip()), "")
         # text after a header-opening token is a role name ("user"), not a marker
-        if header and (previous is None or previous in (terminator, bos)):
+        if header and (previous is None or previous == bos or (previous == terminator and terminator in stops)):
             stops.append(header)
     eos = special_tokens.get("eos_token")
     if eos and eos != bos and eos not in mid_turn_tokens:

@@ -557,7 +557,9 @@ class _Translator:
             defined = None
             if name in self.def_vars:
                 defined = f"$def_{name}"
-                self.emit("{{ " + f"{defined} = true" + " }}")
+                # the flag doubles as "holds a value": a none counts as absent (rarely tested with `is defined`)
+                present = not (isinstance(value, Const) and value.value in (None, UNDEFINED))
+                self.emit("{{ " + f"{defined} = {'true' if present else 'false'}" + " }}")
             self.env[name] = Rt("$" + name, self.forced[name], defined=defined)
             return
         if isinstance(value, Rt) and (" " in value.expr or "(" in value.expr):
@@ -790,15 +792,25 @@ class _Translator:
             self.stmts(node.else_)
             return
         saved = self.env
+
+        def as_value(v: Any) -> Any:
+            return v if isinstance(v, (Const, Rt)) else Const(v)
+
         for i, item in enumerate(items):
             self.env = dict(saved)
             if isinstance(node.target, nodes.Tuple):
                 for t, v in zip(node.target.items, item):
-                    self.env[t.name] = Const(v)
+                    self.env[t.name] = as_value(v)
             else:
-                self.env[node.target.name] = Const(item)
+                self.env[node.target.name] = as_value(item)
             self.env["loop"] = Const({"index0": i, "index": i + 1, "first": i == 0, "last": i == len(items) - 1,
                                       "length": len(items)})
+            if node.test is not None:
+                test = self.truth(self.eval(node.test), node.lineno)
+                if isinstance(test, Rt):
+                    raise Unsupported("a runtime filter on an unrolled loop", node.lineno)
+                if not test.value:
+                    continue
             self.stmts(node.body)
         self.env = saved
 
@@ -975,6 +987,8 @@ class _Translator:
                 return Rt(base.expr, "method", (base, attr))
             if base.kind == "message" and attr == "get":
                 return Rt(base.expr, "method", (base, attr))
+            if base.kind == "str":
+                return Const(UNDEFINED)  # Jinja: a string has no such attribute
             if base.kind in ("any", "property", "arguments"):
                 raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
             raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
@@ -1515,6 +1529,11 @@ class _Translator:
                     any(t in str(args[0].value) for t in THINK_TAGS):
                 self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
                 return Rt(base.expr, "splitlist", (base,))
+            if method == "items" and base.kind in ATTRS:
+                # a struct's fields are known: unroll (JSON built from them compares as parsed JSON)
+                pairs = [(key, self.getattr(base, key, expr.lineno)) for key in ATTRS[base.kind]
+                         if key not in ("reasoning", "thinking")]
+                return Const([(k, v) for k, v in pairs if not (isinstance(v, Const) and v.value is UNDEFINED)])
             if method == "items":
                 return Rt(base.expr, "items", (base.kind,))
             if method == "get" and args and isinstance(args[0], Const):
