@@ -29,11 +29,10 @@ def _render(chat_template: str, messages: list[dict], special_tokens: Mapping[st
                         add_generation_prompt=add_generation_prompt)
 
 
-def _split_specials(text: str, specials: list[str], guess_markers: bool) -> list[tuple[bool, str]]:
-    """Split ``text`` into (is_special, piece), longest special token first."""
+def _split_specials(text: str, specials: list[str]) -> list[tuple[bool, str]]:
+    """Split ``text`` into (is_special, piece): the tokenizer's added tokens (longest first), then markers."""
     alternatives = [re.escape(s) for s in sorted(set(specials), key=len, reverse=True)]
-    if guess_markers or not alternatives:
-        alternatives.append(MARKER_PATTERN.pattern)
+    alternatives.append(MARKER_PATTERN.pattern)  # added tokens not flagged special (Command-R's turn tokens)
     pattern = re.compile("|".join(alternatives))
     pieces, pos = [], 0
     for match in pattern.finditer(text):
@@ -77,23 +76,24 @@ def stop_tokens(chat_template: str, *, special_tokens: Mapping[str, str] | None 
                 vocab_specials: Iterable[str] = ()) -> list[str]:
     """Stops for ``chat_template``: the terminator(s) and next-turn header it renders, plus eos/eot.
 
-    ``special_tokens`` holds bos_token/eos_token/...; ``vocab_specials`` the tokenizer's special tokens (for
+    ``special_tokens`` holds bos_token/eos_token/...; ``vocab_specials`` the tokenizer's added tokens (for
     splitting rendered text into tokens). Falls back to the EOS token when the template cannot be rendered.
     """
     special_tokens = dict(special_tokens or {})
     specials = [s for s in vocab_specials if s]
-    guess = not specials
     specials += [v for k, v in special_tokens.items() if isinstance(v, str) and v and k.endswith("_token")]
-    bos = special_tokens.get("bos_token")
+    eos = special_tokens.get("eos_token")
+    # BOS is never generated, unless the tokenizer uses one token for both (GPT-2)
+    bos = special_tokens.get("bos_token") if special_tokens.get("bos_token") != eos else None
     stops: list[str] = []
     try:
         after, mid_turn = turn_boundary(chat_template, special_tokens)
     except LlmforgeError:
         after, mid_turn = "", ""
-    mid_turn_tokens = {piece for is_special, piece in _split_specials(mid_turn, specials, guess) if is_special}
+    mid_turn_tokens = {piece for is_special, piece in _split_specials(mid_turn, specials) if is_special}
     previous: str | None = None  # the previous special token piece in `after`
     terminator: str | None = None
-    for is_special, piece in _split_specials(after, specials, guess):
+    for is_special, piece in _split_specials(after, specials):
         if is_special:
             if piece != bos and piece not in mid_turn_tokens:
                 stops.append(piece)
@@ -105,8 +105,7 @@ def stop_tokens(chat_template: str, *, special_tokens: Mapping[str, str] | None 
         # text after a header-opening token is a role name ("user"), not a marker
         if header and (previous is None or previous == bos or (previous == terminator and terminator in stops)):
             stops.append(header)
-    eos = special_tokens.get("eos_token")
-    if eos and eos != bos and eos not in mid_turn_tokens:
+    if eos and eos not in mid_turn_tokens:
         stops.append(eos)
     stops += [t for t in SECOND_TERMINATORS if t in specials and t not in mid_turn_tokens]
     return list(dict.fromkeys(stops))
