@@ -1,0 +1,96 @@
+"""Bad input: one clear line on stderr, non-zero exit, never a traceback; sandbox limits hold."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llmforge.cli import main
+from llmforge.errors import LlmforgeError
+from llmforge.templates.jinja_render import render_jinja
+from tiny_models import TOKENIZERS
+
+
+def model_with_template(tmp_path, template: str | None):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = {"bos_token": "<s>", "eos_token": "</s>"}
+    if template is not None:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_syntax_error_reports_line_and_column(tmp_path, capsys):
+    folder = model_with_template(tmp_path, "{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    code, out, err = run_cli(["template", str(folder)], capsys)
+    assert code != 0 and out == ""
+    assert err.startswith("error: chat template syntax error at line 2, column ") and err.count("\n") == 1
+
+
+def test_undefined_function_is_named(tmp_path, capsys):
+    folder = model_with_template(tmp_path, "{% for m in messages %}{{ shout(m.content) }}{% endfor %}")
+    code, out, err = run_cli(["template", str(folder)], capsys)
+    assert code != 0 and "undefined function `shout` at line 1" in err and err.count("\n") == 1
+
+
+def test_missing_chat_template_suggests_a_named_one(tmp_path, capsys):
+    folder = model_with_template(tmp_path, None)
+    code, out, err = run_cli(["template", str(folder)], capsys)
+    assert code != 0 and "no chat template" in err and "--chat-template NAME" in err and "chatml" in err
+
+
+def test_named_template_replaces_a_missing_one(tmp_path, capsys):
+    folder = model_with_template(tmp_path, None)
+    from click.testing import CliRunner
+
+    from llmforge.cli import cli
+
+    result = CliRunner().invoke(cli, ["template", str(folder), "--chat-template", "chatml"])
+    assert result.exit_code == 0 and result.stdout.startswith("{{") and "<|im_start|>" in result.stdout
+
+
+def test_check_prints_a_table_and_passes(tmp_path):
+    from click.testing import CliRunner
+
+    from llmforge.cli import cli
+
+    folder = tmp_path / "qwen2"
+    shutil.copytree(TOKENIZERS / "qwen2", folder)
+    result = CliRunner().invoke(cli, ["template", str(folder), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "single_user" in result.stdout and "different 0" in result.stdout
+
+
+def test_endless_loop_is_stopped_by_the_sandbox():
+    template = "{% for a in range(100000) %}{% for b in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endfor %}"
+    with pytest.raises(LlmforgeError, match="exceeds|exceeded"):
+        render_jinja(template, [{"role": "user", "content": "hi"}])
+
+
+def test_huge_range_is_refused():
+    with pytest.raises(LlmforgeError):
+        render_jinja("{% for a in range(10**12) %}x{% endfor %}", [{"role": "user", "content": "hi"}])
+
+
+def test_template_that_raises_is_reported_as_rejecting_the_input():
+    from llmforge.templates.jinja_render import TemplateRaised
+
+    with pytest.raises(TemplateRaised, match="no system"):
+        render_jinja("{{ raise_exception('no system') }}", [{"role": "system", "content": "x"}])
+
+
+def test_not_a_gguf_is_one_line(tmp_path, capsys):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"nope")
+    code, out, err = run_cli(["template", str(bogus)], capsys)
+    assert code != 0 and "not a GGUF" in err
