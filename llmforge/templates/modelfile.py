@@ -9,6 +9,7 @@ push sends them in JSON instead.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -100,7 +101,7 @@ def _go_string_action(ch: str) -> str:
 def _quote_at_line_end(text: str, i: int) -> bool:
     rest = text[i + 1:]
     stripped = rest.lstrip(" \t")
-    return stripped == "" or stripped[0] in _NEWLINES
+    return stripped != "" and stripped[0] in _NEWLINES  # a piece's end is followed by an action, not a newline
 
 
 def escape_go_template(template: str) -> str:
@@ -321,7 +322,7 @@ def build_modelfile(from_: str, *, template: str | None = None, system: str | No
                     stops: Sequence[str] = (), num_ctx: int | None = None,
                     extra_parameters: Mapping[str, Any] | None = None, adapter: str | None = None,
                     license: str | None = None, notes: Iterable[str] = ()) -> Modelfile:
-    """A Modelfile from already-known parts; ``extra_parameters`` override the derived ones."""
+    """A Modelfile from already-known parts; ``extra_parameters`` override the derived ones (stops add up)."""
     parameters: dict[str, Any] = {}
     if stops:
         parameters["stop"] = list(dict.fromkeys(stops))
@@ -331,6 +332,8 @@ def build_modelfile(from_: str, *, template: str | None = None, system: str | No
         if key not in PARAMETER_TYPES:
             raise LlmforgeError(f"unknown Ollama parameter {key!r}",
                                 hint=f"valid parameters: {', '.join(sorted(PARAMETER_TYPES))}")
+        if key == "stop":  # extra stops add to the derived ones
+            value = list(dict.fromkeys([*parameters.get("stop", []), *value]))
         parameters[key] = value
     return Modelfile(from_=from_, template=template, system=system, parameters=parameters, adapter=adapter,
                      license=license, notes=list(notes))
@@ -366,28 +369,47 @@ def modelfile_for_source(source: Path, *, from_: str | None = None, adapter: str
     loaded = load_template_source(template_source or source)
     notes: list[str] = []
     go_template = default = None
-    stops: list[str] = []
-    chat_template = getattr(loaded, "chat_template", None)
-    if chat_template:
-        translation = translate_template(chat_template, loaded.special_tokens)
+    extra_eos = [t for t in loaded.eos_tokens if t]
+    if loaded.chat_template:
+        translation = translate_template(loaded.chat_template, loaded.special_tokens)
         go_template = translation.go_template
-        notes += [f"template: {problem}" for problem in getattr(translation, "problems", [])]
-        if getattr(translation, "fallback", None):
+        notes += [f"template: {problem}" for problem in translation.problems]
+        vocab = added_tokens(template_source or source)
+        stops = []
+        if translation.fallback:  # Ollama renders the named template: its turn markers must stop generation
+            from . import get_named_template
+
             notes.append(f"template: used the named template {translation.fallback}")
-        stops = stop_tokens(chat_template, special_tokens=loaded.special_tokens,
-                            vocab_specials=getattr(loaded, "special_token_list", ()) or ())
-        default = default_system_prompt(chat_template, special_tokens=loaded.special_tokens)
+            stops = stop_tokens(get_named_template(translation.fallback), special_tokens=loaded.special_tokens,
+                                vocab_specials=vocab)
+        stops += stop_tokens(loaded.chat_template, special_tokens=loaded.special_tokens, vocab_specials=vocab)
+        stops += extra_eos
+        default = default_system_prompt(loaded.chat_template, special_tokens=loaded.special_tokens)
     else:
-        notes.append("no chat template found: Ollama will render a bare prompt; pass a model with one")
-        eos = (loaded.special_tokens or {}).get("eos_token")
-        stops = [eos] if eos else []
-    context = getattr(loaded, "context_length", None)
-    num_ctx = min(int(context), NUM_CTX_CAP) if context else None
+        notes.append("no chat template found: Ollama will pick a template by itself; pass a model that has one")
+        stops = extra_eos
+    num_ctx = min(int(loaded.context_length), NUM_CTX_CAP) if loaded.context_length else None
     if from_ is None:
         from_ = f"./{source.name}" if source.suffix == ".gguf" else str(source)
     return build_modelfile(from_, template=go_template, system=system if system is not None else default,
                            stops=stops, num_ctx=num_ctx, extra_parameters=extra_parameters, adapter=adapter,
-                           license=getattr(loaded, "license", None), notes=notes)
+                           license=loaded.license_text, notes=notes)
+
+
+def added_tokens(path: Path) -> list[str]:
+    """The tokenizer's added tokens (special or not) in a model folder; [] for other sources."""
+    path = Path(path)
+    found: list[str] = []
+    tokenizer_json, config = path / "tokenizer.json", path / "tokenizer_config.json"
+    try:
+        if tokenizer_json.is_file():
+            found += [t["content"] for t in json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])]
+        if config.is_file():
+            decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+            found += [t["content"] for t in decoder.values() if isinstance(t, dict) and "content" in t]
+    except (OSError, ValueError, TypeError):
+        return []
+    return list(dict.fromkeys(found))
 
 
 def with_from(mf: Modelfile, from_: str) -> Modelfile:
