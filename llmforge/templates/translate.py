@@ -673,6 +673,7 @@ class _Translator:
                 value = Const(UNDEFINED)
             self.env[arg.name] = value
         self.macros_active.append(m.name)
+        self.declare_forced(m.body, self.env)
         self.stmts(m.body)
         self.macros_active.pop()
         self.env = saved
@@ -1272,6 +1273,8 @@ class _Translator:
             else:
                 result = Rt(value.defined, "bool")
             if name in ("undefined", "none"):
+                if name == "none" and value.defined and value.defined.startswith("$def_"):
+                    return Rt(f"not {value.defined}", "bool")  # a variable that may hold none
                 if name == "none" and kind == "tools":
                     return Rt("not $.Tools", "bool")
                 if name == "none" and value.defined is not None and kind == "bool":
@@ -1364,6 +1367,8 @@ class _Translator:
             if kind in ("str", "messages", "tools", "toolcalls", "strlist", "list", "arguments", "properties"):
                 return Rt(f"len {wrap(value.expr)}", "int")
             raise Unsupported(f"length of a {kind}", lineno)
+        if name == "tojson" and kind in ("toolcalls", "toolcall"):
+            return self.toolcalls_json(value, kind == "toolcall")
         if name == "tojson":
             if isinstance(value, Const):
                 raise Unsupported("tojson of a mix of constants and runtime values", lineno)
@@ -1396,6 +1401,21 @@ class _Translator:
         if name == "items" and kind in ("arguments", "properties"):
             return Rt(value.expr, "items", (kind,))
         raise Unsupported(f"filter `{name}` on a runtime {kind}", lineno)
+
+    def toolcalls_json(self, value: Rt, single: bool) -> Rt:
+        """Tool calls as OpenAI-shaped JSON ({id, type, function}); Ollama's own JSON has no "type"."""
+        out, j, c = self.fresh("calls"), self.fresh("j"), self.fresh("call")
+        one = ('printf "%s{\\"id\\": %s, \\"type\\": \\"function\\", \\"function\\": {\\"name\\": %s, '
+               '\\"arguments\\": %s}}" ' + out + f" (json {c}.ID) (json {c}.Function.Name) (json {c}.Function.Arguments)")
+        if single:
+            self.emit("{{ " + f'{out} := ""' + " }}{{ " + f"{c} := {value.expr}" + " }}{{ " + f"{out} = {one}"
+                      + " }}")
+        else:
+            self.emit("{{ " + f'{out} := "["' + " }}{{ range " + f"{j}, {c} := {value.expr}" + " }}{{ if " + j
+                      + " }}{{ " + f'{out} = printf "%s, " {out}' + " }}{{ end }}{{ " + f"{out} = {one}"
+                      + " }}{{ end }}{{ " + f'{out} = printf "%s]" {out}' + " }}")
+        self.notes.add("tool calls printed as JSON are written field by field (Ollama's JSON has no \"type\")")
+        return Rt(out, "str")
 
     def filter_predicate(self, value: Rt, item: str, lineno: int | None) -> str:
         _, args, reject = value.parts
