@@ -711,6 +711,24 @@ class _Translator:
         items_of_map = iterable.kind == "items"
         reverse = iterable.parts == ("reversed",)
         chars = iterable.kind == "str"
+        if iterable.kind == "intrange":
+            if not isinstance(node.target, nodes.Name) or node.else_ or node.test is not None:
+                raise Unsupported("for loop over range() with options", node.lineno)
+            k = self.fresh("n")
+            self.emit("{{ range " + f"{k} := {wrap(iterable.expr)}" + " }}")
+            saved_env, saved_loops = self.env, self.loops
+            self.env = dict(saved_env)
+            self.env[node.target.name] = Rt(k, "int")
+            self.loops = saved_loops + [LoopInfo(k, f"(slice (printf \"%*s\" {wrap(iterable.expr)} \"\") 0)", False)]
+            self.env["loop"] = self.loops[-1]
+            before_printed = self.printed
+            self.printed = "maybe" if before_printed != "yes" else "yes"
+            self.declare_forced(node.body, self.env)
+            self.stmts(node.body)
+            self.emit("{{ end }}")
+            self.env, self.loops = saved_env, saved_loops
+            self.printed = "yes" if before_printed == "yes" else "maybe"
+            return
         if not items_of_map and not chars and iterable.kind not in ELEMENT_KIND:
             raise Unsupported(f"for loop over a {iterable.kind}", node.lineno)
         if node.else_ and (node.test is not None or iterable.parts):
@@ -935,6 +953,15 @@ class _Translator:
         step = self.eval(s.step) if s.step else Const(None)
         if isinstance(base, Const) and all(isinstance(v, Const) for v in (start, stop, step)):
             return Const(base.value[start.value:stop.value:step.value])
+        if isinstance(base, Rt) and base.kind == "str" and step.value is None and \
+                all(isinstance(b, Const) and (b.value is None or isinstance(b.value, int)) for b in (start, stop)):
+            # byte slicing: exact for ASCII text, which is what templates cut (trailing commas, brackets)
+            length = f"len {wrap(base.expr)}"
+            bounds = [None if b.value is None else str(b.value) if b.value >= 0 else int_minus(length, str(-b.value))
+                      for b in (start, stop)]
+            expr = f"slice {wrap(base.expr)} {wrap(bounds[0] or '0')}" + (f" ({bounds[1]})" if bounds[1] else "")
+            self.notes.add("string slices cut bytes (exact for ASCII)")
+            return Rt(expr, "str")
         if isinstance(base, Rt) and base.kind in ELEMENT_KIND and step.value == -1 and start.value is None \
                 and stop.value is None and not base.parts:
             return Rt(base.expr, base.kind, ("reversed",))
@@ -994,6 +1021,8 @@ class _Translator:
                 raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
             raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
         if attr not in table:
+            if attr in ("items", "keys"):
+                return Rt(base.expr, "method", (base, attr))
             if base.kind == "message" and attr in ("get",):
                 return Rt(base.expr, "method", (base, attr))
             if base.kind in ("properties",) and attr == "items":
@@ -1062,8 +1091,13 @@ class _Translator:
             return left if lt.value else self.eval(expr.right)
         right = self.eval(expr.right)
         rt = self.truth(right, expr.lineno)
+        if isinstance(rt, Const) and rt.value:
+            return Const(True) if not isinstance(right, Const) or right.value is True else Rt(
+                f"or {wrap(left.expr)} {go_literal(right.value, expr.lineno)}", left.kind)
         if isinstance(rt, Const):
-            return Const(True) if rt.value else Rt(lt.expr, "bool")
+            if left.kind == "str" and isinstance(right, Const) and right.value in ("", None, UNDEFINED):
+                return Rt(f"or {wrap(left.expr)} \"\"", "str")
+            return Rt(lt.expr, "bool")
         if left.kind == right.kind == "str":
             return Rt(f"or {wrap(left.expr)} {wrap(right.expr)}", "str")
         return Rt(f"or {wrap(lt.expr)} {wrap(rt.expr)}", "bool")
@@ -1231,7 +1265,7 @@ class _Translator:
                 if needle.value in table:
                     return Rt(f"{wrap(haystack.expr)}.{table[needle.value][0]}", "bool")
                 return Const(False)
-            if haystack.kind == "str" and haystack.expr.endswith(".Role") and isinstance(needle.value, str):
+            if self.closed_set(haystack) and isinstance(needle.value, str):
                 return self.enumerate_roles(haystack, lambda role: needle.value in role)
             if haystack.kind == "str" and isinstance(needle.value, str) and any(t in needle.value for t in THINK_TAGS):
                 self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
@@ -1328,17 +1362,8 @@ class _Translator:
                 return Const(0)
             if name in ("trim", "string", "lower", "upper"):
                 return Const("")
-        func = env.filters[name]
-        import inspect
         try:
-            params = list(inspect.signature(func).parameters)
-        except (TypeError, ValueError):
-            params = []
-        try:
-            if params and params[0] in ("environment", "eval_ctx", "context", "env"):
-                result = func(env, value, *args, **kwargs)
-            else:
-                result = func(value, *args, **kwargs)
+            result = env.call_filter(name, value, args, kwargs, context=env.from_string("").new_context())
         except Exception as exc:  # a constant that a filter rejects
             raise Unsupported(f"filter {name} on a constant ({exc})", lineno) from None
         if not isinstance(result, (str, int, float, bool, list, dict, tuple, type(None))):
@@ -1356,6 +1381,8 @@ class _Translator:
                           ("elem", value.expr, summary[name]))
         if name in ("safe", "e", "escape") and kind == "str" and name == "safe":
             return value
+        if name in ("upper", "lower", "title", "capitalize") and self.closed_set(value) and not args:
+            return self.enumerate_roles(value, lambda v: getattr(v, name)())
         if name in ("trim", "strip") or (name == "string" and kind == "str"):
             if kind == "any":
                 value = Rt(value.expr, "str")
@@ -1383,7 +1410,7 @@ class _Translator:
                           + f"{go} = {value.expr}" + " }}{{ end }}")
                 return Rt(go, value.kind)
             return value
-        if name == "string" and kind == "int":
+        if name == "string" and kind in ("int", "any"):
             return Rt(f"print {wrap(value.expr)}", "str")
         if name == "first" and kind in ELEMENT_KIND:
             return Rt(f"index {wrap(value.expr)} 0", ELEMENT_KIND[kind])
@@ -1398,6 +1425,9 @@ class _Translator:
                 and all(isinstance(a, Const) for a in args):
             return Rt(value.expr, kind, ("filter", tuple(a.value for a in args), name == "rejectattr"))
 
+        if name == "dictsort" and kind in ("arguments", "properties") and not args and not kwargs:
+            self.notes.add("dictsort: Go ranges over maps in sorted key order")
+            return Rt(value.expr, "items", (kind,))
         if name == "items" and kind in ("arguments", "properties"):
             return Rt(value.expr, "items", (kind,))
         raise Unsupported(f"filter `{name}` on a runtime {kind}", lineno)
@@ -1485,10 +1515,21 @@ class _Translator:
         return Rt(found, "bool")
 
     ROLES = ("system", "user", "assistant", "tool")
+    JSON_TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
+
+    def closed_set(self, value: Any) -> tuple[str, ...]:
+        """The finite set of values a runtime string can take (message roles, JSON-schema types), if any."""
+        if not isinstance(value, Rt) or value.kind != "str":
+            return ()
+        if value.expr.endswith(".Role"):
+            return self.ROLES
+        if value.expr.endswith(".Type"):
+            return self.JSON_TYPES + ("function",)
+        return ()
 
     def enumerate_roles(self, role: Rt, func: Any) -> Rt:
-        """A string function of a message role: Ollama roles are a closed set, so tabulate it."""
-        results = {r: func(r) for r in self.ROLES}
+        """A string function of a role or schema type: those are closed sets, so tabulate it."""
+        results = {r: func(r) for r in self.closed_set(role)}
         if all(isinstance(v, bool) for v in results.values()):
             true_roles = [r for r, v in results.items() if v]
             if not true_roles:
@@ -1524,6 +1565,8 @@ class _Translator:
                 raise Unsupported(f"strftime_now({fmt!r}): Ollama's currentDate only gives YYYY-MM-DD", expr.lineno)
             if name == "range" and all(isinstance(a, Const) for a in args):
                 return Const(list(range(*[a.value for a in args])))
+            if name == "range" and len(args) == 1 and isinstance(args[0], Rt) and args[0].kind == "int":
+                return Rt(args[0].expr, "intrange")
             if name == "dict":
                 return self.eval_Dict(nodes.Dict([nodes.Pair(nodes.Const(k.key), k.value) for k in expr.kwargs],
                                                  lineno=expr.lineno))
@@ -1549,6 +1592,9 @@ class _Translator:
                     any(t in str(args[0].value) for t in THINK_TAGS):
                 self.notes.add("content never holds <think> tags in Ollama (thinking is separated into .Thinking)")
                 return Rt(base.expr, "splitlist", (base,))
+            if method == "keys" and base.kind in ATTRS:
+                self.notes.add(f"the keys of a {base.kind} are the fields Ollama's data model has")
+                return Const([key for key in ATTRS[base.kind] if key not in ("reasoning", "thinking")])
             if method == "items" and base.kind in ATTRS:
                 # a struct's fields are known: unroll (JSON built from them compares as parsed JSON)
                 pairs = [(key, self.getattr(base, key, expr.lineno)) for key in ATTRS[base.kind]
@@ -1569,7 +1615,7 @@ class _Translator:
             if method in ("startswith", "endswith") and len(args) == 1 and isinstance(args[0], Const) \
                     and isinstance(args[0].value, str):
                 return self.affix_test(base, args[0].value, method == "startswith")
-            if base.expr.endswith(".Role") and all(isinstance(a, Const) for a in args):
+            if self.closed_set(base) and all(isinstance(a, Const) for a in args):
                 return self.enumerate_roles(base, lambda role: getattr(role, method)(*[a.value for a in args]))
             raise Unsupported(f"string method .{method}() on runtime content", expr.lineno)
         raise Unsupported("calling a runtime value", expr.lineno)
