@@ -220,6 +220,7 @@ class _Translator:
         self.fresh_var: str | None = None
         self.macros_active: list[str] = []
         self.runtime_depth = 0        # >0 inside a runtime if-branch
+        self.list_kind: dict[str, str] = {}  # Go list variable -> kind, for loop.previtem/nextitem
         self.def_vars: set[str] = set()  # Go variables with a companion "$def_<name>" (may be undefined)
 
     # ------------------------------------------------------------ helpers
@@ -764,11 +765,14 @@ class _Translator:
                 self.env[node.target.name] = Rt(elem, "char" if chars else ELEMENT_KIND[iterable.kind])
             else:
                 self.emit("{{ range " + f"{index_var}, {elem} := {list_var}" + " }}")
-                self.env[node.target.name] = Rt(elem, ELEMENT_KIND[iterable.kind], ("elem", list_var, index_var))
+                elem_kind = ELEMENT_KIND[iterable.kind]
+                identity = ("elem", list_var, index_var) if elem_kind != "str" else ()
+                self.env[node.target.name] = Rt(elem, elem_kind, identity)
                 if iterable.parts[:1] == ("filter",):
                     pred = self.filter_predicate(iterable, elem, node.lineno)
                     self.emit("{{ if not " + wrap(pred) + " }}{{ continue }}{{ end }}")
                     filtered_iteration = True
+        self.list_kind[list_var] = iterable.kind
         self.loops = saved_loops + [LoopInfo(index_var, list_var, node.test is not None or
                                              iterable.parts[:1] == ("filter",))]
         self.env["loop"] = self.loops[-1]
@@ -1048,8 +1052,13 @@ class _Translator:
             "revindex0": lambda: Rt(int_minus(f"len (slice {lst} {i})", "1"), "int"),
             "revindex": lambda: Rt(f"len (slice {lst} {i})", "int"),
         }
-        if attr == "previtem":
-            raise Unsupported("loop.previtem", lineno)
+        if attr in ("previtem", "nextitem"):
+            elem = ELEMENT_KIND.get(self.list_kind.get(lst, ""), None)
+            if elem is None:
+                raise Unsupported(f"loop.{attr}", lineno)
+            if attr == "previtem":
+                return Rt(f"index {lst} ({int_minus(i, '1')})", elem, defined=i)
+            return Rt(f"index {lst} ({int_plus(i, '1')})", elem, defined=f"ne (len (slice {lst} {i})) 1")
         if attr not in table:
             raise Unsupported(f"loop.{attr}", lineno)
         return table[attr]()
@@ -1308,14 +1317,14 @@ class _Translator:
                 result = Rt(value.defined, "bool")
             if name in ("undefined", "none"):
                 if name == "none" and value.defined and value.defined.startswith("$def_"):
-                    return Rt(f"not {value.defined}", "bool")  # a variable that may hold none
+                    return Rt(f"not {wrap(value.defined)}", "bool")  # a variable that may hold none
                 if name == "none" and kind == "tools":
                     return Rt("not $.Tools", "bool")
                 if name == "none" and value.defined is not None and kind == "bool":
-                    return Rt(f"not {value.defined}", "bool")
+                    return Rt(f"not {wrap(value.defined)}", "bool")
                 if name == "none" and kind in ("str", "toolcalls", "int"):
                     return Const(False) if kind != "toolcalls" else Rt(f"not {wrap(value.expr)}", "bool")
-                return Const(not result.value) if isinstance(result, Const) else Rt(f"not {result.expr}", "bool")
+                return Const(not result.value) if isinstance(result, Const) else Rt(f"not {wrap(result.expr)}", "bool")
             return result
         kind_tests = {"string": {"str"}, "mapping": {"arguments", "properties", "message", "tool", "toolcall",
                                                      "tcfunction", "toolfunction", "parameters", "property"},
@@ -1394,6 +1403,10 @@ class _Translator:
             if kind in ("str", "messages", "tools", "toolcalls", "strlist", "list", "arguments", "properties"):
                 return Rt(f"len {wrap(value.expr)}", "int")
             raise Unsupported(f"length of a {kind}", lineno)
+        if name == "tojson" and kind == "tcfunction":
+            # Ollama's JSON of a call's function carries "index"; the OpenAI shape transformers sees does not
+            e = wrap(value.expr)
+            return Rt(f'printf "{{\\"name\\": %s, \\"arguments\\": %s}}" (json {e}.Name) (json {e}.Arguments)', "str")
         if name == "tojson" and kind in ("toolcalls", "toolcall"):
             return self.toolcalls_json(value, kind == "toolcall")
         if name == "tojson":
