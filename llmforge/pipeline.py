@@ -77,7 +77,11 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
     template_source = None
     if base is not None and not _has_chat_template(source):
         template_source = Path(base)  # an adapter folder without its own tokenizer files
-    mf = modelfile_for_source(source, from_=f"./{gguf.name}", template_source=template_source)
+    from .templates import load_template_source
+
+    loaded = load_template_source(template_source or source)
+    mf = modelfile_for_source(source, from_=f"./{gguf.name}", template_source=template_source,
+                              loaded=lambda: loaded)
     modelfile_path = out_dir / "Modelfile"
     with atomic_path(modelfile_path) as tmp:
         tmp.write_text(mf.text, encoding="utf-8")
@@ -85,7 +89,8 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
     report = ShipReport(name=name, gguf=gguf, modelfile=modelfile_path, create_command=command,
                         convert_lines=list(converted.summary_lines()))
     try:
-        report.push = push_model(gguf, name, modelfile=mf, host=host, timeouts=timeouts, progress=progress)
+        report.push = push_model(gguf, name, modelfile=mf, host=host, template_source=loaded, timeouts=timeouts,
+                                 progress=progress)
     except OllamaUnreachable as exc:
         report.warnings.append(f"not pushed: {exc.message}")
     return report

@@ -328,7 +328,7 @@ def _handler_for(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
             server.models[_full_name(name)] = {
                 "template": template, "system": body.get("system"), "parameters": parameters,
                 "license": body.get("license"), "files": files, "adapters": adapters,
-                "messages": body.get("messages") or [], "gguf_jinja": _gguf_jinja(server.blob_path(model_digest)),
+                "messages": body.get("messages") or [], "blob": server.blob_path(model_digest),
             }
             self._stream_line({"status": "writing manifest"})
             self._stream_line({"status": "success"})
@@ -351,7 +351,7 @@ def _handler_for(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
                     params.append(f"{key:<30} {_go_repr(v)}")
             native = server.native_jinja and _version_tuple(server.version) >= (0, 30, 0)
             self._send_json(200, {
-                "template": model["gguf_jinja"] if native else (model["template"] or "{{ .Prompt }}"),
+                "template": _gguf_jinja(model["blob"]) if native else (model["template"] or "{{ .Prompt }}"),
                 "system": model["system"] or "", "parameters": "\n".join(params),
                 "license": model["license"] or "", "modelfile": "# fake", "capabilities": ["completion"],
                 "details": {"format": "gguf"}, "model_info": {},

@@ -446,29 +446,6 @@ def prefers_gguf_jinja(gguf_jinja: str | None, go_template: str | None) -> bool:
     return jinja_more_capable and not round_trip
 
 
-def gguf_chat_template(path: Path) -> tuple[str | None, dict[str, str]]:
-    """The GGUF's ``tokenizer.chat_template`` and its bos/eos token strings."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # not a GGUF: a user mistake, explained in one line
-        raise LlmforgeError(f"{path} is not a readable GGUF file ({type(exc).__name__})",
-                            hint="pass the .gguf that `llmforge convert` wrote") from None
-
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
-    tokens: dict[str, str] = {}
-    vocab = value("tokenizer.ggml.tokens")
-    for name in ("bos", "eos"):
-        token_id = value(f"tokenizer.ggml.{name}_token_id")
-        if vocab is not None and token_id is not None and 0 <= int(token_id) < len(vocab):
-            tokens[f"{name}_token"] = vocab[int(token_id)]
-    return value("tokenizer.chat_template"), tokens
-
-
 # ---------------------------------------------------------------- push
 
 @dataclass
@@ -499,14 +476,14 @@ class PushReport:
         return lines
 
 
-def _load_modelfile(modelfile: Any, gguf: Path) -> tuple[Any, Path | None]:
+def _load_modelfile(modelfile: Any, gguf: Path, loaded: Any) -> tuple[Any, Path | None]:
     """(Modelfile, folder its relative paths are relative to)."""
     from ..templates.modelfile import Modelfile, modelfile_for_source, parse_modelfile
 
     if isinstance(modelfile, Modelfile):
         return modelfile, None
     if modelfile is None:
-        return modelfile_for_source(gguf, from_=f"./{gguf.name}"), gguf.parent
+        return modelfile_for_source(gguf, from_=f"./{gguf.name}", loaded=loaded), gguf.parent
     path = Path(modelfile)
     if not path.is_file():
         raise LlmforgeError(f"Modelfile {path} does not exist", hint="pass an existing file to --modelfile")
@@ -528,14 +505,14 @@ def _create_request(name: str, gguf: Path, digest: str, mf: Any, adapter: tuple[
     return request
 
 
-def _check_render(client: OllamaClient, name: str, gguf: Path, version: tuple[int, int, int],
+def _check_render(client: OllamaClient, name: str, loaded: Any, version: tuple[int, int, int],
                   report: PushReport, go_template: str | None) -> None:
     if version < FEATURE_VERSIONS["render_only"]:
         report.render_check = "skipped (the server is older than 0.11.5: no _debug_render_only)"
         return
-    chat_template, tokens = gguf_chat_template(gguf)
+    chat_template, tokens = loaded().chat_template, loaded().special_tokens
     if not chat_template:
-        report.render_check = "skipped (the GGUF has no chat template to compare with)"
+        report.render_check = "skipped (no chat template to compare with)"
         return
     from ..templates.jinja_render import render_jinja
 
@@ -569,12 +546,13 @@ def _require_gguf(path: Path) -> None:
 
 
 def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | None = None,
-               host: str | None = None, *, timeouts: Timeouts = Timeouts(),
+               host: str | None = None, *, template_source: Any = None, timeouts: Timeouts = Timeouts(),
                progress: TextIO = sys.stderr) -> PushReport:
     """Upload ``gguf`` (and ``adapter``) to Ollama and create ``name`` from it, then verify what landed.
 
     ``modelfile`` is a Modelfile path, a :class:`llmforge.templates.modelfile.Modelfile`, or None (derive
-    one from the GGUF's own chat template).
+    one from the GGUF's own chat template). ``template_source`` (a ``TemplateSource``) gives the Jinja chat
+    template for the render check; by default it is read from the GGUF.
     """
     validate_model_name(name)
     endpoint = resolve_host(host)
@@ -590,7 +568,16 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
     if version < FEATURE_VERSIONS["json_create"]:
         raise LlmforgeError(f"Ollama {version_text} at {endpoint.url} predates the JSON create API (0.5.5)",
                             hint=f"upgrade Ollama, or run `ollama create {name} -f Modelfile` by hand")
-    mf, base_dir = _load_modelfile(modelfile, gguf)
+    cache: list[Any] = [template_source] if template_source is not None else []
+
+    def loaded() -> Any:  # reading a GGUF's metadata is slow for big vocabularies: once, and only if needed
+        if not cache:
+            from ..templates import load_template_source
+
+            cache.append(load_template_source(gguf))
+        return cache[0]
+
+    mf, base_dir = _load_modelfile(modelfile, gguf, loaded if modelfile is None else None)
     adapter_path = Path(adapter) if adapter else None
     if adapter_path is None and mf.adapter and base_dir is not None:
         adapter_path = Path(mf.adapter) if Path(mf.adapter).is_absolute() else base_dir / mf.adapter
@@ -609,7 +596,7 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
     request = _create_request(name, gguf, digest, mf, adapter_blob)
     report.statuses = client.create(request)
     _verify(client, name, request, version, report)
-    _check_render(client, name, gguf, version, report, mf.template)
+    _check_render(client, name, loaded, version, report, mf.template)
     return report
 
 

@@ -357,16 +357,17 @@ def parse_param_options(params: Iterable[str]) -> dict[str, Any]:
 
 def modelfile_for_source(source: Path, *, from_: str | None = None, adapter: str | None = None,
                          system: str | None = None, extra_parameters: Mapping[str, Any] | None = None,
-                         template_source: Path | None = None) -> Modelfile:
+                         template_source: Path | None = None, loaded: Any = None) -> Modelfile:
     """Everything a Modelfile needs, derived from a model folder, adapter folder or GGUF.
 
     The chat template is translated to Go; stops come from rendering the Jinja template; num_ctx from the
     model's context length (capped at NUM_CTX_CAP); SYSTEM from the default the template injects.
+    ``loaded``: a callable returning the already loaded ``TemplateSource`` (saves reading a GGUF twice).
     """
     from . import load_template_source, translate_template
 
     source = Path(source)
-    loaded = load_template_source(template_source or source)
+    loaded = loaded() if loaded is not None else load_template_source(template_source or source)
     notes: list[str] = []
     go_template = default = None
     extra_eos = [t for t in loaded.eos_tokens if t]
