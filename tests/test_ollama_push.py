@@ -122,6 +122,14 @@ def test_modelfile_path_is_parsed_and_its_adapter_uploaded(tmp_path, gguf_file, 
     assert server.models["tiny:latest"]["template"] == parse_modelfile(path.read_text()).template
 
 
+def test_without_a_modelfile_one_is_derived_from_the_ggufs_chat_template(gguf_file, go_template, server):
+    report = push_model(gguf_file, "derived", host=server.url, timeouts=FAST, progress=io.StringIO())
+    model = server.models["derived:latest"]
+    assert model["template"] == go_template
+    assert {"<|im_end|>", "<|im_start|>"} <= set(model["parameters"]["stop"])
+    assert report.render_check == "server render equals the chat template"
+
+
 def test_run_streams_the_answer_and_sees_it_stop(gguf_file, modelfile, server):
     push(gguf_file, modelfile, server)
     out, err = io.StringIO(), io.StringIO()
