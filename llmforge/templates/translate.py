@@ -220,6 +220,7 @@ class _Translator:
         self.fresh_var: str | None = None
         self.macros_active: list[str] = []
         self.runtime_depth = 0        # >0 inside a runtime if-branch
+        self.capture_vars: list[str] = []  # Go variables collecting output ({% set %} blocks, macro values)
         self.list_kind: dict[str, str] = {}  # Go list variable -> kind, for loop.previtem/nextitem
         self.def_vars: set[str] = set()  # Go variables with a companion "$def_<name>" (may be undefined)
 
@@ -234,11 +235,22 @@ class _Translator:
     def emit_text(self, text: str) -> None:
         if not text:
             return
+        if self.capture_vars:
+            self.emit_print(go_string(text), "%s")
+            return
         if "{{" in text or text.endswith("{"):
             self.emit("{{ " + go_string(text) + " }}")
         else:
             self.emit(text)
         self.mark_printed("yes")
+
+    def emit_print(self, expr: str, verb: str = "%v") -> None:
+        """Print a pipeline's value; inside a capture, append it to the capturing Go variable instead."""
+        if self.capture_vars:
+            cap = self.capture_vars[-1]
+            self.emit("{{ " + f'{cap} = printf "%s{verb}" {cap} {wrap(expr)}' + " }}")
+            return
+        self.emit("{{ " + expr + " }}")
 
     def mark_printed(self, how: str) -> None:
         if self.fresh_var and self.printed != "yes":
@@ -370,7 +382,9 @@ class _Translator:
             return
         if self.printed == "maybe":
             if self.fresh_var:
-                self.emit("{{ if not " + self.fresh_var + " }}" + bos + "{{ end }}")
+                self.emit("{{ if not " + self.fresh_var + " }}")
+                self.emit_text(bos)
+                self.emit("{{ end }}")
                 self.mark_printed("yes")
                 return
             loop_line = self.loops[-1].index_var if self.loops else None
@@ -394,25 +408,25 @@ class _Translator:
                 if isinstance(part, str):
                     self.emit_text(part)
                 else:
-                    self.emit("{{ " + part.expr + " }}")
+                    self.emit_print(part.expr)
                     self.mark_printed("maybe")
             return
         if value.kind == "int":
-            self.emit("{{ " + value.expr + " }}")
+            self.emit_print(value.expr)
             self.mark_printed("yes")
             return
         if value.kind == "bool":
-            self.emit("{{ if " + value.expr + " }}True{{ else }}False{{ end }}")
+            self.emit_print(f'or (and {wrap(value.expr)} "True") "False"')
             self.mark_printed("yes")
             return
         if value.kind == "any":
             self.notes.add("values of mixed type are printed with Go's formatting")
-            self.emit("{{ " + value.expr + " }}")
+            self.emit_print(value.expr)
             self.mark_printed("maybe")
             return
         if value.kind in ("arguments", "tcfunction", "tool", "toolfunction", "parameters", "properties"):
             self.notes.add("a mapping printed directly is written as JSON (Jinja prints a Python repr)")
-            self.emit("{{ json " + wrap(value.expr) + " }}")
+            self.emit_print("json " + wrap(value.expr))
             self.mark_printed("yes")
             return
         raise Unsupported(f"printing a {value.kind} object directly (Jinja prints a Python repr)", lineno)
@@ -590,17 +604,43 @@ class _Translator:
         return ns
 
     def stmt_AssignBlock(self, node: nodes.AssignBlock) -> None:
-        saved_out, saved_printed = self.out, self.printed
-        self.out = []
-        self.stmts(node.body)
-        pieces = self.out
-        self.out, self.printed = saved_out, saved_printed
-        value = self.captured_value(pieces, "{% set %} block capturing runtime output", node.lineno)
+        if node.filter is not None:
+            raise Unsupported("{% set %} block with a filter", node.lineno)
+        value = self.capture(lambda: self.stmts(node.body))
         self.bind(node.target.name, value, node.lineno)
+
+    def capture(self, body: Any) -> Const | Rt:
+        """Run ``body`` (which translates statements) and return its output as a string value.
+
+        Plain text and printed pipelines fold into a constant or a printf; output under runtime control flow
+        is collected into a Go variable by turning every print into ``$cap = printf "%s..." $cap ...``.
+        """
+        saved_out, saved_printed, saved_fresh = self.out, self.printed, self.fresh_var
+        self.out, self.fresh_var = [], None
+        try:
+            body()
+            return self.captured_value(self.out, "", None)
+        except Unsupported as exc:
+            if exc.construct != "\x00capture":
+                raise
+        finally:
+            self.out, self.printed, self.fresh_var = saved_out, saved_printed, saved_fresh
+        cap = self.fresh("cap")
+        self.emit("{{ " + f'{cap} := ""' + " }}")
+        self.capture_vars.append(cap)
+        saved_printed, saved_fresh = self.printed, self.fresh_var
+        self.fresh_var = None
+        try:
+            body()
+        finally:
+            self.capture_vars.pop()
+            self.printed, self.fresh_var = saved_printed, saved_fresh
+        return Rt(cap, "str")
 
     def captured_value(self, pieces: list[str], construct: str, lineno: int | None) -> Const | Rt:
         """Captured output as a string value: literal text and plain printed pipelines only."""
         import re
+        construct = "\x00capture"
 
         parts: list = []
         for piece in pieces:
@@ -747,8 +787,11 @@ class _Translator:
         if items_of_map:
             if not isinstance(node.target, nodes.Tuple) or len(node.target.items) != 2:
                 raise Unsupported("for loop over items() without (key, value)", node.lineno)
-            key_var, value_var = self.fresh("k"), self.fresh("v")
-            self.emit("{{ range " + f"{key_var}, {value_var} := {list_var}" + " }}")
+            key_var, value_var, seen = self.fresh("k"), self.fresh("v"), self.fresh("seen")
+            # a map range has no index: count iterations for loop.index/first/last
+            self.emit("{{ " + f"{index_var} := 0" + " }}{{ " + f"{seen} := false" + " }}")
+            self.emit("{{ range " + f"{key_var}, {value_var} := {list_var}" + " }}{{ if " + seen + " }}{{ "
+                      + f"{index_var} = {int_plus(index_var, '1')}" + " }}{{ end }}{{ " + f"{seen} = true" + " }}")
             self.env[node.target.items[0].name] = Rt(key_var, "str")
             self.env[node.target.items[1].name] = Rt(value_var, "any" if iterable.parts == ("arguments",)
                                                      else "property")
@@ -1036,6 +1079,8 @@ class _Translator:
         go_field, kind = table[attr]
         expr = f"{wrap(base.expr)}.{go_field}" if not base.expr.startswith("$") or " " in base.expr \
             else f"{base.expr}.{go_field}"
+        if (base.kind, attr) == ("property", "type"):
+            expr = f"print {expr}"  # a schema type is a list type in Ollama; print gives its name
         defined = None if (base.kind, attr) in ALWAYS_DEFINED else expr
         return Rt(expr, kind, defined=defined)
 
@@ -1047,7 +1092,7 @@ class _Translator:
             "index0": lambda: Rt(i, "int"),
             "index": lambda: Rt(int_plus(i, "1"), "int"),
             "first": lambda: Rt(f"eq {i} 0", "bool"),
-            "last": lambda: Rt(f"eq (len (slice {lst} {i})) 1", "bool"),
+            "last": lambda: Rt(f"eq (len {lst}) ({int_plus(i, '1')})", "bool"),
             "length": lambda: Rt(f"len {lst}", "int"),
             "revindex0": lambda: Rt(int_minus(f"len (slice {lst} {i})", "1"), "int"),
             "revindex": lambda: Rt(f"len (slice {lst} {i})", "int"),
@@ -1536,7 +1581,7 @@ class _Translator:
             return ()
         if value.expr.endswith(".Role"):
             return self.ROLES
-        if value.expr.endswith(".Type"):
+        if value.expr.endswith(".Type"):  # also "print X.Type"
             return self.JSON_TYPES + ("function",)
         return ()
 
@@ -1560,14 +1605,7 @@ class _Translator:
             name = expr.node.name
             target = self.env.get(name)
             if isinstance(target, Macro):
-                saved_out = self.out
-                self.out = []
-                saved_printed = self.printed
-                self.inline_macro(target, expr)
-                pieces = self.out
-                self.out, self.printed = saved_out, saved_printed
-                return self.captured_value(pieces, f"macro {name} used as a value with runtime output",
-                                           expr.lineno)
+                return self.capture(lambda: self.inline_macro(target, expr))
             args = [self.eval(a) for a in expr.args]
             if name == "raise_exception":
                 raise Unsupported("raise_exception used as a value", expr.lineno)
