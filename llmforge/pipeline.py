@@ -70,9 +70,14 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
     out_dir = Path(output_dir) if output_dir else source.parent / f"{source.name}-ollama"
     if not out_dir.parent.is_dir():
         raise LlmforgeError(f"the folder {out_dir.parent} does not exist", hint="create it or pass another -o")
+    created_dir = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
-
-    converted = convert(source, out_dir / f"{_file_stem(name)}-{quant}.gguf", quant, base=base)
+    try:
+        converted = convert(source, out_dir / f"{_file_stem(name)}-{quant}.gguf", quant, base=base)
+    except BaseException:
+        if created_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # leave nothing behind for a failed conversion
+        raise
     gguf = Path(converted.path)
     template_source = None
     if base is not None and not _has_chat_template(source):
@@ -93,4 +98,7 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
                                  progress=progress)
     except OllamaUnreachable as exc:
         report.warnings.append(f"not pushed: {exc.message}")
+    except LlmforgeError as exc:
+        raise LlmforgeError(f"wrote {gguf} and {modelfile_path}, but the push failed: {exc.message}",
+                            hint=f"{exc.hint}; or create it by hand: {command}" if exc.hint else command) from None
     return report

@@ -206,9 +206,13 @@ def test_not_a_gguf_fails_clearly(tmp_path, modelfile, server):
     assert server.uploads == 0 and server.count("POST", "/api/create") == 0
 
 
-def test_slow_answers_time_out_with_a_message(gguf_file, modelfile, server):
-    server.delay("POST /api/show", 2.5)
-    with pytest.raises(LlmforgeError, match=r"did not answer show tiny:latest within 1 s"):
+@pytest.mark.parametrize("route,seconds,message", [
+    ("POST /api/show", 1.5, r"did not answer show tiny:latest within 1 s"),
+    ("POST /api/create", 2.5, r"did not answer create within 2 s"),
+])
+def test_slow_answers_time_out_with_a_message(gguf_file, modelfile, server, route, seconds, message):
+    server.delay(route, seconds)
+    with pytest.raises(LlmforgeError, match=message):
         push(gguf_file, modelfile, server)
     assert push(gguf_file, modelfile, server).verified  # the retry is fine once the server answers
 

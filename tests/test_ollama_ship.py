@@ -93,6 +93,16 @@ def test_ship_checks_name_and_host_before_converting(tiny_model_dir, tmp_path, c
         assert time.monotonic() - started < 5 and not (tmp_path / "x").exists()
 
 
+def test_ship_push_failure_names_the_written_files(tiny_model_dir, tmp_path):
+    from llmforge.errors import LlmforgeError
+
+    with FakeOllama(version="0.5.4") as old:
+        with pytest.raises(LlmforgeError, match="but the push failed: Ollama 0.5.4") as info:
+            ship(tiny_model_dir(ARCH), name="tiny-old", quant="q8_0", output_dir=tmp_path / "o", host=old.url,
+                 timeouts=FAST, progress=io.StringIO())
+    assert "ollama create tiny-old -f" in info.value.hint and (tmp_path / "o" / "Modelfile").is_file()
+
+
 # ---------------------------------------------------------------- real Ollama, when installed
 
 def _free_port() -> int:
