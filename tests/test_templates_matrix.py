@@ -6,6 +6,8 @@ Prints the template x conversation summary table; fails on any difference that i
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from llmforge.errors import LlmforgeError
@@ -50,13 +52,20 @@ def _summary(reports) -> str:
     good = totals["exact"] + totals["bos"] + totals["json"]
     lines.append(f"pairs {applicable}: exact {totals['exact']}, leading BOS dropped {totals['bos']}, "
                  f"JSON compared parsed {totals['json']}, explicit fallback {totals['fallback']}, "
-                 f"different {totals['different']}; exact-or-normalised {good / applicable:.1%}")
+                 f"different {totals['different']} (documented {len(DOCUMENTED)}); "
+                 f"exact-or-normalised {good / applicable:.1%}")
     return "\n".join(lines)
 
 
+class TemplateSummary(UserWarning):
+    """Carries the summary table to pytest's warnings summary (shown even under xdist)."""
+
+
 def test_every_fixture_template_renders_identically_in_go(reports, capsys):
+    table = _summary(reports)
     with capsys.disabled():
-        print("\n" + _summary(reports))
+        print("\n" + table)
+    warnings.warn(TemplateSummary("\n" + table))
     different = [f"{name} / {row.case}: {row.detail}" for name, report in reports.items() for row in report.rows
                  if row.category == "different" and (name, row.case) not in DOCUMENTED]
     assert not different, "Jinja and Go differ:\n" + "\n".join(different)
