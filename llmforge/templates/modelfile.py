@@ -425,8 +425,11 @@ def run_modelfile_command(source: Path, *, from_: str | None, adapter: Path | No
     source = Path(source)
     if not source.exists():
         raise LlmforgeError(f"{source} does not exist", hint="pass a model folder, an adapter folder or a .gguf")
+    # Ollama resolves relative paths against the Modelfile's folder: write existing files as absolute paths
+    adapter_line = str(Path(adapter).resolve()) if adapter and Path(adapter).is_file() else (
+        str(adapter) if adapter else None)
     mf = modelfile_for_source(source, from_=from_ or (str(source.resolve()) if source.suffix == ".gguf" else None),
-                              adapter=str(adapter) if adapter else None, system=system,
+                              adapter=adapter_line, system=system,
                               extra_parameters=parse_param_options(params))
     for note in mf.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -287,6 +287,10 @@ class _Translator:
                     defined = f"$def_{name}"
                     self.emit("{{ " + f"{defined} := false" + " }}")
                     self.def_vars.add(name)
+                elif isinstance(init, Rt) and init.defined:
+                    defined = f"$def_{name}"
+                    self.emit("{{ " + f"{defined} := {init.defined}" + " }}")
+                    self.def_vars.add(name)
                 env[name] = Rt(go, self.forced[name], defined=defined)
 
     @staticmethod
@@ -1470,6 +1474,10 @@ class _Translator:
             return value
         if name == "string" and kind in ("int", "any"):
             return Rt(f"print {wrap(value.expr)}", "str")
+        if name in ("first", "last") and kind == "splitlist":
+            if len(value.parts) == 1:
+                return value.parts[0]
+            return self.split_part(value.parts[0], value.parts[1], name == "last")
         if name == "first" and kind in ELEMENT_KIND:
             return Rt(f"index {wrap(value.expr)} 0", ELEMENT_KIND[kind])
         if name == "last" and kind in ELEMENT_KIND:
@@ -1562,6 +1570,34 @@ class _Translator:
         part = f"slice {s} 0 {n}" if prefix else f"slice {s} ({int_minus(f'len {s}', n)})"
         return Rt(f"and (le {n} (len {s})) (eq ({part}) {go_string(affix)})", "bool")
 
+    def split_part(self, text: Rt, sep: str, last: bool) -> Rt:
+        """`text.split(sep)[0]` / `[-1]`: find the first/last occurrence by scanning byte offsets."""
+        pos, k, s, res = self.fresh("pos"), self.fresh("k"), self.fresh("s"), self.fresh("part")
+        n = str(len(sep.encode()))
+        end = int_plus(k, n)
+        first_only = "" if last else f"(lt {pos} 0) "
+        self.emit("{{ " + f"{pos} := -1" + " }}{{ " + f"{s} := {text.expr}" + " }}{{ range " + f"{k} := len {s}"
+                  + " }}{{ if " + f"and {first_only}(le ({end}) (len {s})) (eq (slice {s} {k} ({end})) "
+                  + f"{go_string(sep)})" + " }}{{ " + f"{pos} = {k}" + " }}{{ end }}{{ end }}")
+        cut = f"slice {s} ({int_plus(pos, n)})" if last else f"slice {s} 0 {pos}"
+        self.emit("{{ " + f"{res} := {s}" + " }}{{ if ge " + pos + " 0 }}{{ " + f"{res} = {cut}" + " }}{{ end }}")
+        return Rt(res, "str")
+
+    def replace_scan(self, text: Rt, old: str, new: Any) -> Rt:
+        """`text.replace(old, new)`, left to right without overlaps, by scanning byte offsets."""
+        out, skip, k, s = self.fresh("out"), self.fresh("skip"), self.fresh("k"), self.fresh("s")
+        n = len(old.encode())
+        end = int_plus(k, str(n))
+        new_expr = as_go(new, None)
+        self.emit("{{ " + f'{out} := ""' + " }}{{ " + f"{skip} := 0" + " }}{{ " + f"{s} := {text.expr}" + " }}"
+                  + "{{ range " + f"{k} := len {s}" + " }}{{ if " + skip + " }}{{ " + f"{skip} = {int_minus(skip, '1')}"
+                  + " }}{{ else if " + f"and (le ({end}) (len {s})) (eq (slice {s} {k} ({end})) {go_string(old)})"
+                  + " }}{{ " + f'{out} = printf "%s%s" {out} {wrap(new_expr)}' + " }}{{ " + f"{skip} = {n - 1}"
+                  + " }}{{ else }}{{ " + f'{out} = printf "%s%s" {out} (slice {s} {k} ({int_plus(k, "1")}))'
+                  + " }}{{ end }}{{ end }}")
+        self.notes.add("str.replace/split on content are computed by scanning bytes")
+        return Rt(out, "str")
+
     def substring_test(self, text: Rt, needle: str) -> Rt:
         """`needle in text`: scan every byte offset (Go >= 1.22 ranges over an int)."""
         found, k, s = self.fresh("found"), self.fresh("k"), self.fresh("s")
@@ -1646,6 +1682,13 @@ class _Translator:
             if method == "keys" and base.kind in ATTRS:
                 self.notes.add(f"the keys of a {base.kind} are the fields Ollama's data model has")
                 return Const([key for key in ATTRS[base.kind] if key not in ("reasoning", "thinking")])
+            if method == "split" and len(args) == 1 and isinstance(args[0], Const) and isinstance(args[0].value, str) \
+                    and args[0].value and base.kind == "str":
+                return Rt(base.expr, "splitlist", (base, args[0].value))
+            if method == "replace" and len(args) == 2 and isinstance(args[0], Const) and isinstance(args[0].value, str) \
+                    and args[0].value and base.kind == "str" and (isinstance(args[1], Rt) and args[1].kind == "str"
+                                                                   or isinstance(args[1].value if isinstance(args[1], Const) else None, str)):
+                return self.replace_scan(base, args[0].value, args[1])
             if method == "items" and base.kind in ATTRS:
                 # a struct's fields are known: unroll (JSON built from them compares as parsed JSON)
                 pairs = [(key, self.getattr(base, key, expr.lineno)) for key in ATTRS[base.kind]
@@ -1685,7 +1728,9 @@ def _patch_splitlist() -> None:
         if isinstance(base, Rt) and base.kind == "splitlist":
             key = self.eval(expr.arg)
             if isinstance(key, Const) and key.value in (0, -1):
-                return base.parts[0]
+                if len(base.parts) == 1:
+                    return base.parts[0]  # split on a think tag: content never holds one in Ollama
+                return self.split_part(base.parts[0], base.parts[1], key.value == -1)
             raise Unsupported("indexing a split string", expr.lineno)
         return original(self, expr)
 
