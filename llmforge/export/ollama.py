@@ -586,9 +586,14 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
     if adapter_path is not None:
         _require_gguf(adapter_path)
 
+    notes = list(mf.notes)
+    if base_dir is not None and modelfile is not None and mf.from_:
+        from_path = Path(mf.from_) if Path(mf.from_).is_absolute() else base_dir / mf.from_
+        if from_path.resolve() != gguf.resolve():
+            notes.append(f"the Modelfile's FROM {mf.from_} was replaced by {gguf}")
     digest, uploaded = client.ensure_blob(gguf)
     report = PushReport(name=name, host=endpoint.url, server_version=version_text, digest=digest,
-                        uploaded=uploaded, notes=list(mf.notes))
+                        uploaded=uploaded, notes=notes)
     adapter_blob = None
     if adapter_path is not None:
         report.adapter_digest, report.adapter_uploaded = client.ensure_blob(adapter_path)
