@@ -171,6 +171,8 @@ def go_literal(value: Any, lineno: int | None) -> str:
         return str(value)
     if value is None or value is UNDEFINED:
         return '""'
+    if value == [] or value == ():
+        return "(slice $.Messages 0 0)"  # an empty list: no items, length 0, false
     raise Unsupported(f"a constant {type(value).__name__} used at run time", lineno)
 
 
@@ -763,7 +765,7 @@ class _Translator:
             self.emit("{{ range " + f"{k} := {wrap(iterable.expr)}" + " }}")
             saved_env, saved_loops = self.env, self.loops
             self.env = dict(saved_env)
-            self.env[node.target.name] = Rt(k, "int")
+            self.env[node.target.name] = Rt(int_plus(k, iterable.parts[0]) if iterable.parts else k, "int")
             self.loops = saved_loops + [LoopInfo(k, f"(slice (printf \"%*s\" {wrap(iterable.expr)} \"\") 0)", False)]
             self.env["loop"] = self.loops[-1]
             before_printed = self.printed
@@ -1005,11 +1007,12 @@ class _Translator:
         if isinstance(base, Const) and all(isinstance(v, Const) for v in (start, stop, step)):
             return Const(base.value[start.value:stop.value:step.value])
         if isinstance(base, Rt) and base.kind == "str" and step.value is None and \
-                all(isinstance(b, Const) and (b.value is None or isinstance(b.value, int)) for b in (start, stop)):
+                all(isinstance(b, Const) and (b.value is None or isinstance(b.value, int)) or
+                    isinstance(b, Rt) and b.kind == "int" for b in (start, stop)):
             # byte slicing: exact for ASCII text, which is what templates cut (trailing commas, brackets)
             length = f"len {wrap(base.expr)}"
-            bounds = [None if b.value is None else str(b.value) if b.value >= 0 else int_minus(length, str(-b.value))
-                      for b in (start, stop)]
+            bounds = [b.expr if isinstance(b, Rt) else None if b.value is None else str(b.value) if b.value >= 0
+                      else int_minus(length, str(-b.value)) for b in (start, stop)]
             expr = f"slice {wrap(base.expr)} {wrap(bounds[0] or '0')}" + (f" ({bounds[1]})" if bounds[1] else "")
             self.notes.add("string slices cut bytes (exact for ASCII)")
             return Rt(expr, "str")
@@ -1155,6 +1158,8 @@ class _Translator:
         if isinstance(rt, Const):
             if left.kind == "str" and isinstance(right, Const) and right.value in ("", None, UNDEFINED):
                 return Rt(f"or {wrap(left.expr)} \"\"", "str")
+            if isinstance(right, Const) and right.value in ({}, [], None, UNDEFINED) and left.kind != "bool":
+                return left  # `x or {}`: an empty value of x's own kind behaves the same
             return Rt(lt.expr, "bool")
         if left.kind == right.kind == "str":
             return Rt(f"or {wrap(left.expr)} {wrap(right.expr)}", "str")
@@ -1654,6 +1659,11 @@ class _Translator:
                 return Const(list(range(*[a.value for a in args])))
             if name == "range" and len(args) == 1 and isinstance(args[0], Rt) and args[0].kind == "int":
                 return Rt(args[0].expr, "intrange")
+            if name == "range" and len(args) == 2 and all(isinstance(a, Rt) and a.kind == "int" or
+                                                          isinstance(a, Const) and isinstance(a.value, int) and
+                                                          a.value >= 0 for a in args):
+                start, stop = (as_go(a, expr.lineno) for a in args)
+                return Rt(int_minus(stop, start), "intrange", (start,))
             if name == "dict":
                 return self.eval_Dict(nodes.Dict([nodes.Pair(nodes.Const(k.key), k.value) for k in expr.kwargs],
                                                  lineno=expr.lineno))
