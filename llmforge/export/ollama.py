@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import requests
+import urllib3
 
 from ..errors import LlmforgeError
 from ..vendor.ollama_api import (DEFAULT_HOST, DEFAULT_PORT, FEATURE_VERSIONS, NAME_DEFAULTS,
@@ -265,7 +266,7 @@ class OllamaClient:
         self.session.headers.update({"User-Agent": "llmforge", "Accept": "application/json"})
 
     def _call(self, method: str, path: str, *, stream: bool = False, read_timeout: float | None = None,
-              action: str | None = None, **kwargs: Any) -> requests.Response:
+              action: str | None = None, accept: tuple[int, ...] = (), **kwargs: Any) -> requests.Response:
         url = f"{self.endpoint.url}{path}"
         what = action or f"{method} {path}"
         timeout = (self.timeouts.connect, read_timeout or self.timeouts.read)
@@ -288,7 +289,7 @@ class OllamaClient:
                                         hint="start it with `ollama serve` or pass --host") from None
             raise LlmforgeError(f"the connection to Ollama at {self.endpoint.url} failed during {what}",
                                 hint="check the server; re-run the same command") from None
-        if response.status_code >= 400:
+        if response.status_code >= 400 and response.status_code not in accept:
             raise self._http_error(response, what)
         return response
 
@@ -333,13 +334,7 @@ class OllamaClient:
         return str(self._call("GET", "/api/version").json().get("version", "0.0.0"))
 
     def has_blob(self, digest: str) -> bool:
-        try:
-            self._call("HEAD", f"/api/blobs/{digest}", action="the blob check")
-        except LlmforgeError as exc:
-            if "HTTP 404" in exc.message:
-                return False
-            raise
-        return True
+        return self._call("HEAD", f"/api/blobs/{digest}", action="the blob check", accept=(404,)).status_code != 404
 
     def upload_blob(self, path: Path, digest: str) -> None:
         progress = Progress(f"uploading {path.name}", path.stat().st_size, self.progress)
@@ -390,10 +385,10 @@ class OllamaClient:
         self._call("DELETE", "/api/delete", json={"model": name}, action=f"delete {name}")
 
 
-def _refused(exc: Exception) -> bool:
-    text = repr(exc)
-    return any(s in text for s in ("Connection refused", "Errno 111", "Name or service not known",
-                                   "nodename nor servname", "Failed to resolve", "NewConnectionError"))
+def _refused(exc: requests.exceptions.ConnectionError) -> bool:
+    """Nothing listens there (refused, unknown name), as opposed to a connection that broke."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 # ---------------------------------------------------------------- verification helpers
