@@ -148,6 +148,8 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
         transform = spec.transforms.get(plan.kind)
         if transform is not None:
             tensor = transform(tensor, hp)
+        if spec.norm_shift and plan.hf_name.endswith("norm.weight"):
+            tensor = tensor.float() + spec.norm_shift
         if tuple(tensor.shape) != t.shape:
             raise LlmforgeError(f"tensor {plan.hf_name!r} has shape {tuple(tensor.shape)}, header says {t.shape}",
                                 hint="the checkpoint is corrupt")

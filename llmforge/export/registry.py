@@ -160,14 +160,6 @@ LLAMA_TRANSFORMS: dict[MODEL_TENSOR, Transform] = {
 }
 
 
-def _plus_one(w: torch.Tensor, hp: HParams) -> torch.Tensor:
-    return w.float() + 1.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by w
-
-
-GEMMA_NORMS = (MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.ATTN_POST_NORM, MODEL_TENSOR.FFN_NORM,
-               MODEL_TENSOR.FFN_POST_NORM, MODEL_TENSOR.OUTPUT_NORM, MODEL_TENSOR.ATTN_Q_NORM,
-               MODEL_TENSOR.ATTN_K_NORM)
-GEMMA_TRANSFORMS: dict[MODEL_TENSOR, Transform] = {t: _plus_one for t in GEMMA_NORMS}
 
 
 def llama3_rope_freqs(hp: HParams) -> torch.Tensor | None:
@@ -217,6 +209,7 @@ class ArchSpec:
     transforms: dict[MODEL_TENSOR, Transform] = field(default_factory=dict)
     extra_tensors: Callable[[HParams], dict[MODEL_TENSOR, torch.Tensor]] = lambda hp: {}
     skip: tuple[str, ...] = ("rotary_emb.inv_freq",)   # HF tensors with no GGUF counterpart
+    norm_shift: float = 0.0                      # added to every *norm.weight (Gemma: x * (1 + w))
     tied_default: bool = False                   # tie_word_embeddings when config.json omits it
     add_bos: bool | None = None                  # forced tokenizer.ggml.add_bos_token (None: from tokenizer)
 
@@ -241,10 +234,10 @@ REGISTRY: tuple[ArchSpec, ...] = (
     ArchSpec("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), MODEL_ARCH.QWEN2),
     ArchSpec("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), MODEL_ARCH.QWEN3),
     ArchSpec("gemma2", ("Gemma2ForCausalLM",), ("gemma2",), MODEL_ARCH.GEMMA2, kvs=GEMMA2_KVS,
-             transforms=GEMMA_TRANSFORMS, skip=("rotary_emb.inv_freq", "lm_head.weight"), tied_default=True,
+             norm_shift=1.0, skip=("rotary_emb.inv_freq", "lm_head.weight"), tied_default=True,
              add_bos=True),
     ArchSpec("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text", "gemma3"), MODEL_ARCH.GEMMA3, kvs=GEMMA3_KVS,
-             transforms=GEMMA_TRANSFORMS, skip=("rotary_emb.inv_freq", "lm_head.weight"), tied_default=True,
+             norm_shift=1.0, skip=("rotary_emb.inv_freq", "lm_head.weight"), tied_default=True,
              add_bos=True),
     ArchSpec("phi3", ("Phi3ForCausalLM",), ("phi3",), MODEL_ARCH.PHI3, kvs=PHI3_KVS,
              extra_tensors=phi3_rope_factors),

@@ -237,10 +237,20 @@ def load_vocab(tok_dir: Path, vocab_size: int) -> VocabData:
         raise LlmforgeError(f"unsupported tokenizer in {tok_dir}",
                             hint="llmforge reads byte-level BPE tokenizer.json, SentencePiece tokenizer.model, "
                                  "or Gemma-style BPE")
-    data.special = gguf.SpecialVocab(tok_dir, load_merges=load_merges, n_vocab=len(data.tokens))
+    data.special = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=len(data.tokens))
+    if load_merges:
+        data.special.merges = _merges(tj)
     if data.model == "gemma4":
         data.special.add_special_token["bos"] = True
     return data
+
+
+def _merges(tj: dict) -> list[str]:
+    """tokenizer.json merges as GGUF wants them ("a b"), from either spelling (strings or pairs)."""
+    merges = tj["model"].get("merges") or []
+    if merges and not isinstance(merges[0], str):
+        return [" ".join(pair) for pair in merges]
+    return list(merges)
 
 
 def eot_id(data: VocabData) -> int | None:

@@ -3,7 +3,8 @@
 ``GGUFWriter.add_tensor`` keeps every array until the end (gguf-py issue #29078). Here the caller declares
 each tensor's name, shape and ggml type up front; the header, KVs and tensor infos are written; then a
 ``produce`` callback makes each tensor's bytes just in time, so peak memory is about one tensor. The file is
-built under a temporary name, read back with ``GGUFReader`` and renamed into place only if it checks out.
+built under a temporary name, its header read back (names, shapes, types, offsets; see ``gguf_header``)
+and renamed into place only if it checks out.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+import struct
+
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter
 from gguf.quants import quant_shape_to_byte_shape
 
 from ..atomic import atomic_path
 from ..errors import LlmforgeError
+from .gguf_header import read_header
 
 QUANTIZATION_VERSION = 2
 
@@ -75,6 +79,32 @@ class Progress:
         self.last_decile = decile
 
 
+class FastArrayGGUFWriter(GGUFWriter):
+    """``GGUFWriter`` whose homogeneous string/float/int arrays pack in one go (the vocabulary has 10^5-10^6
+    strings; gguf-py packs them one ``struct.pack`` at a time). Same bytes as gguf-py writes."""
+
+    _ARRAY_FORMATS = {GGUFValueType.FLOAT32: "f", GGUFValueType.INT32: "i", GGUFValueType.UINT32: "I"}
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if vtype != GGUFValueType.ARRAY or not isinstance(val, (list, tuple)) or len(val) < 64 \
+                or self.endianess != GGUFEndian.LITTLE:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        first = val[0]
+        ltype = sub_type if sub_type is not None else GGUFValueType.get_type(first)
+        head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
+        if ltype == GGUFValueType.STRING and all(isinstance(v, str) for v in val):
+            parts = [head]
+            for item in val:
+                b = item.encode("utf-8")
+                parts.append(struct.pack("<Q", len(b)))
+                parts.append(b)
+            return b"".join(parts)
+        fmt = self._ARRAY_FORMATS.get(ltype)
+        if fmt is not None and (sub_type is not None or all(type(v) is type(first) for v in val)):
+            return head + struct.pack(f"<{len(val)}{fmt}", *val)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
 class StreamingGGUFWriter:
     """Plan tensors, set KVs through ``.gguf`` (a ``GGUFWriter``), then :meth:`write` streams the data.
 
@@ -88,7 +118,7 @@ class StreamingGGUFWriter:
 
     def __init__(self, arch: str):
         self.arch = arch
-        self.gguf = GGUFWriter(path=None, arch=arch)
+        self.gguf = FastArrayGGUFWriter(path=None, arch=arch)
         self.tensors: list[PlannedTensor] = []
         self._names: set[str] = set()
 
@@ -129,26 +159,33 @@ class StreamingGGUFWriter:
 
 
 def verify_gguf(path: Path, planned: list[PlannedTensor]) -> str:
-    """Read ``path`` back with ``GGUFReader``: every planned tensor present with its shape and type."""
+    """Read ``path``'s header back: every planned tensor present, shape and type as planned, data in the file."""
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # a reader failure means we wrote a broken file: that is a bug, say so clearly
+        header = read_header(path)
+    except Exception as exc:  # a broken header is our bug, not the user's
         raise RuntimeError(f"read-back of {path} failed: {exc}") from exc
-    found = {t.name: t for t in reader.tensors}
+    infos = {t.name: (t.shape, t.qtype, t.offset) for t in header.tensors}
+    data_start, alignment = header.data_start, header.alignment
     problems = []
+    expected_offset = 0
     for p in planned:
-        t = found.pop(p.name, None)
-        if t is None:
+        info = infos.pop(p.name, None)
+        if info is None:
             problems.append(f"{p.name} missing")
             continue
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if shape != p.shape or t.tensor_type != p.qtype:
-            problems.append(f"{p.name}: {t.tensor_type.name}{shape} != planned {p.qtype.name}{p.shape}")
-    problems += [f"unexpected tensor {n}" for n in found]
-    del reader
+        shape, qtype, offset = info
+        if shape != p.shape or qtype != p.qtype:
+            problems.append(f"{p.name}: {GGMLQuantizationType(qtype).name}{shape} != planned {p.qtype.name}{p.shape}")
+        if offset != expected_offset:
+            problems.append(f"{p.name}: data offset {offset}, expected {expected_offset}")
+        expected_offset = offset + (p.nbytes + alignment - 1) // alignment * alignment
+    problems += [f"unexpected tensor {n}" for n in infos]
+    size = path.stat().st_size
+    if planned and size < data_start + expected_offset - alignment + 1:
+        problems.append(f"file has {size} bytes, tensor data needs {data_start + expected_offset}")
     if problems:
         raise RuntimeError(f"read-back check of {path} failed: " + "; ".join(problems[:5]))
-    return f"read back {len(planned)} tensors: names, shapes, types as planned"
+    return f"read back {len(planned)} tensors: names, shapes, types, offsets as planned"
 
 
 def check_disk_space(target: Path, needed: int) -> None:
