@@ -18,7 +18,8 @@ from templates_support import fixture_templates, tokens_for
 # transformers hands Jinja a list of parts, and this template renders parts differently from a string
 # (a space after each text part; a string content is dropped entirely by its selectattr).
 DOCUMENTED = {("llava-1.5.jinja", "content_parts"): "parts rendered differently from a string by the template",
-              ("ollama-lib-rnj-1-latest.jinja", "content_parts"): "a system given as parts is dropped by the template"}
+              ("ollama-lib-rnj-1-latest.jinja", "content_parts"): "a system given as parts is dropped by the template",
+              ("gemma3-it-1b-early.jinja", "content_parts"): "the template reads a system prompt only from parts"}
 
 # Templates whose Jinja cannot be parsed by jinja2 itself (so transformers cannot use them either).
 UNPARSEABLE = {"vicuna-vllm.jinja"}
@@ -84,7 +85,7 @@ def test_most_pairs_translate_without_fallback(reports):
             totals[k] += v
     good = totals["exact"] + totals["bos"] + totals["json"]
     # The target is 95%; this guards the level reached so far against regressions.
-    assert good / sum(totals.values()) >= 0.70
+    assert good / sum(totals.values()) >= 0.85
 
 
 def test_unparseable_fixture_is_reported_with_line_and_column():

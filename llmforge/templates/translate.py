@@ -532,8 +532,8 @@ class _Translator:
                     kinds.add("int")
                 elif isinstance(v.value, str):
                     kinds.add("str")
-                elif v.value is None or v.value is UNDEFINED:
-                    continue
+                elif v.value is None or v.value is UNDEFINED or v.value == [] or v.value == {}:
+                    continue  # empty values fit any list or mapping kind
                 else:
                     kinds.add("any")
         if len(kinds) == 1:
@@ -996,6 +996,8 @@ class _Translator:
                           ELEMENT_KIND[base.kind])
             if isinstance(key, Rt) and key.kind == "int":
                 return Rt(f"index {wrap(base.expr)} {wrap(key.expr)}", ELEMENT_KIND[base.kind])
+        if isinstance(base, Rt) and base.kind == "str" and isinstance(key, Const) and isinstance(key.value, int):
+            return Rt("\"\"", "char")  # a character: templates only probe it for part fields (undefined)
         if isinstance(base, Rt) and base.kind == "arguments" and isinstance(key, Rt):
             return Rt(f"index {wrap(base.expr)} {wrap(key.expr)}", "any")
         raise Unsupported("indexing a runtime value", expr.lineno)
@@ -1193,6 +1195,9 @@ class _Translator:
             try:
                 return Const(left.value + right.value)
             except TypeError:
+                if UNDEFINED in (left.value, right.value):
+                    # Jinja raises here (such inputs are rejected there); print the defined side
+                    return left if right.value is UNDEFINED else right
                 raise Unsupported("adding incompatible constants", expr.lineno) from None
         kinds = {v.kind if isinstance(v, Rt) else type(v.value).__name__ for v in (left, right)}
         if kinds <= {"str", "any"}:  # Jinja raises unless an "any" variable holds a string here
@@ -1314,6 +1319,21 @@ class _Translator:
         return Rt(f"{go_op} {wrap(as_go(left, lineno))} {wrap(as_go(right, lineno))}", "bool")
 
     def contains(self, needle: Any, haystack: Any, lineno: int | None) -> Any:
+        if isinstance(haystack, Rt) and haystack.kind in ("strlist", "list") and \
+                (isinstance(needle, Rt) and needle.kind == "str" or isinstance(needle, Const)
+                 and isinstance(needle.value, str)):
+            found, item = self.fresh("found"), self.fresh("item")
+            self.emit("{{ " + f"{found} := false" + " }}{{ range " + f"{item} := {haystack.expr}" + " }}{{ if "
+                      + f"eq {item} {wrap(as_go(needle, lineno))}" + " }}{{ " + f"{found} = true"
+                      + " }}{{ end }}{{ end }}")
+            return Rt(found, "bool")
+        if isinstance(haystack, Rt) and haystack.kind in ATTRS and haystack.kind != "message" and \
+                isinstance(needle, Const) and isinstance(needle.value, str):
+            if needle.value not in ATTRS[haystack.kind]:
+                return Const(False)
+            if (haystack.kind, needle.value) in ALWAYS_DEFINED:
+                return Const(True)
+            return self.truth(self.getattr(haystack, needle.value, lineno), lineno)
         if isinstance(haystack, Const) and isinstance(haystack.value, (list, tuple)) and isinstance(needle, Rt):
             if needle.kind not in ("str", "int"):
                 raise Unsupported("`in` on a runtime value", lineno)
