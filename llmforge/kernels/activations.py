@@ -21,14 +21,14 @@ if triton_importable():
         """Activation value and derivative at ``e`` (fp32). KIND 0 = SiLU, 1 = tanh GELU."""
         if KIND == 0:
             s = tl.sigmoid(e)
-            return e * s, s * (1.0 + e * (1.0 - s))
+            value = e * s
+            grad = s * (1.0 + e * (1.0 - s))
         else:
-            c: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
-            inner = c * (e + 0.044715 * e * e * e)
+            inner = 0.7978845608028654 * (e + 0.044715 * e * e * e)  # sqrt(2 / pi) * (...)
             t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh, portable to the interpreter
             value = 0.5 * e * (1.0 + t)
-            grad = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * e * e)
-            return value, grad
+            grad = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * e * e)
+        return value, grad
 
     @triton.jit
     def _gated_fwd(E, G, H, n, KIND: tl.constexpr, BLOCK: tl.constexpr):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 MIN_OFFLOAD_BYTES = 2 << 20  # smaller inputs stay on the device: the copy costs more than it saves
 
@@ -61,7 +62,7 @@ class _autocast_as:
 _GRAD_ANCHOR: dict[torch.device, torch.Tensor] = {}
 
 
-def offloaded_checkpoint(run: Callable, hidden: torch.Tensor, *args):
+def offloaded_checkpoint(run: Callable, *args, **kwargs):
     """Checkpoint ``run(hidden, *args)`` with its input kept in CPU memory until backward.
 
     Drop-in for ``torch.utils.checkpoint.checkpoint`` as a transformers ``_gradient_checkpointing_func``.
@@ -69,6 +70,9 @@ def offloaded_checkpoint(run: Callable, hidden: torch.Tensor, *args):
     embeddings), so the LoRA weights inside still get gradients. Dropout RNG state is not replayed:
     use it with dropout 0 (LoRA training here).
     """
+    if not args or not torch.is_tensor(args[0]) or kwargs:  # nothing positional to offload
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    hidden, args = args[0], args[1:]
     if not torch.is_grad_enabled():
         return run(hidden, *args)
     anchor = _GRAD_ANCHOR.setdefault(hidden.device, torch.zeros((), device=hidden.device, requires_grad=True))

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""GPU correctness of llmforge's kernels at real sizes in bf16, then a full patched QLoRA training step.
+
+1. Every kernel (RMSNorm and its Gemma variant, RoPE on Q/K with Llama 3 frequencies and packed
+   positions, SwiGLU, GeGLU, fused linear + CE with ignored rows and softcap, NF4 dequantization,
+   fused LoRA linear and MLP over NF4 bases) against a float32 torch reference computed from the same
+   bf16 inputs: forward and every gradient, as relative L2 errors; NF4 against bitsandbytes' own
+   dequantization of the same stored weights. Also the time of ours vs the unfused bf16 torch version.
+2. Random Llama-3.2-1B and Llama-3.1-8B shaped models, NF4 double quant (bitsandbytes), LoRA r=16 on all
+   7 projections (random B so every LoRA weight gets a gradient), gradient checkpointing: one step
+   unpatched, then ``patch_model`` and the same step; loss and all LoRA gradients must agree within
+   bf16 tolerance.
+
+Prints a table; exits 1 when any check fails. ``--small`` (with TRITON_INTERPRET=1 on a CPU) is a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmforge.kernels import activations, cross_entropy, fast_lora, nf4, rmsnorm, rope  # noqa: E402
+
+ROWS: list[dict] = []
+KERNEL_TOL = 2e-2   # relative L2 error of a bf16 kernel vs the float32 reference
+STEP_LOSS_TOL = 2e-2  # absolute, on a loss of about 12
+STEP_GRAD_TOL = 5e-2  # relative L2 over all LoRA gradients together
+
+# name -> (hidden, ffn, layers, heads, kv heads, vocab, tied)
+SHAPES = {"1b": (2048, 8192, 16, 32, 8, 128256, True), "8b": (4096, 14336, 32, 32, 8, 128256, False),
+          "tiny": (64, 192, 2, 4, 2, 1000, False)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def record(group: str, name: str, err: float, tol: float, extra: str = "") -> None:
+    ok = err == err and err <= tol
+    ROWS.append({"group": group, "check": name, "error": err, "tol": tol, "ok": ok, "extra": extra})
+
+
+def timed(fn, device: torch.device, reps: int = 5) -> float:
+    """Median ms of ``fn()`` (forward + backward), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def grads_of(fn, inputs, dy):
+    """Output and gradients of ``fn(*inputs)`` for upstream gradient ``dy``."""
+    leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    out = fn(*leaves)
+    out.backward(dy)
+    return out.detach(), [x.grad for x in leaves if x.requires_grad]
+
+
+def compare(group: str, fn, ref, inputs, dy, names, device, speed_ref=None) -> None:
+    out, grads = grads_of(fn, inputs, dy)
+    out_r, grads_r = grads_of(ref, [x.float() if x.is_floating_point() else x for x in inputs], dy.float())
+    record(group, "forward", rel(out, out_r), KERNEL_TOL)
+    for n, g, gr in zip(names, grads, grads_r):
+        record(group, f"d{n}", rel(g, gr), KERNEL_TOL)
+    if speed_ref is not None:
+        ours = timed(lambda: grads_of(fn, inputs, dy), device)
+        theirs = timed(lambda: grads_of(speed_ref, inputs, dy), device)
+        ROWS[-1]["extra"] = f"fwd+bwd {ours:.2f} ms vs torch bf16 {theirs:.2f} ms ({theirs / ours:.2f}x)"
+
+
+def check_kernels(device: torch.device, small: bool) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = torch.bfloat16
+    rows, hidden, ffn, vocab = (37, 200, 320, 1000) if small else (8192, 4096, 14336, 128256)
+
+    def randn(*shape, scale=1.0, dtype=bf16):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    # RMSNorm, both variants
+    x = randn(rows, hidden).requires_grad_()
+    for gemma in (False, True):
+        w = (randn(hidden, scale=0.1) + (0 if gemma else 1)).requires_grad_()
+        compare(f"rmsnorm{' gemma' if gemma else ''} {rows}x{hidden}",
+                lambda a, b: rmsnorm.rms_norm(a, b, 1e-6, gemma),
+                lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-6, gemma),
+                [x, w], randn(rows, hidden), ["x", "w"], device,
+                speed_ref=lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-6, gemma))
+
+    # RoPE: (B, T, H*D) projections viewed as (B, H, T, D); Llama 3 frequencies; two packed documents
+    batch, n_t, hq, hk, dim = (2, 24, 4, 2, 16) if small else (2, 2048, 32, 8, 128)
+    inv = rope.llama3_inv_freq(dim, 500000.0, 8.0, 1.0, 4.0, 8192)
+    pos = torch.cat([torch.arange(n_t // 2), torch.arange(n_t - n_t // 2)]).to(device).repeat(batch, 1)
+    cos, sin = rope.rope_cos_sin(pos, inv, dtype=bf16)
+
+    def rope_fn(qp, kp, fast=True):
+        q = (qp * 1).view(batch, n_t, hq, dim).transpose(1, 2)
+        k = (kp * 1).view(batch, n_t, hk, dim).transpose(1, 2)
+        c, s = (cos, sin) if qp.dtype == bf16 else (cos.float(), sin.float())
+        q2, k2 = (rope.apply_rope_ if fast else rope.rope_reference)(q, k, c, s)
+        return torch.cat([q2.reshape(-1), k2.reshape(-1)])
+
+    qp, kp = randn(batch, n_t, hq * dim).requires_grad_(), randn(batch, n_t, hk * dim).requires_grad_()
+    compare(f"rope q{hq}/k{hk} heads T={n_t}", rope_fn, lambda a, b: rope_fn(a, b, fast=False), [qp, kp],
+            randn(batch * n_t * (hq + hk) * dim), ["q", "k"], device, speed_ref=lambda a, b: rope_fn(a, b, fast=False))
+
+    # gated activations
+    e, gg = randn(rows, ffn).requires_grad_(), randn(rows, ffn).requires_grad_()
+    for kind in ("silu", "gelu_pytorch_tanh"):
+        compare(f"{'swiglu' if kind == 'silu' else 'geglu-tanh'} {rows}x{ffn}",
+                lambda a, b: activations.gated_activation(a, b, kind),
+                lambda a, b: activations.gated_reference(a, b, kind), [e, gg], randn(rows, ffn), ["e", "g"], device,
+                speed_ref=lambda a, b: activations.gated_reference(a, b, kind))
+
+    # fused linear + cross-entropy: ignored rows, an all-ignored tail, softcap, W trained
+    h = randn(rows, hidden).requires_grad_()
+    w = randn(vocab, hidden, scale=hidden ** -0.5 * 4).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,), generator=g, device=device)
+    labels[::5] = -100
+    labels[-max(1, rows // 16):] = -100
+    for cap in (None, 30.0):
+        def ce_ours(a, b):
+            return cross_entropy.fused_linear_cross_entropy(a, b, labels, softcap=cap,
+                                                            chunk_rows=max(1, rows // 3))
+
+        def ce_ref(a, b):
+            return cross_entropy.linear_cross_entropy_reference(a.float(), b.float(), labels, softcap=cap)
+
+        compare(f"linear+CE V={vocab}{' softcap' if cap else ''}", ce_ours, ce_ref, [h, w],
+                torch.ones((), device=device), ["hidden", "W"], device, speed_ref=lambda a, b: ce_ref(a.to(bf16), b.to(bf16)))
+
+    # NF4: ours vs bitsandbytes on the same stored weights (fp32 and double-quantized absmax)
+    import bitsandbytes.functional as bnbf
+
+    dense = randn(ffn, hidden, scale=0.02)
+    for nested in (True, False):
+        packed, qs = bnbf.quantize_4bit(dense, compress_statistics=nested, quant_type="nf4", blocksize=64)
+        group = f"nf4 dequant {ffn}x{hidden}{' double-quant' if nested else ''}"
+        for dtype, tol in ((torch.float32, 1e-6), (bf16, 1e-2)):  # bnb's CPU path rounds twice in bf16
+            ours = nf4.dequantize_nf4(packed, qs, dtype)
+            qs_as = copy.copy(qs)
+            qs_as.dtype = dtype  # bitsandbytes dequantizes into quant_state.dtype
+            theirs = bnbf.dequantize_4bit(packed, qs_as)
+            diff = float((ours.float() - theirs.float()).abs().max())
+            record(group, f"vs bitsandbytes ({str(dtype)[6:]})", rel(ours, theirs), tol,
+                   f"max |diff| {diff:.3g}, equal {float((ours == theirs).float().mean()):.4%}")
+        if nested and device.type == "cuda":
+            t_ours = timed(lambda: nf4.dequantize_nf4(packed, qs, bf16), device)
+            t_bnb = timed(lambda: bnbf.dequantize_4bit(packed, qs), device)
+            ROWS[-1]["extra"] += f"; {t_ours:.3f} ms vs bnb {t_bnb:.3f} ms"
+
+    # fused LoRA over NF4 bases
+    r = 16
+    x = randn(rows // 2, hidden).requires_grad_()
+
+    def quant(out_f, in_f):
+        packed, qs = bnbf.quantize_4bit(randn(out_f, in_f, scale=0.02), compress_statistics=True,
+                                        quant_type="nf4", blocksize=64)
+        return packed, qs
+
+    def adapter(out_f, in_f):
+        return (randn(r, in_f, scale=in_f ** -0.5, dtype=torch.float32).requires_grad_(),
+                randn(out_f, r, scale=0.02, dtype=torch.float32).requires_grad_())
+
+    pq, qs = quant(hidden, hidden)
+    a, b = adapter(hidden, hidden)
+
+    def lin(xx, aa, bb):
+        return fast_lora.lora_linear(xx, fast_lora.LoRAWeights(pq, qs, aa, bb, 2.0))
+
+    def lin_ref(xx, aa, bb):
+        return fast_lora.lora_reference(xx.float(), fast_lora.LoRAWeights(pq, qs, aa.float(), bb.float(), 2.0))
+
+    compare(f"LoRA linear NF4 {hidden}x{hidden} r{r}", lin, lin_ref, [x, a, b], randn(rows // 2, hidden),
+            ["x", "A", "B"], device)
+
+    gate, up, down = quant(ffn, hidden), quant(ffn, hidden), quant(hidden, ffn)
+    ga, gb = adapter(ffn, hidden)
+    ua, ub = adapter(ffn, hidden)
+    da, db = adapter(hidden, ffn)
+    for kind in ("silu", "gelu_pytorch_tanh"):
+        def mlp(xx, *ab, ref=False):
+            ws = [fast_lora.LoRAWeights(p, q, aa.float() if ref else aa, bb.float() if ref else bb, 2.0)
+                  for (p, q), aa, bb in zip((gate, up, down), ab[0::2], ab[1::2])]
+            if not ref:
+                return fast_lora.lora_mlp(xx, *ws, kind)
+            xx = xx.float()
+            hmid = activations.gated_reference(fast_lora.lora_reference(xx, ws[0]), fast_lora.lora_reference(xx, ws[1]), kind)
+            return fast_lora.lora_reference(hmid, ws[2])
+
+        compare(f"LoRA MLP NF4 {hidden}->{ffn} {kind}", mlp, lambda *t: mlp(*t, ref=True),
+                [x, ga, gb, ua, ub, da, db], randn(rows // 2, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device)
+
+
+def build_qlora_model(size: str, device: torch.device):
+    """Random NF4-quantized llama of the given shape, LoRA r=16 on all projections, checkpointing on."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, ffn, layers, heads, kv, vocab, tied = SHAPES[size]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tied, max_position_embeddings=131072,
+                         rope_theta=500000.0, use_cache=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                old = getattr(parent, name, None)
+                if old is None:
+                    continue
+                new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                        compress_statistics=True, quant_type="nf4", device="meta")
+                new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
+                                               quant_type="nf4", blocksize=64).to(device)
+                setattr(parent, name, new)
+                del old
+    model.is_loaded_in_4bit = True
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                             target_modules=list(targets), task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    model.train()
+    return model
+
+
+def check_step(size: str, device: torch.device, seq: int, batch: int) -> None:
+    group = f"train step llama-{size} seq {seq} x{batch}"
+    model = build_qlora_model(size, device)
+    n_q = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    ids = torch.randint(0, SHAPES[size][5], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    labels = ids.clone()
+    labels[:, : seq // 8] = -100
+
+    def step():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return float(loss), grads, time.perf_counter() - t, peak
+
+    step()  # warm-up (bitsandbytes / cuBLAS init)
+    loss_ref, grads_ref, t_ref, peak_ref = step()
+    from llmforge.kernels.patch import patch_model
+
+    report = patch_model(model)
+    step()  # warm-up (Triton compilation)
+    loss_new, grads_new, t_new, peak_new = step()
+    missing = [n for n, gr in grads_ref.items() if n not in grads_new]
+    num = sum(float((grads_new[n] - gr).pow(2).sum()) for n, gr in grads_ref.items() if n in grads_new)
+    den = sum(float(gr.pow(2).sum()) for gr in grads_ref.values())
+    per_tensor = sorted((rel(grads_new[n], gr), n) for n, gr in grads_ref.items() if n in grads_new and gr.norm() > 0)
+    zero_new = [n for n, gn in grads_new.items() if gn.norm() == 0]
+    record(group, "loss |diff|", abs(loss_new - loss_ref), STEP_LOSS_TOL, f"{loss_ref:.5f} vs {loss_new:.5f}")
+    record(group, "LoRA grads rel L2 (all)", (num / den) ** 0.5 if not missing else float("nan"), STEP_GRAD_TOL,
+           f"{len(grads_ref)} tensors, {n_q} NF4 linears; median/worst tensor {per_tensor[len(per_tensor) // 2][0]:.3g}/"
+           f"{per_tensor[-1][0]:.3g} ({per_tensor[-1][1].split('base_model.model.')[-1]})")
+    record(group, "zero grads after patch", float(len(zero_new)), 0.0, ", ".join(zero_new[:3]))
+    ROWS.append({"group": group, "check": "step time / peak", "error": 0.0, "tol": 0.0, "ok": True,
+                 "extra": f"unpatched {t_ref:.3f}s {peak_ref:.2f} GiB, patched {t_new:.3f}s {peak_new:.2f} GiB; "
+                          + report.summary()[:200]})
+    del model, grads_ref, grads_new
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def print_table() -> bool:
+    print("| group | check | rel error | tol | ok | notes |")
+    print("|---|---|---|---|---|---|")
+    for r in ROWS:
+        print(f"| {r['group']} | {r['check']} | {r['error']:.3g} | {r['tol']:.3g} | "
+              f"{'PASS' if r['ok'] else 'FAIL'} | {r['extra']} |")
+    ok = all(r["ok"] for r in ROWS)
+    print("PASS: all checks" if ok else f"FAIL: {sum(not r['ok'] for r in ROWS)} of {len(ROWS)} checks")
+    return ok
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test with TRITON_INTERPRET=1)")
+    p.add_argument("--sizes", nargs="*", default=None, help="model shapes for the step check (default 1b 8b)")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}",
+          flush=True)
+    sections = [("kernels", lambda: check_kernels(device, args.small))]
+    sizes = args.sizes if args.sizes is not None else (["tiny"] if args.small else ["1b", "8b"])
+    for size in sizes:
+        seq = 32 if size == "tiny" else args.seq
+        sections.append((f"step {size}", lambda size=size, seq=seq: check_step(size, device, seq, 1)))
+    for name, fn in sections:
+        t = time.time()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - one failing section must not hide the others
+            traceback.print_exc()
+            ROWS.append({"group": name, "check": "crashed", "error": float("nan"), "tol": 0.0, "ok": False,
+                         "extra": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(f"[{name}] done in {time.time() - t:.1f}s", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ok = print_table()
+    if args.json:
+        Path(args.json).write_text(json.dumps(ROWS, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

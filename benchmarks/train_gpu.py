@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""QLoRA SFT on a GPU: llmforge's kernels against transformers + PEFT + bitsandbytes and against Unsloth.
+
+Random Llama-3.2-1B / Llama-3.1-8B shaped models, NF4 double quant, bf16 compute, LoRA r=16 on all 7
+projections, seq 2048, gradient checkpointing, torch AdamW. The reference configurations are the team's
+anchor kit (``.anchors/gpu-train/train_anchor.py``, a copy of ``../shared/anchors/gpu-train``); the llmforge
+configurations run the *same* ``train_anchor.py`` loop (same model files, data, step, timers, memory
+counters) with one difference: after the HF + PEFT setup, ``llmforge.kernels.patch.patch_model`` swaps in
+the fused kernels and offloaded checkpointing. Each configuration runs in its own process
+(``benchmarks/gpu_run.sh`` drives them).
+
+  python benchmarks/train_gpu.py run --config llmforge-1b --models /tmp/models --result r.json
+  python benchmarks/train_gpu.py table --results DIR           # table + ratios llmforge / anchors
+  python benchmarks/train_gpu.py maxseq --stack llmforge --size 8b --models /tmp/models --budget-s 200
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ANCHOR_CANDIDATES = [os.environ.get("LLMFORGE_ANCHOR", ""), str(REPO / ".anchors" / "gpu-train"),
+                     str(REPO.parent / "shared" / "anchors" / "gpu-train")]
+ANCHOR = next((p for p in ANCHOR_CANDIDATES if p and (Path(p) / "train_anchor.py").exists()), None)
+if ANCHOR is None:
+    sys.exit("train_gpu: anchor kit not found (copy ../shared/anchors/gpu-train to .anchors/gpu-train)")
+sys.path.insert(0, ANCHOR)
+sys.path.insert(0, str(REPO))
+import train_anchor as A  # noqa: E402
+
+SIZES = ("1b", "8b", "tiny")
+BATCH = {"1b": 4, "8b": 2, "tiny": 2}
+for _size in SIZES:
+    A.CONFIGS[f"llmforge-{_size}"] = ("llmforge", _size, BATCH[_size])
+
+_setup_hf = A.setup_hf
+
+
+def setup_llmforge(path, args, dev):
+    """The anchor's HF + PEFT setup, then llmforge's kernels patched in."""
+    model, extra = _setup_hf(path, args, dev)
+    from llmforge.kernels.patch import patch_model
+
+    report = patch_model(model)
+    A.log(report.summary())
+    extra.update(kernels=report.summary(), kernels_backend=report.backend,
+                 kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
+                 kernels_offloaded_layers=report.offloaded_checkpoint_layers)
+    return model, extra
+
+
+# ------------------------------------------------------------------------------------------- table
+def _load(results: str, name: str) -> dict | None:
+    path = os.path.join(results, f"{name}.json")
+    if not os.path.exists(path):
+        rc_path = os.path.join(results, f"{name}.rc")
+        return {"status": f"no result (rc={open(rc_path).read().strip()})"} if os.path.exists(rc_path) else None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(results: str) -> str:
+    lines = ["| config | status | batch | tokens/s | peak alloc GiB | loss first->last | notes |",
+             "|---|---|---|---|---|---|---|"]
+    found: dict[str, dict] = {}
+    for size in ("1b", "8b", "tiny"):
+        for stack in ("llmforge", "hf", "unsloth"):
+            name = f"{stack}-{size}"
+            r = _load(results, name)
+            if r is None:
+                continue
+            found[name] = r
+            ok = r.get("status") == "ok"
+            note = r.get("kernels") or r.get("error") or ""
+            lines.append(f"| {name} | {r.get('status')} | {r.get('batch', '-')} | "
+                         f"{_num(r.get('tokens_per_s'), 0)} | {_num(r.get('train_peak_alloc_gib'), 2)} | "
+                         f"{_num(r.get('loss_first'), 3)}->{_num(r.get('loss_last'), 3)} | {note[:140]} |" if ok else
+                         f"| {name} | {r.get('status')} | - | - | - | - | {str(note)[:200]} |")
+    for size in ("1b", "8b", "tiny"):
+        ours = found.get(f"llmforge-{size}")
+        if not ours or ours.get("status") != "ok":
+            continue
+        for ref in ("hf", "unsloth"):
+            other = found.get(f"{ref}-{size}")
+            if other and other.get("status") == "ok":
+                mem = (f"{ours['train_peak_alloc_gib'] / other['train_peak_alloc_gib']:.2f}x"
+                       if other.get("train_peak_alloc_gib") and ours.get("train_peak_alloc_gib") else "-")
+                lines.append(f"{size}: llmforge/{ref} tokens/s = {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x, "
+                             f"peak alloc = {mem}")
+    targets = {"8b": ("hf", 2.0, 0.40), "1b": ("unsloth", 1.0, 1.0)}
+    for size, (ref, speed, memory) in targets.items():
+        ours, other = found.get(f"llmforge-{size}"), found.get(f"{ref}-{size}")
+        if (ours and other and ours.get("status") == other.get("status") == "ok"
+                and other.get("train_peak_alloc_gib") and ours.get("train_peak_alloc_gib")):
+            s = ours["tokens_per_s"] / other["tokens_per_s"]
+            m = ours["train_peak_alloc_gib"] / other["train_peak_alloc_gib"]
+            verdict = "MET" if (s >= speed and m <= memory) else "NOT MET"
+            lines.append(f"target {size} vs {ref}: tokens/s >= {speed}x and memory <= {memory}x -> "
+                         f"{s:.2f}x / {m:.2f}x {verdict}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ longest sequence
+def maxseq(args) -> int:
+    """Longest seq (batch 1) for which one full training step fits, by doubling then bisection, in this
+    process (an OOM is caught and the cache emptied between tries)."""
+    import argparse
+
+    ns = argparse.Namespace(seq=args.start, no_quant=False, hf_attn="sdpa", hf_kbit_prep=False,
+                            device="cuda", budget_s=args.budget_s)
+    path = A.model_dir(args.models, args.size)
+    t0 = time.time()
+    if args.stack == "unsloth":
+        model, _ = A.setup_unsloth(path, ns, "cuda")
+    elif args.stack == "llmforge":
+        model, _ = setup_llmforge(path, ns, "cuda")
+    else:
+        model, _ = A.setup_hf(path, ns, "cuda")
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+
+    def fits(seq: int) -> bool:
+        try:
+            ids = torch.randint(0, 128000, (1, seq), device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        opt.zero_grad(set_to_none=True)
+        loss = ids = None
+        torch.cuda.empty_cache()
+        A.log(f"maxseq {args.stack}-{args.size}: seq {seq} {'fits' if ok else 'OOM'}")
+        return ok
+
+    good, bad = 0, None
+    seq = args.start
+    while bad is None and time.time() - t0 < args.budget_s:
+        if fits(seq):
+            good, seq = seq, seq * 2
+        else:
+            bad = seq
+    while bad is not None and bad - good > args.resolution and time.time() - t0 < args.budget_s:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    result = {"stack": args.stack, "size": args.size, "max_seq_fits": good, "first_oom": bad,
+              "complete": bad is not None and (bad - good) <= args.resolution,
+              "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
+    A.log("MAXSEQ " + json.dumps(result))
+    if args.result:
+        Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("--results", required=True)
+        p.add_argument("--write", default=None)
+        a = p.parse_args(argv[1:])
+        text = table(a.results)
+        print(text)
+        if a.write:
+            Path(a.write).write_text(text + "\n")
+        return 0
+    if argv[:1] == ["maxseq"]:
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("--stack", choices=["llmforge", "hf", "unsloth"], required=True)
+        p.add_argument("--size", choices=["1b", "8b"], required=True)
+        p.add_argument("--models", default="/tmp/models")
+        p.add_argument("--start", type=int, default=4096)
+        p.add_argument("--resolution", type=int, default=2048)
+        p.add_argument("--budget-s", type=float, default=200)
+        p.add_argument("--result", default=None)
+        return maxseq(p.parse_args(argv[1:]))
+    if argv[:1] == ["run"]:
+        A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
+    return A.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
