@@ -65,6 +65,20 @@ def test_shipped_model_answers(shipped):
     assert result.text and result.done_reason == "stop"
 
 
+def test_ship_an_adapter_folder_merges_and_takes_the_base_template(tiny_model_dir, tmp_path):
+    from adapter_helpers import make_adapter
+
+    base = tiny_model_dir(ARCH)
+    adapter, _ = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with FakeOllama(renderer=go_renderer) as server:
+        report = ship(adapter, name="tiny-adapter", quant="q8_0", output_dir=tmp_path / "out", base=base,
+                      host=server.url, timeouts=FAST, progress=io.StringIO())
+        model = server.models["tiny-adapter:latest"]
+    assert report.pushed and report.push.render_check == "server render equals the chat template"
+    assert model["template"] == parse_modelfile(report.modelfile.read_text()).template
+    assert "</s>" in model["parameters"]["stop"]
+
+
 def test_ship_without_a_server_writes_files_and_prints_the_command(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from llmforge.cli import main
 
