@@ -8,7 +8,8 @@ NDJSON progress, errors as ``{"error": ...}`` JSON or as a streamed line), ``POS
 
 Fault injection: ``fail(route, status, message)``, ``delay(route, seconds)``, ``drop_upload()`` (close the
 connection halfway through a blob upload), ``corrupt_upload()`` (the bytes arrive changed),
-``stream_error(message)`` (create fails after streaming started, as Ollama does).
+``stream_error(message)`` (create fails after streaming started, as Ollama does), ``drop_stream()`` (the
+server dies while streaming create's progress).
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class FakeOllama:
 
     def stream_error(self, message: str, times: int = 1) -> None:
         self.add_fault("POST /api/create", Fault("stream_error", times, message=message))
+
+    def drop_stream(self, times: int = 1) -> None:
+        """The server dies while streaming create's progress (no final chunk, no success line)."""
+        self.add_fault("POST /api/create", Fault("drop", times))
 
     def take_fault(self, route: str, kind: str) -> Fault | None:
         with self.lock:
@@ -316,6 +321,10 @@ def _handler_for(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
                     return
             self._start_stream()
             self._stream_line({"status": "parsing GGUF"})
+            if server.take_fault("POST /api/create", "drop"):
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
             failure = server.take_fault("POST /api/create", "stream_error")
             model_digest = next(iter(files.values()))
             if failure or server.blob_path(model_digest).read_bytes()[:4] != b"GGUF":

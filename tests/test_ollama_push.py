@@ -198,6 +198,14 @@ def test_error_line_inside_the_create_stream_is_caught(gguf_file, modelfile, ser
     assert push(gguf_file, modelfile, server).statuses[-1] == "success"
 
 
+def test_server_dying_while_streaming_progress_is_caught(gguf_file, modelfile, server):
+    server.drop_stream()
+    with pytest.raises(LlmforgeError, match="connection to Ollama was lost during create") as info:
+        push(gguf_file, modelfile, server)
+    assert "safe to repeat" in info.value.hint and "tiny:latest" not in server.models
+    assert push(gguf_file, modelfile, server).statuses[-1] == "success"
+
+
 def test_not_a_gguf_fails_clearly(tmp_path, modelfile, server):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")

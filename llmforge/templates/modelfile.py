@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -411,10 +411,6 @@ def added_tokens(path: Path) -> list[str]:
     except (OSError, ValueError, TypeError):
         return []
     return list(dict.fromkeys(found))
-
-
-def with_from(mf: Modelfile, from_: str) -> Modelfile:
-    return replace(mf, from_=from_)
 
 
 def run_modelfile_command(source: Path, *, from_: str | None, adapter: Path | None, system: str | None,
