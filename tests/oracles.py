@@ -14,11 +14,34 @@ import numpy as np
 N_CTX = 256
 
 
-def _llama(gguf_path: str | Path, vocab_only: bool = False):
-    from llama_cpp import Llama
+def load_llama(gguf_path: str | Path, **kwargs):
+    """A ``llama_cpp.Llama`` without the CPU "extra" buffer types.
 
-    return Llama(model_path=str(gguf_path), n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX, logits_all=True,
-                 type_k=0, type_v=0, verbose=False, n_threads=2, vocab_only=vocab_only, seed=0)
+    llama.cpp repacks quantized weights into AMX/AVX-512 layouts when the CPU reports AMX; in VMs that do not
+    grant AMX tile state this dies with a general-protection fault in libggml-cpu (seen here for Q4_0/Q8_0
+    files, llama.cpp's own included). Plain CPU buffers compute the same model; ``Llama`` exposes no option
+    for it, so the default model params are wrapped while it is built.
+    """
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    original = llama_cpp.llama_model_default_params
+
+    def params_without_extra_bufts():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = params_without_extra_bufts
+    try:
+        return llama_module.Llama(model_path=str(gguf_path), **kwargs)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = original
+
+
+def _llama(gguf_path: str | Path, vocab_only: bool = False):
+    return load_llama(gguf_path, n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX, logits_all=True, type_k=0,
+                      type_v=0, verbose=False, n_threads=2, vocab_only=vocab_only, seed=0)
 
 
 def llama_cpp_logits(gguf_path: str | Path, token_ids: list[int]) -> np.ndarray:
@@ -96,3 +119,13 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b| (``b`` is the reference)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. 1234 apples, naïve café!"
+
+
+def sample_ids(model_dir: str | Path, text: str = SAMPLE_TEXT) -> list[int]:
+    """Token ids of ``text`` from the model's own tokenizer.json (special tokens added as it says)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode(text).ids
