@@ -142,6 +142,14 @@ class PeftAdapter:
                                     hint="the adapter weights are corrupt or training diverged")
         return a, b
 
+    def check_values(self) -> None:
+        """Read every factor once (adapters are small) so corrupt values fail before any output is written."""
+        for m in self.modules.values():
+            self.factors(m)
+            if m.magnitude_key and not torch.isfinite(self.load(m.magnitude_key)).all():
+                raise LlmforgeError(f"DoRA magnitude of {m.module} holds NaN/Inf values",
+                                    hint="the adapter weights are corrupt or training diverged")
+
     def delta(self, module: LoraModule) -> torch.Tensor:
         """``scale * B @ A`` in float32, in the base weight's layout."""
         a, b = self.factors(module)
@@ -304,10 +312,12 @@ def check_against_base(adapter: PeftAdapter, names: set[str], shape_of) -> None:
         if name not in names and not name.endswith(".bias"):
             raise LlmforgeError(f"the adapter replaces {name}, which the base model does not have",
                                 hint="the adapter was trained on another model; pass the right --base")
+    missing = [m.module for name, m in adapter.modules.items() if name not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LlmforgeError(f"the adapter targets {missing[0]}{more}, which the base model does not have",
+                            hint="the adapter was trained on another model; pass the right --base")
     for name, m in adapter.modules.items():
-        if name not in names:
-            raise LlmforgeError(f"the adapter targets {m.module}, which the base model does not have",
-                                hint="the adapter was trained on another model; pass the right --base")
         base_shape = resized.get(name, tuple(shape_of(name)))
         a, b = adapter.shape(m.a_key), adapter.shape(m.b_key)
         want = (a[1], b[0]) if m.embedding else (b[0], a[1])

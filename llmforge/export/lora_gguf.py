@@ -124,6 +124,7 @@ def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, q
         check_against_base(adapter, set(shapes.names()), shapes.shape)
     else:
         check_against_base(adapter, base_names, base_src.shape)
+    adapter.check_values()
     alpha = float(adapter.config.get("lora_alpha") or adapter.config["r"])
     writer = gguf.GGUFWriter(path=None, arch=spec.gguf_name)
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -99,6 +99,7 @@ class MergedSource(TensorSource):
                                 hint="train without embed_tokens/lm_head in target_modules/modules_to_save")
         self._names = base_names + ([LM_HEAD] if self.untie else [])
         check_against_base(adapter, set(self._names), self._base_shape)
+        adapter.check_values()
         self.vocab_size = self._resized_vocab()
         if self.untie:
             self.notes.append("tied embeddings untied: the adapter's lm_head/embed_tokens changes stay separate "
