@@ -80,7 +80,7 @@ def test_different_vocab_without_resize_info(good_adapter, other_base, tmp_path,
 
 
 def test_missing_modules(good_adapter, tiny_model_dir, tmp_path, capsys):
-    check_convert_fails(good_adapter, tmp_path, capsys, "gate_proj (and 1 more)", "does not have",
+    check_convert_fails(good_adapter, tmp_path, capsys, "(and 3 more)", "does not have",
                         extra=["--base", str(tiny_model_dir("phi3"))])
 
 
