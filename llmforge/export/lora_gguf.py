@@ -114,7 +114,6 @@ def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, q
     spec, hp = find_arch(config, str(base.path / "config.json")), HParams(config)
     base_src = SafetensorsSource(base.path)
     base_names = set(base_src.names())
-    _refuse_unrepresentable(adapter, hp, base_src)
     from .adapter import check_against_base
 
     if base.nf4:
@@ -124,6 +123,7 @@ def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, q
         check_against_base(adapter, set(shapes.names()), shapes.shape)
     else:
         check_against_base(adapter, base_names, base_src.shape)
+    _refuse_unrepresentable(adapter, hp, base_src)
     adapter.check_values()
     alpha = float(adapter.config.get("lora_alpha") or adapter.config["r"])
     writer = gguf.GGUFWriter(path=None, arch=spec.gguf_name)
