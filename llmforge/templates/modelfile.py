@@ -372,12 +372,16 @@ def modelfile_for_source(source: Path, *, from_: str | None = None, adapter: str
     go_template = default = None
     extra_eos = [t for t in loaded.eos_tokens if t]
     if loaded.chat_template:
-        translation = translate_template(loaded.chat_template, loaded.special_tokens)
-        go_template = translation.go_template
-        notes += [f"template: {problem}" for problem in translation.problems]
+        try:
+            translation = translate_template(loaded.chat_template, loaded.special_tokens)
+        except LlmforgeError as exc:  # still ship: without TEMPLATE, Ollama picks a template by itself
+            translation = None
+            notes.append(f"no TEMPLATE written: {exc.one_line()}")
+        go_template = translation.go_template if translation else None
+        notes += [f"template: {problem}" for problem in (translation.problems if translation else [])]
         vocab = added_tokens(template_source or source)
         stops = []
-        if translation.fallback:  # Ollama renders the named template: its turn markers must stop generation
+        if translation and translation.fallback:  # Ollama renders the named template: its turn markers must stop generation
             from . import get_named_template
 
             notes.append(f"template: used the named template {translation.fallback}")

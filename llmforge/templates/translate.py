@@ -70,6 +70,7 @@ class Rt:
     kind: str
     parts: tuple = ()          # for kind "str": tuple of str (literal) | Rt (runtime) pieces
     defined: str | None = None  # Go truth expression for `is defined`, when not always defined
+    markup: bool = False       # a Jinja Markup string: what is added to it gets HTML-escaped
 
 
 @dataclass
@@ -374,10 +375,15 @@ class _Translator:
     def is_string_concat(self, expr: nodes.Expr) -> bool:
         if isinstance(expr, nodes.Concat):
             return True
+        saved_out = list(self.out)
         try:
             value = self.eval(expr)
         except Unsupported:
             return False
+        finally:
+            self.out[:] = saved_out  # a probe: drop any preludes it emitted
+        if self.is_markup(value):
+            return False  # Markup concatenation escapes; print the combined value instead
         return isinstance(value, Const) and isinstance(value.value, str) or \
             isinstance(value, Rt) and value.kind == "str"
 
@@ -755,6 +761,14 @@ class _Translator:
         if isinstance(iterable, Const):
             self.unrolled_for(node, iterable)
             return
+        if iterable.kind in ATTRS and iterable.kind != "message" and not node.else_:
+            self.struct_keys_for(node, iterable)
+            return
+        if iterable.kind in ("properties", "arguments") and isinstance(node.target, nodes.Name):
+            iterable = Rt(iterable.expr, "items", (iterable.kind,))
+            node = nodes.For(nodes.Tuple([node.target, nodes.Name("\x00value", "store")], "store"), node.iter,
+                             node.body, node.else_, node.test, node.recursive, lineno=node.lineno)
+            return self.stmt_For(node) if False else self._for_items_keys(node, iterable)
         items_of_map = iterable.kind == "items"
         reverse = iterable.parts == ("reversed",)
         chars = iterable.kind == "str"
@@ -857,6 +871,42 @@ class _Translator:
 
     def check_loop_namespaces(self, start: dict[str, Any]) -> None:
         pass
+
+    def _for_items_keys(self, node: nodes.For, iterable: Rt) -> None:
+        """`for key in mapping`: a Go map range over (key, value), keeping the key."""
+        saved = self.eval
+        self.eval = lambda expr, _orig=saved: iterable if expr is node.iter else _orig(expr)  # type: ignore
+        try:
+            self.stmt_For(node)
+        finally:
+            self.eval = saved  # type: ignore
+
+    def struct_keys_for(self, node: nodes.For, struct: Rt) -> None:
+        """`for key in obj` over an Ollama struct: unroll its fields; optional ones only when present."""
+        if not isinstance(node.target, nodes.Name):
+            raise Unsupported("for loop with tuple unpacking over a mapping", node.lineno)
+        saved = self.env
+        for key in ATTRS[struct.kind]:
+            if key in ("reasoning", "thinking"):
+                continue
+            value = self.getattr(struct, key, node.lineno)
+            self.env = dict(saved)
+            self.env[node.target.name] = Const(key)
+            self.env["loop"] = Const({})
+            if node.test is not None:
+                test = self.truth(self.eval(node.test), node.lineno)
+                if isinstance(test, Rt):
+                    raise Unsupported("a runtime filter on a loop over a mapping's keys", node.lineno)
+                if not test.value:
+                    continue
+            present = value.defined if isinstance(value, Rt) else None
+            if present:
+                self.emit("{{ if " + present + " }}")
+            self.stmts(node.body)
+            if present:
+                self.emit("{{ end }}")
+        self.env = saved
+        self.notes.add("loops over a mapping's keys visit Ollama's fields")
 
     def unrolled_for(self, node: nodes.For, iterable: Const) -> None:
         items = list(iterable.value.items()) if isinstance(iterable.value, dict) else list(iterable.value or [])
@@ -1077,7 +1127,7 @@ class _Translator:
                 raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
             raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
         if attr not in table:
-            if attr in ("items", "keys"):
+            if attr in ("items", "keys", "get"):
                 return Rt(base.expr, "method", (base, attr))
             if base.kind == "message" and attr in ("get",):
                 return Rt(base.expr, "method", (base, attr))
@@ -1199,7 +1249,17 @@ class _Translator:
                     # Jinja raises here (such inputs are rejected there); print the defined side
                     return left if right.value is UNDEFINED else right
                 raise Unsupported("adding incompatible constants", expr.lineno) from None
-        kinds = {v.kind if isinstance(v, Rt) else type(v.value).__name__ for v in (left, right)}
+        kinds = {v.kind if isinstance(v, Rt) else "str" if isinstance(v.value, str) else type(v.value).__name__
+                 for v in (left, right)}
+        if kinds <= {"str"} and self.is_markup(left):
+            # Markup + str escapes the str (markupsafe and Go's html escape the same five characters)
+            import markupsafe
+
+            escaped = tuple(markupsafe.escape(p) if isinstance(p, str) else Rt(f"html {wrap(p.expr)}", "str")
+                            for p in str_parts(right))
+            joined = make_str(tuple(str(p) if isinstance(p, str) else p for p in str_parts(left)) + escaped)
+            return Const(markupsafe.Markup(joined.value)) if isinstance(joined, Const) else \
+                Rt(joined.expr, "str", joined.parts, markup=True)
         if kinds <= {"str", "any"}:  # Jinja raises unless an "any" variable holds a string here
             return make_str(str_parts(left) + str_parts(right))
         if kinds <= {"int"}:
@@ -1211,6 +1271,13 @@ class _Translator:
                        for v in (left, right)]
             return make_str(str_parts(as_json[0]) + str_parts(as_json[1]))
         raise Unsupported("arithmetic on runtime values", expr.lineno)
+
+    @staticmethod
+    def is_markup(value: Any) -> bool:
+        import markupsafe
+
+        return isinstance(value, Rt) and value.markup or isinstance(value, Const) and \
+            isinstance(value.value, markupsafe.Markup)
 
     def eval_Sub(self, expr: nodes.Sub) -> Any:
         left, right = self.eval(expr.left), self.eval(expr.right)
@@ -1384,6 +1451,8 @@ class _Translator:
                 raise Unsupported(f"test `is {name}`", expr.lineno)
             return Const(table[name]())
         kind = value.kind
+        if name == "none" and value.defined is None and kind != "tools":
+            return Const(False)  # an always-present Ollama field is never none
         if name in ("defined", "undefined", "none"):
             if value.defined is None:
                 result: Any = Const(name == "defined")
