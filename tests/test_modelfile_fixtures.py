@@ -58,6 +58,17 @@ def test_fixture_modelfile_parses_back_renders_the_same_and_stops(tmp_path, fixt
     assert any(after.lstrip().startswith(stop) for stop in back.stops), (after[:60], back.stops)
 
 
+def test_an_untranslatable_template_still_gives_a_modelfile_with_a_note(tmp_path):
+    folder = model_folder(tmp_path, "qwen2", context=4096)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content }}"  # unclosed for: a syntax error
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    mf = modelfile_for_source(folder, from_="./m.gguf")
+    assert mf.template is None and any("no TEMPLATE written" in note for note in mf.notes)
+    back = parse_modelfile(mf.text)
+    assert back.template is None and back.parameters["num_ctx"] == 4096 and "<|endoftext|>" in back.stops
+
+
 def test_small_context_is_kept_and_cli_writes_the_file(tmp_path, capsys):
     from llmforge.cli import main
 
