@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +57,15 @@ class NumpyOps:
         return np.ascontiguousarray(a.T)
 
     def nearest_int(self, f: np.ndarray) -> np.ndarray:
-        bits = (f + np.float32(_MAGIC)).view(np.int32)
-        out = (bits & 0x7FFFFF) - 0x400000
-        # the x86 build's NaNs (0xFFC00000) come out as 0; keep that for any NaN
-        return np.where(np.isnan(f), np.int32(0), out).astype(np.int32, copy=False)
+        # numpy on x86 makes the same default NaN (0xFFC00000) as llama.cpp's x86 build: no NaN mapping needed
+        bits = np.add(f, np.float32(_MAGIC)).view(np.int32)
+        bits &= 0x7FFFFF
+        bits -= 0x400000
+        return bits
+
+    def seq_sum(self, terms: np.ndarray) -> np.ndarray:
+        # a reduction over the outer axis adds row after row: the same order as C's loop (checked bitwise)
+        return np.add.reduce(terms, axis=0, initial=np.float32(0.0))
 
     def where(self, cond: np.ndarray, a: Any, b: Any) -> np.ndarray:
         return np.where(cond, a, b)
@@ -102,6 +108,8 @@ class NumpyOps:
 
 def _seq_sum(ops: Any, terms: Any) -> Any:
     """C's ``s = 0; for i: s += t[i]`` over axis 0, strictly left to right."""
+    if hasattr(ops, "seq_sum"):
+        return ops.seq_sum(terms)
     acc = ops.zeros(tuple(terms.shape[1:]))
     for i in range(terms.shape[0]):
         acc = acc + terms[i]
@@ -588,7 +596,7 @@ def quantize_blocks(ops: Any, qtype: T, blocks: Any, qw: Any | None = None) -> n
 
 
 _NUMPY = NumpyOps()
-CHUNK_BLOCKS = 2048
+CHUNK_BLOCKS = 512
 
 
 def _check(data: np.ndarray, qtype: T, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -617,31 +625,54 @@ def _block_weights(importance: np.ndarray | None, data_shape: tuple[int, ...]) -
     return per_row.reshape(-1, QK_K)
 
 
+def _quantize_range(qtype: T, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Quantize a run of super-blocks chunk by chunk (runs in a worker process or inline)."""
+    out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
+            stop = min(start + CHUNK_BLOCKS, blocks.shape[0])
+            qw = None if weights is None else np.ascontiguousarray(weights[start:stop])
+            out[start:stop] = quantize_blocks(_NUMPY, qtype, np.ascontiguousarray(blocks[start:stop]), qw)
+    return out
+
+
+_POOL: tuple[int, ProcessPoolExecutor] | None = None
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool kept for the session: numpy's per-op overhead holds the GIL, so threads would not scale."""
+    global _POOL
+    if _POOL is None or _POOL[0] != workers:
+        if _POOL is not None:
+            _POOL[1].shutdown()
+        _POOL = (workers, ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
+    return _POOL[1]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def quantize_k(data: np.ndarray, qtype: T, importance: np.ndarray | None = None,
                threads: int | None = None) -> np.ndarray:
     """Quantize float32 ``data`` (..., cols) to ``qtype`` bytes, shaped (..., row_bytes) like gguf-py.
 
     ``importance`` (cols,) -- or (n_expert, cols) for a 3-D tensor -- switches to llama.cpp's weighted
-    quantizers. Work is split into chunks of super-blocks run on ``threads`` threads (default: all cores).
+    quantizers. Large inputs are split over ``threads`` worker processes (default: all usable cores);
+    rows are independent, so the split never changes the bytes.
     """
     data, importance = _check(data, qtype, importance)
     blocks = data.reshape(-1, QK_K)
     weights = _block_weights(importance, data.shape)
-    out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
-
-    def work(start: int) -> None:
-        stop = min(start + CHUNK_BLOCKS, blocks.shape[0])
-        qw = None if weights is None else np.ascontiguousarray(weights[start:stop])
-        with np.errstate(all="ignore"):
-            out[start:stop] = quantize_blocks(_NUMPY, qtype, blocks[start:stop], qw)
-
-    starts = range(0, blocks.shape[0], CHUNK_BLOCKS)
-    n_threads = threads or os.cpu_count() or 1
-    if n_threads == 1 or len(starts) == 1:
-        for s in starts:
-            work(s)
+    workers = threads or default_workers()
+    n_blocks = blocks.shape[0]
+    if workers == 1 or n_blocks < 4 * CHUNK_BLOCKS:
+        out = _quantize_range(qtype, blocks, weights)
     else:
-        with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(work, starts))
+        step = max(CHUNK_BLOCKS, -(-n_blocks // (workers * 4)))
+        starts = range(0, n_blocks, step)
+        futures = [_pool(workers).submit(_quantize_range, qtype, blocks[s:s + step],
+                                         None if weights is None else weights[s:s + step]) for s in starts]
+        out = np.concatenate([f.result() for f in futures])
     row_bytes = data.shape[-1] // QK_K * BLOCK_BYTES[qtype]
     return out.reshape(*data.shape[:-1], row_bytes)

@@ -49,7 +49,9 @@ class TorchOps:
     def nearest_int(self, f: torch.Tensor) -> torch.Tensor:
         bits = torch.add(f, self._magic).view(torch.int32)
         out = (bits & 0x7FFFFF) - 0x400000
-        return torch.where(torch.isnan(f), torch.zeros_like(out), out)
+        if self.device.type != "cpu":   # x86 CPUs already make llama.cpp's default NaN, which maps to 0
+            out = torch.where(torch.isnan(f), torch.zeros_like(out), out)
+        return out
 
     def where(self, cond: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
         return torch.where(cond, a, b)
