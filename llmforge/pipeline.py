@@ -25,6 +25,7 @@ class ShipReport:
     create_command: str
     convert_lines: list[str] = field(default_factory=list)
     push: PushReport | None = None
+    notes: list[str] = field(default_factory=list)  # from the Modelfile (template fallbacks and the like)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -34,7 +35,7 @@ class ShipReport:
     def summary_lines(self) -> list[str]:
         lines = list(self.convert_lines)
         lines += [f"GGUF: {self.gguf}", f"Modelfile: {self.modelfile}"]
-        lines += self.push.summary_lines() if self.push else []
+        lines += self.push.summary_lines() if self.push else [f"note: {n}" for n in self.notes]
         lines += [f"warning: {w}" for w in self.warnings]
         if not self.push:
             lines.append(f"to create it by hand: {self.create_command}")
@@ -92,7 +93,7 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
         tmp.write_text(mf.text, encoding="utf-8")
     command = f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile_path))}"
     report = ShipReport(name=name, gguf=gguf, modelfile=modelfile_path, create_command=command,
-                        convert_lines=list(converted.summary_lines()))
+                        convert_lines=list(converted.summary_lines()), notes=list(mf.notes))
     try:
         report.push = push_model(gguf, name, modelfile=mf, host=host, template_source=loaded, timeouts=timeouts,
                                  progress=progress)
