@@ -18,7 +18,7 @@ USER_1, ASSISTANT_1, USER_2, SYSTEM_PROBE = "llmforgeUserOne", "llmforgeAssistan
 # Fine-tunes often end turns with EOS instead of the template's terminator; these are added when special.
 SECOND_TERMINATORS = ("<|endoftext|>",)
 # Without a tokenizer's special-token list, marker-looking strings count as special tokens.
-MARKER_PATTERN = re.compile(r"<\|[^|<>\s]{1,40}\|>|<[a-z_]{2,30}>|</s>|\[/?[A-Z_]{2,20}\]")
+MARKER_PATTERN = re.compile(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜<>\s]{1,40}｜>|<[a-z_]{2,30}>|</s>|\[/?[A-Z_]{2,20}\]")
 
 
 def _render(chat_template: str, messages: list[dict], special_tokens: Mapping[str, str] | None,

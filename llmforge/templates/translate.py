@@ -112,7 +112,8 @@ ALWAYS_DEFINED = {("message", "role"), ("message", "content"), ("toolcall", "fun
                   ("toolfunction", "name"), ("toolfunction", "parameters"), ("parameters", "type"),
                   ("parameters", "properties")}
 CONST_ATTRS = {("toolcall", "type"): "function"}
-ELEMENT_KIND = {"messages": "message", "toolcalls": "toolcall", "tools": "tool", "strlist": "str", "list": "any"}
+ELEMENT_KIND = {"messages": "message", "toolcalls": "toolcall", "tools": "tool", "strlist": "str", "list": "any",
+                "any": "any"}
 JSON_KINDS = {"tools", "tool", "toolfunction", "parameters", "properties", "property", "arguments", "toolcalls",
               "toolcall", "tcfunction", "strlist", "str", "int", "bool", "list", "any", "messages", "message"}
 
@@ -225,7 +226,10 @@ class _Translator:
         self.runtime_depth = 0        # >0 inside a runtime if-branch
         self.capture_vars: list[str] = []  # Go variables collecting output ({% set %} blocks, macro values)
         self.list_kind: dict[str, str] = {}  # Go list variable -> kind, for loop.previtem/nextitem
-        self.def_vars: set[str] = set()  # Go variables with a companion "$def_<name>" (may be undefined)
+        self.def_vars: set[str] = set()
+        self.defines: dict[tuple, str] = {}   # specialised recursive macro -> Go template name
+        self.define_jobs: list[tuple] = []
+        self.globals_env: dict[str, Any] = {}  # Go variables with a companion "$def_<name>" (may be undefined)
 
     # ------------------------------------------------------------ helpers
     def fresh(self, stem: str) -> str:
@@ -269,8 +273,10 @@ class _Translator:
     # ------------------------------------------------------------ entry
     def translate(self, tree: nodes.Template) -> str:
         self.env = {}
+        self.globals_env = self.env
         self.declare_forced(tree.body, self.env, top=True)
         self.stmts(tree.body)
+        self.emit_defines()
         return "".join(self.out)
 
     def declare_forced(self, body: list[nodes.Node], env: dict[str, Any], top: bool = False) -> None:
@@ -708,10 +714,68 @@ class _Translator:
     def stmt_Macro(self, node: nodes.Macro) -> None:
         self.env[node.name] = Macro(node)
 
+    def macro_args(self, m: nodes.Macro, call: nodes.Call, caller_env: dict[str, Any]) -> dict[str, Any]:
+        defaults = dict(zip([a.name for a in m.args][len(m.args) - len(m.defaults):], m.defaults))
+        values: dict[str, Any] = {}
+        for i, arg in enumerate(m.args):
+            if i < len(call.args):
+                values[arg.name] = self.eval_in(caller_env, call.args[i])
+            elif any(k.key == arg.name for k in call.kwargs):
+                values[arg.name] = self.eval_in(caller_env, next(k.value for k in call.kwargs if k.key == arg.name))
+            elif arg.name in defaults:
+                values[arg.name] = self.eval(defaults[arg.name])
+            else:
+                values[arg.name] = Const(UNDEFINED)
+        return values
+
+    def recursive_call(self, macro: Macro, call: nodes.Call) -> None:
+        """A recursive macro call becomes a Go `{{ template }}` call of a `define`d template.
+
+        Go templates recurse through named templates whose dot is one argument: the macro is specialised per
+        constant arguments and the kind of its single runtime argument, which becomes `$` inside.
+        """
+        m = macro.node
+        args = self.macro_args(m, call, self.env)
+        runtime = [(name, v) for name, v in args.items() if isinstance(v, Rt)]
+        if len(runtime) != 1 or self.capture_vars or \
+                not all(isinstance(v, Const) and isinstance(v.value, (str, int, bool, type(None), _Undefined))
+                        for v in args.values() if not isinstance(v, Rt)):
+            raise Unsupported(f"recursive macro {m.name}", call.lineno)
+        arg_name, arg = runtime[0]
+        consts = tuple((k, repr(v.value)) for k, v in args.items() if isinstance(v, Const))
+        key = (m.name, consts, arg_name, arg.kind)
+        if key not in self.defines:
+            name = f"{m.name}_{len(self.defines) + 1}"
+            self.defines[key] = name
+            self.define_jobs.append((key, name, macro, args, arg_name, arg.kind))
+        self.emit("{{ template " + go_string(self.defines[key]) + " " + wrap(arg.expr) + " }}")
+        self.mark_printed("maybe")
+
+    def emit_defines(self) -> None:
+        """Translate the pending recursive macros into `{{ define }}` blocks (appended to the template)."""
+        done: set[str] = set()
+        while self.define_jobs:
+            key, name, macro, args, arg_name, kind = self.define_jobs.pop(0)
+            if name in done:
+                continue
+            done.add(name)
+            saved = (self.out, self.env, self.loops, self.printed, self.fresh_var, self.macros_active)
+            self.out, self.loops, self.printed, self.fresh_var = [], [], "yes", None
+            self.env = {k: v for k, v in self.globals_env.items() if isinstance(v, Macro)}
+            self.env.update({k: v for k, v in args.items()})
+            self.env[arg_name] = Rt("$", kind)
+            self.macros_active = [macro.node.name]
+            self.declare_forced(macro.node.body, self.env)
+            self.stmts(macro.node.body)
+            body = "".join(self.out)
+            self.out, self.env, self.loops, self.printed, self.fresh_var, self.macros_active = saved
+            self.emit("{{ define " + go_string(name) + " }}" + body + "{{ end }}")
+
     def inline_macro(self, macro: Macro, call: nodes.Call) -> None:
         m = macro.node
         if m.name in self.macros_active:
-            raise Unsupported(f"recursive macro {m.name}", call.lineno)
+            self.recursive_call(macro, call)
+            return
         saved = self.env
         self.env = dict(saved)
         defaults = dict(zip([a.name for a in m.args][len(m.args) - len(m.defaults):], m.defaults))
@@ -813,7 +877,7 @@ class _Translator:
             self.emit("{{ range " + f"{key_var}, {value_var} := {list_var}" + " }}{{ if " + seen + " }}{{ "
                       + f"{index_var} = {int_plus(index_var, '1')}" + " }}{{ end }}{{ " + f"{seen} = true" + " }}")
             self.env[node.target.items[0].name] = Rt(key_var, "str")
-            self.env[node.target.items[1].name] = Rt(value_var, "any" if iterable.parts == ("arguments",)
+            self.env[node.target.items[1].name] = Rt(value_var, "any" if iterable.parts in (("arguments",), ("any",))
                                                      else "property")
         else:
             if not isinstance(node.target, nodes.Name):
@@ -1123,7 +1187,13 @@ class _Translator:
                 return Rt(base.expr, "method", (base, attr))
             if base.kind == "str":
                 return Const(UNDEFINED)  # Jinja: a string has no such attribute
-            if base.kind in ("any", "property", "arguments"):
+            if base.kind == "any":
+                # an untyped JSON object (a schema's items, an argument value): a map lookup in Go
+                expr = f"index {wrap(base.expr)} {go_string(attr)}"
+                guard = f'and (eq (printf "%T" {wrap(base.expr)}) "map[string]interface {{}}") ({expr})'
+                self.notes.add("fields of untyped JSON objects are looked up as map keys")
+                return Rt(expr, "any", defined=guard)
+            if base.kind in ("property", "arguments"):
                 raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
             raise Unsupported(f"attribute {attr} of a {base.kind}", lineno)
         if attr not in table:
@@ -1585,7 +1655,7 @@ class _Translator:
                 and all(isinstance(a, Const) for a in args):
             return Rt(value.expr, kind, ("filter", tuple(a.value for a in args), name == "rejectattr"))
 
-        if name == "dictsort" and kind in ("arguments", "properties") and not args and not kwargs:
+        if name == "dictsort" and kind in ("arguments", "properties", "any") and not args and not kwargs:
             self.notes.add("dictsort: Go ranges over maps in sorted key order")
             return Rt(value.expr, "items", (kind,))
         if name == "items" and kind in ("arguments", "properties"):
