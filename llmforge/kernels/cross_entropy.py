@@ -29,9 +29,11 @@ if triton_importable():
         run_sum = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_vocab, BLOCK):
             idx = start + cols
-            x = tl.load(ptr + idx, mask=idx < n_vocab, other=-float("inf")).to(tl.float32)
+            in_vocab = idx < n_vocab
+            x = tl.load(ptr + idx, mask=in_vocab, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
                 x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+            x = tl.where(in_vocab, x, -float("inf"))
             new_max = tl.maximum(run_max, x)
             safe = tl.where(new_max == -float("inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(x - safe)

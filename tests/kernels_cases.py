@@ -1,0 +1,311 @@
+"""Kernel checks that must run under Triton's CPU interpreter.
+
+Triton reads ``TRITON_INTERPRET`` when it is imported, and other test modules import it (through
+bitsandbytes/transformers) during collection, so these cases run in a child process:
+``python tests/kernels_cases.py CASE...`` sets the variable before any import and prints one JSON line
+``{case: "ok" | traceback}``. ``run_cases`` is the parent side used by the test modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cases(names: list[str], timeout: float = 300) -> dict[str, str]:
+    """Run the named cases in one interpreted child process; returns case -> "ok" or the failure text."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env.pop("LLMFORGE_KERNELS", None)
+    proc = subprocess.run([sys.executable, str(Path(__file__)), *names], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {name: f"child failed rc={proc.returncode}: {proc.stderr[-3000:]}" for name in names}
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------------ child side
+def _torch():
+    import torch
+
+    torch.manual_seed(0)
+    return torch
+
+
+def close(a, b, tol=1e-5, what=""):
+    import torch
+
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    scale = float(b.double().abs().max()) if b.numel() else 0.0
+    assert err <= tol * max(1.0, scale), f"{what}: max |diff| {err:.3g} (scale {scale:.3g}, tol {tol})"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+
+
+def grads(fn, inputs, dy):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    out.backward(dy)
+    return out.detach(), [x.grad for x in leaves]
+
+
+def check_fn(fn, ref, inputs, dy, names, tol=1e-5):
+    out, gs = grads(fn, inputs, dy)
+    out_r, gs_r = grads(ref, inputs, dy)
+    close(out, out_r, tol, "forward")
+    for n, g, gr in zip(names, gs, gs_r):
+        close(g, gr, tol, f"d{n}")
+
+
+def case_backend_is_interpreted():
+    import triton  # noqa: F401
+
+    from llmforge.kernels import rmsnorm
+    from llmforge.kernels._backend import use_triton
+
+    torch = _torch()
+    assert type(rmsnorm._rmsnorm_fwd).__name__ == "InterpretedFunction"
+    assert use_triton(torch.zeros(1))
+
+
+def case_rmsnorm():
+    from llmforge.kernels.rmsnorm import _TritonRMSNorm, rms_norm_reference
+
+    torch = _torch()
+    for shape in [(5, 37), (3, 4, 100), (0, 37), (1, 1)]:  # ragged hidden, 3-D, empty rows, single element
+        for gemma in (False, True):
+            x = torch.randn(*shape) * 3
+            w = torch.randn(shape[-1]) * 0.1 + (0.0 if gemma else 1.0)
+            check_fn(lambda a, b: _TritonRMSNorm.apply(a, b, 1e-6, gemma),
+                     lambda a, b: rms_norm_reference(a, b, 1e-6, gemma), [x, w], torch.randn(*shape), ["x", "w"])
+
+
+def case_rope():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from llmforge.kernels.rope import _TritonRope, apply_rope_, llama3_inv_freq, rope_cos_sin
+
+    torch = _torch()
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    dim, heads, kv = 16, 3, 1
+    config = LlamaConfig(hidden_size=dim * heads, num_attention_heads=heads, num_key_value_heads=kv, head_dim=dim,
+                         rope_theta=10000.0, rope_scaling=scaling, max_position_embeddings=4096)
+    hf = LlamaRotaryEmbedding(config)
+    ours_inv = llama3_inv_freq(dim, 10000.0, 8.0, 1.0, 4.0, 64)
+    close(ours_inv, hf.inv_freq.float(), 1e-6, "llama3 inv_freq")
+    # packed sequences: positions restart inside each row (batch 2, 7 tokens), with large positions too
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 500, 501]])
+    cos, sin = rope_cos_sin(pos, ours_inv)
+    hf_cos, hf_sin = hf(torch.zeros(1, dtype=torch.float32), pos)
+    close(cos, hf_cos, 1e-5, "cos")
+    close(sin, hf_sin, 1e-5, "sin")
+    batch, n_t = pos.shape
+    for unsqueeze_dim in (1, 2):
+        for c, s in ((cos, sin), (cos[:1], sin[:1])):  # per-row positions, and broadcast over the batch
+            def ours(qp, kp):
+                q = (qp * 1).view(batch, n_t, heads, dim)
+                k = (kp * 1).view(batch, n_t, kv, dim)
+                if unsqueeze_dim == 1:
+                    q, k = q.transpose(1, 2), k.transpose(1, 2)
+                q_ptr = q.data_ptr()
+                q2 = _TritonRope.apply(q, c, s, unsqueeze_dim)
+                k2 = _TritonRope.apply(k, c, s, unsqueeze_dim)
+                assert q2.data_ptr() == q_ptr, "not in place"
+                return torch.cat([q2.reshape(-1), k2.reshape(-1)])
+
+            def ref(qp, kp):
+                q = qp.view(batch, n_t, heads, dim)
+                k = kp.view(batch, n_t, kv, dim)
+                if unsqueeze_dim == 1:
+                    q, k = q.transpose(1, 2), k.transpose(1, 2)
+                q2, k2 = apply_rotary_pos_emb(q, k, c, s, unsqueeze_dim=unsqueeze_dim)
+                return torch.cat([q2.reshape(-1), k2.reshape(-1)])
+
+            qp, kp = torch.randn(batch, n_t, heads * dim), torch.randn(batch, n_t, kv * dim)
+            check_fn(ours, ref, [qp, kp], torch.randn(batch * n_t * (heads + kv) * dim), ["q", "k"])
+    # the public entry point takes the kernel and matches too
+    q, k = torch.randn(batch, heads, n_t, dim), torch.randn(batch, kv, n_t, dim)
+    rq, rk = apply_rotary_pos_emb(q, k, cos, sin)
+    oq, ok = apply_rope_(q.clone(), k.clone(), cos, sin)
+    close(oq, rq, 1e-5, "apply_rope_ q")
+    close(ok, rk, 1e-5, "apply_rope_ k")
+
+
+def case_gated_activations():
+    from llmforge.kernels.activations import _TritonGated, ACTIVATION_KINDS, gated_reference
+
+    torch = _torch()
+    for shape in [(5, 37), (1030,), (0, 8), (2, 3, 129)]:  # ragged vs the 1024 block, empty
+        for kind in ("silu", "gelu_pytorch_tanh"):
+            e, g = torch.randn(*shape) * 3, torch.randn(*shape)
+            check_fn(lambda a, b: _TritonGated.apply(a, b, ACTIVATION_KINDS[kind]),
+                     lambda a, b: gated_reference(a, b, kind), [e, g], torch.randn(*shape), ["e", "g"])
+
+
+def case_fused_linear_cross_entropy():
+    from llmforge.kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+
+    torch = _torch()
+    rows, hidden = 13, 24
+    for vocab in (37, 300):  # one block, and more than one (the CPU block is 256) with a ragged tail
+        h, w = torch.randn(rows, hidden), torch.randn(vocab, hidden) * 0.5
+        labels = torch.randint(0, vocab, (rows,))
+        labels[[0, 5, 6]] = -100
+        labels[8:12] = -100  # a whole chunk of 4 rows without targets
+        for softcap in (None, 5.0):
+            for n_items in (None, 7):
+                def ours(a, b):
+                    return fused_linear_cross_entropy(a, b, labels, softcap=softcap, chunk_rows=4,
+                                                      num_items_in_batch=n_items)
+
+                def ref(a, b):
+                    return linear_cross_entropy_reference(a, b, labels, softcap=softcap, num_items_in_batch=n_items)
+
+                check_fn(ours, ref, [h, w], torch.tensor(1.0), ["hidden", "W"])
+        # frozen lm_head: only the hidden gradient
+        hh = h.clone().requires_grad_(True)
+        fused_linear_cross_entropy(hh, w, labels, chunk_rows=5).backward()
+        h2 = h.clone().requires_grad_(True)
+        linear_cross_entropy_reference(h2, w, labels).backward()
+        close(hh.grad, h2.grad, 1e-5, "dhidden, frozen W")
+        # no target at all: loss 0 and zero gradients (HF would give NaN)
+        hh = h.clone().requires_grad_(True)
+        loss = fused_linear_cross_entropy(hh, w, torch.full((rows,), -100), chunk_rows=4)
+        loss.backward()
+        assert float(loss) == 0.0 and float(hh.grad.abs().max()) == 0.0
+
+
+def case_nf4_vs_bitsandbytes():
+    import bitsandbytes.functional as bnbf
+
+    from llmforge.kernels.nf4 import _dequantize_triton, dequantize_nf4_reference
+
+    torch = _torch()
+    # shapes where bitsandbytes' CPU path is right (it mis-dequantizes e.g. 64x160 on CPU)
+    for shape in [(64, 64), (96, 200), (128, 320), (5, 9)]:
+        w = torch.randn(*shape) * 0.02
+        for nested in (True, False):
+            packed, qs = bnbf.quantize_4bit(w, compress_statistics=nested, quant_type="nf4", blocksize=64)
+            theirs = bnbf.dequantize_4bit(packed, qs)
+            ours = _dequantize_triton(packed.reshape(-1), qs, torch.float32)
+            assert torch.equal(ours, theirs), f"{shape} nested={nested}: differs from bitsandbytes"
+            assert torch.equal(dequantize_nf4_reference(packed, qs, torch.float32), theirs)
+            # and the quantization error is what 4 bits give, so both are decoding the right layout
+            assert float((ours - w).norm() / w.norm()) < 0.15
+
+
+def _lora_inputs(torch, out_f, in_f, r, quantized):
+    import bitsandbytes.functional as bnbf
+
+    from llmforge.kernels.fast_lora import LoRAWeights
+
+    dense = torch.randn(out_f, in_f) * 0.1
+    if quantized:
+        packed, qs = bnbf.quantize_4bit(dense, compress_statistics=True, quant_type="nf4", blocksize=64)
+        base = LoRAWeights(packed, qs, None, None, 0.0)
+    else:
+        base = LoRAWeights(dense, None, None, None, 0.0)
+    return base, torch.randn(r, in_f) * 0.3, torch.randn(out_f, r) * 0.3
+
+
+def case_fused_lora_linear():
+    from llmforge.kernels.fast_lora import LoRAWeights, lora_linear, lora_reference
+
+    torch = _torch()
+    for quantized in (True, False):
+        base, a, b = _lora_inputs(torch, 40, 24, 3, quantized)
+        x = torch.randn(2, 5, 24)
+
+        def ours(xx, aa, bb):
+            return lora_linear(xx, LoRAWeights(base.base, base.quant_state, aa, bb, 1.5))
+
+        def ref(xx, aa, bb):
+            return lora_reference(xx, LoRAWeights(base.base, base.quant_state, aa, bb, 1.5))
+
+        check_fn(ours, ref, [x, a, b], torch.randn(2, 5, 40), ["x", "A", "B"], tol=2e-5)
+
+
+def case_fused_lora_mlp():
+    from llmforge.kernels.activations import gated_reference
+    from llmforge.kernels.fast_lora import LoRAWeights, lora_mlp, lora_reference
+
+    torch = _torch()
+    hidden, ffn, r = 24, 40, 4
+    for quantized in (True, False):
+        parts = [_lora_inputs(torch, ffn, hidden, r, quantized), _lora_inputs(torch, ffn, hidden, r, quantized),
+                 _lora_inputs(torch, hidden, ffn, r, quantized)]
+        x = torch.randn(3, 7, hidden)
+        for kind in ("silu", "gelu_pytorch_tanh"):
+            def weights(ab):
+                return [LoRAWeights(p.base, p.quant_state, a, b, 2.0) for (p, _, _), a, b in zip(parts, ab[0::2], ab[1::2])]
+
+            def ours(xx, *ab):
+                return lora_mlp(xx, *weights(ab), kind)
+
+            def ref(xx, *ab):
+                g, u, d = weights(ab)
+                return lora_reference(gated_reference(lora_reference(xx, g), lora_reference(xx, u), kind), d)
+
+            ab = [t for _, a, b in parts for t in (a, b)]
+            check_fn(ours, ref, [x, *ab], torch.randn(3, 7, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"],
+                     tol=2e-5)
+
+
+def case_offloaded_checkpoint():
+    from llmforge.kernels.offload import offloaded_checkpoint
+
+    torch = _torch()
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 8))
+    x = torch.randn(4, 8)
+    for input_grad in (True, False):  # frozen embeddings give a layer input that needs no grad
+        xs = [x.clone().requires_grad_(input_grad) for _ in range(2)]
+        out_ref = layer(xs[0])
+        out_ref.pow(2).sum().backward()
+        ref = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        out = offloaded_checkpoint(lambda h: layer(h), xs[1])
+        close(out.detach(), out_ref.detach(), 1e-6, "output")
+        out.pow(2).sum().backward()
+        for g, gr in zip((p.grad for p in layer.parameters()), ref):
+            close(g, gr, 1e-6, "param grad")
+        if input_grad:
+            close(xs[1].grad, xs[0].grad, 1e-6, "input grad")
+        layer.zero_grad()
+
+
+def case_patched_models():
+    """A patched tiny model of every supported architecture (PEFT LoRA, checkpointing with offload) gives
+    the unpatched loss and gradients, kernels interpreted."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import kernels_models
+
+    for arch in kernels_models.ARCHS:
+        kernels_models.check_patched_matches(arch, expect_backend="triton-interpreter")
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def main(names: list[str]) -> None:
+    results = {}
+    for name in names:
+        try:
+            CASES[name]()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test
+            results[name] = traceback.format_exc()[-4000:]
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, str(REPO))
+    main(sys.argv[1:])
