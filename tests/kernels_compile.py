@@ -1,0 +1,65 @@
+"""Compile every Triton kernel for an H100 (sm_90) without a GPU: Triton's own compiler and ptxas reject
+what the CPU interpreter lets through (types, unsupported constructs). ``python tests/kernels_compile.py``
+prints one JSON line {kernel variant: "ok" | error}."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+
+def variants():
+    from llmforge.kernels import activations, cross_entropy, nf4, rmsnorm, rope
+
+    bf = "*bf16"
+    for dtype in (bf, "*fp32"):
+        for gemma in (False, True):
+            yield (f"rmsnorm_fwd {dtype} gemma={gemma}", rmsnorm._rmsnorm_fwd,
+                   dict(X=dtype, W=dtype, Y=dtype, RSTD="*fp32", stride_x="i32", stride_y="i32", n_cols="i32",
+                        eps="fp32"), dict(GEMMA=gemma, BLOCK=4096))
+            yield (f"rmsnorm_bwd {dtype} gemma={gemma}", rmsnorm._rmsnorm_bwd,
+                   dict(DY=dtype, X=dtype, W=dtype, RSTD="*fp32", DX=dtype, DW_PARTIAL="*fp32", stride_dy="i32",
+                        stride_x="i32", stride_dx="i32", n_rows="i32", n_cols="i32", rows_per_program="i32"),
+                   dict(GEMMA=gemma, BLOCK=4096))
+        for kind in (0, 1):
+            yield (f"gated_fwd {dtype} kind={kind}", activations._gated_fwd,
+                   dict(E=dtype, G=dtype, H=dtype, n="i32"), dict(KIND=kind, BLOCK=1024))
+            yield (f"gated_bwd {dtype} kind={kind}", activations._gated_bwd,
+                   dict(DH=dtype, E=dtype, G=dtype, DE=dtype, DG=dtype, n="i32"), dict(KIND=kind, BLOCK=1024))
+        for backward in (False, True):
+            yield (f"rope {dtype} backward={backward}", rope._rope_kernel,
+                   dict(X=dtype, COS=dtype, SIN=dtype, n_t="i32", n_heads="i32", sxb="i32", sxh="i32", sxt="i32",
+                        sxd="i32", scb="i32", sct="i32", scd="i32", half="i32"),
+                   dict(BACKWARD=backward, BLOCK_H=32, BLOCK_D=64))
+        for cap in (False, True):
+            yield (f"ce_rows {dtype} softcap={cap}", cross_entropy._ce_rows,
+                   dict(LOGITS=dtype, stride="i32", LABELS="*i64", LOSS="*fp32", n_vocab="i32", softcap="fp32",
+                        ignore_index="i32"), dict(HAS_SOFTCAP=cap, BLOCK=4096))
+        for double in (True, False):
+            yield (f"nf4_dequant {dtype} double={double}", nf4._nf4_dequant,
+                   dict(PACKED="*u8", ABSMAX="*u8" if double else "*fp32", CODE2="*fp32", ABSMAX2="*fp32",
+                        NF4="*fp32", OUT=dtype, n_bytes="i32", offset="fp32"),
+                   dict(blocksize=64, blocksize2=256, DOUBLE=double, BLOCK=nf4.BYTES_PER_PROGRAM))
+
+
+def main() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    results = {}
+    for name, fn, signature, constexprs in variants():
+        try:
+            sig = dict(signature, **{k: "constexpr" for k in constexprs})
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test
+            results[name] = traceback.format_exc()[-2500:]
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
+    main()
