@@ -10,7 +10,7 @@ import torch
 from llmforge.kernels._backend import compute_dtype, next_power_of_2, triton_importable, use_triton
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 1 << 30  # logits of one chunk, in the compute dtype
+CHUNK_BYTES = 256 << 20  # logits of one chunk, in the compute dtype (~1000 rows at a 128K vocabulary)
 
 if triton_importable():
     import triton

@@ -3,6 +3,8 @@ style ``(1 + w) * norm(x)``, as a Triton kernel with a torch fallback."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from llmforge.kernels._backend import next_power_of_2, triton_importable, use_triton
@@ -102,6 +104,7 @@ def _warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
