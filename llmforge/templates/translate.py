@@ -277,7 +277,11 @@ class _Translator:
         self.declare_forced(tree.body, self.env, top=True)
         self.stmts(tree.body)
         self.emit_defines()
-        return "".join(self.out)
+        text = "".join(self.out)
+        if ".Messages" not in text:
+            # Ollama picks messages mode only when the template mentions .Messages (legacy mode loses turns)
+            text = "{{- if false }}{{ .Messages }}{{ end }}" + text
+        return text
 
     def declare_forced(self, body: list[nodes.Node], env: dict[str, Any], top: bool = False) -> None:
         """Declare, at the start of a Jinja scope, the Go variables for names assigned in it."""
@@ -400,9 +404,11 @@ class _Translator:
             return
         if self.printed == "maybe":
             if self.fresh_var:
-                self.emit("{{ if not " + self.fresh_var + " }}")
-                self.emit_text(bos)
-                self.emit("{{ end }}")
+                text = bos if "{{" not in bos else "{{ " + go_string(bos) + " }}"
+                self.emit("{{ if not " + self.fresh_var + " }}" + text + "{{ end }}{{ " + self.fresh_var
+                          + " = false }}")
+                self.printed = "yes"
+                return
                 self.mark_printed("yes")
                 return
             loop_line = self.loops[-1].index_var if self.loops else None
@@ -1126,11 +1132,20 @@ class _Translator:
                 all(isinstance(b, Const) and (b.value is None or isinstance(b.value, int)) or
                     isinstance(b, Rt) and b.kind == "int" for b in (start, stop)):
             # byte slicing: exact for ASCII text, which is what templates cut (trailing commas, brackets)
-            length = f"len {wrap(base.expr)}"
+            text = wrap(base.expr)
+            if all(isinstance(b, Rt) or b.value is None or b.value >= 0 for b in (start, stop)):
+                # printf's precision counts runes and clamps, exactly like Python's str slicing
+                expr = text
+                if not (isinstance(stop, Const) and stop.value is None):
+                    expr = f'printf "%.*s" {wrap(as_go(stop, s.lineno))} {text}'
+                if not (isinstance(start, Const) and start.value in (None, 0)):
+                    expr = f'slice ({expr}) (len (printf "%.*s" {wrap(as_go(start, s.lineno))} {text}))'
+                return Rt(expr, "str")
+            length = f"len {text}"
             bounds = [b.expr if isinstance(b, Rt) else None if b.value is None else str(b.value) if b.value >= 0
                       else int_minus(length, str(-b.value)) for b in (start, stop)]
-            expr = f"slice {wrap(base.expr)} {wrap(bounds[0] or '0')}" + (f" ({bounds[1]})" if bounds[1] else "")
-            self.notes.add("string slices cut bytes (exact for ASCII)")
+            expr = f"slice {text} {wrap(bounds[0] or '0')}" + (f" ({bounds[1]})" if bounds[1] else "")
+            self.notes.add("string slices from the end cut bytes (exact for ASCII)")
             return Rt(expr, "str")
         if isinstance(base, Rt) and base.kind in ELEMENT_KIND and step.value == -1 and start.value is None \
                 and stop.value is None and not base.parts:
