@@ -47,7 +47,11 @@ class PatchReport:
     offloaded_checkpoint_layers: int = 0
     not_patched: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
+        """One line: what was patched, how many of each, and the first reasons for what was not."""
         if not self.supported:
             return f"kernels: {self.model_type} not supported, nothing patched"
         parts = [f"kernels ({self.backend}) on {self.model_type}: {self.rms_norm} RMSNorm",
