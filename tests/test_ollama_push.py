@@ -24,7 +24,8 @@ from llmforge.export.ollama import (OllamaUnreachable, Timeouts, file_sha256, pu
                                     smoke_chat)
 from llmforge.templates.modelfile import build_modelfile, parse_modelfile  # noqa: E402
 
-FAST = Timeouts(connect=2.0, read=1.0, stream=2.0)
+FAST = Timeouts(connect=5.0, read=20.0, stream=60.0)   # generous: a loaded CI machine must not time out
+TIGHT = Timeouts(connect=2.0, read=1.0, stream=2.0)    # for the slow-server tests only
 QWEN_TEMPLATE = json.loads((TOKENIZERS / "qwen2" / "tokenizer_config.json").read_text())["chat_template"]
 TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "hello"]
 
@@ -70,14 +71,21 @@ def modelfile(go_template):
                            system="You are terse.", license="MIT")
 
 
+@pytest.fixture(scope="module")
+def go_renderer_built():
+    from llmforge.templates.go_render import gorender_binary
+
+    return gorender_binary()  # build once up front, not inside a timed request
+
+
 @pytest.fixture
-def server():
+def server(go_renderer_built):
     with FakeOllama(renderer=go_renderer) as fake:
         yield fake
 
 
-def push(gguf_file, mf, server, **kw):
-    return push_model(gguf_file, "tiny:latest", modelfile=mf, host=server.url, timeouts=FAST,
+def push(gguf_file, mf, server, timeouts=FAST, **kw):
+    return push_model(gguf_file, "tiny:latest", modelfile=mf, host=server.url, timeouts=timeouts,
                       progress=io.StringIO(), **kw)
 
 
@@ -219,9 +227,10 @@ def test_not_a_gguf_fails_clearly(tmp_path, modelfile, server):
     ("POST /api/create", 2.5, r"did not answer create within 2 s"),
 ])
 def test_slow_answers_time_out_with_a_message(gguf_file, modelfile, server, route, seconds, message):
+    push(gguf_file, modelfile, server)  # warm: the timed push below does only small requests besides the slow one
     server.delay(route, seconds)
     with pytest.raises(LlmforgeError, match=message):
-        push(gguf_file, modelfile, server)
+        push(gguf_file, modelfile, server, timeouts=TIGHT)
     assert push(gguf_file, modelfile, server).verified  # the retry is fine once the server answers
 
 
@@ -240,13 +249,13 @@ def test_old_server_without_json_create_is_refused_before_uploading(gguf_file, m
         assert "ollama create" in info.value.hint and old.uploads == 0
 
 
-def test_server_without_render_only_skips_the_render_check(gguf_file, modelfile):
+def test_server_without_render_only_skips_the_render_check(gguf_file, modelfile, go_renderer_built):
     with FakeOllama(version="0.11.4", renderer=go_renderer) as server:
         report = push(gguf_file, modelfile, server)
     assert report.render_check.startswith("skipped") and "0.11.5" in report.render_check
 
 
-def test_native_jinja_server_is_reported(gguf_file, modelfile):
+def test_native_jinja_server_is_reported(gguf_file, modelfile, go_renderer_built):
     with FakeOllama(version="0.31.0", native_jinja=True, renderer=go_renderer) as server:
         report = push(gguf_file, modelfile, server)
     assert "Jinja" in report.template_in_use and "template" not in report.verified

@@ -25,7 +25,7 @@ from llmforge.export.ollama import Timeouts, smoke_chat  # noqa: E402
 from llmforge.pipeline import ship  # noqa: E402
 from llmforge.templates.modelfile import parse_modelfile  # noqa: E402
 
-FAST = Timeouts(connect=2.0, read=5.0, stream=30.0)
+FAST = Timeouts(connect=5.0, read=30.0, stream=120.0)  # generous: a loaded CI machine must not time out
 ARCH = "mistral"  # the smallest vocabulary among the tiny models
 
 
@@ -33,6 +33,13 @@ def go_renderer(template: str, messages: list[dict]) -> str:
     from llmforge.templates import render_go
 
     return render_go(template, messages)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def go_renderer_built():
+    from llmforge.templates.go_render import gorender_binary
+
+    return gorender_binary()  # build once up front, not inside a timed request
 
 
 @pytest.fixture(scope="module")
