@@ -72,9 +72,10 @@ def gated_forward_raw(e: torch.Tensor, g: torch.Tensor, kind: int) -> torch.Tens
     return h
 
 
-def gated_backward_raw(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, kind: int):
-    """Triton backward on contiguous tensors: returns (de, dg)."""
-    de, dg = torch.empty_like(e), torch.empty_like(g)
+def gated_backward_raw(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, kind: int, in_place: bool = False):
+    """Triton backward on contiguous tensors: returns (de, dg); ``in_place`` writes them over e and g
+    (each element is read before it is overwritten by the same program)."""
+    de, dg = (e, g) if in_place else (torch.empty_like(e), torch.empty_like(g))
     n = e.numel()
     if n:
         _gated_bwd[(triton.cdiv(n, BLOCK),)](dh.contiguous(), e, g, de, dg, n, KIND=kind, BLOCK=BLOCK)

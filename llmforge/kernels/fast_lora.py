@@ -97,6 +97,9 @@ def _gated(e, g, kind):
 
 
 def _gated_grad(dh, e, g, kind):
+    """(de, dg); the Triton path overwrites e and g, which the caller no longer needs."""
+    if use_triton(e) and e.is_contiguous() and g.is_contiguous():
+        return gated_backward_raw(dh, e, g, ACTIVATION_KINDS[kind], in_place=True)
     if use_triton(e):
         return gated_backward_raw(dh, e.contiguous(), g.contiguous(), ACTIVATION_KINDS[kind])
     with torch.enable_grad():
@@ -139,8 +142,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             h = _gated(e, g, ctx.kind)  # recomputed rather than saved
             dh, d_da, d_db = _lora_backward(dy2, h, down, dtype, need[5], need[6])
             del h
-            de, dg = _gated_grad(dh, e, g, ctx.kind)
-            del dh
+            de, dg = _gated_grad(dh, e, g, ctx.kind)  # reuses e's and g's memory
+            del dh, e, g
             dx, d_ga, d_gb = _lora_backward(de, x2, gate, dtype, need[1], need[2])
             dx, d_ua, d_ub = _lora_backward(dg, x2, up, dtype, need[3], need[4], dx=dx)
         dx = dx.reshape(*dy.shape[:-1], x2.shape[-1]).to(ctx.x_dtype) if need[0] else None
