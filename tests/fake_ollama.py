@@ -386,6 +386,9 @@ def _handler_for(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
                                       "content": "".join(pieces)}, "done": True, "done_reason": "stop"})
                 return
             self._start_stream()
+            if model["template"] and "<think>" in model["template"]:  # thinking-capable: think first
+                self._stream_line({"model": body["model"], "message": {"role": "assistant", "content": "",
+                                   "thinking": "Let me think."}, "done": False})
             for piece in pieces:
                 self._stream_line({"model": body["model"], "message": {"role": "assistant", "content": piece},
                                    "done": False})

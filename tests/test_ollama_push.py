@@ -148,6 +148,14 @@ def test_run_streams_the_answer_and_sees_it_stop(gguf_file, modelfile, server):
     assert "did not stop by itself" in err.getvalue()
 
 
+def test_run_shows_only_the_answer_of_a_thinking_model(gguf_file, modelfile, server):
+    modelfile.template += "{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}"
+    push(gguf_file, modelfile, server)
+    out, err = io.StringIO(), io.StringIO()
+    smoke_chat("tiny", "Hi", host=server.url, out=out, timeouts=FAST, progress=err)
+    assert out.getvalue() == "Hello from a fake Ollama.\n" and "thought 13 characters" in err.getvalue()
+
+
 def test_run_unknown_model_is_a_clear_error(server):
     with pytest.raises(LlmforgeError, match="HTTP 404.*not found"):
         smoke_chat("missing", "Hi", host=server.url, out=io.StringIO(), timeouts=FAST, progress=io.StringIO())

@@ -641,16 +641,21 @@ def smoke_chat(name: str, prompt: str, host: str | None = None, out: TextIO = sy
     validate_model_name(name)
     client = OllamaClient(resolve_host(host), timeouts=timeouts, progress=progress)
     pieces: list[str] = []
+    thinking: list[str] = []
     final: dict[str, Any] = {}
     for item in client.chat(name, [{"role": "user", "content": prompt}], {"num_predict": num_predict}):
-        piece = (item.get("message") or {}).get("content", "")
-        if piece:
-            pieces.append(piece)
-            out.write(piece)
+        message = item.get("message") or {}
+        if message.get("thinking"):  # thinking-capable templates make Ollama think by default
+            thinking.append(message["thinking"])
+        if message.get("content"):
+            pieces.append(message["content"])
+            out.write(message["content"])
             out.flush()
         if item.get("done"):
             final = item
     out.write("\n")
+    if thinking:
+        print(f"(the model also thought {len(''.join(thinking))} characters, not shown)", file=progress)
     result = ChatResult("".join(pieces), final.get("done_reason"), final.get("eval_count"))
     if not final:
         raise LlmforgeError(f"the chat with {name} ended without a final message", hint="see the server log")
@@ -659,6 +664,6 @@ def smoke_chat(name: str, prompt: str, host: str | None = None, out: TextIO = sy
     else:
         print(f"warning: {name} did not stop by itself (done_reason={result.done_reason}, limit {num_predict} "
               "tokens): check its stop tokens and template", file=progress)
-    if not result.text.strip():
+    if not result.text.strip() and not thinking:
         raise LlmforgeError(f"{name} answered with nothing", hint="check the template and stop tokens")
     return result
