@@ -524,12 +524,12 @@ class _Translator:
         """Names whose binding differs between branches must be Go variables: restart if new ones appear."""
         new_forced = False
         for name in set().union(*[set(e) for e in after]):
-            values = [e.get(name, UNDEFINED) for e in after]
+            values = [e.get(name, self.name_value(name, None)) for e in after]
             if all(v is values[0] or v == values[0] for v in values):
                 continue
             if isinstance(before.get(name), Namespace) or name.startswith("\x00"):
                 continue
-            kind = self.kind_of([v for v in values if v is not UNDEFINED])
+            kind = self.kind_of([v for v in values if isinstance(v, (Const, Rt))])
             if name not in self.forced:
                 self.forced[name] = kind
                 new_forced = True
@@ -862,8 +862,13 @@ class _Translator:
             return
         if not items_of_map and not chars and iterable.kind not in ELEMENT_KIND:
             raise Unsupported(f"for loop over a {iterable.kind}", node.lineno)
-        if node.else_ and (node.test is not None or iterable.parts):
+        if node.else_ and iterable.parts:
             raise Unsupported("for ... else on a filtered list", node.lineno)
+        matched = None
+        if node.else_ and node.test is not None:
+            # Jinja's else runs when no item passed the filter: track it in a flag
+            matched = self.fresh("matched")
+            self.emit("{{ " + f"{matched} := false" + " }}")
         list_var = iterable.expr if iterable.expr.startswith("$") and " " not in iterable.expr \
             else self.fresh("list")
         if list_var != iterable.expr:
@@ -920,6 +925,8 @@ class _Translator:
                     self.emit("{{ continue }}")
             else:
                 self.emit("{{ if not " + wrap(test.expr) + " }}{{ continue }}{{ end }}")
+        if matched:
+            self.emit("{{ " + f"{matched} = true" + " }}")
         body_env_start = dict(self.env)
         loop_start = len(self.out)
         self.stmts(node.body)
@@ -928,11 +935,16 @@ class _Translator:
             if list_var != iterable.expr:
                 self.out.pop()
         else:
-            if node.else_:
+            if node.else_ and not matched:
                 self.env = dict(saved_env)
                 self.emit("{{ else }}")  # Go's range-else runs when the list is empty, as Jinja's for-else
                 self.stmts(node.else_)
             self.emit("{{ end }}")
+            if matched:
+                self.env = dict(saved_env)
+                self.emit("{{ if not " + matched + " }}")
+                self.stmts(node.else_)
+                self.emit("{{ end }}")
         # names assigned inside the body do not leak (Jinja scoping); namespace changes were forced
         self.check_loop_namespaces(body_env_start)
         self.env, self.loops, self.current_loop_line = saved_env, saved_loops, saved_line
@@ -1202,6 +1214,8 @@ class _Translator:
                 return Rt(base.expr, "method", (base, attr))
             if base.kind == "str":
                 return Const(UNDEFINED)  # Jinja: a string has no such attribute
+            if base.kind == "any" and attr in ("get", "items", "keys"):
+                return Rt(base.expr, "method", (base, attr))
             if base.kind == "any":
                 # an untyped JSON object (a schema's items, an argument value): a map lookup in Go
                 expr = f"index {wrap(base.expr)} {go_string(attr)}"
