@@ -481,10 +481,14 @@ class _Translator:
         self.runtime_branches(pending, else_body or [])
 
     def try_truth(self, test_node: nodes.Expr) -> Const | Rt | None:
+        """Evaluate a test only to see whether it is constant; whatever it emitted is dropped."""
+        saved_out = list(self.out)
         try:
             return self.truth(self.eval(test_node), test_node.lineno)
         except Unsupported:
             return None
+        finally:
+            self.out[:] = saved_out
 
     def is_raise_only(self, body: list[nodes.Node]) -> bool:
         calls = [n for n in body if not (isinstance(n, nodes.Output) and all(
@@ -508,9 +512,12 @@ class _Translator:
             states.append((self.env, self.printed))
         if else_body:
             self.emit("{{ else }}")
+            mark = len(self.out)
             self.env = dict(before_env)
             self.printed = before_printed
             self.stmts(else_body)
+            if len(self.out) == mark:
+                self.out.pop()  # an else that renders nothing (e.g. only raise_exception)
             states.append((self.env, self.printed))
         else:
             states.append((before_env, before_printed))
