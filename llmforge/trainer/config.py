@@ -124,9 +124,8 @@ def load_config(source: str | Path | dict | None, overrides: typing.Iterable[str
         if not isinstance(target, dict):
             raise LlmforgeError(f"config section {section!r} must be a mapping", hint=f"in {origin}")
         target[leaf] = value
-        base_for_override = Path(".")
-        if key in PATH_KEYS and isinstance(value, str) and value:
-            target[leaf] = str((base_for_override / value).resolve())
+        if key in PATH_KEYS and isinstance(value, str) and value:  # paths on the command line: from the cwd
+            target[leaf] = str(Path(value).resolve())
     config = build(Config, raw, "", origin)
     for key in PATH_KEYS:
         section, leaf = key.split(".")
@@ -159,8 +158,8 @@ def build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
     for key, value in raw.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {prefix}{close[0]!r}?" if close else f"known keys: {', '.join(names)}"
-            raise LlmforgeError(f"unknown config key {prefix}{key!r} in {origin}", hint=hint)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+            raise LlmforgeError(f"unknown config key '{prefix}{key}' in {origin}", hint=hint)
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             values[key] = build(kind, value if value is not None else {}, f"{prefix}{key}.", origin)

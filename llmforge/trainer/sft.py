@@ -1,0 +1,251 @@
+"""A compact supervised fine-tuning loop: batching, AdamW, schedule, logging, checkpoints, exact resume.
+
+Kept separate from model loading and data so other objectives (GRPO, vision) can reuse the pieces.
+The data order is a pure function of (seed, epoch), so a resumed run replays the same batches and, with the
+optimizer, scheduler and RNG states restored, continues the uninterrupted run's loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_dir, atomic_path
+from ..errors import LlmforgeError
+from .config import TrainConfig
+from .encode import Encoded
+from .masking import IGNORE_INDEX
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)     # one per optimizer step of this run
+    first_loss: float = float("nan")
+    last_loss: float = float("nan")
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
+    """Concatenate examples into rows of at most ``max_length`` tokens (first fit, in order)."""
+    rows: list[Encoded] = []
+    for e in encoded:
+        if rows and len(rows[-1].input_ids) + len(e.input_ids) <= max_length:
+            rows[-1] = Encoded(rows[-1].input_ids + e.input_ids, rows[-1].labels + e.labels, rows[-1].row)
+        else:
+            rows.append(Encoded(list(e.input_ids), list(e.labels), e.row))
+    return rows
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def collate(rows: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    length = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def batches(rows: list[Encoded], batch_size: int, seed: int, start_epoch: int = 0) -> Iterator[list[Encoded]]:
+    """Endless stream of batches, reshuffled each epoch with a seed-derived order."""
+    epoch = start_epoch
+    while True:
+        order = epoch_order(len(rows), seed, epoch)
+        for i in range(0, len(order), batch_size):
+            yield [rows[j] for j in order[i: i + batch_size]]
+        epoch += 1
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over trainable positions, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    count = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, count
+
+
+def total_steps(n_rows: int, config: TrainConfig) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    per_epoch = math.ceil(n_rows / config.batch_size)
+    return max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, limit: int) -> None:
+    """checkpoint-<step>/ with trainable weights, optimizer, scheduler and RNG states (written atomically)."""
+    with atomic_dir(out_dir / f"checkpoint-{step}") as tmp:
+        torch.save(trainable_state(model), tmp / "trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   tmp / "state.pt")
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+    checkpoints = sorted(list_checkpoints(out_dir))
+    for old_step, path in checkpoints[: max(0, len(checkpoints) - max(limit, 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [(s, p) for s, p in found if (p / "step.json").is_file()]
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
+    weights = torch.load(path / "trainable.pt", map_location="cpu")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in params:
+                raise LlmforgeError(f"checkpoint {path} does not match this model (no {name})",
+                                    hint="resume with the same config, or start without --resume")
+            params[name].copy_(value)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return json.loads((path / "step.json").read_text())["step"]
+
+
+def make_optimizer(model: Any, config: TrainConfig, steps: int) -> tuple[Any, Any]:
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=steps)
+    return optimizer, scheduler
+
+
+class Progress:
+    """One self-overwriting line on stderr (a plain line per log step when stderr is not a terminal)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        width = 24
+        filled = int(width * step / self.total)
+        line = (f"train [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
+                f"lr {lr:.2e} {tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def train_loop(model: Any, rows: list[Encoded], config: TrainConfig, out_dir: Path, pad_id: int,
+               resume: bool = False) -> LoopResult:
+    """Run SFT on ``rows``; checkpoints in ``out_dir``; returns the losses of the optimizer steps run."""
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny late-training gradients are otherwise 10-100x slower on x86
+    steps = total_steps(len(rows), config)
+    optimizer, scheduler = make_optimizer(model, config, steps)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    log_path = out_dir / LOG_NAME
+    start_step = 0
+    if resume:
+        checkpoints = list_checkpoints(out_dir)
+        if not checkpoints:
+            raise LlmforgeError(f"--resume: no checkpoint in {out_dir}",
+                                hint="set train.save_steps to write checkpoints, or start without --resume")
+        step, path = max(checkpoints)
+        start_step = load_checkpoint(path, model, optimizer, scheduler)
+        print(f"resuming from {path.name}", file=sys.stderr)
+    previous_log = [json.loads(l) for l in log_path.read_text().splitlines()] if resume and log_path.exists() else []
+    log = [entry for entry in previous_log if entry["step"] <= start_step]
+    per_epoch = math.ceil(len(rows) / config.batch_size)
+    consumed = start_step * config.grad_accum
+    stream = batches(rows, config.batch_size, config.seed, start_epoch=consumed // per_epoch)
+    for _ in range(consumed % per_epoch):
+        next(stream)
+    model.train()
+    result = LoopResult(steps=steps, resumed_from=start_step)
+    progress = Progress(steps)
+    started = time.perf_counter()
+    empty_warned = False
+    for step in range(start_step + 1, steps + 1):
+        group = [collate(next(stream), pad_id, device) for _ in range(config.grad_accum)]
+        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+        if count == 0:
+            if not empty_warned:
+                print(f"warning: step {step} has no trainable tokens; skipped", file=sys.stderr)
+                empty_warned = True
+            scheduler.step()
+            continue
+        total = 0.0
+        for batch in group:
+            loss_sum, _ = token_loss_sum(model, batch)
+            (loss_sum / count).backward()
+            total += loss_sum.item()
+            result.tokens += int(batch["attention_mask"].sum())
+        loss = total / count
+        if not math.isfinite(loss):
+            progress.close()
+            raise LlmforgeError(f"training loss became {loss} at step {step}",
+                                hint="lower train.lr, check the data, or use float32 (model.dtype)")
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(loss)
+        log.append({"step": step, "loss": loss, "lr": lr})
+        if step % max(config.logging_steps, 1) == 0 or step == steps:
+            progress.update(step, loss, lr, result.tokens)
+        if config.save_steps > 0 and step % config.save_steps == 0 and step < steps:
+            write_log(log_path, log)
+            save_checkpoint(out_dir, step, model, optimizer, scheduler, config.save_total_limit)
+    progress.close()
+    write_log(log_path, log)
+    result.seconds = time.perf_counter() - started
+    if result.losses:
+        result.first_loss, result.last_loss = result.losses[0], result.losses[-1]
+    return result
+
+
+def write_log(path: Path, log: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in log))

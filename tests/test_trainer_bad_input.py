@@ -1,0 +1,166 @@
+"""Bad input to `llmforge train`: one `error:` line, a non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from llmforge.cli import main
+from llmforge.trainer.config import load_config
+from llmforge.trainer.data import normalise
+from llmforge.trainer.encode import encode_all
+from llmforge.trainer.example import build_base_model
+from llmforge.trainer.load import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build_base_model(tmp_path_factory.mktemp("base") / "model")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+def write_config(tmp_path: Path, base: Path, data: Path, **sections) -> Path:
+    config = {"model": {"path": str(base), "load_in_4bit": False, "max_seq_length": 64},
+              "data": {"path": str(data)}, "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1}}
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value)
+    path = tmp_path / "train.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_missing_column(tmp_path: Path, base: Path, capsys) -> None:
+    data = jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
+    code, err = run_cli(["train", str(write_config(tmp_path, base, data))], capsys)
+    assert_one_line_error(code, err, "row 2", "output")
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_empty_dataset(tmp_path: Path, base: Path, capsys) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n")
+    code, err = run_cli(["train", str(write_config(tmp_path, base, data))], capsys)
+    assert_one_line_error(code, err, "empty")
+
+
+def test_unknown_columns(tmp_path: Path, base: Path, capsys) -> None:
+    data = jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}])
+    code, err = run_cli(["train", str(write_config(tmp_path, base, data))], capsys)
+    assert_one_line_error(code, err, "cannot tell the data format")
+
+
+def test_row_the_template_rejects_is_reported(tmp_path: Path, base: Path, capsys) -> None:
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "assistant", "content": "first"}, {"role": "assistant", "content": "x"}]}]
+    data = jsonl(tmp_path / "d.jsonl", rows)
+    strict = "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}" \
+             "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}" \
+             "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    (tmp_path / "strict").mkdir()
+    for f in base.iterdir():
+        (tmp_path / "strict" / f.name).write_bytes(f.read_bytes())
+    cfg_path = tmp_path / "strict" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = strict
+    cfg_path.write_text(json.dumps(cfg))
+    code, err = run_cli(["train", str(write_config(tmp_path, tmp_path / "strict", data))], capsys)
+    assert_one_line_error(code, err, "row 2", "rejects", "alternate")
+
+
+def test_overlong_sequences_truncated_or_dropped_with_a_count(base: Path, capsys) -> None:
+    tokenizer = load_tokenizer(base)
+    long = " ".join(["capital"] * 200)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": long}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "short"}]}]
+    _, examples = normalise(rows)
+    kept, stats = encode_all(examples, tokenizer, tokenizer.chat_template, 32, overlong="truncate")
+    assert stats.truncated == 1 and len(kept) == 2 and max(len(e.input_ids) for e in kept) == 32
+    assert "1 sequences longer than 32 tokens were truncated" in capsys.readouterr().err
+    kept, stats = encode_all(examples, tokenizer, tokenizer.chat_template, 32, overlong="drop")
+    assert stats.dropped == 1 and len(kept) == 1
+    assert "were dropped" in capsys.readouterr().err
+
+
+def test_truncation_that_leaves_no_reply_is_counted(base: Path, capsys) -> None:
+    tokenizer = load_tokenizer(base)
+    rows = [{"messages": [{"role": "user", "content": " ".join(["capital"] * 100)},
+                          {"role": "assistant", "content": "yes"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "short"}]}]
+    _, examples = normalise(rows)
+    kept, stats = encode_all(examples, tokenizer, tokenizer.chat_template, 16)
+    assert stats.no_trainable == 1 and len(kept) == 1
+    assert "no trainable tokens" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_folder_nonroot(tmp_path: Path, base: Path, capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    data = jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    path = write_config(tmp_path, base, data, train={"output_dir": str(locked / "out")})
+    code, err = run_cli(["train", str(path)], capsys)
+    assert_one_line_error(code, err, "output folder")
+
+
+def test_output_folder_under_a_file(tmp_path: Path, base: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    data = jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    path = write_config(tmp_path, base, data, train={"output_dir": str(blocker / "out")})
+    code, err = run_cli(["train", str(path)], capsys)
+    assert_one_line_error(code, err, "output folder")
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("train.lrr=0.1", ("unknown config key", "train.lr")),
+    ("train.lr=fast", ("train.lr must be a number",)),
+    ("train.max_steps=1.5", ("train.max_steps must be an integer",)),
+    ("data.overlong=cut", ("must be one of truncate, drop",)),
+    ("nosection=1", ("section.key",)),
+])
+def test_config_mistakes(tmp_path: Path, base: Path, capsys, override: str, needles: tuple[str, ...]) -> None:
+    data = jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    code, err = run_cli(["train", str(write_config(tmp_path, base, data)), "--set", override], capsys)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  rank: 8\n")
+    from llmforge.errors import LlmforgeError
+
+    with pytest.raises(LlmforgeError, match="unknown config key 'lora.rank'.*known keys: r, alpha"):
+        load_config(path)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: d.jsonl\nlora:\n  target_modules: [q_proj, v_proj]\n")
+    config = load_config(path, ["train.lr=1e-4"])
+    assert config.data.path == str(tmp_path / "d.jsonl")
+    assert config.lora.target_modules == ["q_proj", "v_proj"] and config.train.lr == 1e-4

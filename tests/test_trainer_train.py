@@ -1,0 +1,94 @@
+"""Training on the bundled tiny Llama: loss falls for every data format and file kind, resume is exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmforge.trainer.config import load_config
+from llmforge.trainer.example import build_base_model
+from llmforge.trainer.run import train
+
+QA = [("What is 2 + 3?", "2 + 3 = 5."), ("What is 4 + 1?", "4 + 1 = 5."), ("What is 6 + 2?", "6 + 2 = 8."),
+      ("What is 7 + 1?", "7 + 1 = 8."), ("What is 3 + 3?", "3 + 3 = 6."), ("What is 1 + 1?", "1 + 1 = 2.")]
+
+
+def rows_in(fmt: str) -> list[dict]:
+    if fmt == "messages":
+        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    if fmt == "sharegpt":
+        return [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA]
+    if fmt == "alpaca":
+        return [{"instruction": q, "input": "", "output": a} for q, a in QA]
+    return [{"text": f"Question: {q} Answer: {a}"} for q, a in QA]
+
+
+def write(rows: list[dict], path: Path) -> Path:
+    """One file kind per format, so every reader is exercised."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build_base_model(tmp_path_factory.mktemp("base") / "model")
+
+
+def config_for(base: Path, data: Path, out: Path, **train):
+    settings = {"max_steps": 12, "batch_size": 6, "lr": 0.003, "threads": 1, "logging_steps": 4, **train}
+    return load_config({"model": {"path": str(base), "load_in_4bit": False, "max_seq_length": 64},
+                        "data": {"path": str(data)}, "lora": {"r": 16, "alpha": 32},
+                        "train": {"output_dir": str(out), **settings}})
+
+
+@pytest.mark.parametrize("fmt,suffix", [("messages", ".jsonl"), ("sharegpt", ".json"), ("alpaca", ".parquet"),
+                                        ("text", "")])
+def test_loss_falls_for_each_format(base: Path, tmp_path: Path, fmt: str, suffix: str) -> None:
+    data = write(rows_in(fmt), tmp_path / f"data{suffix or '_ds'}")
+    result = train(config_for(base, data, tmp_path / "out"))
+    assert len(result.losses) == 12
+    assert result.last_loss < 0.5 * result.first_loss, result.losses
+    adapter = result.adapter_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "llmforge_train.json"):
+        assert (adapter / name).is_file(), name
+    assert "<|im_start|>" in (adapter / "chat_template.jinja").read_text()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert not list(tmp_path.glob("out/.*tmp"))  # nothing half-written left behind
+
+
+def test_resume_continues_the_same_loss_curve(base: Path, tmp_path: Path) -> None:
+    data = write(rows_in("messages"), tmp_path / "data.jsonl")
+    full = train(config_for(base, data, tmp_path / "full", max_steps=8, save_steps=4, batch_size=4))
+    # an interrupted run: the same config stopped after its step-4 checkpoint
+    part_dir = tmp_path / "part"
+    train(config_for(base, data, part_dir, max_steps=8, save_steps=4, batch_size=4))
+    for later in part_dir.glob("checkpoint-*"):
+        assert later.name == "checkpoint-4"
+    log = [json.loads(line) for line in (part_dir / "train_log.jsonl").read_text().splitlines()]
+    (part_dir / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log if e["step"] <= 4))
+    resumed = train(config_for(base, data, part_dir, max_steps=8, save_steps=4, batch_size=4), resume=True)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == pytest.approx(full.losses[4:], rel=1e-5, abs=1e-6)
+    logged = [json.loads(line)["loss"] for line in (part_dir / "train_log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+
+
+def test_different_seed_gives_a_different_curve(base: Path, tmp_path: Path) -> None:
+    data = write(rows_in("messages"), tmp_path / "data.jsonl")
+    a = train(config_for(base, data, tmp_path / "a", max_steps=3, seed=1))
+    b = train(config_for(base, data, tmp_path / "b", max_steps=3, seed=2))
+    assert a.losses != b.losses
