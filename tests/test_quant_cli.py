@@ -1,0 +1,97 @@
+"""``llmforge quants`` / ``llmforge quantize``: listing, a working requantization, and bad input (one line
+``error: ...``, non-zero exit, no output file)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmforge.cli import main
+from llmforge.quant.imatrix import write_imatrix
+from test_quant_mixtures_archs import synthetic_gguf
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture()
+def f32_model(tmp_path):
+    path = tmp_path / "model-f32.gguf"
+    synthetic_gguf(path, 4, 8, 2, False, 256, 256)
+    return path
+
+
+def test_quants_lists_every_type_with_bits(capsys):
+    code, out, _ = run(["quants"], capsys)
+    assert code == 0
+    names = [line.split()[0] for line in out.splitlines()]
+    assert names[:3] == ["q2_k", "q3_k_s", "q3_k_m"] and "q4_k_m" in names and "bf16" in names
+    assert len(names) == 17 and all("bpw" in line for line in out.splitlines())
+
+
+def test_quantize_writes_the_file(f32_model, tmp_path, capsys):
+    out_path = tmp_path / "out.gguf"
+    code, out, err = run(["quantize", str(f32_model), str(out_path), "--quant", "Q4_K_M"], capsys)
+    assert code == 0, err
+    assert out.strip() == str(out_path) and out_path.is_file() and "Q6_K" in err
+
+
+def test_unknown_quant_lists_valid_names(f32_model, tmp_path, capsys):
+    out_path = tmp_path / "out.gguf"
+    code, _, err = run(["quantize", str(f32_model), str(out_path), "-q", "q9_k"], capsys)
+    assert_one_line_error(code, err, "q9_k", "q4_k_m", "bf16")
+    assert not out_path.exists()
+
+
+def test_already_quantized_input_is_refused(f32_model, tmp_path, capsys):
+    q = tmp_path / "q.gguf"
+    assert run(["quantize", str(f32_model), str(q), "-q", "q8_0"], capsys)[0] == 0
+    code, _, err = run(["quantize", str(q), str(tmp_path / "again.gguf"), "-q", "q4_k_m"], capsys)
+    assert_one_line_error(code, err, "already quantized")
+    assert not (tmp_path / "again.gguf").exists()
+
+
+def test_nan_tensor_is_refused_by_name(tmp_path, capsys):
+    import gguf
+
+    src = tmp_path / "nan.gguf"
+    w = gguf.GGUFWriter(src, "llama")
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
+                       ("feed_forward_length", 256), ("attention.head_count", 4)):
+        w.add_uint32(f"llama.{key}", value)
+    bad = np.ones((4, 256), dtype=np.float32)
+    bad[1, 3] = np.nan
+    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 256), dtype=np.float32))
+    w.add_tensor("blk.0.attn_k.weight", bad)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out_path = tmp_path / "out.gguf"
+    code, _, err = run(["quantize", str(src), str(out_path), "-q", "q4_k_m"], capsys)
+    assert_one_line_error(code, err, "blk.0.attn_k.weight", "NaN")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]   # no output, no temp file left
+
+
+def test_imatrix_for_another_model_is_refused(f32_model, tmp_path, capsys):
+    imatrix = write_imatrix(tmp_path / "other.gguf", {"blk.0.attn_q.weight": np.ones(4096, np.float32)})
+    out_path = tmp_path / "out.gguf"
+    code, _, err = run(["quantize", str(f32_model), str(out_path), "-q", "q4_k_m", "--imatrix", str(imatrix)],
+                       capsys)
+    assert_one_line_error(code, err, "imatrix", "different model")
+    assert not out_path.exists()
