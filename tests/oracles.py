@@ -55,6 +55,23 @@ def llama_cpp_logits(gguf_path: str | Path, token_ids: list[int]) -> np.ndarray:
         llm.close()
 
 
+def llama_cpp_logits_and_greedy(gguf_path: str | Path, token_ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+    """Both of the below with one model load (a 256k vocabulary takes seconds to load)."""
+    llm = _llama(gguf_path)
+    try:
+        llm.reset()
+        llm.eval(list(token_ids))
+        logits = np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+        out = []
+        for _ in range(n):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(nxt)
+            llm.eval([nxt])
+        return logits, out
+    finally:
+        llm.close()
+
+
 def llama_cpp_greedy(gguf_path: str | Path, token_ids: list[int], n: int) -> list[int]:
     """``n`` greedily decoded token ids after ``token_ids`` (argmax of llama.cpp's logits)."""
     llm = _llama(gguf_path)

@@ -137,7 +137,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
         qtype = T.F32 if plan.generated is not None else choose_tensor_type(ftype, ctx, src_type)
         writer.plan(gguf_name, shape, qtype, source=plan)
 
-    _add_metadata(writer, spec, hp, vocab, ftype, name or model_dir.resolve().name, model_dir, extra_kv)
+    _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir, extra_kv)
     check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
 
     def produce(t: PlannedTensor) -> np.ndarray:

@@ -212,6 +212,14 @@ class ArchSpec:
     norm_shift: float = 0.0                      # added to every *norm.weight (Gemma: x * (1 + w))
     tied_default: bool = False                   # tie_word_embeddings when config.json omits it
     add_bos: bool | None = None                  # forced tokenizer.ggml.add_bos_token (None: from tokenizer)
+    # llama.cpp recognises some vocab quirks by general.name (Phi-3: special tokens strip spaces to their right)
+    name_tag: str | None = None
+
+    def default_name(self, folder_name: str) -> str:
+        """general.name when the user gives none: the folder name, tagged where llama.cpp needs it."""
+        if self.name_tag and self.name_tag not in folder_name.lower().replace("-", ""):
+            return f"{self.name_tag}-{folder_name}"
+        return folder_name
 
     @property
     def gguf_name(self) -> str:
@@ -240,7 +248,7 @@ REGISTRY: tuple[ArchSpec, ...] = (
              norm_shift=1.0, skip=("rotary_emb.inv_freq", "lm_head.weight"), tied_default=True,
              add_bos=True),
     ArchSpec("phi3", ("Phi3ForCausalLM",), ("phi3",), MODEL_ARCH.PHI3, kvs=PHI3_KVS,
-             extra_tensors=phi3_rope_factors),
+             extra_tensors=phi3_rope_factors, name_tag="phi3"),
 )
 
 

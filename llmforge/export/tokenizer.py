@@ -11,6 +11,7 @@ Three vocabulary kinds, recognised from the files (not from the model's architec
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -215,9 +216,30 @@ def _spm_vocab(tok_dir: Path, tj: dict | None, vocab_size: int) -> VocabData:
     return VocabData("llama", tokens, scores, types)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "config.json", "chat_template.jinja", "chat_template.json")
+_CACHE: dict[tuple, VocabData] = {}
+
+
 def load_vocab(tok_dir: Path, vocab_size: int) -> VocabData:
-    """Read the tokenizer in ``tok_dir`` into GGUF form, padded to ``vocab_size`` tokens."""
-    tok_dir = Path(tok_dir)
+    """Read the tokenizer in ``tok_dir`` into GGUF form, padded to ``vocab_size`` tokens.
+
+    The result is cached per folder (keyed on the tokenizer files' mtimes and sizes): exporting several quant
+    types of one model reads a 10^5-token vocabulary once. Treat the returned object as read-only.
+    """
+    tok_dir = Path(tok_dir).resolve()
+    stamp = []
+    for name in TOKENIZER_FILES:
+        f = tok_dir / name
+        stamp.append((name, f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (name,))
+    key = (str(tok_dir), vocab_size, tuple(stamp))
+    if key not in _CACHE:
+        _CACHE.clear()  # one vocabulary at a time: they are large
+        _CACHE[key] = _load_vocab(tok_dir, vocab_size)
+    return _CACHE[key]
+
+
+def _load_vocab(tok_dir: Path, vocab_size: int) -> VocabData:
     has_json, has_spm = (tok_dir / "tokenizer.json").is_file(), (tok_dir / "tokenizer.model").is_file()
     if not has_json and not has_spm:
         raise LlmforgeError(f"no tokenizer in {tok_dir} (tokenizer.json or tokenizer.model)",
@@ -274,9 +296,10 @@ def add_vocab_to_gguf(w: gguf.GGUFWriter, data: VocabData, *, add_bos: bool | No
     if "add_space_prefix" in data.extra:
         w.add_add_space_prefix(data.extra["add_space_prefix"])
     special = data.special
-    if add_bos is not None and special is not None:
-        special.add_special_token["bos"] = add_bos
     if special is not None:
+        if add_bos is not None:
+            special = copy.copy(special)
+            special.add_special_token = {**special.add_special_token, "bos": add_bos}
         special.add_to_gguf(w, quiet=True)
     eot = eot_id(data)
     if eot is not None:
