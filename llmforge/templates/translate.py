@@ -559,6 +559,8 @@ class _Translator:
                     kinds.add("str")
                 elif v.value is None or v.value is UNDEFINED or v.value == [] or v.value == {}:
                     continue  # empty values fit any list or mapping kind
+                elif isinstance(v.value, list) and all(isinstance(x, str) for x in v.value):
+                    kinds.add("acc")
                 else:
                     kinds.add("any")
         if len(kinds) == 1:
@@ -574,7 +576,8 @@ class _Translator:
             value = self.eval(node.node)
             key = f"{ns.go_prefix}_{target.attr}"
             if key in self.forced:
-                self.emit("{{ " + f"${key} = {as_go(value, node.lineno)}" + " }}")
+                init = self.acc_items_literal(value) if self.forced[key] == "acc" else None
+                self.emit("{{ " + f"${key} = {init or as_go(value, node.lineno)}" + " }}")
                 return
             if self.loops or self.in_branch:
                 old = ns.attrs.get(target.attr)
@@ -623,7 +626,8 @@ class _Translator:
             value = self.eval(kw.value)
             key = f"{prefix}_{kw.key}"
             if key in self.forced:
-                self.emit("{{ " + f"${key} := {as_go(value, call.lineno)}" + " }}")
+                init = self.acc_items_literal(value) if self.forced[key] == "acc" else None
+                self.emit("{{ " + f"${key} := {init or as_go(value, call.lineno)}" + " }}")
                 value = Rt("$" + key, self.forced[key])
             ns.attrs[kw.key] = value
         for key in list(self.forced):
@@ -849,6 +853,28 @@ class _Translator:
         items_of_map = iterable.kind == "items"
         reverse = iterable.parts == ("reversed",)
         chars = iterable.kind == "str"
+        if iterable.kind == "acc":
+            if not isinstance(node.target, nodes.Name) or node.else_ or node.test is not None:
+                raise Unsupported("for loop over a runtime list with options", node.lineno)
+            k, s, cur, ch = self.fresh("k"), self.fresh("s"), self.fresh("cur"), self.fresh("ch")
+            self.emit("{{ " + f"{s} := {iterable.expr}" + " }}{{ " + f'{cur} := ""' + " }}{{ range "
+                      + f"{k} := len {s}" + " }}{{ " + f"{ch} := slice {s} {k} ({int_plus(k, '1')})" + " }}{{ if "
+                      + f"ne {ch} {go_string(self.ACC_SEP)}" + " }}{{ " + f'{cur} = printf "%s%s" {cur} {ch}'
+                      + " }}{{ continue }}{{ end }}")
+            saved_env, saved_loops = self.env, self.loops
+            self.env = dict(saved_env)
+            item = self.fresh("item")
+            self.emit("{{ " + f"{item} := {cur}" + " }}{{ " + f'{cur} = ""' + " }}")
+            self.env[node.target.name] = Rt(item, "str")
+            self.env["loop"] = Const({})
+            before_printed = self.printed
+            self.printed = "maybe" if before_printed != "yes" else "yes"
+            self.declare_forced(node.body, self.env)
+            self.stmts(node.body)
+            self.emit("{{ end }}")
+            self.env, self.loops = saved_env, saved_loops
+            self.printed = "yes" if before_printed == "yes" else "maybe"
+            return
         if iterable.kind == "intrange":
             if not isinstance(node.target, nodes.Name) or node.else_ or node.test is not None:
                 raise Unsupported("for loop over range() with options", node.lineno)
@@ -1049,13 +1075,37 @@ class _Translator:
     def eval_TemplateData(self, expr: nodes.TemplateData) -> Const:
         return Const(expr.data)
 
-    def eval_List(self, expr: nodes.List) -> Const:
+    def eval_List(self, expr: nodes.List) -> Const | Rt:
+        items = [self.eval(i) for i in expr.items]
+        if all(isinstance(i, Const) for i in items):
+            return Const([i.value for i in items])
+        if isinstance(expr, nodes.List) and all(isinstance(i, Rt) and i.kind == "str" or isinstance(i, Const)
+                                                and isinstance(i.value, str) for i in items):
+            return self.to_acc(Const([]), items)
+        raise Unsupported("a list literal holding runtime values", expr.lineno)
+
+    def eval_Tuple(self, expr: nodes.Tuple) -> Const:
         items = [self.eval(i) for i in expr.items]
         if not all(isinstance(i, Const) for i in items):
-            raise Unsupported("a list literal holding runtime values", expr.lineno)
+            raise Unsupported("a tuple holding runtime values", expr.lineno)
         return Const([i.value for i in items])
 
-    eval_Tuple = eval_List
+    # A runtime list of strings is kept as one Go string, each item followed by ACC_SEP.
+    ACC_SEP = "\x1f"
+
+    def to_acc(self, base: Const | Rt, items: list) -> Rt:
+        parts: tuple = str_parts(base) if isinstance(base, Rt) else tuple(
+            v + self.ACC_SEP for v in base.value)
+        for item in items:
+            parts += str_parts(item) + (self.ACC_SEP,)
+        value = make_str(parts)
+        self.notes.add("runtime lists of strings are kept as separator-joined Go strings")
+        return Rt(value.expr if isinstance(value, Rt) else go_string(value.value), "acc")
+
+    def acc_items_literal(self, value: Any) -> str | None:
+        if isinstance(value, Const) and isinstance(value.value, list) and all(isinstance(v, str) for v in value.value):
+            return go_string("".join(v + self.ACC_SEP for v in value.value))
+        return None
 
     def eval_Dict(self, expr: nodes.Dict) -> Const:
         out = {}
@@ -1368,6 +1418,12 @@ class _Translator:
                 Rt(joined.expr, "str", joined.parts, markup=True)
         if kinds <= {"str", "any"}:  # Jinja raises unless an "any" variable holds a string here
             return make_str(str_parts(left) + str_parts(right))
+        if "acc" in kinds and all(isinstance(v, Rt) and v.kind == "acc" or isinstance(v, Const) and
+                                  isinstance(v.value, list) for v in (left, right)):
+            pieces = [Rt(v.expr, "str") if isinstance(v, Rt) else Const("".join(x + self.ACC_SEP for x in v.value))
+                      for v in (left, right)]
+            joined = make_str(str_parts(pieces[0]) + str_parts(pieces[1]))
+            return Rt(joined.expr if isinstance(joined, Rt) else go_string(joined.value), "acc")
         if kinds <= {"int"}:
             return Rt(int_plus(as_go(left, expr.lineno), as_go(right, expr.lineno)), "int")
         if "str" in kinds and kinds <= {"str", "arguments", "tcfunction", "tool", "toolfunction", "parameters"}:
@@ -1492,6 +1548,15 @@ class _Translator:
         return Rt(f"{go_op} {wrap(as_go(left, lineno))} {wrap(as_go(right, lineno))}", "bool")
 
     def contains(self, needle: Any, haystack: Any, lineno: int | None) -> Any:
+        if isinstance(haystack, Rt) and haystack.kind == "acc" and (isinstance(needle, Rt) and needle.kind == "str"):
+            found, k, s, item = self.fresh("found"), self.fresh("k"), self.fresh("s"), self.fresh("item")
+            self.emit("{{ " + f"{found} := false" + " }}{{ " + f"{item} := printf \"%s%s%s\" {go_string(self.ACC_SEP)} "
+                      f"{wrap(needle.expr)} {go_string(self.ACC_SEP)}" + " }}{{ " + f"{s} := printf \"%s%s\" "
+                      f"{go_string(self.ACC_SEP)} {wrap(haystack.expr)}" + " }}{{ range " + f"{k} := len {s}"
+                      + " }}{{ if " + f"and (not {found}) (le ({int_plus(k, f'len {item}')}) (len {s})) "
+                      f"(eq (slice {s} {k} ({int_plus(k, f'len {item}')})) {item})" + " }}{{ " + f"{found} = true"
+                      + " }}{{ end }}{{ end }}")
+            return Rt(found, "bool")
         if isinstance(haystack, Rt) and haystack.kind in ("strlist", "list") and \
                 (isinstance(needle, Rt) and needle.kind == "str" or isinstance(needle, Const)
                  and isinstance(needle.value, str)):
@@ -1507,6 +1572,8 @@ class _Translator:
             if (haystack.kind, needle.value) in ALWAYS_DEFINED:
                 return Const(True)
             return self.truth(self.getattr(haystack, needle.value, lineno), lineno)
+        if isinstance(haystack, Const) and isinstance(haystack.value, dict) and isinstance(needle, Rt):
+            haystack = Const(list(haystack.value))  # membership in a mapping tests its keys
         if isinstance(haystack, Const) and isinstance(haystack.value, (list, tuple)) and isinstance(needle, Rt):
             if needle.kind not in ("str", "int"):
                 raise Unsupported("`in` on a runtime value", lineno)
@@ -1582,10 +1649,13 @@ class _Translator:
                       "sequence": {"str", "messages", "tools", "toolcalls", "strlist", "list"}}
         if name in kind_tests and kind != "any":
             return Const(kind in kind_tests[name])
-        go_types = {"string": "string", "boolean": "bool", "mapping": "map[string]interface {}",
-                    "sequence": "[]interface {}"}
+        go_types = {"string": ("string",), "boolean": ("bool",), "mapping": ("map[string]interface {}",),
+                    "sequence": ("string", "[]interface {}"), "number": ("float64",),
+                    "iterable": ("string", "[]interface {}", "map[string]interface {}")}
         if name in go_types and kind == "any":
-            return Rt(f'eq (printf "%T" {wrap(value.expr)}) "{go_types[name]}"', "bool")
+            # JSON values decoded by Go: string, float64, bool, []interface {}, map[string]interface {}
+            names = " ".join(go_string(t) for t in go_types[name])
+            return Rt(f'eq (printf "%T" {wrap(value.expr)}) {names}', "bool")
         if name in ("true", "false") and kind == "bool":
             return Rt(value.expr if name == "true" else f"not {wrap(value.expr)}", "bool")
         if name in ("equalto", "eq", "==") and args:
@@ -1685,6 +1755,23 @@ class _Translator:
                       ELEMENT_KIND[kind])
         if name == "list" and kind in ELEMENT_KIND:
             return value
+        if name == "replace" and kind == "str" and len(args) == 2 and isinstance(args[0], Const) and \
+                isinstance(args[0].value, str) and args[0].value and not kwargs:
+            return self.replace_scan(value, args[0].value, args[1])
+        if name in ("lower", "upper") and kind == "str" and not args:
+            return self.case_scan(value, name == "upper")
+        if kind == "acc" and name == "join":
+            sep = args[0] if args else Const("")
+            if not isinstance(sep, Const):
+                raise Unsupported("join with a runtime separator", lineno)
+            joined = self.replace_scan(Rt(value.expr, "str"), self.ACC_SEP, sep)
+            out = self.fresh("joined")
+            n = str(len(sep.value.encode()))
+            self.emit("{{ " + f'{out} := ""' + " }}{{ if " + joined.expr + " }}{{ "
+                      + f"{out} = slice {joined.expr} 0 ({int_minus(f'len {joined.expr}', n)})" + " }}{{ end }}")
+            return Rt(out, "str")
+        if kind == "acc" and name in ("length", "count"):
+            return self.count_scan(Rt(value.expr, "str"), self.ACC_SEP)
         if name in ("selectattr", "rejectattr") and kind == "str":
             return Const([])  # a string's characters have no attributes
         if name in ("selectattr", "rejectattr") and kind in ELEMENT_KIND and not value.parts \
@@ -1797,6 +1884,31 @@ class _Translator:
                   + " }}{{ end }}{{ end }}")
         self.notes.add("str.replace/split on content are computed by scanning bytes")
         return Rt(out, "str")
+
+    def case_scan(self, text: Rt, upper: bool) -> Rt:
+        """str.lower/upper for ASCII letters (other characters pass through), byte by byte."""
+        import string
+
+        out, k, s, c = self.fresh("out"), self.fresh("k"), self.fresh("s"), self.fresh("c")
+        src, dst = (string.ascii_lowercase, string.ascii_uppercase) if upper else \
+            (string.ascii_uppercase, string.ascii_lowercase)
+        chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f'eq {c} "{a}"' + " }}{{ " + f'{c} = "{b}"' + " }}"
+                        for i, (a, b) in enumerate(zip(src, dst)))
+        self.emit("{{ " + f'{out} := ""' + " }}{{ " + f"{s} := {text.expr}" + " }}{{ range " + f"{k} := len {s}"
+                  + " }}{{ " + f"{c} := slice {s} {k} ({int_plus(k, '1')})" + " }}" + chain + "{{ end }}{{ "
+                  + f'{out} = printf "%s%s" {out} {c}' + " }}{{ end }}")
+        self.notes.add("lower/upper of runtime text change ASCII letters only")
+        return Rt(out, "str")
+
+    def count_scan(self, text: Rt, needle: str) -> Rt:
+        """Occurrences of a literal (here: items of a runtime string list)."""
+        count, k, s = self.fresh("count"), self.fresh("k"), self.fresh("s")
+        n = str(len(needle.encode()))
+        end = int_plus(k, n)
+        self.emit("{{ " + f"{count} := 0" + " }}{{ " + f"{s} := {text.expr}" + " }}{{ range " + f"{k} := len {s}"
+                  + " }}{{ if " + f"and (le ({end}) (len {s})) (eq (slice {s} {k} ({end})) {go_string(needle)})"
+                  + " }}{{ " + f"{count} = {int_plus(count, '1')}" + " }}{{ end }}{{ end }}")
+        return Rt(count, "int")
 
     def substring_test(self, text: Rt, needle: str) -> Rt:
         """`needle in text`: scan every byte offset (Go >= 1.22 ranges over an int)."""
@@ -1914,6 +2026,12 @@ class _Translator:
             if method in ("startswith", "endswith") and len(args) == 1 and isinstance(args[0], Const) \
                     and isinstance(args[0].value, str):
                 return self.affix_test(base, args[0].value, method == "startswith")
+            if method in ("startswith", "endswith") and len(args) == 1 and isinstance(args[0], Rt) \
+                    and args[0].kind == "str":
+                a, t = wrap(args[0].expr), wrap(base.expr)
+                part = f"slice {t} 0 (len {a})" if method == "startswith" else \
+                    f"slice {t} ({int_minus(f'len {t}', f'len {a}')})"
+                return Rt(f"and (le (len {a}) (len {t})) (eq ({part}) {a})", "bool")
             if self.closed_set(base) and all(isinstance(a, Const) for a in args):
                 return self.enumerate_roles(base, lambda role: getattr(role, method)(*[a.value for a in args]))
             raise Unsupported(f"string method .{method}() on runtime content", expr.lineno)
