@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, source: TensorSource) -> list[tupl
 
     for kind, data in spec.extra_tensors(hp).items():
         out.append((TENSOR_NAMES[kind] + ".weight", tuple(data.shape), TensorPlan(None, kind, data)))
-    for name in source.names():
+    for name in sorted(source.names(), key=_layer_order):
         if any(name.endswith(s) for s in spec.skip) or (tied and name == "lm_head.weight"):
             continue
         mapped = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
@@ -100,6 +101,12 @@ def plan_tensors(spec: ArchSpec, hp: HParams, source: TensorSource) -> list[tupl
         kind, gguf_name = mapped
         out.append((gguf_name, tuple(source.shape(name)), TensorPlan(name, kind)))
     return out
+
+
+def _layer_order(hf_name: str) -> tuple[int, str]:
+    """Non-layer tensors first, then layers numerically: the same file whatever the sharding."""
+    match = re.search(r"\.layers\.(\d+)\.", hf_name)
+    return (int(match.group(1)) if match else -1, hf_name)
 
 
 def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
