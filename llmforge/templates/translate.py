@@ -824,7 +824,18 @@ class _Translator:
         if isinstance(node.call, nodes.Call) and isinstance(node.call.node, nodes.ExtensionAttribute):
             self.stmts(node.body)  # {% generation %}: keep the body
             return
-        raise Unsupported("{% call %} block", node.lineno)
+        call = node.call
+        target = self.env.get(call.node.name) if isinstance(call, nodes.Call) and \
+            isinstance(call.node, nodes.Name) else None
+        if not isinstance(target, Macro) or node.args or target.node.name in self.macros_active:
+            raise Unsupported("{% call %} block (recursive or with arguments)", node.lineno)
+        # {% call m(...) %}body{% endcall %}: inline m with `caller()` inlining the body
+        caller = Macro(nodes.Macro("caller", [], [], node.body, lineno=node.lineno))
+        self.env["caller"] = caller
+        try:
+            self.inline_macro(target, call)
+        finally:
+            self.env.pop("caller", None)
 
     def stmt_Scope(self, node: nodes.Scope) -> None:
         self.stmts(node.body)
@@ -1160,6 +1171,10 @@ class _Translator:
         if isinstance(key, Const) and isinstance(key.value, str):
             if isinstance(base, Rt) and base.kind == "str":
                 return Const(UNDEFINED)  # a string indexed by a key: Jinja gives undefined
+            if isinstance(base, Rt) and base.kind == "property" and key.value == "items":
+                # x['items'] is the schema key (x.items would be the dict method)
+                go = f"{wrap(base.expr)}.Items"
+                return Rt(go, "any", defined=go)
             return self.getattr(base, key.value, expr.lineno)
         if isinstance(base, Const) and isinstance(key, Const):
             try:
@@ -1760,6 +1775,8 @@ class _Translator:
             return self.replace_scan(value, args[0].value, args[1])
         if name in ("lower", "upper") and kind == "str" and not args:
             return self.case_scan(value, name == "upper")
+        if name == "title" and kind == "str" and not args:
+            return self.title_scan(value)
         if kind == "acc" and name == "join":
             sep = args[0] if args else Const("")
             if not isinstance(sep, Const):
@@ -1900,6 +1917,24 @@ class _Translator:
         self.notes.add("lower/upper of runtime text change ASCII letters only")
         return Rt(out, "str")
 
+    def title_scan(self, text: Rt) -> Rt:
+        """str.title for ASCII: a letter after a letter is lowered, any other letter raised."""
+        import string
+
+        out, k, s, c, prev, letter = (self.fresh(n) for n in ("out", "k", "s", "c", "prev", "letter"))
+        branches = []
+        for low, up in zip(string.ascii_lowercase, string.ascii_uppercase):
+            branches.append((low, "{{ if not " + prev + " }}{{ " + f'{c} = "{up}"' + " }}{{ end }}"))
+            branches.append((up, "{{ if " + prev + " }}{{ " + f'{c} = "{low}"' + " }}{{ end }}"))
+        chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f'eq {c} "{ch}"' + " }}{{ " + f"{letter} = true"
+                        + " }}" + body for i, (ch, body) in enumerate(branches))
+        self.emit("{{ " + f'{out} := ""' + " }}{{ " + f"{prev} := false" + " }}{{ " + f"{s} := {text.expr}"
+                  + " }}{{ range " + f"{k} := len {s}" + " }}{{ " + f"{c} := slice {s} {k} ({int_plus(k, '1')})"
+                  + " }}{{ " + f"{letter} := false" + " }}" + chain + "{{ end }}{{ " + f"{prev} = {letter}" + " }}{{ "
+                  + f'{out} = printf "%s%s" {out} {c}' + " }}{{ end }}")
+        self.notes.add("title() of runtime text handles ASCII letters only")
+        return Rt(out, "str")
+
     def count_scan(self, text: Rt, needle: str) -> Rt:
         """Occurrences of a literal (here: items of a runtime string list)."""
         count, k, s = self.fresh("count"), self.fresh("k"), self.fresh("s")
@@ -1976,6 +2011,8 @@ class _Translator:
                                                  lineno=expr.lineno))
             if name in ("namespace",):
                 raise Unsupported("namespace() outside a set", expr.lineno)
+            if name == "caller":
+                raise Unsupported("caller() outside an inlined {% call %} block", expr.lineno)
             if name not in self.env and name not in ("range", "dict", "lipsum", "cycler", "joiner"):
                 raise LlmforgeError(f"chat template calls an undefined function `{name}` at line {expr.lineno}",
                                     hint="fix the template or pass --chat-template NAME")
@@ -2035,6 +2072,12 @@ class _Translator:
             if self.closed_set(base) and all(isinstance(a, Const) for a in args):
                 return self.enumerate_roles(base, lambda role: getattr(role, method)(*[a.value for a in args]))
             raise Unsupported(f"string method .{method}() on runtime content", expr.lineno)
+        if isinstance(expr.node, nodes.Getattr) and expr.node.attr in ("append", "extend", "pop", "update",
+                                                                        "insert", "clear", "remove"):
+            # The sandbox refuses to mutate lists/dicts: Jinja fails on every input that reaches this
+            # call, so those inputs do not apply; everything the Go template renders comes from elsewhere.
+            self.notes.add(f"`.{expr.node.attr}()` is refused by transformers' sandbox; it is dropped")
+            return Const(None)
         raise Unsupported("calling a runtime value", expr.lineno)
 
 
