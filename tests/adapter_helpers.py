@@ -22,12 +22,16 @@ def load_f32(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, std: float = 0.05, **lora_kwargs):
-    """Save a PEFT LoRA adapter with random (non-zero) factors for ``base_dir``; return (folder, peft model)."""
+def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, std: float = 0.05, prepare=None, **lora_kwargs):
+    """Save a PEFT LoRA adapter with random (non-zero) factors for ``base_dir``; return (folder, peft model).
+
+    ``prepare(model)`` runs on the base model before PEFT wraps it (e.g. to resize the vocabulary)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = load_f32(base_dir)
+    if prepare is not None:
+        prepare(model)
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -152,3 +152,28 @@ def test_adapter_tokenizer_and_chat_template_win(tiny_model_dir, tmp_path):
     if field is None:
         pytest.skip("the exporter does not write tokenizer.chat_template yet")
     assert field.contents() == tok.chat_template
+
+
+def test_resized_vocabulary_with_added_tokens(tiny_model_dir, tmp_path):
+    """Tokens added before training: the adapter carries the resized embed_tokens/lm_head and the tokenizer."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    base = tiny_model_dir("mistral")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    adapter_dir, peft_model = make_adapter(
+        base, tmp_path / "adapter", seed=13, prepare=lambda m: m.resize_token_embeddings(len(tok)),
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    tok.save_pretrained(adapter_dir)
+    ids = [1, 300, 32000, 1200, 32001, 57]
+    reference = logits_of(peft_model.merge_and_unload(), ids)
+    assert reference.shape[1] == 32002
+    out = tmp_path / "resized.gguf"
+    report = convert_adapter(adapter_dir, out, "f32")
+    assert any("32000 -> 32002" in c for c in report.checks)
+    assert len(GGUFReader(out).get_field("tokenizer.ggml.tokens").data) == 32002
+    assert rel_error(llama_cpp_logits(out, ids), reference) < 1e-4
+    hf = tmp_path / "hf"
+    merge_to_hf(adapter_dir, hf, dtype="f32", progress=False)
+    assert rel_error(logits_of(load_f32(hf), ids), reference) < 1e-6

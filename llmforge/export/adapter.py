@@ -46,7 +46,17 @@ FOUR_BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-nf4", "-4bit", "_4b
 _LORA_LINEAR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<param>weight|bias)")
 _LORA_EMBEDDING = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?")
 _MAGNITUDE = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?")
-_WRAPPERS = re.compile(r"\.(?:modules_to_save\.[^.]+|base_layer|original_module)(?=\.)")
+
+
+def _whole_tensor_target(name: str) -> tuple[str, int]:
+    """The base tensor a saved whole tensor replaces, and its priority: the trained ``modules_to_save`` copy
+    wins over a plain key, which wins over a LoRA layer's saved ``base_layer`` (resized embeddings)."""
+    if ".modules_to_save." in name:
+        prefix, rest = name.split(".modules_to_save.", 1)
+        return f"{prefix}.{rest.rsplit('.', 1)[-1]}", 2
+    if ".base_layer." in name:
+        return name.replace(".base_layer.", "."), 0
+    return name, 1
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,7 @@ def _parse_keys(header: dict[str, dict], config: dict, where: Path) -> tuple[dic
     parts: dict[str, dict[str, str]] = {}
     embedding: set[str] = set()
     whole: dict[str, str] = {}
+    whole_priority: dict[str, int] = {}
     for key in header:
         name = key.removeprefix(KEY_PREFIX)
         if m := _LORA_LINEAR.fullmatch(name):
@@ -225,8 +236,10 @@ def _parse_keys(header: dict[str, dict], config: dict, where: Path) -> tuple[dic
         elif ".lora_" in name:
             raise LlmforgeError(f"{where}: unrecognised LoRA tensor {key!r}",
                                 hint="the adapter uses a PEFT variant llmforge does not merge")
-        else:
-            whole[_WRAPPERS.sub("", name)] = key
+        elif ".original_module." not in name:   # PEFT's copy of the untrained module: not needed
+            target, priority = _whole_tensor_target(name)
+            if priority >= whole_priority.get(target, -1):
+                whole[target], whole_priority[target] = key, priority
     rslora = bool(config.get("use_rslora"))
     r0, alpha0 = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
