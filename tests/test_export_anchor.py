@@ -1,0 +1,62 @@
+"""llmforge's f32 GGUF runs in llama.cpp exactly like the file llama.cpp's own convert_hf_to_gguf.py writes.
+
+This separates converter errors from runtime numerics: the same weights through the same runtime must give
+the same logits (relative error < 1e-6). The converter comes from the llama-cpp-python sdist (PyPI).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from llmforge.export.convert import convert_model
+from oracles import llama_cpp_logits, rel_error, sample_ids
+
+SDIST = Path.home() / ".cache" / "llmforge" / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
+MEMBERS = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
+# gemma2: llama.cpp's converter requires tokenizer.model, which the Gemma fixture (a tokenizer.json) lacks
+ANCHOR_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+
+
+def find_sdist() -> Path | None:
+    if SDIST.is_file():
+        return SDIST
+    env = os.environ.get("LLAMA_CPP_SDIST")
+    return Path(env) if env and Path(env).is_file() else None
+
+
+@pytest.fixture(scope="module")
+def anchor_converter(tmp_path_factory) -> Path:
+    sdist = find_sdist()
+    if sdist is None:
+        pytest.skip(f"llama-cpp-python sdist not found at {SDIST} (set LLAMA_CPP_SDIST)")
+    root = tmp_path_factory.mktemp("llama.cpp")
+    with tarfile.open(sdist) as tar:
+        wanted = [m for m in tar.getmembers() if any(p in m.name for p in MEMBERS)]
+        tar.extractall(root, members=wanted, filter="data")
+    script = next(root.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return script
+
+
+def run_anchor(script: Path, model_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+    return subprocess.run([sys.executable, str(script), str(model_dir), "--outtype", "f32", "--outfile", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("arch", ANCHOR_ARCHS)
+def test_same_llama_cpp_logits_as_llama_cpp_converter(arch, anchor_converter, tiny_model_dir, tmp_path):
+    model = tiny_model_dir(arch)
+    anchor, ours = tmp_path / "anchor.gguf", tmp_path / "ours.gguf"
+    proc = run_anchor(anchor_converter, model, anchor)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    convert_model(model, ours, "f32", progress=False)
+    ids = sample_ids(model)
+    reference = llama_cpp_logits(anchor, ids)
+    err = rel_error(llama_cpp_logits(ours, ids), reference)
+    assert err < 1e-6, f"{arch}: llmforge vs llama.cpp converter, relative logit error {err:.2e}"
