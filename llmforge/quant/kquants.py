@@ -77,7 +77,12 @@ class NumpyOps:
         return np.sqrt(a)  # float32 sqrt is correctly rounded in numpy
 
     def clip(self, a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        return np.minimum(np.maximum(a, np.int32(lo)), np.int32(hi))
+        return np.clip(a, np.int32(lo), np.int32(hi))
+
+    def put(self, dst: np.ndarray, cond: np.ndarray, src: np.ndarray) -> np.ndarray:
+        """``where(cond, src, dst)``, in place in ``dst`` (which the caller owns)."""
+        np.copyto(dst, src, where=cond)
+        return dst
 
     def imin(self, a: np.ndarray, hi: int) -> np.ndarray:
         return np.minimum(a, np.int32(hi))
@@ -170,7 +175,7 @@ def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: flo
         this_scale = ops.where(clamp, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, lf, this_min)
         better = (D > zero) & (cur < best) & ~flat
-        L = ops.where(better, laux, L)
+        L = ops.put(L, better, laux)
         best = ops.where(better, cur, best)
         scale = ops.where(better, this_scale, scale)
         mn = ops.where(better, this_min, mn)

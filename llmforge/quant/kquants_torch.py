@@ -75,6 +75,9 @@ class TorchOps:
         h = a.to(torch.float16)
         return h.view(torch.int16).to(torch.int32) & 0xFFFF, h.to(torch.float32)
 
+    def put(self, dst: torch.Tensor, cond: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        return torch.where(cond, src, dst)
+
     def repeat(self, a: torch.Tensor, k: int) -> torch.Tensor:
         return torch.repeat_interleave(a, k)
 
@@ -112,10 +115,10 @@ def quantize_k_torch(data: np.ndarray | torch.Tensor, qtype: T, importance: np.n
     with torch.no_grad():
         for start in range(0, blocks.shape[0], chunk):
             stop = min(start + chunk, blocks.shape[0])
-            xb = torch.from_numpy(np.ascontiguousarray(blocks[start:stop])).to(dev)
+            xb = torch.from_numpy(np.array(blocks[start:stop])).to(dev)
             qw = None
             if weights is not None:
-                qw = torch.from_numpy(np.ascontiguousarray(weights[start:stop])).to(dev)
+                qw = torch.from_numpy(np.array(weights[start:stop])).to(dev)
             out[start:stop] = quantize_blocks(ops, qtype, xb, qw)
     row_bytes = data.shape[-1] // QK_K * BLOCK_BYTES[qtype]
     return out.reshape(*data.shape[:-1], row_bytes)

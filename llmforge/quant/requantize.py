@@ -19,6 +19,7 @@ from ..atomic import check_output_dir
 from ..errors import LlmforgeError
 from . import mixtures
 from .api import quantize_array, resolve_ftype
+from .kquants import K_TYPES
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 TAIL_KEYS = ("general.quantization_version", "general.file_type")
@@ -92,8 +93,12 @@ def _copy_kvs(reader: GGUFReader, writer, file_type: int) -> None:
 
 
 def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix: str | Path | None = None,
-                  *, progress: bool = True) -> RequantizeReport:
-    """Requantize ``in_path`` (f32/f16/bf16 weights) to ``quant``; writes ``out_path`` atomically."""
+                  *, progress: bool = True, backend: str = "numpy") -> RequantizeReport:
+    """Requantize ``in_path`` (f32/f16/bf16 weights) to ``quant``; writes ``out_path`` atomically.
+
+    ``backend``: "numpy" (worker processes on all cores), or a torch device ("cpu", "cuda") for the
+    K-types; both give the same bytes.
+    """
     from ..export.writer import StreamingGGUFWriter
 
     start = time.monotonic()
@@ -145,7 +150,14 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
         imp = importance.get(planned.name)
         used += imp is not None
         data = _as_f32(t)
-        out = quantize_array(data, planned.qtype, imp, name=planned.name)
+        if backend != "numpy" and planned.qtype in K_TYPES:
+            from .api import check_finite
+            from .kquants_torch import quantize_k_torch
+
+            check_finite(data, planned.name)
+            out = quantize_k_torch(data, planned.qtype, imp, device=backend)
+        else:
+            out = quantize_array(data, planned.qtype, imp, name=planned.name)
         return np.asarray(out).view(np.uint8).reshape(-1) if out.dtype != np.float32 else out
 
     result = writer.write(out_path, produce, progress=progress)
