@@ -4,7 +4,8 @@
 #   GPU_RUN="check bench-1b" bash benchmarks/gpu_run.sh      # first call  (~8-9 min on an H100)
 #   GPU_RUN="bench-8b"       bash benchmarks/gpu_run.sh      # second call (~7-9 min)
 #
-# Steps (GPU_RUN, in order): check (benchmarks/gpu_kernels_check.py), bench-1b / bench-8b (configs
+# Steps (GPU_RUN, in order): check (benchmarks/gpu_kernels_check.py), steps (only its training-step
+# checks, sizes from GPU_STEP_SIZES), bench-1b / bench-8b (configs
 # llmforge-*, hf-*, unsloth-* each in its own process, same train_anchor.py loop), maxseq-1b / maxseq-8b
 # (longest sequence per stack, optional). Needs the anchor kit in .anchors/gpu-train (carry ".anchors").
 # Knobs: GPU_BUDGET_S (whole script, default 570), GPU_CONFIG_TIMEOUT_S (per config, default 200),
@@ -107,6 +108,12 @@ for step in $RUN; do
             timeout -k 10 "$t" python3 "$REPO/benchmarks/gpu_kernels_check.py" --json "$OUT/kernels_check.json" \
                 > "$OUT/kernels_check.log" 2>&1
             say "check: rc=$?"; grep -a -E '^\|' "$OUT/kernels_check.log" | tail -40 | tee -a "$DLOG" >/dev/null ;;
+        steps)  # only the patched-vs-unpatched training-step checks
+            t=$(left); [ "$t" -gt "$CHECK_TIMEOUT" ] && t=$CHECK_TIMEOUT
+            say "steps: gpu_kernels_check.py --skip-kernels --sizes ${GPU_STEP_SIZES:-1b 8b} (timeout ${t}s)"
+            timeout -k 10 "$t" python3 "$REPO/benchmarks/gpu_kernels_check.py" --skip-kernels \
+                --sizes ${GPU_STEP_SIZES:-1b 8b} --json "$OUT/steps_check.json" > "$OUT/kernels_check.log" 2>&1
+            say "steps: rc=$?" ;;
         bench-1b) bench 1b ;;
         bench-8b) bench 8b ;;
         bench-tiny) bench tiny ;;

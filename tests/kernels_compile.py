@@ -39,7 +39,7 @@ def variants():
         for double in (True, False):
             yield (f"nf4_dequant {dtype} double={double}", nf4._nf4_dequant,
                    dict(PACKED="*u8", ABSMAX="*u8" if double else "*fp32", CODE2="*fp32", ABSMAX2="*fp32",
-                        NF4="*fp32", OUT=dtype, n_bytes="i32", offset="fp32"),
+                        NF4="*fp32", OUT=dtype, n_bytes="i32", OFFSET="*fp32"),
                    dict(blocksize=64, blocksize2=256, DOUBLE=double, BLOCK=nf4.BYTES_PER_PROGRAM))
 
 

@@ -15,7 +15,7 @@ if triton_importable():
     import triton.language as tl
 
     @triton.jit
-    def _nf4_dequant(PACKED, ABSMAX, CODE2, ABSMAX2, NF4, OUT, n_bytes, offset,
+    def _nf4_dequant(PACKED, ABSMAX, CODE2, ABSMAX2, NF4, OUT, n_bytes, OFFSET,
                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr,
                      BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -24,6 +24,7 @@ if triton_importable():
         block = (2 * i) // blocksize  # both nibbles of a byte share a block (blocksize is even)
         if DOUBLE:
             q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
+            offset = tl.load(OFFSET)  # a device scalar: reading it on the host would synchronize
             scale = tl.load(CODE2 + q, mask=mask, other=0.0) * tl.load(ABSMAX2 + block // blocksize2,
                                                                           mask=mask, other=0.0) + offset
         else:
@@ -41,7 +42,7 @@ def _absmax_fp32(quant_state) -> torch.Tensor:
     nested = quant_state.state2
     codes = nested.code.to(quant_state.absmax.device)[quant_state.absmax.long()]
     scales = nested.absmax.float().repeat_interleave(nested.blocksize)[: codes.numel()]
-    return codes * scales + float(quant_state.offset)
+    return codes * scales + torch.as_tensor(quant_state.offset, dtype=torch.float32, device=codes.device)
 
 
 def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -62,9 +63,10 @@ def _dequantize_triton(packed: torch.Tensor, quant_state, dtype: torch.dtype) ->
     nested = bool(getattr(quant_state, "nested", False))
     if nested:
         state2 = quant_state.state2
-        code2, absmax2, blocksize2, offset = state2.code, state2.absmax, state2.blocksize, float(quant_state.offset)
-    else:
-        code2, absmax2, blocksize2, offset = quant_state.absmax, quant_state.absmax, 1, 0.0
+        code2, absmax2, blocksize2 = state2.code, state2.absmax, state2.blocksize
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+    else:  # unused pointers: the kernel reads the fp32 absmax directly
+        code2, absmax2, blocksize2, offset = quant_state.absmax, quant_state.absmax, 1, quant_state.absmax
     if n_bytes:
         _nf4_dequant[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](
             packed, quant_state.absmax, code2, absmax2, quant_state.code, out, n_bytes, offset,
