@@ -187,12 +187,12 @@ def _check_config(config: dict, where: Path) -> None:
             raise LlmforgeError(f"{where} uses {what} ({option}), which llmforge cannot merge",
                                 hint="merge with PEFT's merge_and_unload() and convert the merged folder")
     try:
-        r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+        r = int(config["r"])
+        float(config.get("lora_alpha", r))
     except (KeyError, TypeError, ValueError) as exc:
         raise LlmforgeError(f"{where} lacks a valid 'r'/'lora_alpha'", hint="fix or re-save the adapter") from exc
     if r <= 0:
         raise LlmforgeError(f"{where} has rank r={r}", hint="fix or re-save the adapter")
-    del alpha
 
 
 def read_adapter(path: str | Path) -> PeftAdapter:

@@ -98,6 +98,7 @@ class MergedSource(TensorSource):
                                 "whose embeddings are tied, and its GGUF cannot hold a separate output matrix",
                                 hint="train without embed_tokens/lm_head in target_modules/modules_to_save")
         self._names = base_names + ([LM_HEAD] if self.untie else [])
+        self._lora_bias = {m.bias_name: m for m in adapter.modules.values() if m.bias_key}
         check_against_base(adapter, set(self._names), self._base_shape)
         adapter.check_values()
         self.vocab_size = self._resized_vocab()
@@ -159,15 +160,10 @@ class MergedSource(TensorSource):
         module = self.adapter.modules.get(name)
         if module is not None:
             return merge_weight(tensor, self.adapter, module)
-        bias_of = self._bias_modules().get(name)
-        if bias_of is not None:
+        bias_of = self._lora_bias.get(name)
+        if bias_of is not None:   # lora_bias=True: B's bias is scaled like the weight delta
             return tensor.float() + self.adapter.load(bias_of.bias_key).float() * bias_of.scale
         return tensor
-
-    def _bias_modules(self):
-        if not hasattr(self, "_bias_map"):
-            self._bias_map = {m.bias_name: m for m in self.adapter.modules.values() if m.bias_key}
-        return self._bias_map
 
 
 def merge_weight(weight: torch.Tensor, adapter: PeftAdapter, module) -> torch.Tensor:
