@@ -385,6 +385,9 @@ class _Translator:
     def is_string_concat(self, expr: nodes.Expr) -> bool:
         if isinstance(expr, nodes.Concat):
             return True
+        if any(isinstance(c.node, nodes.Name) and isinstance(self.env.get(c.node.name), Macro)
+               for c in (expr.left, expr.right) if isinstance(c, nodes.Call)):
+            return True  # print a macro's output in place (it may recurse) rather than capture it
         saved_out = list(self.out)
         try:
             value = self.eval(expr)
@@ -752,10 +755,16 @@ class _Translator:
         constant arguments and the kind of its single runtime argument, which becomes `$` inside.
         """
         m = macro.node
+        saved_out = list(self.out)
         args = self.macro_args(m, call, self.env)
         runtime = [(name, v) for name, v in args.items() if isinstance(v, Rt)]
+        if len(runtime) > 1 and not self.capture_vars:
+            self.out[:] = saved_out  # the arguments will be computed inside the Go template instead
+            self.rerooted_call(macro, call)
+            return
         if len(runtime) != 1 or self.capture_vars or \
-                not all(isinstance(v, Const) and isinstance(v.value, (str, int, bool, type(None), _Undefined))
+                not all(isinstance(v, Const) and isinstance(v.value, (str, int, bool, type(None), _Undefined,
+                                                                      list, dict))
                         for v in args.values() if not isinstance(v, Rt)):
             raise Unsupported(f"recursive macro {m.name}", call.lineno)
         arg_name, arg = runtime[0]
@@ -766,6 +775,27 @@ class _Translator:
             self.defines[key] = name
             self.define_jobs.append((key, name, macro, args, arg_name, arg.kind))
         self.emit("{{ template " + go_string(self.defines[key]) + " " + wrap(arg.expr) + " }}")
+        self.mark_printed("maybe")
+
+    def rerooted_call(self, macro: Macro, call: nodes.Call) -> None:
+        """A recursive call with several runtime arguments that all derive from one runtime variable:
+        pass that variable as the Go template's dot and compute the arguments inside the template."""
+        m = macro.node
+        arg_nodes = list(call.args) + [k.value for k in call.kwargs]
+        roots = {n.name for a in arg_nodes for n in a.find_all(nodes.Name)
+                 if isinstance(self.env.get(n.name), Rt)}
+        if len(roots) != 1:
+            raise Unsupported(f"recursive macro {m.name} with several runtime arguments", call.lineno)
+        root = roots.pop()
+        value = self.env[root]
+        dump = repr([a.dump() if hasattr(a, "dump") else repr(a) for a in arg_nodes]) + repr(
+            [k.key for k in call.kwargs])
+        key = (m.name, "reroot", root, value.kind, dump)
+        if key not in self.defines:
+            name = f"{m.name}_{len(self.defines) + 1}"
+            self.defines[key] = name
+            self.define_jobs.append((key, name, macro, {"\x00call": call}, root, value.kind))
+        self.emit("{{ template " + go_string(self.defines[key]) + " " + wrap(value.expr) + " }}")
         self.mark_printed("maybe")
 
     def emit_defines(self) -> None:
@@ -779,8 +809,14 @@ class _Translator:
             saved = (self.out, self.env, self.loops, self.printed, self.fresh_var, self.macros_active)
             self.out, self.loops, self.printed, self.fresh_var = [], [], "yes", None
             self.env = {k: v for k, v in self.globals_env.items() if isinstance(v, Macro)}
-            self.env.update({k: v for k, v in args.items()})
-            self.env[arg_name] = Rt("$", kind)
+            if "\x00call" in args:
+                # re-rooted: bind the root variable to the dot, then evaluate the call's arguments here
+                call = args["\x00call"]
+                self.env[arg_name] = Rt("$", kind)
+                self.env.update(self.macro_args(macro.node, call, dict(self.env)))
+            else:
+                self.env.update({k: v for k, v in args.items()})
+                self.env[arg_name] = Rt("$", kind)
             self.macros_active = [macro.node.name]
             self.declare_forced(macro.node.body, self.env)
             self.stmts(macro.node.body)
@@ -1660,8 +1696,8 @@ class _Translator:
         kind_tests = {"string": {"str"}, "mapping": {"arguments", "properties", "message", "tool", "toolcall",
                                                      "tcfunction", "toolfunction", "parameters", "property"},
                       "number": {"int"}, "integer": {"int"}, "boolean": {"bool"},
-                      "iterable": {"str", "messages", "tools", "toolcalls", "strlist", "list", "arguments"},
-                      "sequence": {"str", "messages", "tools", "toolcalls", "strlist", "list"}}
+                      "iterable": {"str", "messages", "tools", "toolcalls", "strlist", "list", "arguments", "acc"},
+                      "sequence": {"str", "messages", "tools", "toolcalls", "strlist", "list", "acc"}}
         if name in kind_tests and kind != "any":
             return Const(kind in kind_tests[name])
         go_types = {"string": ("string",), "boolean": ("bool",), "mapping": ("map[string]interface {}",),
@@ -1773,8 +1809,22 @@ class _Translator:
         if name == "replace" and kind == "str" and len(args) == 2 and isinstance(args[0], Const) and \
                 isinstance(args[0].value, str) and args[0].value and not kwargs:
             return self.replace_scan(value, args[0].value, args[1])
-        if name in ("lower", "upper") and kind == "str" and not args:
-            return self.case_scan(value, name == "upper")
+        if name in ("lower", "upper") and kind in ("str", "any") and not args:
+            text = value if kind == "str" else Rt(f"print {wrap(value.expr)}", "str")
+            return self.case_scan(text, name == "upper")
+        if name == "map" and kind in ("any", "strlist", "list") and len(args) == 1 and isinstance(args[0], Const) \
+                and args[0].value in ("upper", "lower", "string", "trim") and not kwargs:
+            # a mapped list of strings becomes a runtime string list (see ACC_SEP)
+            acc, x = self.fresh("acc"), self.fresh("x")
+            self.emit("{{ " + f'{acc} := ""' + " }}{{ range " + f"{x} := {wrap(value.expr)}" + " }}")
+            item: Rt = Rt(f"print {x}", "str")
+            if args[0].value in ("upper", "lower"):
+                item = self.case_scan(item, args[0].value == "upper")
+            self.emit("{{ " + f'{acc} = printf "%s%s%s" {acc} {wrap(item.expr)} {go_string(self.ACC_SEP)}'
+                      + " }}{{ end }}")
+            return Rt(acc, "acc")
+        if name == "list" and kind == "acc":
+            return value
         if name == "title" and kind == "str" and not args:
             return self.title_scan(value)
         if kind == "acc" and name == "join":
