@@ -6,6 +6,7 @@ import ctypes
 from functools import cache
 from pathlib import Path
 
+import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
@@ -93,3 +94,33 @@ def gguf_tensors(path: Path) -> dict[str, tuple[int, bytes]]:
 
     reader = GGUFReader(path)
     return {t.name: (int(t.tensor_type), bytes(np.asarray(t.data).view(np.uint8).reshape(-1))) for t in reader.tensors}
+
+
+def synthetic_gguf(path: Path, n_layer: int, n_head: int, n_head_kv: int, tied: bool, ffn_ne0: int,
+                   emb_ne0: int) -> dict[str, tuple[int, ...]]:
+    """A llama header with every weight of an n_layer model, each tensor a few rows only."""
+    rng = np.random.default_rng(0)
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (8, emb_ne0), "output_norm.weight": (256,)}
+    if not tied:
+        shapes["output.weight"] = (8, emb_ne0)
+    for i in range(n_layer):
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
+            shapes[f"blk.{i}.{t}.weight"] = (4, 256)
+        shapes[f"blk.{i}.ffn_down.weight"] = (4, ffn_ne0)
+        shapes[f"blk.{i}.attn_norm.weight"] = (256,)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(n_layer)
+    w.add_context_length(64)
+    w.add_embedding_length(256)
+    w.add_feed_forward_length(256)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return shapes

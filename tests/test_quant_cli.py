@@ -8,7 +8,7 @@ import pytest
 
 from llmforge.cli import main
 from llmforge.quant.imatrix import write_imatrix
-from test_quant_mixtures_archs import synthetic_gguf
+from quant_oracle import synthetic_gguf
 
 
 def run(argv, capsys) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ from llmforge.quant.api import resolve_ftype
 from llmforge.quant.imatrix import Imatrix, ImatrixEntry, load_imatrix, read_imatrix, write_imatrix
 from llmforge.quant.requantize import quantize_gguf
 from quant_oracle import gguf_tensors, llama_quantize_file
-from test_quant_mixtures_archs import synthetic_gguf
+from quant_oracle import synthetic_gguf
 
 
 def legacy_bytes(entries: dict[str, tuple[int, np.ndarray]], chunks: int, dataset: str) -> bytes:
