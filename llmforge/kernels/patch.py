@@ -204,7 +204,8 @@ def _patch_causal_lm(lm: nn.Module) -> bool:
     if not (type(head) is nn.Linear and head.bias is None and hasattr(lm, "model")):
         return False
     original = lm.forward
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    softcap = getattr(config, "final_logit_softcapping", None)
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
