@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,30 @@ class DemoReport:
         return lines
 
 
+@contextlib.contextmanager
+def without_extra_buffers() -> Iterator[None]:
+    """Load llama.cpp models without the CPU "extra" buffer types (AMX / repacked weights).
+
+    llama.cpp's AMX matmul crashes on some Sapphire Rapids machines for quantized weights and batched
+    prompts (ggml-org/llama.cpp#20824); plain CPU buffers compute the same model. llama-cpp-python's
+    ``Llama`` does not expose ``use_extra_bufts``, so the default-params factory is wrapped while loading.
+    """
+    import llama_cpp.llama_cpp as llama_cpp  # the module Llama() reads its defaults from
+
+    original = llama_cpp.llama_model_default_params
+
+    def defaults():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = original
+
+
 def check_gguf(gguf: Path, modelfile: Path, adapter_dir: Path, pairs: list[tuple[list[dict], str]],
                max_tokens: int = 32) -> DemoReport:
     """Greedy-decode each prompt of ``pairs`` with llama.cpp; the prompt is rendered by the Modelfile's Go
@@ -72,7 +98,8 @@ def check_gguf(gguf: Path, modelfile: Path, adapter_dir: Path, pairs: list[tuple
         raise LlmforgeError(f"{modelfile} has no TEMPLATE", hint="the chat template was not translated")
     tokenizer = load_tokenizer(adapter_dir)
     special = special_tokens_of(tokenizer)
-    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=2, n_batch=256, verbose=False, seed=0)
+    with without_extra_buffers():
+        llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=2, n_batch=256, verbose=False, seed=0)
     report = DemoReport(gguf=Path(gguf))
     for messages, expected in pairs:
         prompt = render_go(mf.template, messages)
