@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,13 @@ from quant_oracle import gguf_tensors, llama_quantize_file, synthetic_gguf
 from tiny_models import TINY_ARCHS
 
 
-@pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a != "mistral"])
+# qwen3 and gemma3 share qwen2's and gemma2's tensor names, tying and GQA: they only cost CI time (about
+# 4 minutes together on 2 busy cores) and run with LLMFORGE_SLOW_TESTS=1 (they passed when this was written).
+SLOW_ARCHS = {"qwen3", "gemma3"}
+EVERY_ARCH = [a for a in TINY_ARCHS if a != "mistral" and (a not in SLOW_ARCHS or os.environ.get("LLMFORGE_SLOW_TESTS"))]
+
+
+@pytest.mark.parametrize("arch", EVERY_ARCH)
 def test_q4_k_m_on_every_arch(tiny_model_dir, tmp_path, arch):
     model = tiny_model_dir(arch)
     f32, ours, ref = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "ref.gguf"
