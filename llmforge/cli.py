@@ -181,10 +181,12 @@ def run(name: str, prompt: str, host: str | None) -> None:
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 @click.option("--resume", is_flag=True, help="Resume from the newest checkpoint in the output folder.")
-def train(config: Path, overrides: tuple[str, ...], resume: bool) -> None:
+@click.option("--chat-template", "named", help="Train with one of llmforge's named chat templates.")
+def train(config: Path, overrides: tuple[str, ...], resume: bool, named: str | None) -> None:
     """Fine-tune with LoRA/QLoRA SFT from a YAML config."""
     from .trainer.run import train_from_config
 
+    overrides = overrides + ((f"model.chat_template={named}",) if named else ())
     result = train_from_config(config, overrides=overrides, resume=resume)
     for line in result.summary_lines():
         echo_err(line)
