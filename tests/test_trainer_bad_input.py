@@ -164,3 +164,24 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     config = load_config(path, ["train.lr=1e-4"])
     assert config.data.path == str(tmp_path / "d.jsonl")
     assert config.lora.target_modules == ["q_proj", "v_proj"] and config.train.lr == 1e-4
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, base: Path, monkeypatch) -> None:
+    import torch
+
+    from llmforge.errors import LlmforgeError
+    from llmforge.trainer import sft
+    from llmforge.trainer.run import train
+
+    real = sft.token_loss_sum
+
+    def poisoned(model, batch):
+        loss, count = real(model, batch)
+        return loss * torch.tensor(float("nan")), count
+
+    monkeypatch.setattr(sft, "token_loss_sum", poisoned)
+    data = jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}] * 4)
+    config = load_config(write_config(tmp_path, base, data))
+    with pytest.raises(LlmforgeError, match="training loss became nan at step 1"):
+        train(config)
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -150,3 +150,21 @@ def test_tool_call_turn_is_trained_from_the_header_on() -> None:
     rendered = assistant_spans(render, messages, case.get("tools"))
     first = rendered.text[rendered.spans[0][0]:rendered.spans[0][1]]
     assert first.startswith("<tool_call>") and '"add"' in first and first.endswith("<|im_end|>")
+
+
+def test_named_template_drives_the_labels() -> None:
+    from llmforge.trainer.data import normalise
+    from llmforge.trainer.encode import encode_all, resolve_chat_template
+    from llmforge.trainer.example import TOKENIZER_DIR
+    from llmforge.trainer.load import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    template = resolve_chat_template(tokenizer, "llama3")
+    assert "<|start_header_id|>" in template and tokenizer.chat_template == template
+    _, examples = normalise([{"messages": [{"role": "user", "content": "Hi"},
+                                           {"role": "assistant", "content": "The capital of Peru is Lima."}]}])
+    (row,), _ = encode_all(examples, tokenizer, template, 256)
+    trained = [t for t, label in zip(row.input_ids, row.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "The capital of Peru is Lima.<|eot_id|>"
+    with pytest.raises(LlmforgeError, match="unknown chat template name"):
+        resolve_chat_template(tokenizer, "no-such-family")
