@@ -19,6 +19,7 @@ from gguf import LlamaFileType as F
 
 from llmforge.errors import LlmforgeError
 from llmforge.quant.api import quantize_array
+from llmforge.quant import kquants
 from llmforge.quant.kquants import BLOCK_BYTES, K_TYPES, quantize_k
 from llmforge.quant.kquants_torch import quantize_k_torch
 from llmforge.quant.legacy_weighted import quantize_legacy_weighted
@@ -125,11 +126,12 @@ def test_k_types_match_llama_model_quantize(random_gguf, tmp_path, qtype, weight
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
-def test_block_oracle_many_rows_and_torch_path(qtype, weighted):
+def test_block_oracle_many_rows_and_torch_path(qtype, weighted, monkeypatch):
     """More blocks against ggml's quantize_<type>; the torch CPU path gives the same bytes."""
     x = np.concatenate(list(distributions(rows=16, seed=7, huge=1e15).values()))
     imp = importance_for(seed=3) if weighted else None
     expected = ggml_quantize(x, qtype, imp)
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 64)   # small chunks: several worker-process tasks
     got = quantize_k(x, qtype, imp, threads=2)   # over worker processes: the split must not change bytes
     assert np.array_equal(got, expected)
     assert np.array_equal(quantize_k_torch(x[::4], qtype, imp, device="cpu"), expected[::4])

@@ -630,12 +630,12 @@ def _block_weights(importance: np.ndarray | None, data_shape: tuple[int, ...]) -
     return per_row.reshape(-1, QK_K)
 
 
-def _quantize_range(qtype: T, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """Quantize a run of super-blocks chunk by chunk (runs in a worker process or inline)."""
+def _quantize_range(qtype: T, blocks: np.ndarray, weights: np.ndarray | None, chunk: int) -> np.ndarray:
+    """Quantize a run of super-blocks ``chunk`` at a time (runs in a worker process or inline)."""
     out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
     with np.errstate(all="ignore"):
-        for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-            stop = min(start + CHUNK_BLOCKS, blocks.shape[0])
+        for start in range(0, blocks.shape[0], chunk):
+            stop = min(start + chunk, blocks.shape[0])
             qw = None if weights is None else np.ascontiguousarray(weights[start:stop])
             out[start:stop] = quantize_blocks(_NUMPY, qtype, np.ascontiguousarray(blocks[start:stop]), qw)
     return out
@@ -672,12 +672,13 @@ def quantize_k(data: np.ndarray, qtype: T, importance: np.ndarray | None = None,
     workers = threads or default_workers()
     n_blocks = blocks.shape[0]
     if workers == 1 or n_blocks < 4 * CHUNK_BLOCKS:
-        out = _quantize_range(qtype, blocks, weights)
+        out = _quantize_range(qtype, blocks, weights, CHUNK_BLOCKS)
     else:
         step = max(CHUNK_BLOCKS, -(-n_blocks // (workers * 4)))
         starts = range(0, n_blocks, step)
         futures = [_pool(workers).submit(_quantize_range, qtype, blocks[s:s + step],
-                                         None if weights is None else weights[s:s + step]) for s in starts]
+                                         None if weights is None else weights[s:s + step], CHUNK_BLOCKS)
+                   for s in starts]
         out = np.concatenate([f.result() for f in futures])
     row_bytes = data.shape[-1] // QK_K * BLOCK_BYTES[qtype]
     return out.reshape(*data.shape[:-1], row_bytes)
