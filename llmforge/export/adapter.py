@@ -124,6 +124,7 @@ class PeftAdapter:
     whole_tensors: dict[str, str]               # base tensor name -> adapter key (modules_to_save, resized vocab)
     saved_base_layers: set[str] = field(default_factory=set)  # whole tensors PEFT saved as "<module>.base_layer"
     header: dict[str, dict] = field(repr=False, default_factory=dict)
+    _handle: Any = field(default=None, repr=False, compare=False)
 
     @property
     def use_dora(self) -> bool:
@@ -133,29 +134,31 @@ class PeftAdapter:
         return tuple(self.header[key]["shape"])
 
     def load(self, key: str) -> torch.Tensor:
-        """One tensor of the adapter file, as stored."""
+        """One tensor of the adapter file, as stored (the file stays open: adapters are read many times)."""
         from safetensors import SafetensorError, safe_open
 
         try:
-            with safe_open(self.weights_path, framework="pt") as f:
-                return f.get_tensor(key)
+            if self._handle is None:
+                self._handle = safe_open(self.weights_path, framework="pt")
+            return self._handle.get_tensor(key)
         except (SafetensorError, OSError) as exc:
             raise LlmforgeError(f"cannot read {key!r} from {self.weights_path} ({exc})",
                                 hint="the adapter weights are corrupt; re-save the adapter") from exc
 
-    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, module: LoraModule, check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in float32 and in Linear layout: A is (r, in), B is (out, r)."""
         a, b = self.load(module.a_key).float(), self.load(module.b_key).float()
-        for name, t in (("A", a), ("B", b)):
-            if not torch.isfinite(t).all():
-                raise LlmforgeError(f"adapter factor {name} of {module.module} holds NaN/Inf values",
-                                    hint="the adapter weights are corrupt or training diverged")
+        if check:
+            for name, t in (("A", a), ("B", b)):
+                if not torch.isfinite(t).all():
+                    raise LlmforgeError(f"adapter factor {name} of {module.module} holds NaN/Inf values",
+                                        hint="the adapter weights are corrupt or training diverged")
         return a, b
 
     def check_values(self) -> None:
         """Read every factor once (adapters are small) so corrupt values fail before any output is written."""
         for m in self.modules.values():
-            self.factors(m)
+            self.factors(m, check=True)
             if m.magnitude_key and not torch.isfinite(self.load(m.magnitude_key)).all():
                 raise LlmforgeError(f"DoRA magnitude of {m.module} holds NaN/Inf values",
                                     hint="the adapter weights are corrupt or training diverged")
