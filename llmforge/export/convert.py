@@ -131,16 +131,16 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     source = tensor_source if tensor_source is not None else SafetensorsSource(model_dir)
     vocab_size = int(hp.require("vocab_size"))
     vocab = load_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, vocab_size)
-    importance = _load_importance(imatrix)
-
     plans = plan_tensors(spec, hp, source)
+    importance = _load_importance(imatrix, {n: shape for n, shape, _ in plans})
     names = {n for n, _, _ in plans}
     has_output = "output.weight" in names
     writer = StreamingGGUFWriter(spec.gguf_name)
     for gguf_name, shape, plan in plans:
         src_type = TORCH_TO_GGML.get(source.dtype(plan.hf_name) if plan.hf_name else torch.float32, T.F32)
         ctx = TensorContext(name=gguf_name, shape=shape, arch=spec.gguf_name, n_layer=hp.n_layer,
-                            n_head=hp.n_head, n_head_kv=hp.n_head_kv, has_output=has_output)
+                            n_head=hp.n_head, n_head_kv=hp.n_head_kv, has_output=has_output,
+                            has_imatrix=importance is not None)
         qtype = T.F32 if plan.generated is not None else choose_tensor_type(ftype, ctx, src_type)
         writer.plan(gguf_name, shape, qtype, source=plan)
 
@@ -167,7 +167,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
         data = _to_numpy_f32(tensor)
         del tensor
         imp = importance.get(t.name) if importance else None
-        return quantize_array(data, t.qtype, importance=imp) if imp is not None else quantize_array(data, t.qtype)
+        return quantize_array(data, t.qtype, importance=imp, name=t.name)
 
     result = writer.write(output, produce, progress=progress)
     counts: dict[str, int] = {}
@@ -177,13 +177,14 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
                          [vocab.summary(), *result.checks], spec.gguf_name, counts)
 
 
-def _load_importance(imatrix: Any) -> dict | None:
-    """Hook for importance matrices (K-quants): a path is loaded by ``llmforge.quant.imatrix.load_imatrix``."""
+def _load_importance(imatrix: Any, shapes: dict[str, tuple[int, ...]]) -> dict | None:
+    """Hook for importance matrices (K-quants): a path is loaded (and checked against the model's tensor
+    shapes) by ``llmforge.quant.imatrix.load_imatrix``; a dict is used as given."""
     if imatrix is None or isinstance(imatrix, dict):
         return imatrix
     from ..quant.imatrix import load_imatrix
 
-    return load_imatrix(Path(imatrix))
+    return load_imatrix(Path(imatrix), shapes)
 
 
 def _add_metadata(writer: StreamingGGUFWriter, spec: ArchSpec, hp: HParams, vocab, ftype, name: str,
