@@ -94,3 +94,18 @@ def test_not_a_gguf_is_one_line(tmp_path, capsys):
     bogus.write_bytes(b"nope")
     code, out, err = run_cli(["template", str(bogus)], capsys)
     assert code != 0 and "not a GGUF" in err
+
+
+@pytest.mark.parametrize("template, construct", [
+    ("{% for m in messages %}{{ m.content | frobnicate }}{% endfor %}", "No filter named 'frobnicate'"),
+    # jinja2 defers unknown names inside conditional blocks to render time; the translator names them too
+    ("{% for m in messages %}{% if m.role is weird %}x{% endif %}{% endfor %}", "No test named 'weird'"),
+    ("{% for m in messages %}{% if m.role == 'user' %}{{ m.content | shout }}{% endif %}{% endfor %}",
+     "No filter named 'shout'"),
+])
+def test_unknown_filter_or_test_is_one_line(tmp_path, capsys, template, construct):
+    column = template.index(construct.split("'")[1]) + 1
+    folder = model_with_template(tmp_path, template)
+    code, out, err = run_cli(["template", str(folder)], capsys)
+    assert code != 0 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: chat template error at line 1, column {column}: {construct}")

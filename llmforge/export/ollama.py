@@ -432,13 +432,9 @@ def first_difference(a: str, b: str) -> str:
 
 def prefers_gguf_jinja(gguf_jinja: str | None, go_template: str | None) -> bool:
     """Ollama >= 0.30's PreferChatTemplate heuristic (server/images.go, doc section 6)."""
-    if not gguf_jinja or not go_template:
-        return bool(gguf_jinja) and not go_template
-    jinja_more_capable = ("tools" in gguf_jinja or "tool_call" in gguf_jinja) or (
-        "<think>" in gguf_jinja and "</think>" in gguf_jinja)
-    round_trip = (".Tools" in go_template and ".ToolCalls" in go_template
-                  and any(s in go_template for s in ('eq .Role "tool"', "tool_response", "TOOL_RESULTS")))
-    return jinja_more_capable and not round_trip
+    from llmforge.templates.ollama_choice import prefers_gguf_jinja as prefers
+
+    return prefers(gguf_jinja, go_template)
 
 
 # ---------------------------------------------------------------- push

@@ -10,12 +10,13 @@ On top: a render time limit and an output size cap, so untrusted templates canno
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
@@ -105,8 +106,24 @@ def _syntax_column(source: str, exc: jinja2.TemplateSyntaxError) -> int:
 
 @lru_cache(maxsize=512)
 def compile_template(chat_template: str) -> jinja2.Template:
+    """Compile (sandboxed); unknown filters and tests outside conditional blocks (jinja2 finds those only here,
+    and defers the others to render time) become a one-line LlmforgeError."""
     parse_template(chat_template)  # for the one-line syntax error
-    return make_environment().from_string(chat_template)
+    environment = make_environment()
+    try:
+        return environment.from_string(chat_template)
+    except jinja2.TemplateAssertionError as exc:
+        unknown_name_error(chat_template, exc)
+
+
+def unknown_name_error(chat_template: str, exc: jinja2.TemplateAssertionError) -> NoReturn:
+    """Raise the one-line error for an unknown filter or test, with its line and column."""
+    name = re.search(r"named '([^']+)'", exc.message or "")
+    line = chat_template.splitlines()[exc.lineno - 1] if exc.lineno else ""
+    column = line.find(name.group(1)) + 1 if name and name.group(1) in line else _syntax_column(chat_template, exc)
+    raise LlmforgeError(f"chat template error at line {exc.lineno}, column {column}: {exc.message}",
+                        hint="jinja2 and transformers have no such filter or test; fix the template or pass "
+                             "--chat-template NAME")
 
 
 @contextmanager

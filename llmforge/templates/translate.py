@@ -18,13 +18,17 @@ caller then falls back to a named family template.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+import jinja2
 import jinja2.nodes as nodes
 
 from ..errors import LlmforgeError
-from .jinja_render import parse_template
+from .jinja_render import compile_template, make_environment, parse_template, unknown_name_error
+from .ollama_choice import has_tool_round_trip
 
 
 class Unsupported(Exception):
@@ -116,6 +120,13 @@ ELEMENT_KIND = {"messages": "message", "toolcalls": "toolcall", "tools": "tool",
                 "any": "any"}
 JSON_KINDS = {"tools", "tool", "toolfunction", "parameters", "properties", "property", "arguments", "toolcalls",
               "toolcall", "tcfunction", "strlist", "str", "int", "bool", "list", "any", "messages", "message"}
+
+
+@lru_cache(maxsize=1)
+def known_names() -> tuple[frozenset[str], frozenset[str]]:
+    """The filters and tests of transformers' Jinja environment."""
+    env = make_environment()
+    return frozenset(env.filters), frozenset(env.tests)
 
 
 def go_string(text: str) -> str:
@@ -211,8 +222,11 @@ class _Scope:
 
 
 class _Translator:
-    def __init__(self, special_tokens: dict[str, str], forced: dict[str, str], bos_loops: set[int]):
+    def __init__(self, special_tokens: dict[str, str], forced: dict[str, str], bos_loops: set[int],
+                 spell_tool_role: bool = False):
         self.tokens = special_tokens
+        self.spell_tool_role = spell_tool_role  # print roles through `eq .Role "tool"` (see spelled_role)
+        self.source = ""              # the Jinja text, for error columns
         self.forced = forced          # jinja variable key -> kind, variables that must be Go variables
         self.bos_loops = bos_loops    # linenos of loops that need a "nothing printed yet" flag
         self.out: list[str] = []
@@ -435,7 +449,7 @@ class _Translator:
                 if isinstance(part, str):
                     self.emit_text(part)
                 else:
-                    self.emit_print(part.expr)
+                    self.emit_print(self.spelled_role(part) if self.spell_tool_role else part.expr)
                     self.mark_printed("maybe")
             return
         if value.kind == "int":
@@ -1596,7 +1610,42 @@ class _Translator:
         if len(kinds) > 1 and "bool" not in kinds:
             return Const(op == "ne")  # Jinja: a str never equals an int
         go_op = {"eq": "eq", "ne": "ne", "lt": "lt", "gt": "gt", "lteq": "le", "gteq": "ge"}[op]
+        for a, b in ((left, right), (right, left)):
+            if op in ("eq", "ne") and isinstance(a, Rt) and isinstance(b, Const) and b.value == "tool" \
+                    and self.role_owner(a):
+                test = self.role_test(a, ["tool"])
+                return test if op == "eq" else Rt(f"not {wrap(test.expr)}", "bool")
         return Rt(f"{go_op} {wrap(as_go(left, lineno))} {wrap(as_go(right, lineno))}", "bool")
+
+    @staticmethod
+    def role_owner(role: Rt) -> str | None:
+        """The message variable whose `.Role` this is (`$m` for `$m.Role`), if it is one."""
+        match = re.fullmatch(r"(\$\w*)\.Role", role.expr)
+        return match.group(1) if match else None
+
+    def spelled_role(self, part: Rt) -> str:
+        """A printed message role, with the tool role spelled out through `eq .Role "tool"` (Ollama's marker of
+        a tool round trip) for templates that print roles generically and test for the tool role nowhere."""
+        owner = self.role_owner(part)
+        if owner is None:
+            return part.expr
+        go = self.fresh("role")
+        self.emit("{{ " + f"{go} := {part.expr}" + " }}{{ with " + owner + ' }}{{ if eq .Role "tool" }}{{ '
+                  + f'{go} = "tool"' + " }}{{ end }}{{ end }}")
+        return go
+
+    def role_test(self, role: Rt, roles: list[str]) -> Rt:
+        """`role in roles` as a Go bool. A test for "tool" is written `eq .Role "tool"` with the message as dot:
+        Ollama >= 0.30 looks for that literal text to decide that a Go template has a tool round trip, and
+        otherwise prefers the GGUF's Jinja (see `ollama_round_trip`)."""
+        owner = self.role_owner(role)
+        if "tool" not in roles or owner is None:
+            return Rt(f"eq {role.expr} " + " ".join(go_string(r) for r in roles), "bool")
+        ordered = ["tool"] + [r for r in roles if r != "tool"]
+        go = self.fresh("isTool")
+        self.emit("{{ " + f"{go} := false" + " }}{{ with " + owner + " }}{{ " + f"{go} = eq .Role "
+                  + " ".join(go_string(r) for r in ordered) + " }}{{ end }}")
+        return Rt(go, "bool")
 
     def contains(self, needle: Any, haystack: Any, lineno: int | None) -> Any:
         if isinstance(haystack, Rt) and haystack.kind == "acc" and (isinstance(needle, Rt) and needle.kind == "str"):
@@ -1630,6 +1679,9 @@ class _Translator:
                 raise Unsupported("`in` on a runtime value", lineno)
             if not haystack.value:
                 return Const(False)
+            if needle.kind == "str" and self.role_owner(needle) and "tool" in haystack.value \
+                    and all(isinstance(v, str) for v in haystack.value):
+                return self.role_test(needle, list(haystack.value))
             return Rt(f"eq {wrap(needle.expr)} " + " ".join(go_literal(v, lineno) for v in haystack.value), "bool")
         if isinstance(needle, Const) and isinstance(haystack, Rt):
             if haystack.kind == "message" and isinstance(needle.value, str):
@@ -1650,7 +1702,16 @@ class _Translator:
                 raise Unsupported("`in` on a runtime mapping", lineno)
         raise Unsupported("`in` on runtime strings (substring test)", lineno)
 
+    def known_name(self, expr: nodes.Filter | nodes.Test) -> None:
+        """An unknown filter or test (jinja2 defers those in conditional blocks to render time) is the template's
+        mistake, not an untranslatable construct: say so in one line."""
+        is_filter = isinstance(expr, nodes.Filter)
+        if expr.name not in known_names()[0 if is_filter else 1]:
+            message = f"No {'filter' if is_filter else 'test'} named '{expr.name}'."
+            unknown_name_error(self.source, jinja2.TemplateAssertionError(message, expr.lineno))
+
     def eval_Test(self, expr: nodes.Test) -> Any:
+        self.known_name(expr)
         value = self.eval(expr.node)
         name = expr.name
         args = [self.eval(a) for a in expr.args]
@@ -1716,6 +1777,7 @@ class _Translator:
         raise Unsupported(f"test `is {name}` on a runtime {kind}", expr.lineno)
 
     def eval_Filter(self, expr: nodes.Filter) -> Any:
+        self.known_name(expr)
         value = self.eval(expr.node) if expr.node is not None else Const(UNDEFINED)
         args = [self.eval(a) for a in expr.args]
         kwargs = {k.key: self.eval(k.value) for k in expr.kwargs}
@@ -2025,7 +2087,7 @@ class _Translator:
             true_roles = [r for r, v in results.items() if v]
             if not true_roles:
                 return Const(False)
-            return Rt(f"eq {role.expr} " + " ".join(go_string(r) for r in true_roles), "bool")
+            return self.role_test(role, true_roles)
         go = self.fresh("r")
         chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f"eq {role.expr} {go_string(r)}" + " }}{{ "
                         + f"{go} = {go_literal(v, None)}" + " }}" for i, (r, v) in enumerate(results.items()))
@@ -2160,14 +2222,20 @@ MAX_PASSES = 40
 
 def translate_jinja(chat_template: str, special_tokens: dict[str, str] | None = None) -> tuple[str, list[str]]:
     """Translate, raising :class:`Unsupported` for constructs Go cannot express. Returns (go_template, notes)."""
+    compile_template(chat_template)  # jinja2 finds unknown filters and tests only when compiling
     tree = parse_template(chat_template)
     forced: dict[str, str] = {}
     bos_loops: set[int] = set()
+    spell_tool_role = False
     for _ in range(MAX_PASSES):
-        translator = _Translator(dict(special_tokens or {}), forced, bos_loops)
+        translator = _Translator(dict(special_tokens or {}), forced, bos_loops, spell_tool_role)
+        translator.source = chat_template
         try:
             go = translator.translate(tree)
         except _Restart:
+            continue
+        if not spell_tool_role and ".Tools" in go and ".ToolCalls" in go and not has_tool_round_trip(go):
+            spell_tool_role = True  # once more, so that Ollama >= 0.30 sees the tool round trip it has
             continue
         return go, sorted(translator.notes)
     raise Unsupported("variables that change type across branches", None)
