@@ -98,6 +98,15 @@ class NumpyOps:
     def repeat(self, a: np.ndarray, k: int) -> np.ndarray:
         return np.repeat(a, k)
 
+    def u8(self, a: np.ndarray) -> np.ndarray:
+        return a.astype(np.uint8)
+
+    def stack_cols(self, cols: list[np.ndarray]) -> np.ndarray:
+        return np.stack(cols, axis=1)
+
+    def cat(self, parts: list[np.ndarray], axis: int = 1) -> np.ndarray:
+        return np.concatenate(parts, axis=axis)
+
     def stack(self, cols: list[np.ndarray]) -> np.ndarray:
         return np.stack(cols)
 
@@ -542,53 +551,49 @@ BLOCK_BYTES: dict[T, int] = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, 
 # ----------------------------------------------------------------------------- byte layout (numpy)
 
 
-def _u8(cols: list[np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(c) for c in cols], axis=1).astype(np.uint8)
+def _fp16_bytes(ops: Any, bits: Any) -> Any:
+    """(nb,) fp16 bit patterns -> (nb, 2) little-endian bytes."""
+    return ops.stack_cols([ops.u8(bits & 0xFF), ops.u8((bits >> 8) & 0xFF)])
 
 
-def _fp16_bytes(bits: np.ndarray) -> np.ndarray:
-    bits = np.asarray(bits).astype(np.uint16)
-    return bits.reshape(-1, 1).view(np.uint8)
-
-
-def _crumbs(L: np.ndarray, half: int) -> np.ndarray:
-    """Q2_K/Q3_K qs: 4 two-bit values per byte, in halves of 128."""
-    q = L.reshape(-1, 2, 4, 32)  # (nb, half, k, l) = L[128h + 32k + l]
+def _crumbs(L: Any) -> Any:
+    """Q2_K/Q3_K qs: 4 two-bit values per byte, in halves of 128: qs[32h + l] from L[128h + 32k + l]."""
+    q = L.reshape(-1, 2, 4, 32)
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def _layout(qtype: T, p: Packed, to_numpy: Callable[[Any, Any], np.ndarray]) -> np.ndarray:
-    """Assemble the block bytes of ``qtype`` from a :class:`Packed`."""
-    L = to_numpy(p.L, np.uint8)
-    d = _fp16_bytes(to_numpy(p.d, np.uint16))
-    scales = _u8([to_numpy(s, np.uint8) for s in p.scales])
+def _layout(ops: Any, qtype: T, p: Packed) -> Any:
+    """Assemble the block bytes of ``qtype`` from a :class:`Packed`, on the backend's device."""
+    L = ops.u8(p.L)
+    d = _fp16_bytes(ops, p.d)
+    scales = ops.stack_cols([ops.u8(s & 0xFF) for s in p.scales])
     if qtype == T.Q2_K:
-        return np.concatenate([scales, _crumbs(L, 2), d, _fp16_bytes(to_numpy(p.dmin, np.uint16))], axis=1)
+        return ops.cat([scales, _crumbs(L), d, _fp16_bytes(ops, p.dmin)])
     if qtype == T.Q3_K:
-        high = (L > 3).astype(np.uint8)                   # bit j//32 of hmask[j%32]
-        hmask = np.zeros((L.shape[0], 32), dtype=np.uint8)
-        for k in range(8):
-            hmask |= high[:, 32 * k:32 * (k + 1)] << k
+        high = ops.u8(L > 3)                              # bit j//32 of hmask[j%32]
+        hmask = high[:, 0:32]
+        for k in range(1, 8):
+            hmask = hmask | (high[:, 32 * k:32 * (k + 1)] << k)
         low = L - (high << 2)
-        return np.concatenate([hmask, _crumbs(low, 2), scales, d], axis=1)
+        return ops.cat([hmask, _crumbs(low), scales, d])
     if qtype in (T.Q4_K, T.Q5_K):
-        dmin = _fp16_bytes(to_numpy(p.dmin, np.uint16))
+        dmin = _fp16_bytes(ops, p.dmin)
         q = L.reshape(-1, 4, 2, 32)                       # L[64c + 32h + l]
         qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
         if qtype == T.Q4_K:
-            return np.concatenate([d, dmin, scales, qs], axis=1)
+            return ops.cat([d, dmin, scales, qs])
         hi = (q >> 4) & 1                                  # (nb, c, h, l)
-        qh = np.zeros((L.shape[0], 32), dtype=np.uint8)
-        for c in range(4):
-            qh |= (hi[:, c, 0] << (2 * c)) | (hi[:, c, 1] << (2 * c + 1))
-        return np.concatenate([d, dmin, scales, qh, qs], axis=1)
+        qh = hi[:, 0, 0] | (hi[:, 0, 1] << 1)
+        for c in range(1, 4):
+            qh = qh | (hi[:, c, 0] << (2 * c)) | (hi[:, c, 1] << (2 * c + 1))
+        return ops.cat([d, dmin, scales, qh, qs])
     # Q6_K
     q = L.reshape(-1, 2, 4, 32)                            # L[128h + 32k + l]
-    ql = np.concatenate([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
-                         (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+    ql = ops.cat([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+                  (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
     qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
           | ((q[:, :, 3] >> 4) << 6)).reshape(-1, 64)
-    return np.concatenate([ql, qh, scales, d], axis=1)
+    return ops.cat([ql, qh, scales, d])
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -597,7 +602,7 @@ def _layout(qtype: T, p: Packed, to_numpy: Callable[[Any, Any], np.ndarray]) -> 
 def quantize_blocks(ops: Any, qtype: T, blocks: Any, qw: Any | None = None) -> np.ndarray:
     """Quantize (nb, 256) float32 super-blocks (backend arrays) into (nb, block_bytes) uint8."""
     packed = _CORE[qtype](ops, blocks, qw)
-    return _layout(qtype, packed, ops.to_numpy)
+    return ops.to_numpy(_layout(ops, qtype, packed), np.uint8)
 
 
 _NUMPY = NumpyOps()

@@ -78,6 +78,15 @@ class TorchOps:
     def put(self, dst: torch.Tensor, cond: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         return torch.where(cond, src, dst)
 
+    def u8(self, a: torch.Tensor) -> torch.Tensor:
+        return a.to(torch.uint8)
+
+    def stack_cols(self, cols: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(cols, dim=1)
+
+    def cat(self, parts: list[torch.Tensor], axis: int = 1) -> torch.Tensor:
+        return torch.cat(parts, dim=axis)
+
     def repeat(self, a: torch.Tensor, k: int) -> torch.Tensor:
         return torch.repeat_interleave(a, k)
 
