@@ -102,6 +102,13 @@ class TorchOps:
         return a.cpu().numpy().astype(dtype)
 
 
+def _to_device(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A float32 block range on ``dev`` (read-only inputs such as GGUF memmaps are copied first)."""
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.array(a, dtype=np.float32)
+    return torch.from_numpy(a).to(dev)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -124,10 +131,8 @@ def quantize_k_torch(data: np.ndarray | torch.Tensor, qtype: T, importance: np.n
     with torch.no_grad():
         for start in range(0, blocks.shape[0], chunk):
             stop = min(start + chunk, blocks.shape[0])
-            xb = torch.from_numpy(np.array(blocks[start:stop])).to(dev)
-            qw = None
-            if weights is not None:
-                qw = torch.from_numpy(np.array(weights[start:stop])).to(dev)
+            xb = _to_device(blocks[start:stop], dev)
+            qw = None if weights is None else _to_device(weights[start:stop], dev)
             out[start:stop] = quantize_blocks(ops, qtype, xb, qw)
     row_bytes = data.shape[-1] // QK_K * BLOCK_BYTES[qtype]
     return out.reshape(*data.shape[:-1], row_bytes)
