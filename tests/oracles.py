@@ -98,6 +98,16 @@ def llama_cpp_tokenize(gguf_path: str | Path, text: str, special: bool = True, a
         llm.close()
 
 
+def llama_cpp_tokenize_many(gguf_path: str | Path, texts: list[str], special: bool = True,
+                            add_bos: bool = True) -> list[list[int]]:
+    """``llama_cpp_tokenize`` for many texts with one vocabulary load."""
+    llm = _llama(gguf_path, vocab_only=True)
+    try:
+        return [llm.tokenize(t.encode("utf-8"), add_bos=add_bos, special=special) for t in texts]
+    finally:
+        llm.close()
+
+
 @lru_cache(maxsize=2)
 def _hf_model(model_dir: str):
     import torch

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from tokenizers import Tokenizer
 from llmforge.errors import LlmforgeError
 from llmforge.export.tokenizer import add_vocab_to_gguf, load_vocab, pre_from_hash, pre_from_regex
 from llmforge.export.writer import StreamingGGUFWriter
-from oracles import llama_cpp_tokenize
+from oracles import llama_cpp_tokenize_many
 from tiny_models import TOKENIZERS
 
 # fixture -> (GGUF vocabulary size as llama.cpp's own vocab file has it, expected tokenizer.ggml.model, pre)
@@ -33,6 +35,29 @@ TEXTS = [
     "emoji 🦙🦙 😶‍🌫️ ✅ 🚀", "code: def f(x):\n    return x**2  # square", "------======= !!!??? ''''''```````",
     "<html><body class=\"a\">text</body></html>", "a" * 50, "The quick brown fox jumps over the lazy dog.",
 ]
+
+
+@lru_cache(maxsize=1)
+def _llama_cpp_vocab_inputs() -> dict[str, list[str]]:
+    from test_export_anchor import find_sdist
+
+    sdist = find_sdist()
+    if sdist is None:
+        return {}
+    out = {}
+    with tarfile.open(sdist) as tar:
+        for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if "/models/ggml-vocab-" in member.name and name.endswith(".gguf.inp"):
+                text = tar.extractfile(member).read().decode("utf-8")
+                out[name.removeprefix("ggml-vocab-").removesuffix(".gguf.inp")] = \
+                    text.split("\n__ggml_vocab_test__\n")[:-1]
+    return out
+
+
+def llama_cpp_vocab_tests(fixture: str) -> list[str]:
+    """llama.cpp's own tokenizer test inputs (``models/ggml-vocab-<fixture>.gguf.inp`` in the sdist), if present."""
+    return _llama_cpp_vocab_inputs().get(fixture, [])
 
 
 def _special_texts(tok_json: dict) -> list[str]:
@@ -83,10 +108,10 @@ def test_llama_cpp_tokenizes_like_hf(fixture, vocab_ggufs):
     assert info["tokenizer"]["pre"] == pre
     tok_json = json.loads((TOKENIZERS / fixture / "tokenizer.json").read_text())
     hf = Tokenizer.from_file(str(TOKENIZERS / fixture / "tokenizer.json"))
+    texts = TEXTS + _special_texts(tok_json) + llama_cpp_vocab_tests(fixture)
     mismatches = []
-    for text in TEXTS + _special_texts(tok_json):
+    for text, got in zip(texts, llama_cpp_tokenize_many(path, texts, special=True)):
         want = hf.encode(text, add_special_tokens=True).ids
-        got = llama_cpp_tokenize(path, text, special=True)
         if got != want:
             mismatches.append((text, want, got))
     assert not mismatches, f"{len(mismatches)} texts differ, first: {mismatches[0]}"
@@ -107,9 +132,13 @@ def test_pre_tokenizer_found_from_regex_when_hash_unknown(fixture, tmp_path):
     resaved = tmp_path / "tok"
     _resave_without_bos(src, resaved)
     tj = json.loads((resaved / "tokenizer.json").read_text())
-    # renamed/re-saved: swap two token ids the check text uses, so the hash cannot match either
+    # renamed/re-saved: swap the ids of two tokens the check text uses, so no table entry can match
+    from llmforge.export.tokenizer import _vendor
+
+    chk_ids = Tokenizer.from_file(str(resaved / "tokenizer.json")).encode(_vendor("pre_tokenizer_hashes.json")["chktxt"]).ids
     vocab = tj["model"]["vocab"]
-    a, b = "Ġthe", "Ġand"
+    by_id = {i: t for t, i in vocab.items()}
+    a, b = [by_id[i] for i in dict.fromkeys(chk_ids) if i in by_id][:2]
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (resaved / "tokenizer.json").write_text(json.dumps(tj))
     tok = Tokenizer.from_file(str(resaved / "tokenizer.json"))
