@@ -607,6 +607,24 @@ def quantize_blocks(ops: Any, qtype: T, blocks: Any, qw: Any | None = None) -> n
 
 _NUMPY = NumpyOps()
 CHUNK_BLOCKS = 512
+_MALLOC_TUNED = False
+
+
+def _keep_temporaries_on_the_heap() -> None:
+    """Raise glibc's mmap threshold once: the core allocates many ~0.5 MB temporaries, and with the default
+    dynamic threshold each one can be a fresh mmap with page faults (2-3x slower, measured). Linux only."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: 32 MiB (glibc's maximum for the dynamic one)
+        libc.mallopt(-1, 64 << 20)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _check(data: np.ndarray, qtype: T, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -672,6 +690,7 @@ def quantize_k(data: np.ndarray, qtype: T, importance: np.ndarray | None = None,
     rows are independent, so the split never changes the bytes.
     """
     data, importance = _check(data, qtype, importance)
+    _keep_temporaries_on_the_heap()
     blocks = data.reshape(-1, QK_K)
     weights = _block_weights(importance, data.shape)
     workers = threads or default_workers()
