@@ -177,3 +177,14 @@ def test_resized_vocabulary_with_added_tokens(tiny_model_dir, tmp_path):
     hf = tmp_path / "hf"
     merge_to_hf(adapter_dir, hf, dtype="f32", progress=False)
     assert rel_error(logits_of(load_f32(hf), ids), reference) < 1e-6
+
+
+def test_tied_gemma_with_lm_head_lora_is_refused(tiny_model_dir, tmp_path):
+    """Gemma's GGUF always reuses token_embd as the output matrix: an untied result cannot be written."""
+    from llmforge.errors import LlmforgeError
+
+    adapter_dir, _ = make_adapter(tiny_model_dir("gemma2"), tmp_path / "adapter", r=2, lora_alpha=4,
+                                  target_modules=["q_proj", "lm_head"])
+    with pytest.raises(LlmforgeError, match="tied"):
+        convert_adapter(adapter_dir, tmp_path / "g.gguf", "f32")
+    assert not (tmp_path / "g.gguf").exists()
