@@ -101,3 +101,13 @@ def test_inspect_bad_file(tmp_path, capsys):
         main(["inspect", str(bad)])
     assert exc.value.code != 0
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_cli_convert_prints_path_and_summary(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    main(["convert", str(tiny_model_dir("mistral")), "--quant", "q8_0", "-o", str(out), "--name", "tiny-mistral"])
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "wrote" in captured.err and "read back" in captured.err
+    assert read_header(out).kv["general.name"] == "tiny-mistral"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temp file left beside it

@@ -140,22 +140,28 @@ class StreamingGGUFWriter:
         with atomic_path(target) as tmp:
             for t in self.tensors:
                 self.gguf.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-            self.gguf.write_header_to_file(path=tmp)
-            self.gguf.write_kv_data_to_file()
-            self.gguf.write_ti_data_to_file()
-            bar = Progress(len(self.tensors), f"writing {target.name}", progress)
-            for i, t in enumerate(self.tensors, 1):
-                data = np.ascontiguousarray(produce(t))
-                if data.nbytes != t.nbytes:
-                    raise RuntimeError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes} "
-                                       f"({t.qtype.name} {t.shape})")
-                self.gguf.write_tensor_data(data)
-                del data
-                bar.update(i, t.name)
-            self.gguf.close()
+            try:
+                self._write_all(tmp, target, produce, progress)
+            finally:
+                self.gguf.close()  # also on failure, so the temp file's handle is released before removal
             checks = [verify_gguf(tmp, self.tensors)]
             size = tmp.stat().st_size
         return WriteResult(target, len(self.tensors), size, checks)
+
+    def _write_all(self, tmp: Path, target: Path, produce: Callable[[PlannedTensor], np.ndarray],
+                   progress: bool) -> None:
+        self.gguf.write_header_to_file(path=tmp)
+        self.gguf.write_kv_data_to_file()
+        self.gguf.write_ti_data_to_file()
+        bar = Progress(len(self.tensors), f"writing {target.name}", progress)
+        for i, t in enumerate(self.tensors, 1):
+            data = np.ascontiguousarray(produce(t))
+            if data.nbytes != t.nbytes:
+                raise RuntimeError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes} "
+                                   f"({t.qtype.name} {t.shape})")
+            self.gguf.write_tensor_data(data)
+            del data
+            bar.update(i, t.name)
 
 
 def verify_gguf(path: Path, planned: list[PlannedTensor]) -> str:
