@@ -34,9 +34,10 @@ CASES = {
     "phi3": dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
                  rank_pattern={"qkv_proj": 4}),
 }
-# llama.cpp checks on the architectures with small vocabularies (fast) plus qwen2 (q/k/v biases, tied);
-# llama (same GGUF arch as mistral) and gemma are covered tensor by tensor below.
-GGUF_ARCHS = ["mistral", "qwen2", "phi3"]
+# llama.cpp checks; llama (same GGUF arch as mistral, larger vocabulary) and qwen3 (see the tied test) are
+# also covered tensor by tensor below. Gemma runs near 3e-4 even for the plain base model (llama.cpp numerics).
+GGUF_ARCHS = ["mistral", "qwen2", "phi3", "gemma2", "gemma3"]
+TOLERANCE = {"gemma2": 1e-3, "gemma3": 1e-3}
 
 
 @pytest.mark.parametrize("arch", GGUF_ARCHS)
@@ -50,7 +51,7 @@ def test_merged_gguf_matches_peft_merge_and_unload(arch, tiny_model_dir, tmp_pat
     assert report.path == out and out.is_file()
     assert any("adapter: LoRA" in c for c in report.checks)
     err = rel_error(llama_cpp_logits(out, ids), reference)
-    assert err < 1e-4, err
+    assert err < TOLERANCE.get(arch, 1e-4), err
     # the adapter really changes the model (B is non-zero), so the comparison above is meaningful
     assert rel_error(logits_of(load_f32(base), ids), reference) > 1e-2
 
