@@ -7,7 +7,8 @@
 # Steps (GPU_RUN, in order): check (benchmarks/gpu_kernels_check.py), steps (only its training-step
 # checks, sizes from GPU_STEP_SIZES), bench-1b / bench-8b (configs
 # llmforge-*, hf-*, unsloth-* each in its own process, same train_anchor.py loop), maxseq-1b / maxseq-8b
-# (longest sequence per stack, optional). Needs the anchor kit in .anchors/gpu-train (carry ".anchors").
+# (longest sequence per stack by search, slow), memscale-1b / memscale-8b (peak memory at two sequence
+# lengths per stack -> estimated longest sequence; GPU_MEMSCALE_SEQS="4096 16384", GPU_MEMSCALE_STACKS). Needs the anchor kit in .anchors/gpu-train (carry ".anchors").
 # Knobs: GPU_BUDGET_S (whole script, default 570), GPU_CONFIG_TIMEOUT_S (per config, default 200),
 # GPU_CHECK_TIMEOUT_S (default 240), GPU_CONFIGS_1B / GPU_CONFIGS_8B (override the config lists),
 # GPU_RUN_ARGS (extra args for every `run`), GPU_MODELS (/tmp/models), GPU_SITE (/tmp/site).
@@ -100,6 +101,19 @@ maxseq() {  # $1 = size
     done
 }
 
+memscale() {  # $1 = size: peak memory at two sequence lengths per stack -> estimated longest sequence
+    build "$1" || return
+    for stack in ${GPU_MEMSCALE_STACKS:-llmforge hf unsloth}; do
+        local t; t=$(left); [ "$t" -gt 150 ] && t=150
+        [ "$t" -lt 50 ] && { say "memscale $stack-$1: skipped (${t}s left)"; continue; }
+        say "memscale $stack-$1 (timeout ${t}s)"
+        ( cd "$WORK" && timeout -k 10 "$t" python3 "$REPO/benchmarks/train_gpu.py" memscale --stack "$stack" \
+            --size "$1" --models "$MODELS" --device "$DEVICE" ${GPU_MEMSCALE_SEQS:+--seqs $GPU_MEMSCALE_SEQS} \
+            --result "$RES/memscale-$stack-$1.json" ) > "$OUT/memscale-$stack-$1.log" 2>&1
+        say "memscale $stack-$1: rc=$? $(grep -a 'MEMSCALE ' "$OUT/memscale-$stack-$1.log" | tail -1 | sed 's/.*MEMSCALE //')"
+    done
+}
+
 for step in $RUN; do
     case "$step" in
         check)
@@ -117,6 +131,9 @@ for step in $RUN; do
         bench-1b) bench 1b ;;
         bench-8b) bench 8b ;;
         bench-tiny) bench tiny ;;
+        memscale-1b) memscale 1b ;;
+        memscale-8b) memscale 8b ;;
+        memscale-tiny) memscale tiny ;;
         maxseq-1b) maxseq 1b ;;
         maxseq-8b) maxseq 8b ;;
         *) say "unknown step $step" ;;

@@ -36,6 +36,9 @@ SIZES = ("1b", "8b", "tiny")
 BATCH = {"1b": 4, "8b": 2, "tiny": 2}
 for _size in SIZES:
     A.CONFIGS[f"llmforge-{_size}"] = ("llmforge", _size, BATCH[_size])
+    # the same without offloaded checkpointing (plain non-reentrant checkpointing), to price the offload
+    A.CONFIGS[f"llmforge-{_size}-nooffload"] = ("llmforge", _size, BATCH[_size])
+OFFLOAD = {"value": True}
 
 _setup_hf = A.setup_hf
 
@@ -45,7 +48,7 @@ def setup_llmforge(path, args, dev):
     model, extra = _setup_hf(path, args, dev)
     from llmforge.kernels.patch import patch_model
 
-    report = patch_model(model)
+    report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False)
     A.log(report.summary())
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
@@ -72,8 +75,7 @@ def table(results: str) -> str:
              "|---|---|---|---|---|---|---|"]
     found: dict[str, dict] = {}
     for size in ("1b", "8b", "tiny"):
-        for stack in ("llmforge", "hf", "unsloth"):
-            name = f"{stack}-{size}"
+        for name in (f"llmforge-{size}", f"llmforge-{size}-nooffload", f"hf-{size}", f"unsloth-{size}"):
             r = _load(results, name)
             if r is None:
                 continue
@@ -105,6 +107,14 @@ def table(results: str) -> str:
             verdict = "MET" if (s >= speed and m <= memory) else "NOT MET"
             lines.append(f"target {size} vs {ref}: tokens/s >= {speed}x and memory <= {memory}x -> "
                          f"{s:.2f}x / {m:.2f}x {verdict}")
+    for size in ("1b", "8b", "tiny"):
+        for stack in ("llmforge", "hf", "unsloth"):
+            path = os.path.join(results, f"memscale-{stack}-{size}.json")
+            if os.path.exists(path):
+                m = json.loads(Path(path).read_text())
+                lines.append(f"memscale {stack}-{size}: peak {m['peak_gib'][0]:.2f} GiB at seq {m['seqs'][0]}, "
+                             f"{m['peak_gib'][1]:.2f} GiB at {m['seqs'][1]} ({m['gib_per_1k_tokens']:.3f} GiB per 1k "
+                             f"tokens) -> estimated longest seq {m['est_max_seq']} on {m['gpu_total_gib']:.0f} GiB")
     return "\n".join(lines)
 
 
@@ -166,6 +176,53 @@ def maxseq(args) -> int:
     return 0
 
 
+def memscale(args) -> int:
+    """Peak memory of one training step (batch 1) at two sequence lengths, and the longest sequence that
+    fits the GPU by linear extrapolation of that peak (attention is SDPA/flash and the rest is linear in
+    tokens, so peak memory is linear in the sequence length). An estimate, labelled as such."""
+    import argparse
+
+    ns = argparse.Namespace(seq=max(args.seqs), no_quant=args.device == "cpu", hf_attn="sdpa", hf_kbit_prep=False,
+                            device=args.device, budget_s=600)
+    path = A.model_dir(args.models, args.size)
+    setup = {"unsloth": A.setup_unsloth, "llmforge": setup_llmforge, "hf": A.setup_hf}[args.stack]
+    model, _ = setup(path, ns, args.device)
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    peaks, times = [], []
+    for seq in args.seqs:
+        ids = torch.randint(0, 127000, (1, seq), device=args.device)
+        for _ in range(2):  # the second step has the optimizer state, like the timed steps of `run`
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+        A.log(f"memscale {args.stack}-{args.size}: seq {seq} peak {peaks[-1]:.2f} GiB step {times[-1]:.2f}s")
+        del loss, ids
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
+    slope = (peaks[1] - peaks[0]) / (args.seqs[1] - args.seqs[0])
+    usable = total - 1.5  # CUDA context, allocator slack
+    estimate = int(args.seqs[1] + (usable - peaks[1]) / slope) if slope > 0 else None
+    result = {"stack": args.stack, "size": args.size, "seqs": args.seqs, "peak_gib": peaks, "step_s": times,
+              "gib_per_1k_tokens": slope * 1000, "gpu_total_gib": total, "est_max_seq": estimate}
+    A.log("MEMSCALE " + json.dumps(result))
+    if args.result:
+        Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
@@ -192,8 +249,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--budget-s", type=float, default=200)
         p.add_argument("--result", default=None)
         return maxseq(p.parse_args(argv[1:]))
+    if argv[:1] == ["memscale"]:
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("--stack", choices=["llmforge", "hf", "unsloth"], required=True)
+        p.add_argument("--size", choices=["1b", "8b", "tiny"], required=True)
+        p.add_argument("--models", default="/tmp/models")
+        p.add_argument("--seqs", type=int, nargs=2, default=[4096, 16384])
+        p.add_argument("--device", default="cuda")
+        p.add_argument("--result", default=None)
+        return memscale(p.parse_args(argv[1:]))
     if argv[:1] == ["run"]:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
+        OFFLOAD["value"] = not any(a.endswith("-nooffload") for a in argv)
     return A.main(argv)
 
 
