@@ -56,7 +56,9 @@ class _Undefined:
 
 
 UNDEFINED = _Undefined()
-THINK_TAGS = ("<think>", "</think>")
+# Thinking delimiters that content never holds in Ollama (its parsers move thinking into .Thinking):
+# DeepSeek/Qwen style and Gemma 4's channel markers.
+THINK_TAGS = ("<think>", "</think>", "<|channel>", "<channel|>")
 
 
 # ---------------------------------------------------------------- values
@@ -127,6 +129,20 @@ def known_names() -> tuple[frozenset[str], frozenset[str]]:
     """The filters and tests of transformers' Jinja environment."""
     env = make_environment()
     return frozenset(env.filters), frozenset(env.tests)
+
+
+def uses_loop(body: list[nodes.Node]) -> bool:
+    """Whether statements refer to their own for loop's `loop` (nested for loops have their own)."""
+    for node in body:
+        if isinstance(node, nodes.Name) and node.name == "loop":
+            return True
+        if isinstance(node, nodes.For):
+            if uses_loop([node.iter] + ([node.test] if node.test is not None else [])):
+                return True
+            continue
+        if uses_loop(list(node.iter_child_nodes())):
+            return True
+    return False
 
 
 def go_string(text: str) -> str:
@@ -368,6 +384,8 @@ class _Translator:
             if isinstance(macro, Macro):
                 self.inline_macro(macro, expr)
                 return
+        if self.output_trimmed_macro(expr):
+            return
         if isinstance(expr, nodes.CondExpr):
             test = self.truth(self.eval(expr.test), expr.lineno)
             if isinstance(test, Const):
@@ -395,6 +413,30 @@ class _Translator:
             return
         value = self.eval(expr)
         self.output_value(value, expr.lineno)
+
+    def output_trimmed_macro(self, expr: nodes.Expr) -> bool:
+        """`{{ macro(...) | trim }}` prints the macro in place when its output always starts and ends with
+        non-space literal text: trim is then the identity, and the macro need not be captured (a Go template
+        call, which recursion needs, cannot be captured)."""
+        if not (isinstance(expr, nodes.Filter) and expr.name == "trim" and not expr.args and not expr.kwargs
+                and isinstance(expr.node, nodes.Call) and isinstance(expr.node.node, nodes.Name)
+                and isinstance(self.env.get(expr.node.node.name), Macro) and not self.capture_vars):
+            return False
+        saved_out, saved_printed = self.out, self.printed
+        self.out = []
+        try:
+            self.inline_macro(self.env[expr.node.node.name], expr.node)
+            pieces = [p for p in self.out if p]
+        except Unsupported:
+            pieces = []
+        finally:
+            body, self.out = self.out, saved_out
+        literal = [p for p in (pieces[:1] + pieces[-1:]) if not p.startswith("{{")]
+        if len(pieces) < 2 or len(literal) < 2 or pieces[0][0].isspace() or pieces[-1][-1].isspace():
+            self.printed = saved_printed
+            return False
+        self.out.extend(body)
+        return True
 
     def is_string_concat(self, expr: nodes.Expr) -> bool:
         if isinstance(expr, nodes.Concat):
@@ -770,7 +812,8 @@ class _Translator:
         """
         m = macro.node
         saved_out = list(self.out)
-        args = self.macro_args(m, call, self.env)
+        used = {n.name for stmt in m.body for n in [stmt, *stmt.find_all(nodes.Name)] if isinstance(n, nodes.Name)}
+        args = {k: v for k, v in self.macro_args(m, call, self.env).items() if k in used}  # unused: no argument
         runtime = [(name, v) for name, v in args.items() if isinstance(v, Rt)]
         if len(runtime) > 1 and not self.capture_vars:
             self.out[:] = saved_out  # the arguments will be computed inside the Go template instead
@@ -796,8 +839,8 @@ class _Translator:
         pass that variable as the Go template's dot and compute the arguments inside the template."""
         m = macro.node
         arg_nodes = list(call.args) + [k.value for k in call.kwargs]
-        roots = {n.name for a in arg_nodes for n in a.find_all(nodes.Name)
-                 if isinstance(self.env.get(n.name), Rt)}
+        roots = {n.name for a in arg_nodes for n in [a, *a.find_all(nodes.Name)]  # find_all skips `a` itself
+                 if isinstance(n, nodes.Name) and isinstance(self.env.get(n.name), Rt)}
         if len(roots) != 1:
             raise Unsupported(f"recursive macro {m.name} with several runtime arguments", call.lineno)
         root = roots.pop()
@@ -906,6 +949,21 @@ class _Translator:
         if iterable.kind in ATTRS and iterable.kind != "message" and not node.else_:
             self.struct_keys_for(node, iterable)
             return
+        if iterable.kind == "structitems":
+            self.struct_items_for(node, iterable.parts[0])
+            return
+        if iterable.kind == "splitlist" and len(iterable.parts) == 1 and isinstance(node.target, nodes.Name) \
+                and not node.else_ and node.test is None \
+                and not uses_loop(node.body):
+            # content split on a thinking tag is one part, the content itself (Ollama strips thinking)
+            saved_env = self.env
+            self.env = dict(saved_env)
+            self.env[node.target.name] = iterable.parts[0]
+            self.stmts(node.body)
+            assigned = {k: v for k, v in self.env.items() if isinstance(v, Namespace) and k in saved_env}
+            self.env = saved_env
+            self.env.update(assigned)
+            return
         if iterable.kind in ("properties", "arguments") and isinstance(node.target, nodes.Name):
             iterable = Rt(iterable.expr, "items", (iterable.kind,))
             node = nodes.For(nodes.Tuple([node.target, nodes.Name("\x00value", "store")], "store"), node.iter,
@@ -940,17 +998,22 @@ class _Translator:
             if not isinstance(node.target, nodes.Name) or node.else_ or node.test is not None:
                 raise Unsupported("for loop over range() with options", node.lineno)
             k = self.fresh("n")
+            reverse = iterable.parts[:1] == ("rev",)
+            if reverse:
+                self.emit("{{ if " + f"ge {wrap(iterable.parts[1])} 0" + " }}")
             self.emit("{{ range " + f"{k} := {wrap(iterable.expr)}" + " }}")
             saved_env, saved_loops = self.env, self.loops
             self.env = dict(saved_env)
-            self.env[node.target.name] = Rt(int_plus(k, iterable.parts[0]) if iterable.parts else k, "int")
+            value = int_minus(iterable.parts[1], k) if reverse else \
+                int_plus(k, iterable.parts[0]) if iterable.parts else k
+            self.env[node.target.name] = Rt(value, "int")
             self.loops = saved_loops + [LoopInfo(k, f"(slice (printf \"%*s\" {wrap(iterable.expr)} \"\") 0)", False)]
             self.env["loop"] = self.loops[-1]
             before_printed = self.printed
             self.printed = "maybe" if before_printed != "yes" else "yes"
             self.declare_forced(node.body, self.env)
             self.stmts(node.body)
-            self.emit("{{ end }}")
+            self.emit("{{ end }}" + ("{{ end }}" if reverse else ""))
             self.env, self.loops = saved_env, saved_loops
             self.printed = "yes" if before_printed == "yes" else "maybe"
             return
@@ -1084,8 +1147,33 @@ class _Translator:
         self.env = saved
         self.notes.add("loops over a mapping's keys visit Ollama's fields")
 
+    # A JSON-schema property as Ollama holds it (its Go struct's fields), keys in sorted order.
+    PROPERTY_FIELDS = (("description", "Description", "str"), ("enum", "Enum", "list"), ("items", "Items", "any"),
+                       ("properties", "Properties", "properties"), ("required", "Required", "strlist"),
+                       ("type", "Type", "str"))
+
+    def struct_items_for(self, node: nodes.For, struct: Rt) -> None:
+        """`for key, value in property | dictsort`: unroll over the fields Ollama's property has, in key order,
+        each only when present (Ollama's JSON omits empty fields)."""
+        if not (isinstance(node.target, nodes.Tuple) and len(node.target.items) == 2
+                and all(isinstance(t, nodes.Name) for t in node.target.items)) or node.else_ \
+                or node.test is not None or uses_loop(node.body):
+            raise Unsupported("loop over a schema property's items with options", node.lineno)
+        key_name, value_name = (t.name for t in node.target.items)
+        saved = self.env
+        for key, go_field, kind in self.PROPERTY_FIELDS:
+            field = f"{wrap(struct.expr)}.{go_field}"
+            value = Rt(f"print {field}" if key == "type" else field, kind, defined=field)
+            self.env = dict(saved)
+            self.env[key_name], self.env[value_name] = Const(key), value
+            self.emit("{{ if " + (f"len {field}" if key == "type" else field) + " }}")
+            self.stmts(node.body)
+            self.emit("{{ end }}")
+            self.env = {**saved, **{k: v for k, v in self.env.items() if isinstance(v, Namespace) and k in saved}}
+        self.notes.add("loops over a schema property's items visit the fields of Ollama's property")
+
     def unrolled_for(self, node: nodes.For, iterable: Const) -> None:
-        items = list(iterable.value.items()) if isinstance(iterable.value, dict) else list(iterable.value or [])
+        items = list(iterable.value or [])  # a mapping iterates over its keys
         if node.else_ and not items:
             self.stmts(node.else_)
             return
@@ -1336,6 +1424,8 @@ class _Translator:
                 return Rt(base.expr, "method", (base, attr))
             if base.kind == "str":
                 return Const(UNDEFINED)  # Jinja: a string has no such attribute
+            if base.kind in ("list", "strlist") and not hasattr(list, attr):
+                return Const(UNDEFINED)  # Jinja: neither a list's attribute nor its item
             if base.kind == "any" and attr in ("get", "items", "keys"):
                 return Rt(base.expr, "method", (base, attr))
             if base.kind == "any":
@@ -1640,7 +1730,7 @@ class _Translator:
         otherwise prefers the GGUF's Jinja (see `ollama_round_trip`)."""
         owner = self.role_owner(role)
         if "tool" not in roles or owner is None:
-            return Rt(f"eq {role.expr} " + " ".join(go_string(r) for r in roles), "bool")
+            return Rt(f"eq {wrap(role.expr)} " + " ".join(go_string(r) for r in roles), "bool")
         ordered = ["tool"] + [r for r in roles if r != "tool"]
         go = self.fresh("isTool")
         self.emit("{{ " + f"{go} := false" + " }}{{ with " + owner + " }}{{ " + f"{go} = eq .Role "
@@ -1835,6 +1925,11 @@ class _Translator:
             if kind in ("str", "messages", "tools", "toolcalls", "strlist", "list", "arguments", "properties"):
                 return Rt(f"len {wrap(value.expr)}", "int")
             raise Unsupported(f"length of a {kind}", lineno)
+        if name == "indent" and kind == "str" and value.expr.startswith("json ") and not args[1:] \
+                and set(kwargs) <= {"width"}:
+            # Go's encoder writes JSON on one line (a newline in a string is escaped), and indent without
+            # first=True only indents after newlines: the identity
+            return value
         if name == "tojson" and kind == "tcfunction":
             # Ollama's JSON of a call's function carries "index"; the OpenAI shape transformers sees does not
             e = wrap(value.expr)
@@ -1899,6 +1994,16 @@ class _Translator:
             self.emit("{{ " + f'{out} := ""' + " }}{{ if " + joined.expr + " }}{{ "
                       + f"{out} = slice {joined.expr} 0 ({int_minus(f'len {joined.expr}', n)})" + " }}{{ end }}")
             return Rt(out, "str")
+        if kind in ("list", "strlist") and name == "join":
+            sep = args[0] if args else Const("")
+            if not isinstance(sep, Const) or not isinstance(sep.value, str):
+                raise Unsupported("join with a runtime separator", lineno)
+            out, k, x = self.fresh("joined"), self.fresh("k"), self.fresh("x")
+            self.emit("{{ " + f'{out} := ""' + " }}{{ range " + f"{k}, {x} := {wrap(value.expr)}" + " }}{{ if "
+                      + k + " }}{{ " + f'{out} = printf "%s%s" {out} {go_string(sep.value)}' + " }}{{ end }}{{ "
+                      + f'{out} = printf "%s%v" {out} {x}' + " }}{{ end }}")
+            self.notes.add("runtime list items are joined with Go's formatting (strings and integers print alike)")
+            return Rt(out, "str")
         if kind == "acc" and name in ("length", "count"):
             return self.count_scan(Rt(value.expr, "str"), self.ACC_SEP)
         if name in ("selectattr", "rejectattr") and kind == "str":
@@ -1912,6 +2017,8 @@ class _Translator:
             return Rt(value.expr, "items", (kind,))
         if name == "items" and kind in ("arguments", "properties"):
             return Rt(value.expr, "items", (kind,))
+        if name == "dictsort" and kind == "property" and not args and not kwargs:
+            return Rt(value.expr, "structitems", (value,))
         raise Unsupported(f"filter `{name}` on a runtime {kind}", lineno)
 
     def toolcalls_json(self, value: Rt, single: bool) -> Rt:
@@ -2089,7 +2196,7 @@ class _Translator:
                 return Const(False)
             return self.role_test(role, true_roles)
         go = self.fresh("r")
-        chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f"eq {role.expr} {go_string(r)}" + " }}{{ "
+        chain = "".join(("{{ if " if i == 0 else "{{ else if ") + f"eq {wrap(role.expr)} {go_string(r)}" + " }}{{ "
                         + f"{go} = {go_literal(v, None)}" + " }}" for i, (r, v) in enumerate(results.items()))
         self.emit("{{ " + f"{go} := {role.expr}" + " }}" + chain + "{{ end }}")
         self.notes.add("string methods on roles are tabulated over Ollama's roles")
@@ -2118,6 +2225,10 @@ class _Translator:
                                                           a.value >= 0 for a in args):
                 start, stop = (as_go(a, expr.lineno) for a in args)
                 return Rt(int_minus(stop, start), "intrange", (start,))
+            if name == "range" and len(args) == 3 and isinstance(args[0], Rt) and args[0].kind == "int" and \
+                    all(isinstance(a, Const) and a.value == -1 for a in args[1:]):
+                # range(n, -1, -1): n, n-1, ..., 0 (nothing when n < 0)
+                return Rt(int_plus(args[0].expr, "1"), "intrange", ("rev", args[0].expr))
             if name == "dict":
                 return self.eval_Dict(nodes.Dict([nodes.Pair(nodes.Const(k.key), k.value) for k in expr.kwargs],
                                                  lineno=expr.lineno))
