@@ -22,7 +22,7 @@ USER2 = {"role": "user", "content": "And now?"}
 CONVERSATIONS = [[USER], [SYSTEM, USER], [USER, ASSISTANT, USER2], [SYSTEM, USER, ASSISTANT, USER2],
                  [USER, CALL, TOOL]]
 # Constructs whose output holds JSON from Go's encoder: equal as parsed JSON, not byte for byte.
-JSON_OUTPUT = {"tool_calls_json_and_recursion"}
+JSON_OUTPUT = {"tool_calls_json_and_recursion", "indent_of_json"}
 
 CASES = {
     "namespace_and_loop_flags": """{% set ns = namespace(n=0, sys='') %}{% for m in messages %}
@@ -47,6 +47,16 @@ loop.previtem %}<{{ loop.previtem.role }}>{% endif %}{% endfor %}""",
 {{ k }}={{ fmt(x) }};{% endfor %}{{ '}' }}{% elif v is string %}"{{ v }}"{% else %}{{ v }}{% endif %}{% endmacro %}
 {% for m in messages %}{% for c in m.tool_calls %}{{ c.function.name }}{{ fmt(c.function.arguments) }}
 {{ c.function.arguments | tojson }}{% endfor %}{{ m.content }}{% endfor %}""",
+    "reversed_range_and_dict_keys": """{% set d = {'b': 1, 'a': 2} %}{% for k in d %}{{ k }}{% endfor %}
+{% for m in messages %}{% if loop.index0 > 0 %}{% for j in range(loop.index0 - 1, -1, -1) %}{{ messages[j].role }},
+{% endfor %}{% endif %};{% endfor %}""",
+    # a recursive macro (a Go template call, which cannot be captured) inside a macro whose output is trimmed
+    "recursion_printed_through_trim": """{% macro fmt(v) %}{% if v is mapping %}{% for k, x in v | dictsort %}
+{{ k }}={{ fmt(x) }};{% endfor %}{% else %}{{ v }}{% endif %}{% endmacro %}{% macro call(c) %}call:{{ c.function.name }}
+({{ fmt(c.function.arguments) }}){% endmacro %}{% for m in messages %}{% for c in m.tool_calls %}{{ call(c) | trim }}
+{% endfor %}{{ m.content }}{% endfor %}""",
+    "indent_of_json": """{% for m in messages %}{% for c in m.tool_calls %}
+{{ c.function.arguments | tojson(indent=4) | indent(8) }}{% endfor %}{{ m.content }}{% endfor %}""",
     "conditional_expressions": """{% for m in messages %}{{ 'A' if m.role == 'assistant' else 'B' }}
 {% set tag = 'sys' if m.role == 'system' else m.role %}{{ tag }}{% endfor %}""",
 }
