@@ -92,3 +92,14 @@ def test_different_seed_gives_a_different_curve(base: Path, tmp_path: Path) -> N
     a = train(config_for(base, data, tmp_path / "a", max_steps=3, seed=1))
     b = train(config_for(base, data, tmp_path / "b", max_steps=3, seed=2))
     assert a.losses != b.losses
+
+
+def test_packing_fills_rows_without_losing_tokens() -> None:
+    from llmforge.trainer.encode import Encoded
+    from llmforge.trainer.sft import pack
+
+    rows = [Encoded(list(range(n)), [-100] + list(range(1, n)), i) for i, n in enumerate([10, 20, 30, 40, 5])]
+    packed = pack(rows, 50)
+    assert [len(r.input_ids) for r in packed] == [30, 30, 45]
+    assert sum(len(r.labels) for r in packed) == 105
+    assert packed[2].labels[:41] == rows[3].labels + [-100]

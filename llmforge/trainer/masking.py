@@ -136,7 +136,7 @@ def assistant_spans(render: Renderer, messages: list[dict], tools: list | None =
                 tail = turn_tail(render, marked[: i + 1], tools, SENTINEL.format(order[k]), generation=True)
             keep = common_prefix(tail, marked_text[marked_ends[k]:])
             end = located[k][1] + len(tail[:keep].rstrip())
-            start = body_start(render, marked, i, marked_text, text, located, order, owner)
+            start = body_start(render, marked, i, text, located, order, owner)
             spans.append((min(start, first[i]), close_marker(text, located[k][1], end)))
         else:
             span = prefix_diff(render, messages, i, tools, text)
@@ -146,10 +146,10 @@ def assistant_spans(render: Renderer, messages: list[dict], tools: list | None =
                 raise LlmforgeError(f"cannot locate assistant message {i + 1} in the rendered conversation",
                                     hint="the template does not print it; check the template or the data")
             spans.append(span)
-    return Rendered(text, [s for s in spans if s[1] > s[0]])
+    return Rendered(text, sorted(s for s in spans if s[1] > s[0]))
 
 
-def body_start(render: Renderer, marked: list[dict], i: int, marked_text: str, text: str,
+def body_start(render: Renderer, marked: list[dict], i: int, text: str,
                located: list[tuple[int, int]], order: list[int], owner: dict[int, int]) -> int:
     """Start of message ``i``'s body: just after the generation prompt the template writes before it.
 

@@ -183,6 +183,7 @@ def train_loop(model: Any, rows: list[Encoded], config: TrainConfig, out_dir: Pa
     optimizer, scheduler = make_optimizer(model, config, steps)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
     start_step = 0
     if resume:
