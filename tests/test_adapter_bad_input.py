@@ -136,3 +136,12 @@ def test_pickle_and_missing_files(good_adapter, tmp_path, capsys):
     bad_json = copy_adapter(good_adapter, tmp_path / "j")
     (bad_json / "adapter_config.json").write_text("{not json")
     check_convert_fails(bad_json, tmp_path, capsys, "not valid JSON")
+
+
+def test_other_quantized_bases_refused(good_adapter, tiny_model_dir, tmp_path, capsys):
+    base = tmp_path / "gptq-base"
+    shutil.copytree(tiny_model_dir("mistral"), base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (base / "config.json").write_text(json.dumps(config))
+    check_convert_fails(good_adapter, tmp_path, capsys, "quantized (gptq)", extra=["--base", str(base)])

@@ -306,6 +306,11 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None = None) -> BaseMo
                                            "(the base model folder with config.json and *.safetensors)")
     config = _read_json(path / "config.json")
     if not is_4bit_config(config):
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        if method:
+            kind = "bitsandbytes 8-bit" if method == "bitsandbytes" else method
+            raise LlmforgeError(f"the base {path} is quantized ({kind}); only 16-bit and bitsandbytes NF4 bases "
+                                "can be merged", hint="pass the 16-bit model with --base")
         return BaseModel(path)
     for sibling in _sixteen_bit_candidates(path):
         if (sibling / "config.json").is_file() and not is_4bit_config(_read_json(sibling / "config.json")):
