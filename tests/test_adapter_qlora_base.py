@@ -72,6 +72,13 @@ def test_merge_onto_dequantized_nf4_base(bases, tmp_path):
     ids = token_ids("mistral")
     expected = logits_of(peft_model.merge_and_unload(), ids)
     assert rel_error(llama_cpp_logits(out, ids), expected) < 1e-4
+    from llmforge.export.merge import merge_to_hf
+
+    report = merge_to_hf(adapter, tmp_path / "merged", dtype="f32", progress=False)
+    assert any("NF4-dequantized" in n for n in report["notes"])
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert rel_error(logits_of(load_f32(tmp_path / "merged"), ids), expected) < 1e-5
     # the dequantized base really differs from the 16-bit one, so the check above tells them apart
     assert rel_error(logits_of(load_f32(sixteen), ids), logits_of(reference, ids)) > 1e-3
 
