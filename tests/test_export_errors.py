@@ -121,15 +121,15 @@ def test_disk_full_while_writing(good_model, tmp_path, capsys, monkeypatch):
     from llmforge.export import writer
 
     calls = {"n": 0}
-    original = writer.FastArrayGGUFWriter.write_tensor_data
+    original = writer.StreamingGGUFWriter._write_chunk
 
-    def failing(self, tensor, *args, **kwargs):
+    def failing(fout, chunk):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, tensor, *args, **kwargs)
+        return original(fout, chunk)
 
-    monkeypatch.setattr(writer.FastArrayGGUFWriter, "write_tensor_data", failing)
+    monkeypatch.setattr(writer.StreamingGGUFWriter, "_write_chunk", staticmethod(failing))
     assert "no space left" in run_convert(capsys, good_model, tmp_path / "out.gguf")
     assert calls["n"] == 3
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,27 +149,33 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir, extra_kv)
     check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
 
-    def produce(t: PlannedTensor) -> np.ndarray:
+    def produce(t: PlannedTensor) -> Iterator[np.ndarray]:
         plan: TensorPlan = t.source
         if plan.generated is not None:
-            return _to_numpy_f32(plan.generated)
-        tensor = source.load(plan.hf_name)
+            yield _to_numpy_f32(plan.generated)
+            return
         transform = spec.transforms.get(plan.kind)
+        shift = spec.norm_shift if plan.hf_name.endswith("norm.weight") else 0.0
+        whole = transform is not None or shift or not source.supports_row_slices or len(t.shape) < 2
+        tensor = source.load(plan.hf_name) if whole else None
         if transform is not None:
             tensor = transform(tensor, hp)
-        if spec.norm_shift and plan.hf_name.endswith("norm.weight"):
-            tensor = tensor.float() + spec.norm_shift
-        if tuple(tensor.shape) != t.shape:
-            raise LlmforgeError(f"tensor {plan.hf_name!r} has shape {tuple(tensor.shape)}, header says {t.shape}",
+        if shift:
+            tensor = tensor.float() + shift
+        shape = tuple(tensor.shape) if tensor is not None else tuple(source.shape(plan.hf_name))
+        if shape != t.shape:
+            raise LlmforgeError(f"tensor {plan.hf_name!r} has shape {shape}, header says {t.shape}",
                                 hint="the checkpoint is corrupt")
-        if t.qtype == T.F16 and tensor.dtype == torch.float16:
-            return tensor.contiguous().numpy()
-        if t.qtype == T.BF16 and tensor.dtype == torch.bfloat16:
-            return tensor.contiguous().view(torch.int16).numpy().view(np.uint8)
-        data = _to_numpy_f32(tensor)
-        del tensor
         imp = importance.get(t.name) if importance else None
-        return quantize_array(data, t.qtype, importance=imp, name=t.name)
+        rows = t.shape[0] if len(t.shape) > 1 else 1
+        step = max(1, CHUNK_ELEMENTS // max(1, math.prod(t.shape[1:]))) if len(t.shape) > 1 else 1
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            if tensor is None:
+                block = source.load_rows(plan.hf_name, start, stop)
+            else:
+                block = tensor if len(t.shape) < 2 else tensor[start:stop]
+            yield _encode(block, t, imp)
 
     result = writer.write(output, produce, progress=progress)
     counts: dict[str, int] = {}
@@ -175,6 +183,20 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
     return ConvertReport(result.path, ftype.name, result.n_tensors, result.bytes_written,
                          [vocab.summary(), *result.checks], spec.gguf_name, counts)
+
+
+# row blocks of about this many elements: a 150k x 900 embedding never sits in memory whole (or as f32)
+CHUNK_ELEMENTS = 4 << 20
+TORCH_FLOAT_TARGETS = {T.F32: torch.float32, T.F16: torch.float16}
+
+
+def _encode(block: torch.Tensor, t: PlannedTensor, importance: np.ndarray | None) -> np.ndarray:
+    """One row block of ``t`` in its GGUF type (float types cast in torch; the rest via quantize_array)."""
+    if t.qtype in TORCH_FLOAT_TARGETS:
+        return block.to(TORCH_FLOAT_TARGETS[t.qtype]).contiguous().numpy()
+    if t.qtype == T.BF16 and block.dtype == torch.bfloat16:
+        return block.contiguous().view(torch.int16).numpy().view(np.uint8)
+    return quantize_array(_to_numpy_f32(block), t.qtype, importance=importance, name=t.name)
 
 
 def _load_importance(imatrix: Any, shapes: dict[str, tuple[int, ...]]) -> dict | None:

@@ -51,6 +51,16 @@ class TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
 
+    @property
+    def supports_row_slices(self) -> bool:
+        """True when :meth:`load_rows` reads only the rows asked for (the converter then streams big tensors
+        in row blocks instead of loading them whole)."""
+        return False
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first axis) of one tensor; by default sliced from :meth:`load`."""
+        return self.load(name)[start:stop]
+
 
 def _read_header(path: Path) -> dict:
     """Parse a safetensors header, checking that every tensor's bytes lie inside the file."""
@@ -138,3 +148,21 @@ class SafetensorsSource(TensorSource):
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
+
+    @property
+    def supports_row_slices(self) -> bool:
+        # a subclass that changes load() (e.g. merges something in) must not be bypassed by load_rows()
+        return type(self).load is SafetensorsSource.load
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if not self.supports_row_slices:
+            return super().load_rows(name, start, stop)
+        from safetensors import SafetensorError, safe_open
+
+        path = self._file_of[name]
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_slice(name)[start:stop]
+        except (SafetensorError, OSError) as exc:
+            raise LlmforgeError(f"cannot read tensor {name!r} from {path} ({exc})",
+                                hint="re-download or re-save the checkpoint") from exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,9 +133,10 @@ class StreamingGGUFWriter:
         self._names.add(name)
         return planned
 
-    def write(self, target: str | Path, produce: Callable[[PlannedTensor], np.ndarray], *,
+    def write(self, target: str | Path, produce: Callable[[PlannedTensor], np.ndarray | Iterable[np.ndarray]], *,
               progress: bool = True) -> WriteResult:
-        """Write the file atomically; ``produce(t)`` returns t's data (float array or packed uint8 bytes)."""
+        """Write the file atomically; ``produce(t)`` returns t's data (float array or packed uint8 bytes),
+        or an iterable of consecutive row blocks of it (so a big tensor never has to be in memory whole)."""
         target = Path(target)
         with atomic_path(target) as tmp:
             for t in self.tensors:
@@ -148,20 +149,34 @@ class StreamingGGUFWriter:
             size = tmp.stat().st_size
         return WriteResult(target, len(self.tensors), size, checks)
 
-    def _write_all(self, tmp: Path, target: Path, produce: Callable[[PlannedTensor], np.ndarray],
+    def _write_all(self, tmp: Path, target: Path, produce: Callable[[PlannedTensor], np.ndarray | Iterable[np.ndarray]],
                    progress: bool) -> None:
         self.gguf.write_header_to_file(path=tmp)
         self.gguf.write_kv_data_to_file()
         self.gguf.write_ti_data_to_file()
         bar = Progress(len(self.tensors), f"writing {target.name}", progress)
+        fout = self.gguf.fout[0]
         for i, t in enumerate(self.tensors, 1):
-            data = np.ascontiguousarray(produce(t))
-            if data.nbytes != t.nbytes:
-                raise RuntimeError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes} "
+            produced = produce(t)
+            chunks = [produced] if isinstance(produced, np.ndarray) else produced
+            self.gguf.write_padding(fout, fout.tell())
+            written = 0
+            for chunk in chunks:
+                written += self._write_chunk(fout, chunk)
+            if written != t.nbytes:
+                raise RuntimeError(f"{t.name}: produced {written} bytes, planned {t.nbytes} "
                                    f"({t.qtype.name} {t.shape})")
-            self.gguf.write_tensor_data(data)
-            del data
+            self.gguf.write_padding(fout, written)
             bar.update(i, t.name)
+        self.gguf.tensors = [{}]  # all data written (GGUFWriter.close() checks nothing else)
+
+    @staticmethod
+    def _write_chunk(fout, chunk: np.ndarray) -> int:
+        chunk = np.ascontiguousarray(chunk)
+        if sys.byteorder != "little":
+            chunk = chunk.byteswap()
+        chunk.tofile(fout)
+        return chunk.nbytes
 
 
 def verify_gguf(path: Path, planned: list[PlannedTensor]) -> str:
