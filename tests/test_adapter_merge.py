@@ -189,3 +189,24 @@ def test_tied_gemma_with_lm_head_lora_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(LlmforgeError, match="tied"):
         convert_adapter(adapter_dir, tmp_path / "g.gguf", "f32")
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_streamed_q4_k_m_equals_merge_then_convert(tiny_model_dir, tmp_path):
+    """One pass (merge + K-quant per tensor) writes the same tensors as merging to f32 first and converting."""
+    from gguf import GGUFReader
+
+    from llmforge.export.convert import convert_model
+
+    base = tiny_model_dir("mistral")
+    adapter_dir, _ = make_adapter(base, tmp_path / "adapter", seed=17, r=8, lora_alpha=16,
+                                  target_modules=ALL_LINEAR)
+    one_pass = tmp_path / "one.gguf"
+    convert_adapter(adapter_dir, one_pass, "q4_k_m")
+    merge_to_hf(adapter_dir, tmp_path / "hf", dtype="f32", progress=False)
+    two_step = tmp_path / "two.gguf"
+    convert_model(tmp_path / "hf", two_step, "q4_k_m", progress=False)
+    a, b = GGUFReader(one_pass).tensors, GGUFReader(two_step).tensors
+    assert [(t.name, t.tensor_type) for t in a] == [(t.name, t.tensor_type) for t in b]
+    assert any(t.tensor_type.name == "Q4_K" for t in a)
+    for ta, tb in zip(a, b):
+        assert ta.data.tobytes() == tb.data.tobytes(), ta.name
