@@ -30,6 +30,7 @@ def test_dequantize_equals_bitsandbytes(shape, dtype):
     ours = dequantize_nf4(packed, state_from_tensors(stored))
     assert ours.dtype == dtype and ours.shape == w.shape
     assert torch.equal(ours, F.dequantize_4bit(packed, state))
+    assert torch.equal(dequantize_nf4(packed, state), ours)      # a live bitsandbytes QuantState works too
 
 
 def test_dequantize_ragged_equals_bitsandbytes_flat_layout():

@@ -119,14 +119,29 @@ def block_absmax(state: NF4State) -> torch.Tensor:
     return absmax + torch.tensor(nested.offset, dtype=torch.float32)
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+def from_bnb_quant_state(qs) -> NF4State:
+    """An :class:`NF4State` from a live ``bitsandbytes.functional.QuantState`` (e.g. ``Linear4bit.weight.quant_state``)."""
+    if getattr(qs, "quant_type", "nf4") != "nf4":
+        raise LlmforgeError(f"quant state is {qs.quant_type}, not nf4", hint="only NF4 4-bit weights are supported")
+    state = NF4State(shape=tuple(qs.shape), dtype=qs.dtype, absmax=qs.absmax, code=qs.code.float(),
+                     blocksize=int(qs.blocksize))
+    if getattr(qs, "nested", False):
+        state.nested = NestedAbsmax(scale=qs.state2.absmax.float(), code=qs.state2.code.float(),
+                                    offset=float(qs.offset), blocksize=int(qs.state2.blocksize))
+    return state
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rebuild a weight from NF4 storage, bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
 
     ``packed``: the stored ``weight`` tensor (uint8, two 4-bit codes per byte, high nibble first; any shape).
-    ``quant_state``: an :class:`NF4State` (see :func:`state_from_tensors` for reading a checkpoint).
+    ``quant_state``: an :class:`NF4State` (see :func:`state_from_tensors` for reading a checkpoint) or a
+    bitsandbytes ``QuantState``.
     Computes ``code[q] * absmax[block]`` in float32 and casts to ``dtype`` (default: the state's dtype, as
     bitsandbytes does). Returns a tensor of ``quant_state.shape``.
     """
+    if not isinstance(quant_state, NF4State):
+        quant_state = from_bnb_quant_state(quant_state)
     n = prod(quant_state.shape)
     data = packed.reshape(-1)
     if data.dtype != torch.uint8:
