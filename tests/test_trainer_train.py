@@ -103,3 +103,15 @@ def test_packing_fills_rows_without_losing_tokens() -> None:
     assert [len(r.input_ids) for r in packed] == [30, 30, 45]
     assert sum(len(r.labels) for r in packed) == 105
     assert packed[2].labels[:41] == rows[3].labels + [-100]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU fallback")
+def test_4bit_without_cuda_falls_back_with_a_note(base: Path, capsys) -> None:
+    import torch
+
+    from llmforge.trainer.load import load_model
+
+    model, tokenizer = load_model(base, load_in_4bit=True)
+    assert "4-bit loading needs CUDA" in capsys.readouterr().err
+    assert next(model.parameters()).dtype == torch.float32 and not getattr(model, "is_loaded_in_4bit", False)
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
