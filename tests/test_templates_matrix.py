@@ -87,8 +87,8 @@ def test_most_pairs_translate_without_fallback(reports):
         for k, v in report.counts.items():
             totals[k] += v
     good = totals["exact"] + totals["bos"] + totals["json"]
-    # The target is 95%; this guards the level reached so far against regressions.
-    assert good / sum(totals.values()) >= 0.90
+    # The target: at least 95% exact-or-normalised (Ollama's own library templates: 30%).
+    assert good / sum(totals.values()) >= 0.95
 
 
 def test_unparseable_fixture_is_reported_with_line_and_column():

@@ -49,10 +49,10 @@ def test_closest_family_by_turn_markers(marker, family):
 
 
 def test_untranslatable_template_falls_back_and_says_why():
-    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('x')[1] }}<|im_end|>\n"
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ (m.content | length) * 2 }}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     translation = translate_template(template, {})
     assert translation.fallback == "chatml"
-    assert "split" in translation.problems[0] and "line 2" in translation.problems[0]
+    assert "arithmetic (Mul)" in translation.problems[0] and "line 2" in translation.problems[0]
     with pytest.raises(LlmforgeError, match="cannot translate"):
         translate_template(template, {}, allow_fallback=False)

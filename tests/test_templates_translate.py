@@ -55,6 +55,10 @@ loop.previtem %}<{{ loop.previtem.role }}>{% endif %}{% endfor %}""",
 {{ k }}={{ fmt(x) }};{% endfor %}{% else %}{{ v }}{% endif %}{% endmacro %}{% macro call(c) %}call:{{ c.function.name }}
 ({{ fmt(c.function.arguments) }}){% endmacro %}{% for m in messages %}{% for c in m.tool_calls %}{{ call(c) | trim }}
 {% endfor %}{{ m.content }}{% endfor %}""",
+    # split on a literal, indexed and measured at run time; assignments in a loop stay in the loop
+    "split_parts_and_loop_scope": """{% for m in messages %}{% set parts = m.content.split('e') %}
+{% set out = parts[0] %}{% for i in range(1, parts | length) %}{% set out = out + '|' + parts[i] %}{{ out }};
+{% endfor %}[{{ out }}]{{ [parts | length, 2] | min }}{% endfor %}""",
     "indent_of_json": """{% for m in messages %}{% for c in m.tool_calls %}
 {{ c.function.arguments | tojson(indent=4) | indent(8) }}{% endfor %}{{ m.content }}{% endfor %}""",
     "conditional_expressions": """{% for m in messages %}{{ 'A' if m.role == 'assistant' else 'B' }}

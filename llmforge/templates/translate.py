@@ -313,8 +313,11 @@ class _Translator:
             text = "{{- if false }}{{ .Messages }}{{ end }}" + text
         return text
 
-    def declare_forced(self, body: list[nodes.Node], env: dict[str, Any], top: bool = False) -> None:
-        """Declare, at the start of a Jinja scope, the Go variables for names assigned in it."""
+    def declare_forced(self, body: list[nodes.Node], env: dict[str, Any], top: bool = False,
+                       shadow: bool = False) -> None:
+        """Declare, at the start of a Jinja scope, the Go variables for names assigned in it. In a loop body
+        (`shadow`, a Go range scope) a variable is declared again even when it already is one: Jinja starts
+        every iteration from the outer value and never lets the loop's assignments out."""
         for name in sorted(self.assigned_names(body)):
             if name in self.forced:
                 init = env.get(name)
@@ -322,7 +325,7 @@ class _Translator:
                     init = self.name_value(name, None)
                 expr = as_go(init, None) if isinstance(init, (Const, Rt)) else '""'
                 go = "$" + name
-                if isinstance(init, Rt) and init.expr == go:
+                if isinstance(init, Rt) and init.expr == go and not shadow:
                     continue
                 self.emit("{{ " + f"{go} := {expr}" + " }}")
                 defined = None
@@ -334,7 +337,17 @@ class _Translator:
                     defined = f"$def_{name}"
                     self.emit("{{ " + f"{defined} := {init.defined}" + " }}")
                     self.def_vars.add(name)
-                env[name] = Rt(go, self.forced[name], defined=defined)
+                env[name] = self.forced_value(name, defined)
+                if isinstance(init, Rt) and init.kind in ATTRS and init.kind != self.forced[name]:
+                    env[name] = Rt(go, init.kind, defined=defined)  # holds init's type until reassigned
+
+    def forced_value(self, name: str, defined: str | None) -> Rt:
+        """A Jinja variable held in a Go variable. A string split on a literal ("split:SEP") is held as the
+        string itself, split again wherever it is used."""
+        go, kind = "$" + name, self.forced[name]
+        if kind.startswith("split:"):
+            return Rt(go, "splitlist", (Rt(go, "str"), kind[len("split:"):]), defined=defined)
+        return Rt(go, kind, defined=defined)
 
     @staticmethod
     def builtin_names() -> set[str]:
@@ -607,7 +620,9 @@ class _Translator:
     def kind_of(values: list[Any]) -> str:
         kinds = set()
         for v in values:
-            if isinstance(v, Rt):
+            if isinstance(v, Rt) and v.kind == "splitlist" and len(v.parts) == 2:
+                kinds.add("split:" + v.parts[1])
+            elif isinstance(v, Rt):
                 kinds.add(v.kind)
             elif isinstance(v, Const):
                 if isinstance(v.value, bool):
@@ -663,12 +678,16 @@ class _Translator:
         if name in self.forced:
             self.emit("{{ " + f"${name} = {as_go(value, lineno)}" + " }}")
             defined = None
-            if name in self.def_vars:
+            current = self.env.get(name)
+            if name in self.def_vars and isinstance(current, Rt) and current.defined == f"$def_{name}":
                 defined = f"$def_{name}"
                 # the flag doubles as "holds a value": a none counts as absent (rarely tested with `is defined`)
                 present = not (isinstance(value, Const) and value.value in (None, UNDEFINED))
                 self.emit("{{ " + f"{defined} = {'true' if present else 'false'}" + " }}")
-            self.env[name] = Rt("$" + name, self.forced[name], defined=defined)
+            self.env[name] = self.forced_value(name, defined)
+            if isinstance(value, Rt) and value.kind in ATTRS and value.kind != self.forced[name]:
+                # until the next merge, the Go variable holds this value's type (a call, then its function)
+                self.env[name] = Rt("$" + name, value.kind, defined=defined)
             return
         if isinstance(value, Rt) and (" " in value.expr or "(" in value.expr):
             go = self.fresh(name.replace("_", "")[:12] or "v")
@@ -988,7 +1007,7 @@ class _Translator:
             self.env["loop"] = Const({})
             before_printed = self.printed
             self.printed = "maybe" if before_printed != "yes" else "yes"
-            self.declare_forced(node.body, self.env)
+            self.declare_forced(node.body, self.env, shadow=True)
             self.stmts(node.body)
             self.emit("{{ end }}")
             self.env, self.loops = saved_env, saved_loops
@@ -1011,7 +1030,7 @@ class _Translator:
             self.env["loop"] = self.loops[-1]
             before_printed = self.printed
             self.printed = "maybe" if before_printed != "yes" else "yes"
-            self.declare_forced(node.body, self.env)
+            self.declare_forced(node.body, self.env, shadow=True)
             self.stmts(node.body)
             self.emit("{{ end }}" + ("{{ end }}" if reverse else ""))
             self.env, self.loops = saved_env, saved_loops
@@ -1074,7 +1093,7 @@ class _Translator:
         self.current_loop_line = node.lineno
         before_printed = self.printed
         self.printed = "maybe" if before_printed != "yes" else "yes"
-        self.declare_forced(node.body, self.env)
+        self.declare_forced(node.body, self.env, shadow=True)
         if node.test is not None:
             test = self.truth(self.eval(node.test), node.lineno)
             if isinstance(test, Const):
@@ -1788,9 +1807,45 @@ class _Translator:
                 return Const(False)
             if haystack.kind == "str" and isinstance(needle.value, str):
                 return self.substring_test(haystack, needle.value)
+            if haystack.kind == "any" and isinstance(needle.value, str):
+                return self.untyped_contains(haystack, needle.value)
             if haystack.kind in ("arguments", "properties") and isinstance(needle.value, str):
                 raise Unsupported("`in` on a runtime mapping", lineno)
         raise Unsupported("`in` on runtime strings (substring test)", lineno)
+
+    def untyped_contains(self, haystack: Rt, needle: str) -> Rt:
+        """`needle in x` for an untyped JSON value: a substring of a string, a key of an object, an item of an
+        array (by its dynamic Go type)."""
+        found, t, k, v = self.fresh("found"), self.fresh("t"), self.fresh("k"), self.fresh("v")
+        x = wrap(haystack.expr)
+        saved, self.out = self.out, []
+        try:
+            inner = self.substring_test(Rt(x, "str"), needle)
+        finally:
+            scan, self.out = "".join(self.out), saved
+        lit = go_string(needle)
+        self.emit("{{ " + f"{found} := false" + " }}{{ " + f'{t} := printf "%T" {x}' + " }}{{ if "
+                  + f'eq {t} "string"' + " }}" + scan + "{{ " + f"{found} = {inner.expr}" + " }}{{ else if "
+                  + f'eq {t} "map[string]interface {{}}"' + " }}{{ range " + f"{k}, {v} := {x}" + " }}{{ if "
+                  + f"eq {k} {lit}" + " }}{{ " + f"{found} = true" + " }}{{ end }}{{ end }}{{ else if "
+                  + f'eq {t} "[]interface {{}}"' + " }}{{ range " + f"{v} := {x}" + " }}{{ if "
+                  + f'and (eq (printf "%T" {v}) "string") (eq (print {v}) {lit})' + " }}{{ " + f"{found} = true"
+                  + " }}{{ end }}{{ end }}{{ end }}")
+        return Rt(found, "bool")
+
+    def min_max(self, values: list[Any], name: str, lineno: int | None) -> Any:
+        """`[a, b, ...] | min` (or max) over ints, some known only at run time."""
+        if not all(isinstance(v, Rt) and v.kind == "int" or isinstance(v, Const) and type(v.value) is int
+                   for v in values):
+            raise Unsupported(f"{name} of a list literal holding runtime values", lineno)
+        if all(isinstance(v, Const) for v in values):
+            return Const((min if name == "min" else max)(v.value for v in values))
+        go = self.fresh(name)
+        self.emit("{{ " + f"{go} := {as_go(values[0], lineno)}" + " }}")
+        for v in values[1:]:
+            self.emit("{{ if " + f"{'lt' if name == 'min' else 'gt'} {wrap(as_go(v, lineno))} {go}" + " }}{{ "
+                      + f"{go} = {as_go(v, lineno)}" + " }}{{ end }}")
+        return Rt(go, "int")
 
     def known_name(self, expr: nodes.Filter | nodes.Test) -> None:
         """An unknown filter or test (jinja2 defers those in conditional blocks to render time) is the template's
@@ -1868,6 +1923,9 @@ class _Translator:
 
     def eval_Filter(self, expr: nodes.Filter) -> Any:
         self.known_name(expr)
+        if expr.name in ("min", "max") and isinstance(expr.node, nodes.List) and expr.node.items \
+                and not expr.args and not expr.kwargs:
+            return self.min_max([self.eval(item) for item in expr.node.items], expr.name, expr.lineno)
         value = self.eval(expr.node) if expr.node is not None else Const(UNDEFINED)
         args = [self.eval(a) for a in expr.args]
         kwargs = {k.key: self.eval(k.value) for k in expr.kwargs}
@@ -1921,6 +1979,8 @@ class _Translator:
             if kind != "str":
                 raise Unsupported(f"filter {name} on a {kind}", lineno)
             return self.trim(value, lineno) if name in ("trim", "strip") else value
+        if name in ("length", "count") and kind == "splitlist" and len(value.parts) == 2:
+            return self.split_scan(value.parts[0], value.parts[1], None)
         if name in ("length", "count"):
             if kind in ("str", "messages", "tools", "toolcalls", "strlist", "list", "arguments", "properties"):
                 return Rt(f"len {wrap(value.expr)}", "int")
@@ -2105,6 +2165,28 @@ class _Translator:
         cut = f"slice {s} ({int_plus(pos, n)})" if last else f"slice {s} 0 {pos}"
         self.emit("{{ " + f"{res} := {s}" + " }}{{ if ge " + pos + " 0 }}{{ " + f"{res} = {cut}" + " }}{{ end }}")
         return Rt(res, "str")
+
+    def split_scan(self, text: Rt, sep: str, index: str | None) -> Rt:
+        """`len(text.split(sep))` (index None) or `text.split(sep)[index]` for a runtime index >= 0: scan byte
+        offsets for non-overlapping separators, as Python's split finds them."""
+        s, k, p, start, nxt = (self.fresh(x) for x in ("s", "k", "p", "start", "next"))
+        part, found = self.fresh("part"), self.fresh("found")
+        n = str(len(sep.encode()))
+        end = int_plus(k, n)
+        take = "" if index is None else ("{{ if " + f"and (not {found}) (eq {p} {wrap(index)})" + " }}{{ "
+                                         + f"{part} = slice {s} {start} {k}" + " }}{{ " + f"{found} = true"
+                                         + " }}{{ end }}")
+        self.emit("{{ " + f"{s} := {text.expr}" + " }}{{ " + f"{p} := 0" + " }}{{ " + f"{start} := 0" + " }}{{ "
+                  + f"{nxt} := 0" + " }}{{ " + f'{part} := ""' + " }}{{ " + f"{found} := false" + " }}{{ range "
+                  + f"{k} := len {s}" + " }}{{ if " + f"and (ge {k} {nxt}) (le ({end}) (len {s})) "
+                  + f"(eq (slice {s} {k} ({end})) {go_string(sep)})" + " }}" + take + "{{ "
+                  + f"{p} = {int_plus(p, '1')}" + " }}{{ " + f"{start} = {end}" + " }}{{ " + f"{nxt} = {end}"
+                  + " }}{{ end }}{{ end }}")
+        if index is None:
+            return Rt(int_plus(p, "1"), "int")
+        self.emit("{{ if " + f"and (not {found}) (eq {p} {wrap(index)})" + " }}{{ " + f"{part} = slice {s} {start}"
+                  + " }}{{ end }}")
+        return Rt(part, "str")
 
     def replace_scan(self, text: Rt, old: str, new: Any) -> Rt:
         """`text.replace(old, new)`, left to right without overlaps, by scanning byte offsets."""
@@ -2320,6 +2402,9 @@ def _patch_splitlist() -> None:
                 if len(base.parts) == 1:
                     return base.parts[0]  # split on a think tag: content never holds one in Ollama
                 return self.split_part(base.parts[0], base.parts[1], key.value == -1)
+            if len(base.parts) == 2 and (isinstance(key, Rt) and key.kind == "int"
+                                         or isinstance(key, Const) and isinstance(key.value, int) and key.value > 0):
+                return self.split_scan(base.parts[0], base.parts[1], as_go(key, expr.lineno))
             raise Unsupported("indexing a split string", expr.lineno)
         return original(self, expr)
 
