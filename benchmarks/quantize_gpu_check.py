@@ -112,16 +112,21 @@ def main() -> int:
 
     failures = 0
     print(f"\nbit-exactness, {rows}x{cols} per distribution ({rows * cols // 256} super-blocks):")
-    print(f"{'type':6} {'weights':8} {'distribution':14} {'cuda!=numpy':>12} {'numpy!=llama.cpp':>17}")
+    print(f"{'type':6} {'weights':8} {'distribution':14} {'cuda!=numpy':>12} {'numpy!=llama.cpp':>17}"
+          f" {'cumsum-mode!=numpy':>19}")
+    cumsum_bad = 0
     for qtype in K_TYPES:
         for imp in (None, importance):
             for name, x in data.items():
                 got = quantize_k_torch(x, qtype, imp, device=dev)
                 ref = quantize_k(x, qtype, imp)
                 diff = bad_blocks(got, ref, qtype)
+                cdiff = bad_blocks(quantize_k_torch(x, qtype, imp, device=dev, cumsum=True), ref, qtype)
+                cumsum_bad += cdiff
                 c_diff = "-" if lib is None else str(bad_blocks(ggml_quantize(lib, x, qtype, imp, 4), ref, qtype))
                 failures += diff + (0 if c_diff == "-" else int(c_diff))
-                print(f"{qtype.name:6} {'imatrix' if imp is not None else 'none':8} {name:14} {diff:>12} {c_diff:>17}")
+                print(f"{qtype.name:6} {'imatrix' if imp is not None else 'none':8} {name:14} {diff:>12} {c_diff:>17}"
+                      f" {cdiff:>19}")
 
     def sync() -> None:
         if dev == "cuda":
@@ -139,7 +144,11 @@ def main() -> int:
         gpu = quantize_k_torch(big, qtype, device=dev)
         sync()
         t_gpu = time.perf_counter() - t0
-        line = f"{qtype.name}: llmforge CUDA {mb / t_gpu:8.1f} MB/s"
+        t0 = time.perf_counter()
+        quantize_k_torch(big, qtype, device=dev, cumsum=True)
+        sync()
+        t_cum = time.perf_counter() - t0
+        line = f"{qtype.name}: llmforge CUDA {mb / t_gpu:8.1f} MB/s (cumsum mode {mb / t_cum:8.1f})"
         if lib is not None:
             t0 = time.perf_counter()
             ref = ggml_quantize(lib, big, qtype, None, threads)
@@ -149,7 +158,8 @@ def main() -> int:
             line += (f" | llama.cpp {threads} threads {mb / t_c:8.1f} MB/s | ratio {t_c / t_gpu:5.2f}x"
                      f" | differing blocks {same}")
         print(line, flush=True)
-    print("\nRESULT:", "all bytes identical" if failures == 0 else f"{failures} differing blocks")
+    print(f"\ncumsum mode (not the default): {cumsum_bad} differing blocks")
+    print("RESULT:", "all bytes identical" if failures == 0 else f"{failures} differing blocks")
     return 0 if failures == 0 else 1
 
 

@@ -122,12 +122,7 @@ class NumpyOps:
 
 def _seq_sum(ops: Any, terms: Any) -> Any:
     """C's ``s = 0; for i: s += t[i]`` over axis 0, strictly left to right."""
-    if hasattr(ops, "seq_sum"):
-        return ops.seq_sum(terms)
-    acc = ops.zeros(tuple(terms.shape[1:]))
-    for i in range(terms.shape[0]):
-        acc = acc + terms[i]
-    return acc
+    return ops.seq_sum(terms)
 
 
 def _first_max(ops: Any, values: Any, key: Any) -> tuple[Any, Any]:

@@ -28,8 +28,12 @@ _MAGIC = 12582912.0
 class TorchOps:
     """The quantizer core's array operations on float32/int32 torch tensors of one device."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, cumsum: bool = False):
         self.device = torch.device(device)
+        # cumsum=True: sequential sums as one ``cumsum`` over the outer dim (CUDA scans an outer dim column
+        # by column, in float32). Off by default until benchmarks/quantize_gpu_check.py shows it exact.
+        # (CPU torch accumulates float cumsum in double: never on CPU.)
+        self.use_cumsum = cumsum and self.device.type == "cuda"
         self._magic = torch.tensor(_MAGIC, dtype=torch.float32, device=self.device)
         self._consts: dict[float, torch.Tensor] = {}
 
@@ -52,6 +56,14 @@ class TorchOps:
         if self.device.type != "cpu":   # x86 CPUs already make llama.cpp's default NaN, which maps to 0
             out = torch.where(torch.isnan(f), torch.zeros_like(out), out)
         return out
+
+    def seq_sum(self, terms: torch.Tensor) -> torch.Tensor:
+        if self.use_cumsum:
+            return torch.cumsum(terms, dim=0)[-1]
+        acc = torch.zeros(terms.shape[1:], dtype=torch.float32, device=self.device)
+        for i in range(terms.shape[0]):
+            acc = acc + terms[i]
+        return acc
 
     def where(self, cond: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
         return torch.where(cond, a, b)
@@ -114,7 +126,8 @@ def default_device() -> str:
 
 
 def quantize_k_torch(data: np.ndarray | torch.Tensor, qtype: T, importance: np.ndarray | None = None,
-                     device: str | torch.device | None = None, chunk_blocks: int | None = None) -> np.ndarray:
+                     device: str | torch.device | None = None, chunk_blocks: int | None = None,
+                     cumsum: bool = False) -> np.ndarray:
     """Same contract and bytes as :func:`llmforge.quant.kquants.quantize_k`, computed with torch.
 
     ``device`` defaults to CUDA when present. CPU torch uses its intra-op threads (``torch.set_num_threads``).
@@ -125,7 +138,7 @@ def quantize_k_torch(data: np.ndarray | torch.Tensor, qtype: T, importance: np.n
     data, importance = _check(data, qtype, importance)
     blocks = data.reshape(-1, QK_K)
     weights = _block_weights(importance, data.shape)
-    ops = TorchOps(dev)
+    ops = TorchOps(dev, cumsum=cumsum)
     chunk = chunk_blocks or (262144 if dev.type == "cuda" else 8192)
     out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
     with torch.no_grad():
