@@ -9,9 +9,9 @@ start of their Jinja scope, ``$x = ...`` where Jinja assigns them); the translat
 translating once, noticing the change, and translating again.
 
 Assumptions that come from Ollama's data model, not from the template (each is recorded in ``notes``):
-message content is a plain string without ``<think>`` tags (Ollama separates thinking into ``.Thinking``),
-content has no leading/trailing whitespace (``trim`` on content is the identity), tool-call arguments are
-objects. Anything else Go cannot express raises :class:`Unsupported` naming the construct and its line; the
+message content is a plain string without thinking delimiters (``<think>``, Gemma 4's channel markers: Ollama
+separates thinking into ``.Thinking``), content has no leading/trailing whitespace (``trim`` on content is the
+identity), tool-call arguments are objects. Anything else Go cannot express raises :class:`Unsupported` naming the construct and its line; the
 caller then falls back to a named family template.
 """
 
