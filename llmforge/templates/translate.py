@@ -435,7 +435,8 @@ class _Translator:
                 and isinstance(expr.node, nodes.Call) and isinstance(expr.node.node, nodes.Name)
                 and isinstance(self.env.get(expr.node.node.name), Macro) and not self.capture_vars):
             return False
-        saved_out, saved_printed = self.out, self.printed
+        saved_out, saved_printed, saved_env = self.out, self.printed, self.env
+        saved_active, saved_jobs, saved_defines = list(self.macros_active), list(self.define_jobs), dict(self.defines)
         self.out = []
         try:
             self.inline_macro(self.env[expr.node.node.name], expr.node)
@@ -446,7 +447,8 @@ class _Translator:
             body, self.out = self.out, saved_out
         literal = [p for p in (pieces[:1] + pieces[-1:]) if not p.startswith("{{")]
         if len(pieces) < 2 or len(literal) < 2 or pieces[0][0].isspace() or pieces[-1][-1].isspace():
-            self.printed = saved_printed
+            self.printed, self.env, self.macros_active = saved_printed, saved_env, saved_active
+            self.define_jobs, self.defines = saved_jobs, saved_defines
             return False
         self.out.extend(body)
         return True
