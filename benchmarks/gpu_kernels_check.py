@@ -35,7 +35,6 @@ from llmforge.kernels import activations, cross_entropy, fast_lora, nf4, rmsnorm
 ROWS: list[dict] = []
 KERNEL_TOL = 2e-2   # relative L2 error of a bf16 kernel vs the float32 reference
 STEP_LOSS_TOL = 2e-2  # absolute, on a loss of about 12
-STEP_GRAD_TOL = 5e-2  # relative L2 over all LoRA gradients together
 
 # name -> (hidden, ffn, layers, heads, kv heads, vocab, tied)
 SHAPES = {"1b": (2048, 8192, 16, 32, 8, 128256, True), "8b": (4096, 14336, 32, 32, 8, 128256, False),
@@ -344,7 +343,8 @@ def check_step(size: str, device: torch.device, seq: int, batch: int) -> None:
            f"fp32 {loss_32:.5f}, HF bf16 {loss_ref:.5f}, patched {loss_new:.5f}")
     record(group, "LoRA grads rel L2 vs fp32 ref", err, 2.0 * floor,
            f"tol = 2 x HF bf16's own error ({floor:.3g}); {len(grads_ref)} tensors, {n_q} NF4 linears")
-    record(group, "LoRA grads rel L2 vs HF bf16", rel_all(grads_new, grads_ref), STEP_GRAD_TOL * 2,
+    # two bf16 evaluations, each within `floor`-ish of the float32 one, can differ by up to about twice that
+    record(group, "LoRA grads rel L2 vs HF bf16", rel_all(grads_new, grads_ref), 2.0 * floor,
            f"median/worst tensor {per_tensor[len(per_tensor) // 2][0]:.3g}/{per_tensor[-1][0]:.3g} ({short})")
     record(group, "zero grads after patch", float(len(zero_new)), 0.0, ", ".join(zero_new[:3]))
     ROWS.append({"group": group, "check": "step time / peak / host syncs", "error": 0.0, "tol": 0.0, "ok": True,
