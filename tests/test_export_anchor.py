@@ -19,8 +19,10 @@ from oracles import llama_cpp_logits, rel_error, sample_ids
 
 SDIST = Path.home() / ".cache" / "llmforge" / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
 MEMBERS = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
-# gemma2: llama.cpp's converter requires tokenizer.model, which the Gemma fixture (a tokenizer.json) lacks
-ANCHOR_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+# gemma2: llama.cpp's converter requires tokenizer.model, which the Gemma fixture (a tokenizer.json) lacks.
+# gemma3: it accepts the fixture as a gpt2 BPE vocabulary (its chktxt hash collides with another model's);
+# the vocabulary differs from ours but the logits for the same ids must not.
+ANCHOR_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
 
 
 def find_sdist() -> Path | None:
