@@ -137,3 +137,18 @@ def test_disk_full_while_writing(good_model, tmp_path, capsys, monkeypatch):
 def test_unknown_quant(good_model, tmp_path, capsys):
     line = run_convert(capsys, good_model, tmp_path / "out.gguf", "--quant", "q9_9")
     assert "unknown quant type" in line
+
+
+@pytest.mark.parametrize("quant", ["f16", "f32"])
+def test_nan_weights_are_refused_with_the_tensor_name(good_model, tmp_path, capsys, quant):
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(good_model, tmp_path / "m", skip=("model.safetensors",))
+    tensors = load_file(str(good_model / "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SystemExit):
+        main(["convert", str(model), "--quant", quant, "-o", str(tmp_path / "out.gguf")])
+    err = capsys.readouterr().err
+    assert "error: tensor 'blk.1.ffn_down.weight' holds 1 NaN/Inf value(s)" in err, err
+    assert not (tmp_path / "out.gguf").exists()

@@ -22,7 +22,7 @@ from gguf import GGUFValueType, Keys
 
 from ..atomic import check_output_dir
 from ..errors import LlmforgeError
-from ..quant.api import TensorContext, choose_tensor_type, quantize_array, resolve_ftype
+from ..quant.api import TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_ftype
 from .registry import ArchSpec, HParams, find_arch, metadata
 from .source import SafetensorsSource, TensorSource
 from .tokenizer import add_vocab_to_gguf, load_vocab
@@ -192,6 +192,8 @@ TORCH_FLOAT_TARGETS = {T.F32: torch.float32, T.F16: torch.float16}
 
 def _encode(block: torch.Tensor, t: PlannedTensor, importance: np.ndarray | None) -> np.ndarray:
     """One row block of ``t`` in its GGUF type (float types cast in torch; the rest via quantize_array)."""
+    if block.is_floating_point() and not bool(torch.isfinite(block).all()):
+        check_finite(_to_numpy_f32(block), t.name)  # raises with the tensor's name and the count
     if t.qtype in TORCH_FLOAT_TARGETS:
         return block.to(TORCH_FLOAT_TARGETS[t.qtype]).contiguous().numpy()
     if t.qtype == T.BF16 and block.dtype == torch.bfloat16:
