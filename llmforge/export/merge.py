@@ -155,6 +155,26 @@ class MergedSource(TensorSource):
             return self.adapter.load(embed_key) if embed_key else self.inner.load(self._embed)
         return self.inner.load(name)
 
+    @property
+    def supports_row_slices(self) -> bool:
+        return self.inner.supports_row_slices
+
+    def _passes_through(self, name: str) -> bool:
+        """True when the adapter leaves ``name`` untouched, so its rows can stream straight from the base."""
+        return (name not in self.adapter.modules and name not in self._lora_bias
+                and name not in self.adapter.whole_tensors and not (self.untie and name == LM_HEAD))
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Row blocks: untouched tensors (often the large embedding) stream from the base; a merged tensor is
+        merged once and kept while the exporter walks its rows (one tensor, as with :meth:`load`)."""
+        if self._passes_through(name):
+            return self.inner.load_rows(name, start, stop)
+        cached = getattr(self, "_row_cache", None)
+        if cached is None or cached[0] != name:
+            self._row_cache = None  # drop the previous tensor before merging the next
+            self._row_cache = (name, self.load(name))
+        return self._row_cache[1][start:stop]
+
     def load(self, name: str) -> torch.Tensor:
         tensor = self._base_tensor(name)
         module = self.adapter.modules.get(name)
