@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..atomic import atomic_dir, atomic_path
 from ..errors import LlmforgeError
@@ -82,13 +81,17 @@ def batches(rows: list[Encoded], batch_size: int, seed: int, start_epoch: int = 
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy over trainable positions, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Summed next-token cross entropy over trainable positions, and their count.
+
+    The loss comes from the model itself (``labels=`` with ``num_items_in_batch=1``, i.e. a plain sum), so a
+    model patched by ``llmforge.kernels`` uses its fused linear + cross-entropy and full-vocabulary float32
+    logits never exist; unpatched models compute the same summed loss from their logits.
+    """
     targets = batch["labels"][:, 1:]
     count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, count
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                num_items_in_batch=1)
+    return out.loss, count
 
 
 def total_steps(n_rows: int, config: TrainConfig) -> int:
