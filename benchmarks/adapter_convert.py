@@ -6,7 +6,7 @@ llmforge: ``llmforge convert adapter/ -q q4_k_m`` (streaming merge + native K-qu
 
 Model: Qwen2-0.5B shape (hidden 896, 24 layers, ffn 4864, 14/2 heads, vocab 151,936, tied), random bf16
 weights on the qwen2 fixture tokenizer; adapter: rank 16, alpha 16, all 7 linear projections, random factors.
-Every step runs in its own process; peak RSS is polled (psutil, 20 ms) over the process tree.
+Every step runs in its own process; peak memory (PSS, summed) is polled (psutil, 20 ms) over the process tree.
 
 Usage: .venv/bin/python benchmarks/adapter_convert.py [--workdir DIR] [--small] [--threads N]
 """
@@ -74,14 +74,18 @@ QUANTIZE = textwrap.dedent("""
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS in bytes over the process and its children)."""
+    """Run ``cmd``; return (wall seconds, peak memory in bytes over the process and its children).
+
+    Memory is the sum of PSS (proportional set size): forked worker processes share their parent's pages,
+    and summing their RSS would count those pages once per worker. For a single process PSS ~ RSS.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            rss = sum(p.memory_full_info().pss for p in (ps, *ps.children(recursive=True)))
             peak = max(peak, rss)
         except psutil.Error:
             pass
