@@ -10,7 +10,6 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from llmforge.quant.kquants import BLOCK_BYTES
 
 
 @cache
@@ -29,17 +28,7 @@ def ggml_base() -> ctypes.CDLL:
 
 def ggml_quantize(data: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
     """llama.cpp's ``quantize_<type>(src, dst, nrow, n_per_row, quant_weights)`` on (rows, cols) float32."""
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    rows, cols = data.shape
-    out = np.zeros((rows, cols // 256 * BLOCK_BYTES[qtype]), dtype=np.uint8)
-    fn = getattr(ggml_base(), f"quantize_{qtype.name.replace('_K', '_K')[:2].lower()}_K")
-    fp = ctypes.POINTER(ctypes.c_float)
-    qw = None
-    if importance is not None:
-        importance = np.ascontiguousarray(importance, dtype=np.float32)
-        qw = importance.ctypes.data_as(fp)
-    fn(data.ctypes.data_as(fp), out.ctypes.data, rows, cols, qw)
-    return out
+    return ggml_quantize_any(data, qtype, importance)
 
 
 def ggml_quantize_any(data: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
@@ -64,13 +53,15 @@ def ggml_quantize_any(data: np.ndarray, qtype: T, importance: np.ndarray | None 
 
 
 def llama_quantize_file(src: Path, dst: Path, file_type: int, importance: dict[str, np.ndarray] | None = None,
-                        nthread: int = 2) -> None:
-    """``llama_model_quantize`` (llama-quantize's library entry) with optional importance data."""
+                        nthread: int = 2, pure: bool = False) -> None:
+    """``llama_model_quantize`` (llama-quantize's library entry) with optional importance data;
+    ``pure``: every quantizable tensor gets the ftype's base type (llama-quantize ``--pure``)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = int(file_type)
+    params.pure = pure
     keep = []
     if importance:
         entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()

@@ -7,7 +7,6 @@ tensor gets the ftype's K type, importance passed as llama-quantize passes an im
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import gguf
@@ -23,7 +22,7 @@ from llmforge.quant import kquants
 from llmforge.quant.kquants import BLOCK_BYTES, K_TYPES, quantize_k
 from llmforge.quant.kquants_torch import quantize_k_torch
 from llmforge.quant.legacy_weighted import quantize_legacy_weighted
-from quant_oracle import gguf_tensors, ggml_quantize, ggml_quantize_any
+from quant_oracle import gguf_tensors, ggml_quantize, ggml_quantize_any, llama_quantize_file
 
 COLS = 1024
 
@@ -85,34 +84,13 @@ def random_gguf(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     return path, tensors
 
 
-def llama_quantize_pure(src: Path, dst: Path, ftype: F, importance: dict[str, np.ndarray] | None) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = 2
-    params.ftype = int(ftype)
-    params.pure = True
-    keep = []
-    if importance:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
-        for i, (name, values) in enumerate(importance.items()):
-            arr = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append(arr)
-            entries[i].name = name.encode()
-            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = arr.size
-        entries[len(importance)].name = None
-        params.imatrix = entries
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-
-
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_k_types_match_llama_model_quantize(random_gguf, tmp_path, qtype, weighted):
     src, tensors = random_gguf
     importance = {name: importance_for(seed=i) for i, name in enumerate(tensors)} if weighted else None
     dst = tmp_path / "ref.gguf"
-    llama_quantize_pure(src, dst, FTYPE_OF[qtype], importance)
+    llama_quantize_file(src, dst, FTYPE_OF[qtype], importance, pure=True)
     ref = gguf_tensors(dst)
     labels = list(distributions())
     for i, (name, x) in enumerate(tensors.items()):
