@@ -113,6 +113,9 @@ class NumpyOps:
     def any(self, a: np.ndarray) -> bool:
         return bool(a.any())
 
+    def nonzero(self, a: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(a)
+
     def to_numpy(self, a: np.ndarray, dtype: Any) -> np.ndarray:
         return np.asarray(a).astype(dtype)
 
@@ -160,8 +163,8 @@ def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: flo
     fnmax = f32(nmax)
     iscale = ops.const(fnmax) / (mx - mn)
     scale = one / iscale
-    L = ops.clip(ops.nearest_int(iscale * (x - mn)), 0, nmax)
-    best = error(scale, ops.fl(L), mn)
+    best_iscale, best_mn = iscale, mn
+    best = error(scale, ops.fl(ops.clip(ops.nearest_int(iscale * (x - mn)), 0, nmax)), mn)
     for step in range(nstep + 1):
         factor = f32(rmin) + f32(rdelta) * f32(step) + fnmax
         iscale = ops.const(factor) / (mx - mn)
@@ -179,10 +182,13 @@ def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: flo
         this_scale = ops.where(clamp, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, lf, this_min)
         better = (D > zero) & (cur < best) & ~flat
-        L = ops.put(L, better, laux)
+        best_iscale = ops.where(better, iscale, best_iscale)
+        best_mn = ops.where(better, mn, best_mn)
         best = ops.where(better, cur, best)
         scale = ops.where(better, this_scale, scale)
         mn = ops.where(better, this_min, mn)
+    # the winning step's levels, recomputed from its iscale and the min it used (same values)
+    L = ops.clip(ops.nearest_int(best_iscale * (x - best_mn)), 0, nmax)
     scale = ops.where(flat, zero, scale)
     L = ops.where(flat, 0, L)
     return scale, -mn, L
@@ -206,20 +212,23 @@ def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, An
         lf = ops.fl(l)
         return l, _seq_sum(ops, wx * lf), _seq_sum(ops, (w * lf) * lf)
 
-    l, sumlx, suml2 = fit(ops.const(f32(-nmax)) / vmax)
-    L = l + nmax
+    best_iscale = ops.const(f32(-nmax)) / vmax
+    _, sumlx, suml2 = fit(best_iscale)
     scale = ops.where(suml2 != zero, sumlx / suml2, zero)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         factor = -(f32(nmax) + f32(0.1) * f32(step))
-        l, sumlx, suml2 = fit(ops.const(factor) / vmax)
+        iscale = ops.const(factor) / vmax
+        _, sumlx, suml2 = fit(iscale)
         take = (suml2 > zero) & (sumlx * sumlx > best * suml2)
         new_scale = sumlx / suml2
-        L = ops.where(take, l + nmax, L)
+        best_iscale = ops.where(take, iscale, best_iscale)
         scale = ops.where(take, new_scale, scale)
         best = ops.where(take, new_scale * sumlx, best)
+    # the winning step's levels, recomputed from its iscale with the same operations (same values)
+    L = ops.clip(ops.nearest_int(best_iscale * x), -nmax, nmax - 1) + nmax
     return ops.where(allzero, zero, scale), ops.where(allzero, 0, L)
 
 
@@ -234,26 +243,38 @@ def _fit_q3(ops: Any, x: Any, nmax: int) -> tuple[Any, Any]:
     lf = ops.fl(L)
     sumlx = _seq_sum(ops, wx * lf)
     suml2 = _seq_sum(ops, (w * lf) * lf)
-    # A pass that changes nothing leaves the state as it was, so running all 5 passes on every
-    # sub-block equals C's per-sub-block early exit.
+    # C leaves a sub-block's loop after a pass that changes nothing, and such a pass would change
+    # nothing again; so each pass runs only over the sub-blocks the previous pass changed (gathered).
+    idx = None
     for _ in range(5):
-        changed = False
-        for i in range(x.shape[0]):
-            li = ops.fl(L[i])
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - (w[i] * li) * li
-            new_l = ops.clip(ops.nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1)
+        if idx is None:
+            xa, wa, wxa, La, slxa, sl2a, aza = x, w, wx, L, sumlx, suml2, allzero
+        else:
+            xa, wa, wxa, La = x[:, idx], w[:, idx], wx[:, idx], L[:, idx]
+            slxa, sl2a, aza = sumlx[idx], suml2[idx], allzero[idx]
+        changed = None
+        for i in range(xa.shape[0]):
+            li = ops.fl(La[i])
+            slx = slxa - wxa[i] * li
+            sl2 = sl2a - (wa[i] * li) * li
+            new_l = ops.clip(ops.nearest_int((xa[i] * sl2) / slx), -nmax, nmax - 1)
             nl = ops.fl(new_l)
-            slx_new = slx + wx[i] * nl
-            sl2_new = sl2 + (w[i] * nl) * nl
-            accept = ((slx > zero) & (new_l != L[i]) & (sl2_new > zero)
-                      & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new) & ~allzero)
+            slx_new = slx + wxa[i] * nl
+            sl2_new = sl2 + (wa[i] * nl) * nl
+            accept = ((slx > zero) & (new_l != La[i]) & (sl2_new > zero)
+                      & ((slx_new * slx_new) * sl2a > (slxa * slxa) * sl2_new) & ~aza)
+            changed = accept if changed is None else changed | accept
             if ops.any(accept):
-                changed = True
-                L[i] = ops.where(accept, new_l, L[i])
-                sumlx = ops.where(accept, slx_new, sumlx)
-                suml2 = ops.where(accept, sl2_new, suml2)
-        if not changed:
+                La[i] = ops.where(accept, new_l, La[i])
+                slxa = ops.where(accept, slx_new, slxa)
+                sl2a = ops.where(accept, sl2_new, sl2a)
+        if idx is None:
+            L, sumlx, suml2 = La, slxa, sl2a
+            idx = ops.nonzero(changed)
+        else:
+            L[:, idx], sumlx[idx], suml2[idx] = La, slxa, sl2a
+            idx = idx[changed]
+        if idx.shape[0] == 0:
             break
     scale = ops.where(suml2 > zero, sumlx / suml2, zero)
     return ops.where(allzero, zero, scale), ops.where(allzero, 0, L + nmax)

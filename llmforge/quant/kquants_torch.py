@@ -108,6 +108,9 @@ class TorchOps:
     def any(self, a: torch.Tensor) -> bool:
         return bool(a.any())
 
+    def nonzero(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(a).reshape(-1)
+
     def to_numpy(self, a: torch.Tensor, dtype: Any) -> np.ndarray:
         if np.dtype(dtype) == np.uint8:
             a = a.to(torch.uint8)  # callers pass values already in 0..255: 4x less to copy back
