@@ -57,8 +57,10 @@ class NumpyOps:
         return np.ascontiguousarray(a.T)
 
     def nearest_int(self, f: np.ndarray) -> np.ndarray:
+        """Consumes ``f``: every caller passes a fresh temporary, so the work is done in its buffer."""
         # numpy on x86 makes the same default NaN (0xFFC00000) as llama.cpp's x86 build: no NaN mapping needed
-        bits = np.add(f, np.float32(_MAGIC)).view(np.int32)
+        np.add(f, np.float32(_MAGIC), out=f)
+        bits = f.view(np.int32)
         bits &= 0x7FFFFF
         bits -= 0x400000
         return bits
@@ -77,7 +79,9 @@ class NumpyOps:
         return np.sqrt(a)  # float32 sqrt is correctly rounded in numpy
 
     def clip(self, a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        return np.clip(a, np.int32(lo), np.int32(hi))
+        """In place in ``a`` (callers pass fresh integer temporaries); exact for integers."""
+        np.maximum(a, np.int32(lo), out=a)
+        return np.minimum(a, np.int32(hi), out=a)
 
     def put(self, dst: np.ndarray, cond: np.ndarray, src: np.ndarray) -> np.ndarray:
         """``where(cond, src, dst)``, in place in ``dst`` (which the caller owns)."""
@@ -156,9 +160,15 @@ def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: flo
     flat = mx == mn
 
     def error(scale: Any, lf: Any, the_min: Any) -> Any:
-        diff = scale * lf + the_min - x
-        diff = ops.abs(diff) if use_mad else diff * diff
-        return _seq_sum(ops, w * diff)
+        diff = scale * lf          # then in place: the same roundings in the same order, fewer temporaries
+        diff += the_min
+        diff -= x
+        if use_mad:
+            diff = ops.abs(diff)
+        else:
+            diff *= diff
+        diff *= w
+        return _seq_sum(ops, diff)
 
     fnmax = f32(nmax)
     iscale = ops.const(fnmax) / (mx - mn)
@@ -173,7 +183,8 @@ def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: flo
         wl = w * lf
         sum_l = _seq_sum(ops, wl)
         sum_l2 = _seq_sum(ops, wl * lf)
-        sum_xl = _seq_sum(ops, wl * x)
+        wl *= x
+        sum_xl = _seq_sum(ops, wl)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -623,6 +634,9 @@ def quantize_blocks(ops: Any, qtype: T, blocks: Any, qw: Any | None = None) -> n
 
 _NUMPY = NumpyOps()
 CHUNK_BLOCKS = 512
+# Q3_K's refinement passes run many small ops over few sub-blocks: larger chunks amortise the per-op cost
+# (measured 1-core: 1024 blocks 15% faster than 512 for Q3_K, slower for the other types)
+_CHUNK_SCALE: dict[T, int] = {T.Q3_K: 2}
 _MALLOC_TUNED = False
 
 
@@ -672,6 +686,7 @@ def _block_weights(importance: np.ndarray | None, data_shape: tuple[int, ...]) -
 def _quantize_range(qtype: T, blocks: np.ndarray, weights: np.ndarray | None, chunk: int) -> np.ndarray:
     """Quantize a run of super-blocks ``chunk`` at a time (runs in a worker process or inline)."""
     out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
+    chunk *= _CHUNK_SCALE.get(qtype, 1)
     with np.errstate(all="ignore"):
         for start in range(0, blocks.shape[0], chunk):
             stop = min(start + chunk, blocks.shape[0])
