@@ -91,6 +91,12 @@ class NumpyOps:
     def imin(self, a: np.ndarray, hi: int) -> np.ndarray:
         return np.minimum(a, np.int32(hi))
 
+    def round_clip(self, f: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Round half to even, then clip, as float32, in place in the temporary ``f``."""
+        np.rint(f, out=f)
+        np.maximum(f, np.float32(lo), out=f)
+        return np.minimum(f, np.float32(hi), out=f)
+
     def fl(self, a: np.ndarray) -> np.ndarray:
         return a.astype(np.float32)
 
@@ -218,13 +224,16 @@ def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, An
     w = qw if qw is not None else x * x
     wx = w * x
 
-    def fit(iscale: Any) -> tuple[Any, Any, Any]:
-        l = ops.clip(ops.nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = ops.fl(l)
-        return l, _seq_sum(ops, wx * lf), _seq_sum(ops, (w * lf) * lf)
+    def fit(iscale: Any) -> tuple[Any, Any]:
+        # |iscale * x| <= ~nmax + 1 wherever the sub-block is not all zero (|x| <= |vmax|), so
+        # nearest_int equals round-half-even there and the levels can stay float (same values; a
+        # +-0 level adds nothing different to sums that start at +0). All-zero sub-blocks are
+        # overwritten at the end, whatever their sums.
+        lf = ops.round_clip(iscale * x, -nmax, nmax - 1)
+        return _seq_sum(ops, wx * lf), _seq_sum(ops, (w * lf) * lf)
 
     best_iscale = ops.const(f32(-nmax)) / vmax
-    _, sumlx, suml2 = fit(best_iscale)
+    sumlx, suml2 = fit(best_iscale)
     scale = ops.where(suml2 != zero, sumlx / suml2, zero)
     best = scale * sumlx
     for step in range(-9, 10):
@@ -232,7 +241,7 @@ def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, An
             continue
         factor = -(f32(nmax) + f32(0.1) * f32(step))
         iscale = ops.const(factor) / vmax
-        _, sumlx, suml2 = fit(iscale)
+        sumlx, suml2 = fit(iscale)
         take = (suml2 > zero) & (sumlx * sumlx > best * suml2)
         new_scale = sumlx / suml2
         best_iscale = ops.where(take, iscale, best_iscale)

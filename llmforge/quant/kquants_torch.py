@@ -80,6 +80,10 @@ class TorchOps:
     def imin(self, a: torch.Tensor, hi: int) -> torch.Tensor:
         return torch.clamp(a, max=hi)
 
+    def round_clip(self, f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Round half to even, then clip, as float32."""
+        return torch.clamp(torch.round(f), lo, hi)
+
     def fl(self, a: torch.Tensor) -> torch.Tensor:
         return a.to(torch.float32)
 
