@@ -272,6 +272,7 @@ def _fit_q3(ops: Any, x: Any, nmax: int) -> tuple[Any, Any]:
         else:
             xa, wa, wxa, La = x[:, idx], w[:, idx], wx[:, idx], L[:, idx]
             slxa, sl2a, aza = sumlx[idx], suml2[idx], allzero[idx]
+        live = ~aza
         changed = None
         for i in range(xa.shape[0]):
             li = ops.fl(La[i])
@@ -282,12 +283,12 @@ def _fit_q3(ops: Any, x: Any, nmax: int) -> tuple[Any, Any]:
             slx_new = slx + wxa[i] * nl
             sl2_new = sl2 + (wa[i] * nl) * nl
             accept = ((slx > zero) & (new_l != La[i]) & (sl2_new > zero)
-                      & ((slx_new * slx_new) * sl2a > (slxa * slxa) * sl2_new) & ~aza)
+                      & ((slx_new * slx_new) * sl2a > (slxa * slxa) * sl2_new) & live)
             changed = accept if changed is None else changed | accept
-            if ops.any(accept):
-                La[i] = ops.where(accept, new_l, La[i])
-                slxa = ops.where(accept, slx_new, slxa)
-                sl2a = ops.where(accept, sl2_new, sl2a)
+            if ops.any(accept):     # in place: La, slxa, sl2a are this pass's own arrays
+                La[i] = ops.put(La[i], accept, new_l)
+                slxa = ops.put(slxa, accept, slx_new)
+                sl2a = ops.put(sl2a, accept, sl2_new)
         if idx is None:
             L, sumlx, suml2 = La, slxa, sl2a
             idx = ops.nonzero(changed)
