@@ -144,8 +144,8 @@ def _first_max(ops: Any, values: Any, key: Any) -> tuple[Any, Any]:
     best_val = ops.zeros(tuple(key.shape[1:]))
     for i in range(key.shape[0]):
         take = key[i] > best_key
-        best_key = ops.where(take, key[i], best_key)
-        best_val = ops.where(take, values[i], best_val)
+        best_key = ops.put(best_key, take, key[i])     # both are this function's own arrays
+        best_val = ops.put(best_val, take, values[i])
     return best_key, best_val
 
 
