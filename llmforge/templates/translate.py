@@ -21,6 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from collections.abc import Callable
 from typing import Any
 
 import jinja2
@@ -2238,25 +2239,25 @@ class _Translator:
         self.notes.add("title() of runtime text handles ASCII letters only")
         return Rt(out, "str")
 
+    def _scan_literal(self, text: Rt, needle: str, name: str, init: str, guard: str,
+                      update: Callable[[str], str], kind: str) -> Rt:
+        """Walk every byte offset of a runtime string (Go >= 1.22 ranges over an int); where ``needle`` starts
+        (and ``guard`` holds, if given; ``{v}`` is the variable), set the result variable to ``update(var)``."""
+        var, k, s = self.fresh(name), self.fresh("k"), self.fresh("s")
+        end = int_plus(k, str(len(needle.encode())))
+        cond = f"and {guard.format(v=var)} " if guard else "and "
+        self.emit("{{ " + f"{var} := {init}" + " }}{{ " + f"{s} := {text.expr}" + " }}{{ range " + f"{k} := len {s}"
+                  + " }}{{ if " + f"{cond}(le ({end}) (len {s})) (eq (slice {s} {k} ({end})) {go_string(needle)})"
+                  + " }}{{ " + f"{var} = {update(var)}" + " }}{{ end }}{{ end }}")
+        return Rt(var, kind)
+
     def count_scan(self, text: Rt, needle: str) -> Rt:
         """Occurrences of a literal (here: items of a runtime string list)."""
-        count, k, s = self.fresh("count"), self.fresh("k"), self.fresh("s")
-        n = str(len(needle.encode()))
-        end = int_plus(k, n)
-        self.emit("{{ " + f"{count} := 0" + " }}{{ " + f"{s} := {text.expr}" + " }}{{ range " + f"{k} := len {s}"
-                  + " }}{{ if " + f"and (le ({end}) (len {s})) (eq (slice {s} {k} ({end})) {go_string(needle)})"
-                  + " }}{{ " + f"{count} = {int_plus(count, '1')}" + " }}{{ end }}{{ end }}")
-        return Rt(count, "int")
+        return self._scan_literal(text, needle, "count", "0", "", lambda v: int_plus(v, "1"), "int")
 
     def substring_test(self, text: Rt, needle: str) -> Rt:
-        """`needle in text`: scan every byte offset (Go >= 1.22 ranges over an int)."""
-        found, k, s = self.fresh("found"), self.fresh("k"), self.fresh("s")
-        n = str(len(needle.encode()))
-        end = int_plus(k, n)
-        self.emit("{{ " + f"{found} := false" + " }}{{ " + f"{s} := {text.expr}" + " }}{{ range " + f"{k} := len {s}"
-                  + " }}{{ if " + f"and (not {found}) (le ({end}) (len {s})) (eq (slice {s} {k} ({end})) "
-                  + f"{go_string(needle)})" + " }}{{ " + f"{found} = true" + " }}{{ end }}{{ end }}")
-        return Rt(found, "bool")
+        """`needle in text`: scan every byte offset."""
+        return self._scan_literal(text, needle, "found", "false", "(not {v})", lambda v: "true", "bool")
 
     ROLES = ("system", "user", "assistant", "tool")
     JSON_TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
