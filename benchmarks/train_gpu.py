@@ -223,6 +223,51 @@ def memscale(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- profile
+def profile(args) -> int:
+    """Where one training step's GPU time goes: torch.profiler over ``--steps`` steps after warm-up, for one
+    stack, the same step as ``run`` (autocast bf16, backward, clip, AdamW). Prints the top kernels by
+    self CUDA time and the step's wall time."""
+    import argparse
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    ns = argparse.Namespace(seq=args.seq, no_quant=False, hf_attn="sdpa", hf_kbit_prep=False, device="cuda",
+                            budget_s=600)
+    path = A.model_dir(args.models, args.size)
+    setup = {"unsloth": A.setup_unsloth, "llmforge": setup_llmforge, "hf": A.setup_hf}[args.stack]
+    model, _ = setup(path, ns, "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    ids = torch.randint(0, 127000, (args.batch, args.seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / args.steps
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    A.log(f"PROFILE {args.stack}-{args.size} batch {args.batch} seq {args.seq}: step {wall * 1000:.1f} ms, "
+          f"{args.batch * args.seq / wall:,.0f} tokens/s")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
@@ -260,6 +305,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="cuda")
         p.add_argument("--result", default=None)
         return memscale(p.parse_args(argv[1:]))
+    if argv[:1] == ["profile"]:
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("--stack", choices=["llmforge", "hf", "unsloth"], required=True)
+        p.add_argument("--size", choices=["1b", "8b", "tiny"], required=True)
+        p.add_argument("--models", default="/tmp/models")
+        p.add_argument("--batch", type=int, default=4)
+        p.add_argument("--seq", type=int, default=2048)
+        p.add_argument("--steps", type=int, default=2)
+        p.add_argument("--rows", type=int, default=45)
+        return profile(p.parse_args(argv[1:]))
     if argv[:1] == ["run"]:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
         OFFLOAD["value"] = not any(a.endswith("-nooffload") for a in argv)
