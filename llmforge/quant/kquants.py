@@ -129,6 +129,65 @@ class NumpyOps:
     def to_numpy(self, a: np.ndarray, dtype: Any) -> np.ndarray:
         return np.asarray(a).astype(dtype)
 
+    # --- optional fast paths (the core falls back to the generic code where a backend lacks them)
+
+    def signed_max(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_signed_max`` without a masked copy per row: C keeps the first strictly larger |x| from
+        amax = 0, i.e. the first position of the NaN-ignoring maximum, or 0 if that is 0 or NaN."""
+        ax = np.abs(x)
+        amax = np.fmax.reduce(ax, axis=0)
+        first = np.argmax(ax == amax, axis=0)
+        valid = amax > np.float32(0.0)
+        vmax = np.take_along_axis(x, first[None], axis=0)[0]
+        zero = np.float32(0.0)
+        return np.where(valid, amax, zero), np.where(valid, vmax, zero)
+
+    def _buffer(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        buf = self._buffers.get(key) if hasattr(self, "_buffers") else None
+        if buf is None or buf.shape != shape:
+            if not hasattr(self, "_buffers"):
+                self._buffers: dict[str, np.ndarray] = {}
+            buf = self._buffers[key] = np.empty(shape, dtype=np.float32)
+        return buf
+
+    def qx_search(self, x: np.ndarray, w: np.ndarray, wx: np.ndarray, vmax: np.ndarray, nmax: int,
+                  factors: list[np.float32]) -> tuple[np.ndarray, np.ndarray]:
+        """make_qx_quants' trial loop: (scale, winning iscale). The trial sums go into (k, S) arrays
+        through two reused buffers (the generic code's operations in its order), then one cheap
+        sequential pass over the k trials replays C's comparisons and records the winner's index."""
+        k, S = len(factors), x.shape[1]
+        lf = self._buffer("qx_l", x.shape)
+        t = self._buffer("qx_t", x.shape)
+        slx = np.empty((k, S), dtype=np.float32)
+        sl2 = np.empty((k, S), dtype=np.float32)
+        zero = np.float32(0.0)
+        for j, factor in enumerate(factors):
+            np.multiply(np.float32(factor) / vmax, x, out=lf)
+            np.rint(lf, out=lf)
+            np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
+            np.multiply(wx, lf, out=t)
+            np.add.reduce(t, axis=0, initial=zero, out=slx[j])
+            np.multiply(w, lf, out=t)
+            t *= lf
+            np.add.reduce(t, axis=0, initial=zero, out=sl2[j])
+        new_scale = slx / sl2
+        np.copyto(new_scale[0], zero, where=sl2[0] == zero)   # the first trial: scale 0 if suml2 == 0
+        new_best = new_scale * slx
+        sq = slx * slx
+        positive = sl2 > zero
+        best = new_best[0].copy()
+        idx = np.zeros(S, dtype=np.int8)
+        take = np.empty(S, dtype=bool)
+        prod = np.empty(S, dtype=np.float32)
+        for j in range(1, k):
+            np.multiply(best, sl2[j], out=prod)
+            np.greater(sq[j], prod, out=take)
+            take &= positive[j]
+            np.copyto(best, new_best[j], where=take)
+            np.copyto(idx, np.int8(j), where=take)
+        scale = np.take_along_axis(new_scale, idx[None].astype(np.intp), axis=0)[0]
+        return scale, np.asarray(factors, dtype=np.float32)[idx] / vmax
+
 
 # ----------------------------------------------------------------------------- shared helpers
 
@@ -213,7 +272,37 @@ def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: flo
 
 def _signed_max(ops: Any, x: Any) -> tuple[Any, Any]:
     """(amax, the signed x with the first largest |x|) over axis 0."""
+    fast = getattr(ops, "signed_max", None)
+    if fast is not None:
+        return fast(x)
     return _first_max(ops, x, ops.abs(x))
+
+
+def _qx_search(ops: Any, x: Any, w: Any, wx: Any, vmax: Any, nmax: int, factors: list[Any]) -> tuple[Any, Any]:
+    """make_qx_quants' trial loop over ``iscale = factor / vmax``: (scale, the winning iscale)."""
+    zero = ops.const(0.0)
+
+    def fit(iscale: Any) -> tuple[Any, Any]:
+        # |iscale * x| <= ~nmax + 1 wherever the sub-block is not all zero (|x| <= |vmax|), so
+        # nearest_int equals round-half-even there and the levels can stay float (same values; a
+        # +-0 level adds nothing different to sums that start at +0). All-zero sub-blocks are
+        # overwritten at the end, whatever their sums.
+        lf = ops.round_clip(iscale * x, -nmax, nmax - 1)
+        return _seq_sum(ops, wx * lf), _seq_sum(ops, (w * lf) * lf)
+
+    best_iscale = ops.const(factors[0]) / vmax
+    sumlx, suml2 = fit(best_iscale)
+    scale = ops.where(suml2 != zero, sumlx / suml2, zero)
+    best = scale * sumlx
+    for factor in factors[1:]:
+        iscale = ops.const(factor) / vmax
+        sumlx, suml2 = fit(iscale)
+        take = (suml2 > zero) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / suml2
+        best_iscale = ops.where(take, iscale, best_iscale)
+        scale = ops.where(take, new_scale, scale)
+        best = ops.where(take, new_scale * sumlx, best)
+    return scale, best_iscale
 
 
 def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, Any]:
@@ -224,29 +313,13 @@ def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, An
     w = qw if qw is not None else x * x
     wx = w * x
 
-    def fit(iscale: Any) -> tuple[Any, Any]:
-        # |iscale * x| <= ~nmax + 1 wherever the sub-block is not all zero (|x| <= |vmax|), so
-        # nearest_int equals round-half-even there and the levels can stay float (same values; a
-        # +-0 level adds nothing different to sums that start at +0). All-zero sub-blocks are
-        # overwritten at the end, whatever their sums.
-        lf = ops.round_clip(iscale * x, -nmax, nmax - 1)
-        return _seq_sum(ops, wx * lf), _seq_sum(ops, (w * lf) * lf)
-
-    best_iscale = ops.const(f32(-nmax)) / vmax
-    sumlx, suml2 = fit(best_iscale)
-    scale = ops.where(suml2 != zero, sumlx / suml2, zero)
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        factor = -(f32(nmax) + f32(0.1) * f32(step))
-        iscale = ops.const(factor) / vmax
-        sumlx, suml2 = fit(iscale)
-        take = (suml2 > zero) & (sumlx * sumlx > best * suml2)
-        new_scale = sumlx / suml2
-        best_iscale = ops.where(take, iscale, best_iscale)
-        scale = ops.where(take, new_scale, scale)
-        best = ops.where(take, new_scale * sumlx, best)
+    # the first trial is -nmax, then the 18 steps -9..9 (C's order)
+    factors = [f32(-nmax)] + [-(f32(nmax) + f32(0.1) * f32(step)) for step in range(-9, 10) if step != 0]
+    search = getattr(ops, "qx_search", None)
+    if search is not None:
+        scale, best_iscale = search(x, w, wx, vmax, nmax, factors)
+    else:
+        scale, best_iscale = _qx_search(ops, x, w, wx, vmax, nmax, factors)
     # the winning step's levels, recomputed from its iscale with the same operations (same values)
     L = ops.clip(ops.nearest_int(best_iscale * x), -nmax, nmax - 1) + nmax
     return ops.where(allzero, zero, scale), ops.where(allzero, 0, L)
