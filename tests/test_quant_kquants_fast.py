@@ -1,4 +1,4 @@
-"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_refine) give the bytes
+"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_fit) give the bytes
 of the generic backend-neutral code and of llama.cpp, on inputs made to produce near-ties."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ class GenericOps(NumpyOps):
 
     signed_max = None
     qx_search = None
-    q3_refine = None
+    q3_fit = None
 
 
 def adversarial(seed: int = 0, rows: int = 8, cols: int = 2048) -> np.ndarray:
     """Rows built for ties: small integers, repeated values, f16/coarse grids, equal |max| of both signs,
-    a single spike, signed zeros, subnormals and near the 1e-15 all-zero threshold."""
+    a single spike, signed zeros, subnormals, near the 1e-15 all-zero threshold, and non-finite values."""
     rng = np.random.default_rng(seed)
     normal = rng.standard_normal((rows, cols)).astype(np.float32)
     spike = np.zeros((rows, cols), np.float32)
@@ -32,6 +32,11 @@ def adversarial(seed: int = 0, rows: int = 8, cols: int = 2048) -> np.ndarray:
     both_signs[:, ::16] = 3.0
     both_signs[:, 1::16] = -3.0
     signed_zero = np.where(rng.random((rows, cols)) < 0.5, np.float32(-0.0), normal)
+    non_finite = normal.copy()                       # quantize_k's callers refuse these; the core must not crash
+    non_finite[:, :16] = np.nan                      # an all-NaN sub-block
+    non_finite[:, 20] = np.inf
+    non_finite[:, cols // 2 - 100:cols // 2 - 60:3] = -np.inf
+    non_finite[:, cols // 2 + 5] = np.nan
     parts = [
         rng.integers(-2, 3, (rows, cols)).astype(np.float32),
         rng.integers(-40, 41, (rows, cols)).astype(np.float32),
@@ -43,6 +48,8 @@ def adversarial(seed: int = 0, rows: int = 8, cols: int = 2048) -> np.ndarray:
         signed_zero,
         normal * np.float32(1e-40),                    # subnormal
         normal * np.float32(2e-16),                    # around the 1e-15 threshold
+        normal * np.float32(1e15),                     # inf/NaN scales
+        non_finite,
         np.abs(normal) + np.float32(1),
     ]
     return np.concatenate(parts).astype(np.float32)
@@ -71,7 +78,7 @@ def test_generic_ops_really_skip_the_fast_paths(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("fast path used")
 
-    for name in ("signed_max", "qx_search", "q3_refine"):
+    for name in ("signed_max", "qx_search", "q3_fit"):
         monkeypatch.setattr(NumpyOps, name, boom, raising=False)
     x = adversarial(rows=1, cols=512)
     with np.errstate(all="ignore"):

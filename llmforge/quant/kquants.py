@@ -136,9 +136,16 @@ class NumpyOps:
         amax = 0, i.e. the first position of the NaN-ignoring maximum, or 0 if that is 0 or NaN."""
         ax = np.abs(x)
         amax = np.fmax.reduce(ax, axis=0)
-        first = np.argmax(ax == amax, axis=0)
+        # the first row where ax == amax: the largest of (n - row) over those rows (argmax along axis 0
+        # is several times slower than these two contiguous passes)
+        n = x.shape[0]
+        rank = np.multiply((ax == amax).view(np.uint8), np.arange(n, 0, -1, dtype=np.uint8)[:, None])
+        first = n - np.maximum.reduce(rank, axis=0).astype(np.intp)
+        np.minimum(first, n - 1, out=first)                  # all-NaN: no such row (and vmax is 0)
         valid = amax > np.float32(0.0)
-        vmax = np.take_along_axis(x, first[None], axis=0)[0]
+        first *= x.shape[1]
+        first += np.arange(x.shape[1])
+        vmax = x.ravel()[first]
         zero = np.float32(0.0)
         return np.where(valid, amax, zero), np.where(valid, vmax, zero)
 
@@ -149,6 +156,131 @@ class NumpyOps:
                 self._buffers: dict[str, np.ndarray] = {}
             buf = self._buffers[key] = np.empty(shape, dtype=np.float32)
         return buf
+
+    def q3_fit(self, x: np.ndarray, vmax: np.ndarray, live: np.ndarray, nmax: int,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """make_q3_quants' levels and sums with its refinement (up to 5 passes over the 16 positions):
+        (L, sumlx, suml2), the generic ``_fit_q3``'s operations in C's order.
+
+        Speculative rounds: a round evaluates all remaining positions of a sub-block's current pass at
+        once with its current sums. Until the first accepted position nothing changes, so these are
+        exactly C's evaluations; the first accept is applied and the next round resumes after it. A pass
+        without an accept ends the sub-block's loop (C's early exit) or, after changes, starts the next.
+        Only positions whose level would change get the rest of C's test (few), as flat gathers.
+        ``rows``: optionally ``x`` transposed, contiguous (the caller's super-blocks), for cheap gathers.
+        """
+        n = x.shape[0]
+        zero = np.float32(0.0)
+        L = self.clip(self.nearest_int((np.float32(-nmax) / vmax) * x), -nmax, nmax - 1)
+        w = x * x
+        wx = w * x
+        lf = L.astype(np.float32)
+        t1 = wx * lf
+        sumlx = np.add.reduce(t1, axis=0, initial=zero)
+        t2 = w * lf
+        t2 *= lf
+        suml2 = np.add.reduce(t2, axis=0, initial=zero)
+        # first round, all sub-blocks position-major; it starts from the initial sums' own terms:
+        # slx = sumlx - w*x*L, sl2 = suml2 - w*L*L
+        slx = np.subtract(sumlx, t1, out=t1)
+        sl2 = np.subtract(suml2, t2, out=t2)
+        q = np.multiply(x, sl2, out=lf)
+        q /= slx
+        new_l = self.clip(self.nearest_int(q), -nmax, nmax - 1)
+        cand = new_l != L
+        cand &= slx > zero
+        S = x.shape[1]
+        idx, slx_new, sl2_new = self._q3_test(np.flatnonzero(cand), S, new_l, slx, sl2, wx, w, sumlx, suml2)
+        cols = idx % S
+        act, first = np.unique(cols, return_index=True)    # flat order is position-major: the lowest one
+        f = idx[first] // S
+        L[f, act] = new_l.ravel()[idx[first]]
+        sumlx[act] = slx_new[first]
+        suml2[act] = sl2_new[first]
+        act_live = live[act]                                # (all-zero sub-blocks are overwritten later)
+        act, f = act[act_live], f[act_live]
+        # later rounds: the few sub-blocks still going, sub-block-major, x, w, w*x and L (its bits) in
+        # one array so that dropping finished sub-blocks is one row gather
+        pos = f + 1                                         # next position of the current pass
+        npass = np.zeros(act.shape[0], dtype=np.intp)
+        changed = np.ones(act.shape[0], dtype=bool)
+        P = np.empty((act.shape[0], 4, n), dtype=np.float32)
+        X = P[:, 0]
+        if rows is None:
+            X[...] = np.take(x, act, axis=1).T
+        else:
+            np.take(rows, act, axis=0, out=X)
+        np.multiply(X, X, out=P[:, 1])                       # w = x*x and w*x: the same roundings again
+        np.multiply(P[:, 1], X, out=P[:, 2])
+        P[:, 3] = np.take(L.view(np.float32), act, axis=1).T
+        s_lx, s_l2 = sumlx[act], suml2[act]
+        positions = np.arange(n)
+        while True:
+            # a pass is over where nothing more was accepted or its last position was: C starts another
+            # only after changes, and makes at most 5; finished sub-blocks keep pos == n
+            again = pos == n
+            again &= changed
+            again &= npass < 4
+            npass += again
+            pos[again] = 0
+            changed &= ~again
+            going = pos < n
+            n_going = int(np.count_nonzero(going))
+            if n_going == 0:
+                break
+            if n_going < 0.6 * act.shape[0]:
+                keep = np.flatnonzero(going)
+                act, pos, npass, changed = act[keep], pos[keep], npass[keep], changed[keep]
+                P, s_lx, s_l2 = P[keep], s_lx[keep], s_l2[keep]
+            X, W, WX, LL = P[:, 0], P[:, 1], P[:, 2], P[:, 3].view(np.int32)
+            q = LL.astype(np.float32)
+            slx = WX * q
+            np.subtract(s_lx[:, None], slx, out=slx)
+            sl2 = W * q
+            sl2 *= q
+            np.subtract(s_l2[:, None], sl2, out=sl2)
+            np.multiply(X, sl2, out=q)
+            q /= slx
+            new_l = self.clip(self.nearest_int(q), -nmax, nmax - 1)
+            cand = new_l != LL
+            cand &= slx > zero
+            cand &= positions >= pos[:, None]
+            idx, slx_new, sl2_new = self._q3_test(np.flatnonzero(cand), n, new_l, slx, sl2, WX, W, s_lx, s_l2,
+                                                  sub_major=True)
+            r = idx // n                                    # flat order is sub-block-major: first = lowest
+            first = np.ones(r.shape[0], dtype=bool)
+            np.not_equal(r[1:], r[:-1], out=first[1:])
+            sel, r, slx_new, sl2_new = idx[first], r[first], slx_new[first], sl2_new[first]
+            p = sel - r * n
+            level = new_l.ravel()[sel]
+            LL[r, p] = level
+            L[p, act[r]] = level
+            s_lx[r] = slx_new
+            s_l2[r] = sl2_new
+            sumlx[act[r]] = slx_new
+            suml2[act[r]] = sl2_new
+            changed[r] = True
+            pos[:] = n                                      # no accept: this pass is over
+            pos[r] = p + 1
+        return L, sumlx, suml2
+
+    @staticmethod
+    def _q3_test(idx: np.ndarray, n: int, new_l: np.ndarray, slx: np.ndarray, sl2: np.ndarray, wx: np.ndarray,
+                 w: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
+                 sub_major: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rest of C's accept test at the flat candidate positions ``idx`` of (n, S) arrays (or (S, n)
+        ones if ``sub_major``): (the accepted ones, their new slx, their new sl2)."""
+        sub = idx // n if sub_major else idx % n
+        nl = new_l.ravel()[idx].astype(np.float32)
+        slx_new = wx.ravel()[idx] * nl
+        slx_new += slx.ravel()[idx]
+        sl2_new = w.ravel()[idx] * nl
+        sl2_new *= nl
+        sl2_new += sl2.ravel()[idx]
+        s0 = sumlx[sub]
+        ok = (slx_new * slx_new) * suml2[sub] > (s0 * s0) * sl2_new
+        ok &= sl2_new > np.float32(0.0)
+        return idx[ok], slx_new[ok], sl2_new[ok]
 
     def qx_search(self, x: np.ndarray, w: np.ndarray, wx: np.ndarray, vmax: np.ndarray, nmax: int,
                   factors: list[np.float32]) -> tuple[np.ndarray, np.ndarray]:
@@ -325,11 +457,16 @@ def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, An
     return ops.where(allzero, zero, scale), ops.where(allzero, 0, L)
 
 
-def _fit_q3(ops: Any, x: Any, nmax: int) -> tuple[Any, Any]:
+def _fit_q3(ops: Any, x: Any, nmax: int, rows: Any | None = None) -> tuple[Any, Any]:
     """``make_q3_quants(n, nmax, x, L, do_rmse=true)``: scale and L (offset by nmax; 0 if all zero)."""
     zero = ops.const(0.0)
     amax, vmax = _signed_max(ops, x)
     allzero = amax < ops.const(GROUP_MAX_EPS)
+    fast = getattr(ops, "q3_fit", None)
+    if fast is not None:
+        L, sumlx, suml2 = fast(x, vmax, ~allzero, nmax, rows)
+        scale = ops.where(suml2 > zero, sumlx / suml2, zero)
+        return ops.where(allzero, zero, scale), ops.where(allzero, 0, L + nmax)
     L = ops.clip(ops.nearest_int((ops.const(f32(-nmax)) / vmax) * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
@@ -604,7 +741,7 @@ def _q3_k(ops: Any, blocks: Any, qw: Any | None) -> Packed:
     xs = _sub_blocks(ops, blocks, 16)
     zero = ops.const(0.0)
     if qw is None:
-        scale, L = _fit_q3(ops, xs, 4)
+        scale, L = _fit_q3(ops, xs, 4, blocks.reshape(-1, 16))
         scales = scale.reshape(-1, 16)
         _, max_scale = _signed_max(ops, ops.tr(scales))
         has = max_scale != zero
