@@ -8,17 +8,22 @@ offers are covered (no IQ*/TQ*/MXFP4 ftypes, no Falcon-specific rows: no support
 The rules are a table per tensor category; the first row whose ftype matches and whose condition
 holds picks the type, exactly like the C if/else chains. ``i_wv`` counts attn_v-like tensors in
 llama.cpp's ``weights_map`` order, which is why :class:`TypePlanner` is stateful.
+
+llama-quantize's overrides (``--pure``, ``--output-tensor-type``, ``--token-embedding-type``,
+``--tensor-type REGEX=TYPE``) are :class:`TypeOverrides`, applied in ``llama_tensor_get_type``'s order.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 from gguf.constants import GGML_QUANT_SIZES
+
+from ..errors import LlmforgeError
 
 LLAMA_CPP_PIN = "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)"
 
@@ -195,11 +200,12 @@ def output_type(mixture: Mixture, nx: int) -> T:
     return mixture.base_type if mixture.base_type == T.Q8_0 else T.Q6_K
 
 
-def impl_type(mixture: Mixture, name: str, site: Site) -> T:
-    """``llama_tensor_get_type_impl`` for the supported ftypes."""
+def impl_type(mixture: Mixture, name: str, site: Site, output_override: T | None = None) -> T:
+    """``llama_tensor_get_type_impl`` for the supported ftypes; ``output_override`` is
+    ``--output-tensor-type``, which reaches this point only for a tied token_embd."""
     category = tensor_category(name)
     if category == "output" or (category == "token_embd" and not site.facts.has_output):
-        return output_type(mixture, site.nx)
+        return output_override if output_override is not None else output_type(mixture, site.nx)
     if category == "token_embd":
         return mixture.base_type
     rules = RULES.get("attn_v" if category in ATTN_V_LIKE else category, [])
@@ -250,17 +256,123 @@ def weights_map_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=weights_map_key)
 
 
+# ----------------------------------------------------------------------------- llama-quantize's overrides
+
+# the ggml types llmforge can write, i.e. what an override may name
+OVERRIDE_TYPES: tuple[T, ...] = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+                                 T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+
+
+def _type_label(t: T) -> str:
+    """ggml's own spelling (``ggml_type_name``): q4_0, q4_K, f16."""
+    return t.name.lower().replace("_k", "_K")
+
+
+def override_type_names() -> list[str]:
+    """The type names an override accepts, spelled as llama-quantize prints them."""
+    return [_type_label(t) for t in OVERRIDE_TYPES]
+
+
+def parse_ggml_type(text: str | T, option: str = "type") -> T:
+    """A ggml type name as llama-quantize reads it: ``ggml_type_name`` compared case-insensitively."""
+    if isinstance(text, T):
+        found: T | None = text
+    else:
+        found = next((t for t in T if t.name.lower() == str(text).strip().lower()), None)
+    valid = "valid: " + ", ".join(override_type_names())
+    if found is None:
+        if str(text).strip().lower() in BY_NAME:
+            raise LlmforgeError(f"{option}: {text!r} is a mixture, not a tensor type", hint=valid)
+        raise LlmforgeError(f"{option}: unknown ggml type {text!r}", hint=valid)
+    if found not in OVERRIDE_TYPES:
+        raise LlmforgeError(f"{option}: ggml type {_type_label(found)} is not supported by llmforge", hint=valid)
+    return found
+
+
+def parse_tensor_type_rule(rule: str) -> tuple[re.Pattern[str], T]:
+    """``REGEX=TYPE`` as llama-quantize's ``parse_tensor_type`` reads it: split at the first '=', the
+    regex lower-cased. Python's ``re`` stands in for C++'s ECMAScript ``std::regex``; they agree on the
+    usual syntax (literals, ``.``, ``\\d``, ``[...]``, ``|``, groups, ``*+?{m,n}``, ``^$``)."""
+    pattern, sep, type_name = rule.partition("=")
+    if not sep or not pattern or not type_name:
+        raise LlmforgeError(f"--tensor-type {rule!r} is not REGEX=TYPE", hint="e.g. --tensor-type 'attn_v=q8_0'")
+    try:
+        regex = re.compile(pattern.lower())
+    except re.error as exc:
+        raise LlmforgeError(f"--tensor-type {rule!r}: bad regular expression ({exc})",
+                            hint="e.g. 'blk\\.[0-3]\\.ffn_down=q6_k'") from None
+    return regex, parse_ggml_type(type_name, f"--tensor-type {rule!r}")
+
+
+@dataclass(frozen=True)
+class TypeOverrides:
+    """llama-quantize's per-tensor overrides, in the order ``llama_tensor_get_type`` applies them.
+
+    ``token_embd_type``/``output_type`` are used as given (llama.cpp applies no row-length fallback to
+    them); a ``tensor_types`` match or ``pure`` replaces the mixture rule, and the fallback still applies.
+    """
+
+    pure: bool = False
+    output_type: T | None = None
+    token_embd_type: T | None = None
+    tensor_types: tuple[tuple[re.Pattern[str], T], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return self.pure or self.output_type is not None or self.token_embd_type is not None or bool(self.tensor_types)
+
+    def manual_type(self, name: str) -> T | None:
+        """The first ``--tensor-type`` rule whose regex occurs in ``name`` (``std::regex_search``)."""
+        return next((t for regex, t in self.tensor_types if regex.search(name)), None)
+
+
+NO_OVERRIDES = TypeOverrides()
+
+
+def type_overrides(*, pure: bool = False, output_tensor_type: str | T | None = None,
+                   token_embedding_type: str | T | None = None,
+                   tensor_types: Sequence[str] = ()) -> TypeOverrides:
+    """Parse llama-quantize's options (type names as ``llama-quantize`` spells them: q8_0, q6_K, f16 ...)."""
+    return TypeOverrides(
+        pure=pure,
+        output_type=None if output_tensor_type is None else parse_ggml_type(output_tensor_type, "--output-tensor-type"),
+        token_embd_type=None if token_embedding_type is None else
+        parse_ggml_type(token_embedding_type, "--token-embedding-type"),
+        tensor_types=tuple(parse_tensor_type_rule(r) for r in tensor_types),
+    )
+
+
+def check_overrides(overrides: TypeOverrides, mixture: Mixture) -> None:
+    """Refuse what llama.cpp would silently ignore: rules for a float ftype (it only applies
+    ``--tensor-type`` when the ftype's base type is quantized)."""
+    if overrides.tensor_types and mixture.base_type not in QUANTIZED_DEFAULTS:
+        raise LlmforgeError(f"--tensor-type applies to quantized mixtures, not {mixture.name}",
+                            hint="llama-quantize ignores it there; pick e.g. -q q8_0 with --tensor-type")
+
+
+def _as_given(t: T, name: str, nx: int, option: str) -> T:
+    """An override used without fallback: llama.cpp aborts when its blocks do not fit the rows."""
+    if nx % block_size(t):
+        raise LlmforgeError(f"{option} {_type_label(t)} does not fit {name}: rows of {nx} values are not a "
+                            f"multiple of its block of {block_size(t)}", hint="pick q8_0, f16 or a 32-block type")
+    return t
+
+
 class TypePlanner:
     """Chooses each tensor's type as ``llama_model_quantize`` does, keeping llama.cpp's counters.
 
     Create one per model with all tensor names, then call :meth:`tensor_type` for every tensor in
-    weights_map order (:func:`weights_map_order`); the attn_v counter depends on that order.
+    weights_map order (:func:`weights_map_order`); the attn_v counter depends on that order, and a
+    tensor matched by a ``--tensor-type`` rule does not advance the counters (llama.cpp skips the
+    mixture rules, where they are counted).
     """
 
-    def __init__(self, mixture: Mixture, facts: ModelFacts, tensor_names: Iterable[str]):
+    def __init__(self, mixture: Mixture, facts: ModelFacts, tensor_names: Iterable[str],
+                 overrides: TypeOverrides | None = None):
         names = list(tensor_names)
         self.mixture = mixture
         self.facts = facts
+        self.overrides = overrides if overrides is not None else NO_OVERRIDES
         self.n_wv = sum(tensor_category(n) in ATTN_V_LIKE for n in names)
         self.i_wv = 0
         self.i_ffn = {"ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}
@@ -269,20 +381,42 @@ class TypePlanner:
         """The type of tensor ``name`` (numpy-order ``shape``) stored as ``source_type`` in the input."""
         if not allows_quantization(name, len(shape)):
             return source_type
+        ov, category, nx = self.overrides, tensor_category(name), shape[-1]
+        # per_layer_token_embd follows --token-embedding-type unless a --tensor-type rule names it
+        if ov.token_embd_type is not None and category == "token_embd" and not (
+                name == "per_layer_token_embd.weight" and ov.manual_type(name) is not None):
+            return _as_given(ov.token_embd_type, name, nx, "--token-embedding-type")
+        if ov.output_type is not None and category == "output":
+            return _as_given(ov.output_type, name, nx, "--output-tensor-type")
         base = self.mixture.base_type
         if base not in QUANTIZED_DEFAULTS:
             return base
-        category = tensor_category(name)
+        new_type = ov.manual_type(name)
+        if new_type is None:
+            new_type = base if ov.pure else self._mixture_type(name, category, nx)
+        return fallback(new_type, nx)
+
+    def _mixture_type(self, name: str, category: str, nx: int) -> T:
+        """``llama_tensor_get_type_impl`` with its counters."""
         i_layer = self.i_ffn.get(category, 0)
         if self.facts.n_expert > 1 and category in self.i_ffn:
             i_layer = layer_of(name)    # layer_info: MoE layers come from the name
-        site = Site(self.facts, shape[-1], self.i_wv, self.n_wv, i_layer)
-        new_type = impl_type(self.mixture, name, site)
+        site = Site(self.facts, nx, self.i_wv, self.n_wv, i_layer)
+        new_type = impl_type(self.mixture, name, site, self.overrides.output_type)
         if category in ATTN_V_LIKE:
             self.i_wv += 1
         if category in self.i_ffn:
             self.i_ffn[category] += 1
-        return fallback(new_type, shape[-1])
+        return new_type
+
+
+def plan_types(mixture: Mixture, facts: ModelFacts, shapes: Mapping[str, tuple[int, ...]],
+               overrides: TypeOverrides | None = None) -> dict[str, T]:
+    """Types of every quantizable tensor of a model (``{gguf name: numpy shape}``), planned in weights_map
+    order: what exporters use when counters matter (overrides, MoE)."""
+    order = weights_map_order(shapes)
+    planner = TypePlanner(mixture, facts, order, overrides)
+    return {n: planner.tensor_type(n, shapes[n]) for n in order if allows_quantization(n, len(shapes[n]))}
 
 
 def stateless_type(mixture: Mixture, facts: ModelFacts, name: str, shape: tuple[int, ...],

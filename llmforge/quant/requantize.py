@@ -93,9 +93,12 @@ def _copy_kvs(reader: GGUFReader, writer, file_type: int) -> None:
 
 
 def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix: str | Path | None = None,
-                  *, progress: bool = True, backend: str = "numpy") -> RequantizeReport:
+                  *, overrides: mixtures.TypeOverrides | None = None, progress: bool = True,
+                  backend: str = "numpy") -> RequantizeReport:
     """Requantize ``in_path`` (f32/f16/bf16 weights) to ``quant``; writes ``out_path`` atomically.
 
+    ``overrides``: llama-quantize's ``--pure``/``--output-tensor-type``/``--token-embedding-type``/
+    ``--tensor-type``, from :func:`llmforge.quant.mixtures.type_overrides`.
     ``backend``: "numpy" (worker processes on all cores), or a torch device ("cpu", "cuda") for the
     K-types; both give the same bytes.
     """
@@ -105,6 +108,8 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
     in_path, out_path = Path(in_path), Path(out_path)
     ftype = resolve_ftype(quant)
     mixture = mixtures.BY_NAME[ftype.name]
+    if overrides is not None:
+        mixtures.check_overrides(overrides, mixture)
     if not in_path.is_file():
         raise LlmforgeError(f"input GGUF {in_path} does not exist", hint="check the path")
     if in_path.resolve() == out_path.resolve():
@@ -129,7 +134,7 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
         importance = load_imatrix(imatrix, quantizable)
     facts = model_facts(reader, in_path, has_imatrix=bool(importance))
     order = mixtures.weights_map_order(tensors)
-    planner = mixtures.TypePlanner(mixture, facts, order)
+    planner = mixtures.TypePlanner(mixture, facts, order, overrides)
 
     writer = StreamingGGUFWriter(facts.arch)
     _copy_kvs(reader, writer.gguf, int(ftype.file_type))
