@@ -25,6 +25,30 @@ def cli() -> None:
     """Fine-tune a language model and ship it to a local runtime (GGUF + Ollama)."""
 
 
+def type_override_options(command):
+    """llama-quantize's per-tensor type options, shared by ``convert`` and ``quantize``."""
+    options = [
+        click.option("--pure", is_flag=True, help="No mixture: every quantizable tensor gets the quant's base type."),
+        click.option("--output-tensor-type", metavar="TYPE",
+                     help="Type of output.weight (and of tied embeddings), e.g. q8_0 (see `llmforge quants`)."),
+        click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight, e.g. q8_0."),
+        click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                     help="Type of the tensors whose name matches REGEX, e.g. 'attn_v=q8_0'; repeatable, "
+                          "the first match wins."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def parse_type_overrides(pure: bool, output_tensor_type: str | None, token_embedding_type: str | None,
+                         tensor_types: tuple[str, ...]):
+    from .quant.mixtures import type_overrides
+
+    return type_overrides(pure=pure, output_tensor_type=output_tensor_type,
+                          token_embedding_type=token_embedding_type, tensor_types=tensor_types)
+
+
 # ---------------------------------------------------------------- export (HF / PEFT -> GGUF)
 
 @cli.command()
@@ -35,12 +59,16 @@ def cli() -> None:
 @click.option("--lora-only", is_flag=True, help="Write a GGUF LoRA adapter instead of merging (adapter SOURCE).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="llama.cpp importance-matrix file for K-quants.")
 @click.option("--name", help="general.name written into the GGUF.")
+@type_override_options
 def convert(source: Path, quant: str, output: Path | None, base: Path | None, lora_only: bool,
-            imatrix: Path | None, name: str | None) -> None:
+            imatrix: Path | None, name: str | None, pure: bool, output_tensor_type: str | None,
+            token_embedding_type: str | None, tensor_types: tuple[str, ...]) -> None:
     """Convert a Hugging Face model folder or a PEFT adapter folder to GGUF."""
     from .export.convert import convert as run_convert
 
-    report = run_convert(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name)
+    overrides = parse_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_types)
+    report = run_convert(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name,
+                         overrides=overrides)
     for line in report.summary_lines():
         echo_err(line)
     click.echo(str(report.path))
@@ -84,11 +112,14 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("output_path", metavar="OUT.gguf", type=click.Path(path_type=Path))
 @click.option("--quant", "-q", required=True, help="Target quant type or mixture (see `llmforge quants`).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="llama.cpp importance-matrix file.")
-def quantize(input_path: Path, output_path: Path, quant: str, imatrix: Path | None) -> None:
+@type_override_options
+def quantize(input_path: Path, output_path: Path, quant: str, imatrix: Path | None, pure: bool,
+             output_tensor_type: str | None, token_embedding_type: str | None, tensor_types: tuple[str, ...]) -> None:
     """Requantize an f32/f16/bf16 GGUF."""
     from .quant.requantize import quantize_gguf
 
-    report = quantize_gguf(input_path, output_path, quant, imatrix=imatrix)
+    overrides = parse_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_types)
+    report = quantize_gguf(input_path, output_path, quant, imatrix=imatrix, overrides=overrides)
     for line in report.summary_lines():
         echo_err(line)
     click.echo(str(output_path))
@@ -97,10 +128,12 @@ def quantize(input_path: Path, output_path: Path, quant: str, imatrix: Path | No
 @cli.command()
 def quants() -> None:
     """List the quant types and mixtures with bits per weight."""
-    from .quant.mixtures import describe_quants
+    from .quant.mixtures import describe_quants, override_type_names
 
     for name, bpw, text in describe_quants():
         click.echo(f"{name:<8} {bpw:>6.2f} bpw  {text}")
+    echo_err(f"per-tensor types (--output-tensor-type, --token-embedding-type, --tensor-type REGEX=TYPE): "
+             f"{', '.join(override_type_names())}")
 
 
 # ---------------------------------------------------------------- templates and Modelfile

@@ -22,6 +22,7 @@ from gguf import GGUFValueType, Keys
 
 from ..atomic import check_output_dir
 from ..errors import LlmforgeError
+from ..quant import mixtures
 from ..quant.api import TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_ftype
 from .registry import ArchSpec, HParams, find_arch, metadata
 from .source import SafetensorsSource, TensorSource
@@ -117,15 +118,19 @@ def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
 
 def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: TensorSource | None = None,
                   tokenizer_dir: Path | None = None, imatrix: Any = None, name: str | None = None,
-                  extra_kv: dict[str, Any] | None = None, progress: bool = True) -> ConvertReport:
+                  extra_kv: dict[str, Any] | None = None, progress: bool = True,
+                  overrides: mixtures.TypeOverrides | None = None) -> ConvertReport:
     """Convert the model in ``model_dir`` (config + tokenizer; weights from ``tensor_source``) to ``output``.
 
     ``imatrix``: a path to a llama.cpp importance matrix, or an already loaded ``{gguf_name: weights}``
     dict; each tensor's entry is passed to ``quantize_array(..., importance=...)``.
     ``extra_kv``: more GGUF keys, ``{key: value}`` (type inferred) or ``{key: (value, GGUFValueType)}``.
+    ``overrides``: llama-quantize's per-tensor type options (:func:`llmforge.quant.mixtures.type_overrides`).
     """
     model_dir, output = Path(model_dir), Path(output)
     ftype = resolve_ftype(quant)
+    if overrides is not None:
+        mixtures.check_overrides(overrides, mixtures.BY_NAME[ftype.name])
     config = read_config(model_dir)
     spec = find_arch(config, str(model_dir / "config.json"))
     hp = HParams(config)
@@ -137,13 +142,19 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     importance = _load_importance(imatrix, {n: shape for n, shape, _ in plans})
     names = {n for n, _, _ in plans}
     has_output = "output.weight" in names
+    overridden = _override_types(ftype.name, spec, hp, plans, has_output, importance is not None, overrides)
     writer = StreamingGGUFWriter(spec.gguf_name)
     for gguf_name, shape, plan in plans:
         src_type = TORCH_TO_GGML.get(source.dtype(plan.hf_name) if plan.hf_name else torch.float32, T.F32)
         ctx = TensorContext(name=gguf_name, shape=shape, arch=spec.gguf_name, n_layer=hp.n_layer,
                             n_head=hp.n_head, n_head_kv=hp.n_head_kv, has_output=has_output,
                             has_imatrix=importance is not None)
-        qtype = T.F32 if plan.generated is not None else choose_tensor_type(ftype, ctx, src_type)
+        if plan.generated is not None:
+            qtype = T.F32
+        elif gguf_name in overridden:
+            qtype = overridden[gguf_name]
+        else:
+            qtype = choose_tensor_type(ftype, ctx, src_type)
         writer.plan(gguf_name, shape, qtype, source=plan)
 
     _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir, extra_kv)
@@ -229,17 +240,38 @@ def _add_metadata(writer: StreamingGGUFWriter, spec: ArchSpec, hp: HParams, voca
     w.add_quantization_version(QUANTIZATION_VERSION)
 
 
+def _override_types(quant: str, spec: ArchSpec, hp: HParams, plans, has_output: bool, has_imatrix: bool,
+                    overrides: mixtures.TypeOverrides | None) -> dict[str, T]:
+    """With type overrides, the quantizable tensors' types planned in weights_map order (a ``--tensor-type``
+    match changes llama.cpp's counters, which the stateless choice assumes); else nothing."""
+    if overrides is None or not overrides.active:
+        return {}
+    facts = mixtures.ModelFacts(spec.gguf_name, hp.n_layer, hp.n_head, hp.n_head_kv, has_output=has_output,
+                                has_imatrix=has_imatrix)
+    shapes = {name: shape for name, shape, plan in plans if plan.generated is None}
+    return mixtures.plan_types(mixtures.BY_NAME[quant], facts, shapes, overrides)
+
+
 def convert(source: Path, output: Path | None, quant: str = "f16", *, base: Path | None = None,
-            lora_only: bool = False, imatrix: Any = None, name: str | None = None) -> ConvertReport:
-    """Convert a Hugging Face model folder (or, via ``llmforge.export.adapter``, a PEFT adapter) to GGUF."""
+            lora_only: bool = False, imatrix: Any = None, name: str | None = None,
+            overrides: mixtures.TypeOverrides | None = None) -> ConvertReport:
+    """Convert a Hugging Face model folder (or, via ``llmforge.export.adapter``, a PEFT adapter) to GGUF.
+
+    ``overrides``: llama-quantize's ``--pure``/``--output-tensor-type``/``--token-embedding-type``/
+    ``--tensor-type`` (:func:`llmforge.quant.mixtures.type_overrides`).
+    """
     source = Path(source)
     if (source / "adapter_config.json").is_file():
         from .adapter import convert_adapter
 
-        return convert_adapter(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name)
+        if lora_only and overrides is not None and overrides.active:
+            raise LlmforgeError("tensor type overrides do not apply to --lora-only adapters",
+                                hint="drop --pure/--output-tensor-type/--token-embedding-type/--tensor-type")
+        return convert_adapter(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name,
+                               overrides=overrides)
     if base is not None or lora_only:
         raise LlmforgeError(f"--base/--lora-only apply to adapter folders; {source} has no adapter_config.json",
                             hint="drop those options for a full model folder")
     resolve_ftype(quant)
     out = Path(output) if output is not None else default_output(source, quant)
-    return convert_model(source, out, quant, imatrix=imatrix, name=name)
+    return convert_model(source, out, quant, imatrix=imatrix, name=name, overrides=overrides)
