@@ -3,7 +3,7 @@
 
 1. Every kernel (RMSNorm and its Gemma variant, RoPE on Q/K with Llama 3 frequencies and packed
    positions, SwiGLU, GeGLU, fused linear + CE with ignored rows and softcap, NF4 dequantization,
-   fused LoRA linear and MLP over NF4 bases) against a float32 torch reference computed from the same
+   fused LoRA linear, Q/K/V and MLP over NF4 bases) against a float32 torch reference computed from the same
    bf16 inputs: forward and every gradient, as relative L2 errors; NF4 against bitsandbytes' own
    dequantization of the same stored weights. Also the time of ours vs the unfused bf16 torch version.
 2. Random Llama-3.2-1B and Llama-3.1-8B shaped models, NF4 double quant (bitsandbytes), LoRA r=16 on all
@@ -190,6 +190,29 @@ def check_kernels(device: torch.device, small: bool) -> None:
 
     compare(f"LoRA linear NF4 {hidden}x{hidden} r{r}", lin, lin_ref, [x, a, b], randn(rows // 2, hidden),
             ["x", "A", "B"], device)
+
+    # Q/K/V in one node (GQA: K and V are a quarter of Q), adapter casts cached as patch_model does
+    kv_dim = hidden // 4
+    qkv_bases = [quant(hidden, hidden), quant(kv_dim, hidden), quant(kv_dim, hidden)]
+    qkv_ab = [t for out_f in (hidden, kv_dim, kv_dim) for t in adapter(out_f, hidden)]
+
+    def qkv_weights(ab, ref=False):
+        return [fast_lora.LoRAWeights(p, q, aa.float() if ref else aa, bb.float() if ref else bb, s)
+                for (p, q), aa, bb, s in zip(qkv_bases, ab[0::2], ab[1::2], (2.0, 0.5, 1.0))]
+
+    def qkv(xx, *ab):
+        return torch.cat([t.reshape(-1) for t in fast_lora.lora_qkv(xx, *qkv_weights(ab), fast_lora.AdapterCache())])
+
+    def qkv_ref(xx, *ab):
+        return torch.cat([fast_lora.lora_reference(xx.float(), w).reshape(-1) for w in qkv_weights(ab, ref=True)])
+
+    def qkv_separate(xx, *ab):  # the previous path: one node per projection
+        return torch.cat([fast_lora.lora_linear(xx, w).reshape(-1) for w in qkv_weights(ab)])
+
+    compare(f"LoRA QKV NF4 {hidden}->{hidden}+2x{kv_dim} r{r}", qkv, qkv_ref, [x, *qkv_ab],
+            randn((rows // 2) * (hidden + 2 * kv_dim)), ["x", "qA", "qB", "kA", "kB", "vA", "vB"], device,
+            speed_ref=qkv_separate)
+    ROWS[-1]["extra"] = ROWS[-1]["extra"].replace("torch bf16", "3 separate LoRA nodes")
 
     gate, up, down = quant(ffn, hidden), quant(ffn, hidden), quant(hidden, ffn)
     ga, gb = adapter(ffn, hidden)

@@ -52,6 +52,7 @@ def setup_llmforge(path, args, dev):
     A.log(report.summary())
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
+                 kernels_qkv=report.qkv_fused_lora,
                  kernels_offloaded_layers=report.offloaded_checkpoint_layers)
     return model, extra
 

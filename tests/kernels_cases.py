@@ -233,6 +233,64 @@ def case_fused_lora_linear():
         check_fn(ours, ref, [x, a, b], torch.randn(2, 5, 40), ["x", "A", "B"], tol=2e-5)
 
 
+def check_fused_lora_qkv(torch):
+    """lora_qkv (one node, cached adapter casts) == three lora_linear nodes == the unfused reference, forward
+    and every gradient; NF4 and dense bases, different ranks and scales per projection. Used in process
+    (torch path) and in the interpreted child (Triton dequantization)."""
+    from llmforge.kernels.fast_lora import AdapterCache, LoRAWeights, lora_linear, lora_qkv, lora_reference
+
+    hidden = 24
+    for quantized in (True, False):
+        parts = [_lora_inputs(torch, out_f, hidden, r, quantized) for out_f, r in ((32, 3), (16, 4), (16, 2))]
+        scales = (1.5, 2.0, 1.0)
+        x = torch.randn(2, 5, hidden)
+        cache = AdapterCache()
+
+        def weights(ab):
+            return [LoRAWeights(p.base, p.quant_state, a, b, s) for (p, _, _), a, b, s in
+                    zip(parts, ab[0::2], ab[1::2], scales)]
+
+        def fused(xx, *ab):
+            return torch.cat([t.reshape(-1) for t in lora_qkv(xx, *weights(ab), cache)])
+
+        def separate(xx, *ab):
+            return torch.cat([lora_linear(xx, w).reshape(-1) for w in weights(ab)])
+
+        def ref(xx, *ab):
+            return torch.cat([lora_reference(xx, w).reshape(-1) for w in weights(ab)])
+
+        ab = [t for _, a, b in parts for t in (a, b)]
+        dy = torch.randn(2 * 5 * 64)
+        names = ["x", "qA", "qB", "kA", "kB", "vA", "vB"]
+        check_fn(fused, ref, [x, *ab], dy, names, tol=2e-5)
+        check_fn(fused, separate, [x, *ab], dy, names, tol=2e-5)
+
+
+def case_fused_lora_qkv():
+    check_fused_lora_qkv(_torch())
+
+
+def case_nf4_many():
+    """Three weights dequantized in one launch (rows of one buffer, odd element counts too) == one by one."""
+    import bitsandbytes.functional as bnbf
+
+    from llmforge.kernels.nf4 import dequantize_nf4_many, dequantize_nf4_reference
+
+    torch = _torch()
+    for nested in (True, False):
+        for shapes in ([(64, 64), (32, 64), (32, 64)], [(5, 9), (96, 200), (3, 7)], [(7, 9)], [(40, 24), (8, 24)]):
+            weights = [bnbf.quantize_4bit(torch.randn(*s) * 0.02, compress_statistics=nested, quant_type="nf4",
+                                          blocksize=64) for s in shapes]
+            outs = dequantize_nf4_many(weights, torch.float32)
+            for (packed, qs), out, shape in zip(weights, outs, shapes):
+                assert out.shape == shape, (out.shape, shape)
+                assert torch.equal(out, dequantize_nf4_reference(packed, qs, torch.float32)), (shapes, nested)
+            again = dequantize_nf4_many(weights, torch.bfloat16)  # cached per-state launch arguments
+            for (packed, qs), out in zip(weights, again):  # within one bf16 step (the interpreter may truncate)
+                ref = dequantize_nf4_reference(packed, qs, torch.float32)
+                assert out.dtype == torch.bfloat16 and bool(((out.float() - ref).abs() <= ref.abs() / 128).all())
+
+
 def case_fused_lora_mlp():
     from llmforge.kernels.activations import gated_reference
     from llmforge.kernels.fast_lora import LoRAWeights, lora_mlp, lora_reference

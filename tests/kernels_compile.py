@@ -37,10 +37,17 @@ def variants():
                    dict(LOGITS=dtype, stride="i32", LABELS="*i64", LOSS="*fp32", n_vocab="i32", softcap="fp32",
                         ignore_index="i32"), dict(HAS_SOFTCAP=cap, BLOCK=4096))
         for double in (True, False):
-            yield (f"nf4_dequant {dtype} double={double}", nf4._nf4_dequant,
-                   dict(PACKED="*u8", ABSMAX="*u8" if double else "*fp32", CODE2="*fp32", ABSMAX2="*fp32",
-                        NF4="*fp32", OUT=dtype, n_bytes="i32", OFFSET="*fp32"),
-                   dict(blocksize=64, blocksize2=256, DOUBLE=double, BLOCK=nf4.BYTES_PER_PROGRAM))
+            for nseg in (1, 3):  # one weight, and Q/K/V in one launch
+                seg = dict(P="*u8", A="*u8" if double else "*fp32", C="*fp32", M="*fp32", F="*fp32", Q="*fp32",
+                           O=dtype)
+                sig = {}
+                for i in range(3):
+                    sig.update({f"{k}{i}": v for k, v in seg.items()})
+                    sig[f"n{i}"] = "i32"
+                    if i:
+                        sig[f"start{i}"] = "i32"
+                yield (f"nf4_dequant {dtype} double={double} segments={nseg}", nf4._nf4_dequant, sig,
+                       dict(blocksize=64, blocksize2=256, DOUBLE=double, NSEG=nseg, BLOCK=nf4.BYTES_PER_PROGRAM))
 
 
 def main() -> None:

@@ -26,11 +26,14 @@ def test_patched_models_match_with_triton_kernels_interpreted(interpreted):
 def test_patched_model_matches_with_torch_fallbacks(arch):
     report = check_patched_matches(arch, expect_backend="torch")
     if arch == "qwen2":  # q/k/v carry a bias: PEFT's modules stay, and the report says so
-        assert report.lora_linear == 2 and any("base has a bias" in s for s in report.not_patched)
-    if arch == "phi3":  # fused gate_up_proj: activation kernel, LoRA per projection
+        assert report.lora_linear == 2 and report.qkv_fused_lora == 0
+        assert any("base has a bias" in s for s in report.not_patched)
+    if arch == "phi3":  # fused gate_up_proj and qkv_proj: activation kernel, LoRA per projection
         assert report.mlp_fused_lora == 0 and report.mlp_activation_only == 2 and report.lora_linear == 8
-    if arch not in ("qwen2", "phi3"):
-        assert report.mlp_fused_lora == 2 and report.lora_linear == 8 and not report.not_patched
+        assert report.qkv_fused_lora == 0
+    if arch not in ("qwen2", "phi3"):  # Q/K/V in one node per layer, o_proj alone
+        assert report.mlp_fused_lora == 2 and report.qkv_fused_lora == 2 and report.lora_linear == 2
+        assert not report.not_patched and "2 fused LoRA QKV" in report.summary()
 
 
 def test_lora_dropout_falls_back_to_peft():

@@ -11,7 +11,8 @@ import pytest
 from kernels_cases import run_cases
 
 CASES = ["backend_is_interpreted", "rmsnorm", "rope", "gated_activations", "fused_linear_cross_entropy",
-         "nf4_vs_bitsandbytes", "fused_lora_linear", "fused_lora_mlp", "offloaded_checkpoint"]
+         "nf4_vs_bitsandbytes", "nf4_many", "fused_lora_linear", "fused_lora_qkv", "fused_lora_mlp",
+         "offloaded_checkpoint"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,18 @@
-"""Fused LoRA autograd functions over a frozen (optionally NF4-quantized) base weight.
+"""Fused LoRA autograd functions over frozen (optionally NF4-quantized) base weights.
 
-``y = x @ W.T + s * (x @ A.T) @ B.T``. W is dequantized on the fly in forward and again in backward and
-is never saved; only x, A, B (and for the MLP the gate/up pre-activations) are kept for backward.
+``y_i = x @ W_i.T + s_i * (x @ A_i.T) @ B_i.T`` for the projections of one input (one projection, or Q/K/V
+of an attention layer in one node) and the gated MLP ``down(act(gate(x)) * up(x))`` in one node.
+
+W is dequantized on the fly in forward and again in backward and never saved. Saved for backward: x,
+``x @ A.T`` (N x r, so backward does not recompute it), the MLP's pre-activations and activation, and the
+compute-dtype adapters. Projections that share an input concatenate their A's, so ``x @ A.T`` is one matmul
+for the group and ``dA`` one more in backward; each B is kept pre-multiplied by its scale.
+
+The compute-dtype adapter copies are built once per optimizer step, not in every forward, checkpoint
+recompute and backward: callers that keep an ``AdapterCache`` per group (``patch_model`` does) get them
+rebuilt only when a parameter's ``_version`` changes (in-place optimizer updates bump it), when the scale
+or dtype changes, or when ``new_step()`` is called (patched models call it at every top-level forward, so
+writes that bypass the version counter, such as ``p.data.copy_()``, are seen by the next step).
 """
 
 from __future__ import annotations
@@ -13,7 +24,14 @@ import torch
 from llmforge.kernels._backend import compute_dtype, use_triton
 from llmforge.kernels.activations import (ACTIVATION_KINDS, gated_backward_raw, gated_forward_raw,
                                           gated_reference)
-from llmforge.kernels.nf4 import dequantize_nf4
+from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_many
+
+_STEP = [0]
+
+
+def new_step() -> None:
+    """Invalidate every ``AdapterCache`` (called by patched models at each top-level forward)."""
+    _STEP[0] += 1
 
 
 @dataclass(frozen=True)
@@ -31,63 +49,164 @@ class LoRAWeights:
         return dequantize_nf4(self.base, self.quant_state, dtype)
 
 
-def _lora_forward(x: torch.Tensor, p: LoRAWeights, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """2-D ``x``; writes into ``out`` (a 2-D view) when given."""
-    out = torch.mm(x, p.dense(dtype).t(), out=out)
-    return out.addmm_(x @ p.lora_a.to(dtype).t(), p.lora_b.to(dtype).t(), alpha=p.scale)
+def dense_weights(bases: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Dense ``dtype`` weights of ``((base, quant_state), ...)``; NF4 ones in one dequantization launch."""
+    if len(bases) > 1 and all(qs is not None for _, qs in bases):
+        return dequantize_nf4_many(bases, dtype)
+    return [w.to(dtype) if qs is None else dequantize_nf4(w, qs, dtype) for w, qs in bases]
 
 
-def _output(shape: torch.Size, n_out: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+class Adapters:
+    """Compute-dtype adapters of a group of projections sharing an input."""
+    __slots__ = ("a", "bs", "offsets")
+
+    def __init__(self, adapters: tuple, scales: tuple, dtype: torch.dtype):
+        with torch.no_grad():
+            a_s = adapters[0::2]
+            self.a = (a_s[0] if len(a_s) == 1 else torch.cat(a_s)).to(dtype)  # (sum r, in)
+            self.bs = tuple((b if s == 1.0 else b * s).to(dtype) for b, s in zip(adapters[1::2], scales))
+        offsets = [0]
+        for a in a_s:
+            offsets.append(offsets[-1] + a.shape[0])
+        self.offsets = tuple(offsets)
+
+    @classmethod
+    def saved(cls, a: torch.Tensor, bs: tuple, offsets: tuple) -> "Adapters":
+        """The adapters that forward saved for backward."""
+        self = cls.__new__(cls)
+        self.a, self.bs, self.offsets = a, bs, offsets
+        return self
+
+    def columns(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """Projection ``i``'s block of the columns of ``t`` (N x sum r)."""
+        if len(self.bs) == 1:
+            return t
+        return t[:, self.offsets[i]:self.offsets[i + 1]]
+
+    def rows(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        if len(self.bs) == 1:
+            return t
+        return t[self.offsets[i]:self.offsets[i + 1]]
+
+
+class AdapterCache:
+    """``Adapters`` of one group, rebuilt only when a source parameter, a scale, the dtype or the step changes."""
+    __slots__ = ("_sources", "_key", "_value")
+
+    def __init__(self) -> None:
+        self._sources: tuple = ()
+        self._key = None
+        self._value: Adapters | None = None
+
+    def get(self, adapters: tuple, scales: tuple, dtype: torch.dtype) -> Adapters:
+        key = (_STEP[0], dtype, scales, *[t._version for t in adapters])
+        sources = self._sources
+        if (self._value is None or key != self._key or len(sources) != len(adapters)
+                or any(s is not t for s, t in zip(sources, adapters))):
+            self._value = Adapters(adapters, scales, dtype)
+            self._key, self._sources = key, adapters
+        return self._value
+
+
+def _adapters(cache: AdapterCache | None, adapters: tuple, scales: tuple, dtype: torch.dtype) -> Adapters:
+    return Adapters(adapters, scales, dtype) if cache is None else cache.get(adapters, scales, dtype)
+
+
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _lora_forward(x2: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 @ w.T + xa @ b.T`` (b already scaled); writes into ``out`` (2-D) when given."""
+    out = torch.mm(x2, w.t(), out=out)
+    return out.addmm_(xa, b.t())
+
+
+def _output(x: torch.Tensor, n_out: int, dtype: torch.dtype) -> torch.Tensor:
     """A fresh (non-view) output tensor: callers may rotate views of it in place (RoPE)."""
-    return torch.empty(*shape[:-1], n_out, dtype=dtype, device=like.device)
+    return torch.empty(*x.shape[:-1], n_out, dtype=dtype, device=x.device)
 
 
-def _lora_backward(dy: torch.Tensor, x: torch.Tensor, p: LoRAWeights, dtype: torch.dtype, need_a: bool,
-                   need_b: bool, dx: torch.Tensor | None = None):
-    """Returns (dx, dA, dB); accumulates into ``dx`` when given."""
-    a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
-    dy_b = dy @ b  # (N, r)
-    da = (dy_b.t() @ x).mul_(p.scale).to(p.lora_a.dtype) if need_a else None
-    db = (dy.t() @ (x @ a.t())).mul_(p.scale).to(p.lora_b.dtype) if need_b else None
-    w = p.dense(dtype)
-    if dx is None:
-        dx = dy @ w
-    else:
-        dx.addmm_(dy, w)
-    dx.addmm_(dy_b, a, alpha=p.scale)
-    return dx, da, db
+def _adapter_grads(ad: Adapters, dyb: torch.Tensor, dys: list, x2: torch.Tensor, xa: torch.Tensor,
+                   scales: tuple, need: tuple) -> list:
+    """[dA_0, dB_0, dA_1, ...] given ``dyb = [dy_i @ B_i]`` (N x sum r) and ``xa = x2 @ A.T``; left in the
+    compute dtype (autograd casts each gradient to its parameter's dtype)."""
+    d_a = torch.mm(dyb.t(), x2) if any(need[0::2]) else None
+    grads = []
+    for i, (dy, s) in enumerate(zip(dys, scales)):
+        grads.append(ad.rows(d_a, i) if need[2 * i] else None)
+        if need[2 * i + 1]:
+            db = torch.mm(dy.t(), ad.columns(xa, i))
+            grads.append(db if s == 1.0 else db.mul_(s))
+        else:
+            grads.append(None)
+    return grads
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """One LoRA projection (Q, K, V or O; any frozen-base LoRA linear)."""
+class _SharedInputLoRA(torch.autograd.Function):
+    """LoRA projections of one input: ``x @ [A_1; ...; A_n].T`` once, then per projection the base matmul
+    and the LoRA update; backward accumulates dx of all of them into one buffer.
+
+    ``spec`` = (((base, quant_state), ...), (scale, ...), AdapterCache or None); ``adapters`` = A_1, B_1, ...
+    """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, quant_state, scale):
+    def forward(ctx, x, spec, *adapters):
+        bases, scales, cache = spec
         dtype = compute_dtype(x)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
-        p = LoRAWeights(base, quant_state, lora_a, lora_b, scale)
-        out = _output(shape, lora_b.shape[0], x, dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            _lora_forward(x2, p, dtype, out=out.view(-1, out.shape[-1]))
-        ctx.save_for_backward(x2, lora_a, lora_b)
-        ctx.base, ctx.quant_state, ctx.scale, ctx.dtype, ctx.x_dtype = base, quant_state, scale, dtype, x.dtype
-        return out
+        x2 = _rows(x, dtype)
+        ad = _adapters(cache, adapters, scales, dtype)
+        xa = torch.mm(x2, ad.a.t())
+        outs = []
+        for i, w in enumerate(dense_weights(bases, dtype)):
+            out = _output(x, w.shape[0], dtype)
+            _lora_forward(x2, w, ad.columns(xa, i), ad.bs[i], out=out.view(-1, w.shape[0]))
+            outs.append(out)
+        ctx.save_for_backward(x2, xa, ad.a, *ad.bs)
+        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales), ad.offsets, dtype
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     @staticmethod
-    def backward(ctx, dy):
-        x2, lora_a, lora_b = ctx.saved_tensors
-        p = LoRAWeights(ctx.base, ctx.quant_state, lora_a, lora_b, ctx.scale)
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)
-        with torch.autocast(dy.device.type, enabled=False):
-            dx, da, db = _lora_backward(dy2, x2, p, ctx.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dx = dx.reshape(*dy.shape[:-1], x2.shape[-1]).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return dx, da, db, None, None, None
+    def backward(ctx, *dys):
+        x2, xa, a, *bs = ctx.saved_tensors
+        bases, scales = ctx.spec
+        ad = Adapters.saved(a, tuple(bs), ctx.offsets)
+        dy2 = [_rows(dy, ctx.dtype) for dy in dys]
+        dyb = [torch.mm(dy, b) for dy, b in zip(dy2, bs)]
+        dyb = dyb[0] if len(dyb) == 1 else torch.cat(dyb, dim=1)
+        grads = _adapter_grads(ad, dyb, dy2, x2, xa, scales, ctx.needs_input_grad[2:])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            ws = dense_weights(bases, ctx.dtype)
+            dx = torch.mm(dy2[0], ws[0])
+            for dy, w in zip(dy2[1:], ws[1:]):
+                dx.addmm_(dy, w)
+            dx.addmm_(dyb, a)
+            dx = dx.view(*dys[0].shape[:-1], x2.shape[-1])
+        return (dx, None, *grads)
 
 
-def lora_linear(x: torch.Tensor, p: LoRAWeights) -> torch.Tensor:
+class LoRALinearFunction(_SharedInputLoRA):
+    """One LoRA projection (any frozen-base LoRA linear)."""
+
+
+class LoRAQKVFunction(_SharedInputLoRA):
+    """The Q, K and V LoRA projections of an attention layer (one input), three outputs."""
+
+
+def lora_linear(x: torch.Tensor, p: LoRAWeights, cache: AdapterCache | None = None) -> torch.Tensor:
     """``x @ W.T + s * (x @ A.T) @ B.T`` with W dequantized on the fly."""
-    return LoRALinearFunction.apply(x, p.lora_a, p.lora_b, p.base, p.quant_state, p.scale)
+    return LoRALinearFunction.apply(x, (((p.base, p.quant_state),), (p.scale,), cache), p.lora_a, p.lora_b)
+
+
+def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights,
+             cache: AdapterCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three LoRA projections of the same ``x`` in one autograd node: (q, k, v)."""
+    spec = (((q.base, q.quant_state), (k.base, k.quant_state), (v.base, v.quant_state)),
+            (q.scale, k.scale, v.scale), cache)
+    return LoRAQKVFunction.apply(x, spec, q.lora_a, q.lora_b, k.lora_a, k.lora_b, v.lora_a, v.lora_b)
 
 
 def _gated(e, g, kind):
@@ -109,52 +228,64 @@ def _gated_grad(dh, e, g, kind):
 
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, one autograd node."""
+    """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, one autograd node.
+
+    ``spec`` = ((gate, up, down) as (base, quant_state), (scales), kind, (gate/up cache, down cache) or None);
+    ``adapters`` = gate A, gate B, up A, up B, down A, down B. The activation is saved rather than
+    recomputed: it is alive during the down projection's backward either way, so the peak does not grow.
+    """
 
     @staticmethod
-    def forward(ctx, x, ga, gb, ua, ub, da, db, gate_base, gate_qs, gate_s, up_base, up_qs, up_s,
-                down_base, down_qs, down_s, kind):
+    def forward(ctx, x, spec, *adapters):
+        bases, scales, kind, caches = spec
         dtype = compute_dtype(x)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
-        gate = LoRAWeights(gate_base, gate_qs, ga, gb, gate_s)
-        up = LoRAWeights(up_base, up_qs, ua, ub, up_s)
-        down = LoRAWeights(down_base, down_qs, da, db, down_s)
-        out = _output(shape, db.shape[0], x, dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            e = _lora_forward(x2, gate, dtype)
-            g = _lora_forward(x2, up, dtype)
-            _lora_forward(_gated(e, g, kind), down, dtype, out=out.view(-1, out.shape[-1]))
-        ctx.save_for_backward(x2, e, g, ga, gb, ua, ub, da, db)
-        ctx.bases = (gate_base, gate_qs, gate_s), (up_base, up_qs, up_s), (down_base, down_qs, down_s)
-        ctx.kind, ctx.dtype, ctx.x_dtype = kind, dtype, x.dtype
+        x2 = _rows(x, dtype)
+        gu = _adapters(caches and caches[0], adapters[:4], scales[:2], dtype)
+        dn = _adapters(caches and caches[1], adapters[4:], scales[2:], dtype)
+        xa = torch.mm(x2, gu.a.t())
+        # gate and up dequantized one at a time: holding both would raise the peak
+        e = _lora_forward(x2, dense_weights(bases[:1], dtype)[0], gu.columns(xa, 0), gu.bs[0])
+        g = _lora_forward(x2, dense_weights(bases[1:2], dtype)[0], gu.columns(xa, 1), gu.bs[1])
+        h = _gated(e, g, kind)
+        xa_d = torch.mm(h, dn.a.t())
+        wd = dense_weights(bases[2:], dtype)[0]
+        out = _output(x, wd.shape[0], dtype)
+        _lora_forward(h, wd, xa_d, dn.bs[0], out=out.view(-1, wd.shape[0]))
+        ctx.save_for_backward(x2, xa, e, g, h, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
+        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind), gu.offsets, dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x2, e, g, ga, gb, ua, ub, da, db = ctx.saved_tensors
-        (gw, gq, gs), (uw, uq, us), (dw, dq, ds) = ctx.bases
-        gate, up, down = LoRAWeights(gw, gq, ga, gb, gs), LoRAWeights(uw, uq, ua, ub, us), LoRAWeights(dw, dq, da, db, ds)
-        need = ctx.needs_input_grad
+        x2, xa, e, g, h, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
+        bases, scales, kind = ctx.spec
+        need = ctx.needs_input_grad[2:]
         dtype = ctx.dtype
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        with torch.autocast(dy.device.type, enabled=False):
-            h = _gated(e, g, ctx.kind)  # recomputed rather than saved
-            dh, d_da, d_db = _lora_backward(dy2, h, down, dtype, need[5], need[6])
-            del h
-            de, dg = _gated_grad(dh, e, g, ctx.kind)  # reuses e's and g's memory
-            del dh, e, g
-            dx, d_ga, d_gb = _lora_backward(de, x2, gate, dtype, need[1], need[2])
-            dx, d_ua, d_ub = _lora_backward(dg, x2, up, dtype, need[3], need[4], dx=dx)
-        dx = dx.reshape(*dy.shape[:-1], x2.shape[-1]).to(ctx.x_dtype) if need[0] else None
-        return (dx, d_ga, d_gb, d_ua, d_ub, d_da, d_db) + (None,) * 10
+        gu, dn = Adapters.saved(a_gu, (bg, bu), ctx.offsets), Adapters.saved(a_d, (bd,), (0, a_d.shape[0]))
+        dy2 = _rows(dy, dtype)
+        dyb_d = torch.mm(dy2, bd)
+        d_down = _adapter_grads(dn, dyb_d, [dy2], h, xa_d, scales[2:], need[4:])
+        dh = torch.mm(dy2, dense_weights(bases[2:], dtype)[0]).addmm_(dyb_d, a_d)
+        de, dg = _gated_grad(dh, e, g, kind)  # reuses e's and g's memory
+        del dh, e, g
+        dyb = torch.cat([torch.mm(de, bg), torch.mm(dg, bu)], dim=1)
+        d_gate_up = _adapter_grads(gu, dyb, [de, dg], x2, xa, scales[:2], need[:4])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(de, dense_weights(bases[:1], dtype)[0])
+            dx.addmm_(dg, dense_weights(bases[1:2], dtype)[0])
+            dx.addmm_(dyb, a_gu)
+            dx = dx.view(*dy.shape[:-1], x2.shape[-1])
+        return (dx, None, *d_gate_up, *d_down)
 
 
-def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, kind: str) -> torch.Tensor:
-    """Gated LoRA MLP; ``kind`` is ``silu`` (SwiGLU) or ``gelu_pytorch_tanh`` (GeGLU)."""
-    return LoRAMLPFunction.apply(x, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b,
-                                 gate.base, gate.quant_state, gate.scale, up.base, up.quant_state, up.scale,
-                                 down.base, down.quant_state, down.scale, kind)
+def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, kind: str,
+             caches: tuple[AdapterCache, AdapterCache] | None = None) -> torch.Tensor:
+    """Gated LoRA MLP; ``kind`` is ``silu`` (SwiGLU) or ``gelu_pytorch_tanh`` (GeGLU); ``caches`` for the
+    gate/up group and for down."""
+    spec = (((gate.base, gate.quant_state), (up.base, up.quant_state), (down.base, down.quant_state)),
+            (gate.scale, up.scale, down.scale), kind, caches)
+    return LoRAMLPFunction.apply(x, spec, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
 
 
 def lora_reference(x: torch.Tensor, p: LoRAWeights) -> torch.Tensor:

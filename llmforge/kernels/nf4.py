@@ -1,24 +1,29 @@
 """NF4 dequantization for bitsandbytes' storage layout: blocks of 64 along the flattened (out x in)
 weight, two 4-bit codes per byte (element 2i in the high nibble), absmax per block either fp32 or
-double-quantized (uint8 codes into a 256-entry map, an fp32 scale per 256 blocks, plus an offset)."""
+double-quantized (uint8 codes into a 256-entry map, an fp32 scale per 256 blocks, plus an offset).
+
+``dequantize_nf4_many`` dequantizes up to three weights (Q/K/V, gate/up) in one Triton launch into one
+buffer: each launch costs host time, and a training step dequantizes every weight three times."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from llmforge.kernels._backend import triton_importable, use_triton
 
 BYTES_PER_PROGRAM = 1024
+MAX_SEGMENTS = 3
 
 if triton_importable():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _nf4_dequant(PACKED, ABSMAX, CODE2, ABSMAX2, NF4, OUT, n_bytes, OFFSET,
-                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _nf4_segment(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, NF4, OUT, pid, n_bytes,
+                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n_bytes
         byte = tl.load(PACKED + i, mask=mask, other=0).to(tl.int32)
         block = (2 * i) // blocksize  # both nibbles of a byte share a block (blocksize is even)
@@ -33,6 +38,23 @@ if triton_importable():
         lo = tl.load(NF4 + (byte & 15), mask=mask, other=0.0) * scale
         tl.store(OUT + 2 * i, hi.to(OUT.dtype.element_ty), mask=mask)
         tl.store(OUT + 2 * i + 1, lo.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _nf4_dequant(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1,
+                     P2, A2, C2, M2, F2, Q2, O2, n2, start2,
+                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr,
+                     NSEG: tl.constexpr, BLOCK: tl.constexpr):
+        """Up to three weights, programs [0, start1) for the first, [start1, start2) the second, then the third."""
+        pid = tl.program_id(0)
+        if NSEG == 1:
+            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, BLOCK)
+        else:
+            if pid < start1:
+                _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, BLOCK)
+            elif pid < start2:
+                _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, BLOCK)
+            else:
+                _nf4_segment(P2, A2, C2, M2, F2, Q2, O2, pid - start2, n2, blocksize, blocksize2, DOUBLE, BLOCK)
 
 
 def _absmax_fp32(quant_state) -> torch.Tensor:
@@ -56,29 +78,92 @@ def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dty
     return values.to(dtype).reshape(quant_state.shape)
 
 
-def _dequantize_triton(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    n = quant_state.shape.numel()
-    out = torch.empty(n + (n & 1), dtype=dtype, device=packed.device)
-    n_bytes = packed.numel()
+def _kernel_args(packed: torch.Tensor, quant_state) -> tuple:
+    """(pointers..., blocksize2, nested) for one weight, built once per quant state: the device scalar for
+    the offset is created on the first call, not on every dequantization."""
+    cached = getattr(quant_state, "_llmforge_nf4", None)
+    if cached is not None and cached[0] is quant_state.absmax and cached[1] == packed.device:
+        return cached[2]
     nested = bool(getattr(quant_state, "nested", False))
+    absmax = quant_state.absmax
     if nested:
         state2 = quant_state.state2
-        code2, absmax2, blocksize2 = state2.code, state2.absmax, state2.blocksize
         offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+        args = (absmax, state2.code, state2.absmax, offset, quant_state.code, state2.blocksize, True)
     else:  # unused pointers: the kernel reads the fp32 absmax directly
-        code2, absmax2, blocksize2, offset = quant_state.absmax, quant_state.absmax, 1, quant_state.absmax
-    if n_bytes:
-        _nf4_dequant[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](
-            packed, quant_state.absmax, code2, absmax2, quant_state.code, out, n_bytes, offset,
-            blocksize=quant_state.blocksize, blocksize2=blocksize2, DOUBLE=nested, BLOCK=BYTES_PER_PROGRAM)
-    return out[:n].reshape(quant_state.shape)
+        args = (absmax, absmax, absmax, absmax, quant_state.code, 1, False)
+    try:
+        quant_state._llmforge_nf4 = (absmax, packed.device, args)
+    except AttributeError:  # a quant state with __slots__: no caching
+        pass
+    return args
+
+
+def _launchable(weights: Sequence[tuple[torch.Tensor, object]]) -> bool:
+    """One launch needs the same block sizes and double-quant flag (they are constexprs of the kernel)."""
+    if not 0 < len(weights) <= MAX_SEGMENTS:
+        return False
+    first = weights[0][1]
+    for packed, qs in weights:
+        if not use_triton(packed) or qs.blocksize % 2 or qs.blocksize != first.blocksize:
+            return False
+        if bool(getattr(qs, "nested", False)) != bool(getattr(first, "nested", False)):
+            return False
+        if getattr(qs, "nested", False) and qs.state2.blocksize != first.state2.blocksize:
+            return False
+    return True
+
+
+def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtype: torch.dtype) -> list[torch.Tensor]:
+    device = weights[0][0].device
+    sizes = [packed.numel() for packed, _ in weights]
+    out = torch.empty(2 * sum(sizes), dtype=dtype, device=device)
+    segments, views, start, programs = [], [], 0, [0]
+    for (packed, qs), n_bytes in zip(weights, sizes):
+        absmax, code2, absmax2, offset, code, blocksize2, nested = _kernel_args(packed, qs)
+        seg_out = out[start: start + 2 * n_bytes]  # two elements per byte: an odd count leaves one pad element
+        segments.append((packed, absmax, code2, absmax2, offset, code, seg_out, n_bytes))
+        n = qs.shape.numel()
+        views.append(seg_out.view(qs.shape) if n == 2 * n_bytes else seg_out[:n].view(qs.shape))
+        start += 2 * n_bytes
+        programs.append(programs[-1] + triton.cdiv(n_bytes, BYTES_PER_PROGRAM))
+    n_seg = len(segments)
+    while len(segments) < MAX_SEGMENTS:
+        segments.append(segments[0])
+        programs.append(programs[-1])
+    if programs[n_seg]:
+        s0, s1, s2 = segments
+        _nf4_dequant[(programs[n_seg],)](*s0, *s1, programs[1], *s2, programs[2],
+                                         blocksize=weights[0][1].blocksize, blocksize2=blocksize2, DOUBLE=nested,
+                                         NSEG=n_seg, BLOCK=BYTES_PER_PROGRAM)
+    return views
+
+
+def _dequantize_triton(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    return _dequantize_triton_many([(packed.reshape(-1), quant_state)], dtype)[0]
+
+
+def _check(quant_state) -> None:
+    if quant_state.quant_type != "nf4" and quant_state.quant_type != "fp4":
+        raise ValueError(f"not a 4-bit quant state: {quant_state.quant_type}")
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight (``quant_state.shape``) from bitsandbytes' packed NF4 storage and its QuantState."""
     dtype = dtype or quant_state.dtype
-    if quant_state.quant_type != "nf4" and quant_state.quant_type != "fp4":
-        raise ValueError(f"not a 4-bit quant state: {quant_state.quant_type}")
+    _check(quant_state)
     if use_triton(packed) and quant_state.blocksize % 2 == 0:
-        return _dequantize_triton(packed.reshape(-1), quant_state, dtype)
+        return _dequantize_triton_many([(packed if packed.is_contiguous() else packed.reshape(-1), quant_state)],
+                                       dtype)[0]
     return dequantize_nf4_reference(packed, quant_state, dtype)
+
+
+def dequantize_nf4_many(weights: Sequence[tuple[torch.Tensor, object]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Dense weights of several (packed, QuantState) pairs; one Triton launch for up to three of them when
+    their block layouts agree (they are rows of one buffer then), else one dequantization each."""
+    for _, qs in weights:
+        _check(qs)
+    if _launchable(weights):
+        return _dequantize_triton_many([(packed if packed.is_contiguous() else packed.reshape(-1), qs)
+                                        for packed, qs in weights], dtype)
+    return [dequantize_nf4(packed, qs, dtype) for packed, qs in weights]

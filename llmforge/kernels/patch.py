@@ -19,7 +19,7 @@ from torch import nn
 from llmforge.kernels._backend import interpreting, triton_importable, use_triton
 from llmforge.kernels.activations import ACTIVATION_KINDS, gated_activation
 from llmforge.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy
-from llmforge.kernels.fast_lora import LoRAWeights, lora_linear, lora_mlp
+from llmforge.kernels.fast_lora import AdapterCache, LoRAWeights, lora_linear, lora_mlp, lora_qkv, new_step
 from llmforge.kernels.offload import offloaded_checkpoint
 from llmforge.kernels.rmsnorm import rms_norm
 from llmforge.kernels.rope import apply_rope_, rope_fits
@@ -42,7 +42,8 @@ class PatchReport:
     rope: bool = False
     mlp_fused_lora: int = 0
     mlp_activation_only: int = 0
-    lora_linear: int = 0
+    qkv_fused_lora: int = 0  # attention layers whose Q/K/V LoRA projections run as one node
+    lora_linear: int = 0  # other LoRA projections on the fused single-projection path
     fused_cross_entropy: bool = False
     offloaded_checkpoint_layers: int = 0
     not_patched: list[str] = field(default_factory=list)
@@ -56,7 +57,8 @@ class PatchReport:
             return f"kernels: {self.model_type} not supported, nothing patched"
         parts = [f"kernels ({self.backend}) on {self.model_type}: {self.rms_norm} RMSNorm",
                  f"RoPE {'yes' if self.rope else 'no'}", f"{self.mlp_fused_lora} fused LoRA MLP",
-                 f"{self.mlp_activation_only} MLP activation-only", f"{self.lora_linear} fused LoRA linear",
+                 f"{self.mlp_activation_only} MLP activation-only", f"{self.qkv_fused_lora} fused LoRA QKV",
+                 f"{self.lora_linear} fused LoRA linear",
                  f"fused CE {'yes' if self.fused_cross_entropy else 'no'}",
                  f"{self.offloaded_checkpoint_layers} offloaded checkpoint layers"]
         text = ", ".join(parts)
@@ -119,15 +121,86 @@ def _is_lora(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
+class _Projection:
+    """A PEFT LoRA linear that passed ``lora_unfusable_reason`` at patch time. Per call only the state that
+    can change cheaply is re-checked (disabled, merged, which adapter is active); the full check runs again
+    only when the active adapter changes."""
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: nn.Module):
+        self.module, self.name = module, module.active_adapters[0]
+
+    def weights(self) -> LoRAWeights | None:
+        """This call's weights, or None when the fused path does not apply now."""
+        m = self.module
+        active = m.active_adapters
+        if m.disable_adapters or m.merged_adapters or len(active) != 1:
+            return None
+        if active[0] != self.name:
+            if lora_unfusable_reason(m) is not None:
+                return None
+            self.name = active[0]
+        name = self.name
+        weight = m.base_layer.weight
+        return LoRAWeights(weight, getattr(weight, "quant_state", None), m.lora_A[name].weight,
+                           m.lora_B[name].weight, float(m.scaling[name]))
+
+
 def _patch_lora_linear(module: nn.Module) -> None:
     original = module.forward
+    projection, cache = _Projection(module), AdapterCache()
 
     def forward(x, *args, **kwargs):
-        if args or kwargs or lora_unfusable_reason(module) is not None:
-            return original(x, *args, **kwargs)
-        return lora_linear(x, lora_weights(module))
+        p = None if args or kwargs else projection.weights()
+        return original(x, *args, **kwargs) if p is None else lora_linear(x, p, cache)
 
     module.forward = forward
+
+
+# ----------------------------------------------------------------------------------------------- Q/K/V
+def _fusable_qkv(attn: nn.Module) -> bool:
+    projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    return all(p is not None and _is_lora(p) and lora_unfusable_reason(p) is None for p in projections)
+
+
+def _patch_qkv(attn: nn.Module) -> None:
+    """Q, K and V in one autograd node. HF attention calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in
+    turn on the same tensor: q_proj computes all three and hands K and V to the next k_proj / v_proj call
+    on that very tensor object (each is taken once, then dropped). Any other call order or input takes the
+    single-projection path, so the outputs never depend on the call pattern."""
+    modules = (attn.q_proj, attn.k_proj, attn.v_proj)
+    originals = [m.forward for m in modules]
+    projections = [_Projection(m) for m in modules]
+    single = [AdapterCache() for _ in modules]
+    cache = AdapterCache()
+    pending: list = [None, None, None]  # input, k, v
+
+    def q_forward(x, *args, **kwargs):
+        pending[:] = (None, None, None)
+        if args or kwargs:
+            return originals[0](x, *args, **kwargs)
+        ws = [p.weights() for p in projections]
+        if any(w is None for w in ws):
+            return originals[0](x) if ws[0] is None else lora_linear(x, ws[0], single[0])
+        q, k, v = lora_qkv(x, *ws, cache)
+        pending[:] = (x, k, v)
+        return q
+
+    def make_forward(i: int):
+        def forward(x, *args, **kwargs):
+            out = pending[i]
+            if out is not None and pending[0] is x and not args and not kwargs:
+                pending[i] = None
+                if pending[1] is None and pending[2] is None:
+                    pending[0] = None
+                return out
+            p = None if args or kwargs else projections[i].weights()
+            return originals[i](x, *args, **kwargs) if p is None else lora_linear(x, p, single[i])
+        return forward
+
+    modules[0].forward = q_forward
+    modules[1].forward = make_forward(1)
+    modules[2].forward = make_forward(2)
 
 
 # ------------------------------------------------------------------------------------------------ MLP
@@ -138,12 +211,15 @@ def _activation_kind(config) -> str | None:
 
 def _patch_split_mlp(mlp: nn.Module, kind: str) -> bool:
     """Llama-style MLP. Returns True when all three projections take the fused LoRA path."""
-    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    fusable = all(_is_lora(p) and lora_unfusable_reason(p) is None for p in projections)
+    modules = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    fusable = all(_is_lora(p) and lora_unfusable_reason(p) is None for p in modules)
+    projections = [_Projection(m) for m in modules] if fusable else []
+    caches = (AdapterCache(), AdapterCache())
 
     def forward(x):
-        if fusable and all(lora_unfusable_reason(p) is None for p in projections):
-            return lora_mlp(x, *(lora_weights(p) for p in projections), kind)
+        ws = [p.weights() for p in projections]
+        if fusable and all(w is not None for w in ws):
+            return lora_mlp(x, *ws, kind, caches)
         return mlp.down_proj(gated_activation(mlp.gate_proj(x), mlp.up_proj(x), kind))
 
     mlp.forward = forward
@@ -294,8 +370,15 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None) 
                 _patch_fused_mlp(module, kind)
                 report.mlp_activation_only += 1
 
+    fused_ids = set(mlp_projection_ids)
     for name, module in base.named_modules():
-        if not _is_lora(module) or id(module) in mlp_projection_ids:
+        if type(module).__name__.endswith("Attention") and _fusable_qkv(module):
+            _patch_qkv(module)
+            report.qkv_fused_lora += 1
+            fused_ids.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
+
+    for name, module in base.named_modules():
+        if not _is_lora(module) or id(module) in fused_ids:
             continue
         reason = lora_unfusable_reason(module)
         if reason is None:
@@ -304,6 +387,9 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None) 
         elif not isinstance(getattr(module, "base_layer", None), nn.Embedding):
             report.not_patched.append(f"{name}: {reason}")
 
+    if not getattr(base, "_llmforge_step_hook", False):  # a new step: cached adapter casts are rebuilt
+        base.register_forward_pre_hook(lambda module, args: new_step())
+        base._llmforge_step_hook = True
     report.rope = _patch_rope(sys.modules[type(base).__module__])
     report.fused_cross_entropy = _patch_causal_lm(base)
     if offload_checkpointing or (offload_checkpointing is None and device.type == "cuda"):
