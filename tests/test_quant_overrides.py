@@ -312,3 +312,23 @@ def test_tensor_type_with_a_float_quant_is_refused(synthetic, tmp_path, capsys):
                         "--tensor-type", "attn_v=q8_0"], capsys)
     assert code != 0 and err.startswith("error: --tensor-type applies to quantized mixtures"), err
     assert not out_path.exists()
+
+
+def test_adapter_merge_takes_the_overrides(tiny_model_dir, tmp_path):
+    from adapter_helpers import make_adapter
+
+    base = tiny_model_dir("mistral")
+    adapter, _ = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"])
+    ov = mixtures.type_overrides(output_tensor_type="q8_0", tensor_types=[r"blk\.0\.attn_v=q5_0"])
+    merged, plain = tmp_path / "merged.gguf", tmp_path / "base.gguf"
+    convert(adapter, merged, "q4_k_m", overrides=ov)
+    convert(base, plain, "q4_k_m", overrides=ov)
+    types = {n: T(t).name for n, (t, _) in tensor_bytes(merged).items()}
+    assert types == {n: T(t).name for n, (t, _) in tensor_bytes(plain).items()}
+    assert types["output.weight"] == "Q8_0" and types["blk.0.attn_v.weight"] == "Q5_0"
+
+
+def test_lora_only_refuses_overrides(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(LlmforgeError, match="do not apply to --lora-only"):
+        convert(tmp_path, tmp_path / "a.gguf", "f16", lora_only=True, overrides=mixtures.type_overrides(pure=True))
