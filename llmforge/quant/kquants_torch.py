@@ -14,6 +14,7 @@ It runs the very same algorithm through :class:`TorchOps`. What keeps it bit-exa
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -132,14 +133,32 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def gpu_kernel_path(dev: torch.device) -> str:
+    """``triton`` (fused kernels, :mod:`kquants_triton`) or ``eager`` (:class:`TorchOps`) for ``dev``.
+
+    CUDA uses Triton when it imports; ``LLMFORGE_KQUANT_GPU=eager`` forces the eager path (A/B checks).
+    """
+    if dev.type != "cuda" or os.environ.get("LLMFORGE_KQUANT_GPU", "").lower() == "eager":
+        return "eager"
+    from ..kernels._backend import triton_importable
+
+    return "triton" if triton_importable() else "eager"
+
+
 def quantize_k_torch(data: np.ndarray | torch.Tensor, qtype: T, importance: np.ndarray | None = None,
                      device: str | torch.device | None = None, chunk_blocks: int | None = None,
                      cumsum: bool = False) -> np.ndarray:
     """Same contract and bytes as :func:`llmforge.quant.kquants.quantize_k`, computed with torch.
 
-    ``device`` defaults to CUDA when present. CPU torch uses its intra-op threads (``torch.set_num_threads``).
+    ``device`` defaults to CUDA when present; there the fused Triton kernels run (see
+    :func:`gpu_kernel_path`; ``cumsum=True`` is an eager-path option and keeps it). CPU torch uses its
+    intra-op threads (``torch.set_num_threads``).
     """
     dev = torch.device(device or default_device())
+    if not cumsum and gpu_kernel_path(dev) == "triton":
+        from .kquants_triton import quantize_k_triton
+
+        return quantize_k_triton(data, qtype, importance, device=dev, chunk_blocks=chunk_blocks or 1 << 18)
     if isinstance(data, torch.Tensor):
         data = data.detach().to("cpu", torch.float32).numpy()
     data, importance = _check(data, qtype, importance)
