@@ -277,10 +277,12 @@ def case_nf4_many():
     from llmforge.kernels.nf4 import dequantize_nf4_many, dequantize_nf4_reference
 
     torch = _torch()
+    cases = [(shapes, blocksize) for shapes in ([(64, 64), (32, 64), (32, 64)], [(5, 9), (96, 200), (3, 7)], [(7, 9)],
+                                                [(40, 24), (8, 24)]) for blocksize in (64, 128)]
     for nested in (True, False):
-        for shapes in ([(64, 64), (32, 64), (32, 64)], [(5, 9), (96, 200), (3, 7)], [(7, 9)], [(40, 24), (8, 24)]):
+        for shapes, blocksize in cases:
             weights = [bnbf.quantize_4bit(torch.randn(*s) * 0.02, compress_statistics=nested, quant_type="nf4",
-                                          blocksize=64) for s in shapes]
+                                          blocksize=blocksize) for s in shapes]
             outs = dequantize_nf4_many(weights, torch.float32)
             for (packed, qs), out, shape in zip(weights, outs, shapes):
                 assert out.shape == shape, (out.shape, shape)

@@ -47,7 +47,7 @@ def variants():
                     if i:
                         sig[f"start{i}"] = "i32"
                 yield (f"nf4_dequant {dtype} double={double} segments={nseg}", nf4._nf4_dequant, sig,
-                       dict(blocksize=64, blocksize2=256, DOUBLE=double, NSEG=nseg, BLOCK=nf4.BYTES_PER_PROGRAM))
+                       dict(blocksize=64, blocksize2=256, DOUBLE=double, NSEG=nseg, ROWS=nf4._rows_per_program(64)))
 
 
 def main() -> None:

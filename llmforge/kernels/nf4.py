@@ -13,7 +13,16 @@ import torch
 
 from llmforge.kernels._backend import triton_importable, use_triton
 
-BYTES_PER_PROGRAM = 1024
+BYTES_PER_PROGRAM = 1024  # rounded to whole quantization blocks
+
+
+def _rows_per_program(blocksize: int) -> int:
+    return max(1, BYTES_PER_PROGRAM // (blocksize // 2))
+
+
+def _kernel_blocksize(blocksize: int) -> bool:
+    """The kernel tiles quantization blocks: a power of two of at least 2 (bitsandbytes uses 64..4096)."""
+    return blocksize >= 2 and blocksize & (blocksize - 1) == 0
 MAX_SEGMENTS = 3
 
 if triton_importable():
@@ -22,39 +31,42 @@ if triton_importable():
 
     @triton.jit
     def _nf4_segment(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, NF4, OUT, pid, n_bytes,
-                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
-        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < n_bytes
-        byte = tl.load(PACKED + i, mask=mask, other=0).to(tl.int32)
-        block = (2 * i) // blocksize  # both nibbles of a byte share a block (blocksize is even)
+                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+        """``ROWS`` quantization blocks of one weight as a (ROWS, blocksize / 2) tile of bytes: one absmax per
+        row, and the two nibbles of each byte interleaved into contiguous output rows."""
+        half: tl.constexpr = blocksize // 2
+        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        idx = rows[:, None] * half + tl.arange(0, half)[None, :]
+        byte = tl.load(PACKED + idx, mask=idx < n_bytes, other=0).to(tl.int32)
+        row_mask = rows * half < n_bytes
         if DOUBLE:
-            q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
+            q = tl.load(ABSMAX + rows, mask=row_mask, other=0).to(tl.int32)
             offset = tl.load(OFFSET)  # a device scalar: reading it on the host would synchronize
-            scale = tl.load(CODE2 + q, mask=mask, other=0.0) * tl.load(ABSMAX2 + block // blocksize2,
-                                                                          mask=mask, other=0.0) + offset
+            scale = tl.load(CODE2 + q, mask=row_mask, other=0.0) * tl.load(ABSMAX2 + rows // blocksize2,
+                                                                             mask=row_mask, other=0.0) + offset
         else:
-            scale = tl.load(ABSMAX + block, mask=mask, other=0.0)
-        hi = tl.load(NF4 + (byte >> 4), mask=mask, other=0.0) * scale
-        lo = tl.load(NF4 + (byte & 15), mask=mask, other=0.0) * scale
-        tl.store(OUT + 2 * i, hi.to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT + 2 * i + 1, lo.to(OUT.dtype.element_ty), mask=mask)
+            scale = tl.load(ABSMAX + rows, mask=row_mask, other=0.0)
+        hi = tl.load(NF4 + (byte >> 4)) * scale[:, None]  # codes are always in [0, 16)
+        lo = tl.load(NF4 + (byte & 15)) * scale[:, None]
+        out_idx = rows[:, None] * blocksize + tl.arange(0, blocksize)[None, :]
+        tl.store(OUT + out_idx, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=out_idx < 2 * n_bytes)
 
     @triton.jit
     def _nf4_dequant(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1,
                      P2, A2, C2, M2, F2, Q2, O2, n2, start2,
                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr,
-                     NSEG: tl.constexpr, BLOCK: tl.constexpr):
+                     NSEG: tl.constexpr, ROWS: tl.constexpr):
         """Up to three weights, programs [0, start1) for the first, [start1, start2) the second, then the third."""
         pid = tl.program_id(0)
         if NSEG == 1:
-            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, BLOCK)
+            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, ROWS)
         else:
             if pid < start1:
-                _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, BLOCK)
+                _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, ROWS)
             elif pid < start2:
-                _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, BLOCK)
+                _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, ROWS)
             else:
-                _nf4_segment(P2, A2, C2, M2, F2, Q2, O2, pid - start2, n2, blocksize, blocksize2, DOUBLE, BLOCK)
+                _nf4_segment(P2, A2, C2, M2, F2, Q2, O2, pid - start2, n2, blocksize, blocksize2, DOUBLE, ROWS)
 
 
 def _absmax_fp32(quant_state) -> torch.Tensor:
@@ -105,7 +117,7 @@ def _launchable(weights: Sequence[tuple[torch.Tensor, object]]) -> bool:
         return False
     first = weights[0][1]
     for packed, qs in weights:
-        if not use_triton(packed) or qs.blocksize % 2 or qs.blocksize != first.blocksize:
+        if not use_triton(packed) or not _kernel_blocksize(qs.blocksize) or qs.blocksize != first.blocksize:
             return False
         if bool(getattr(qs, "nested", False)) != bool(getattr(first, "nested", False)):
             return False
@@ -116,6 +128,8 @@ def _launchable(weights: Sequence[tuple[torch.Tensor, object]]) -> bool:
 
 def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtype: torch.dtype) -> list[torch.Tensor]:
     device = weights[0][0].device
+    blocksize = weights[0][1].blocksize
+    rows = _rows_per_program(blocksize)
     sizes = [packed.numel() for packed, _ in weights]
     out = torch.empty(2 * sum(sizes), dtype=dtype, device=device)
     segments, views, start, programs = [], [], 0, [0]
@@ -126,7 +140,7 @@ def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtyp
         n = qs.shape.numel()
         views.append(seg_out.view(qs.shape) if n == 2 * n_bytes else seg_out[:n].view(qs.shape))
         start += 2 * n_bytes
-        programs.append(programs[-1] + triton.cdiv(n_bytes, BYTES_PER_PROGRAM))
+        programs.append(programs[-1] + triton.cdiv(triton.cdiv(n_bytes, blocksize // 2), rows))
     n_seg = len(segments)
     while len(segments) < MAX_SEGMENTS:
         segments.append(segments[0])
@@ -134,8 +148,8 @@ def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtyp
     if programs[n_seg]:
         s0, s1, s2 = segments
         _nf4_dequant[(programs[n_seg],)](*s0, *s1, programs[1], *s2, programs[2],
-                                         blocksize=weights[0][1].blocksize, blocksize2=blocksize2, DOUBLE=nested,
-                                         NSEG=n_seg, BLOCK=BYTES_PER_PROGRAM)
+                                         blocksize=blocksize, blocksize2=blocksize2, DOUBLE=nested,
+                                         NSEG=n_seg, ROWS=rows)
     return views
 
 
@@ -152,7 +166,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
     """The dense weight (``quant_state.shape``) from bitsandbytes' packed NF4 storage and its QuantState."""
     dtype = dtype or quant_state.dtype
     _check(quant_state)
-    if use_triton(packed) and quant_state.blocksize % 2 == 0:
+    if use_triton(packed) and _kernel_blocksize(quant_state.blocksize):
         return _dequantize_triton_many([(packed if packed.is_contiguous() else packed.reshape(-1), quant_state)],
                                        dtype)[0]
     return dequantize_nf4_reference(packed, quant_state, dtype)
