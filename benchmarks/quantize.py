@@ -1,4 +1,5 @@
-"""Quantization speed: llmforge (numpy path, torch CPU path, torch CUDA path if present) vs llama.cpp.
+"""Quantization speed: llmforge (numpy path, torch CPU path, and on CUDA the fused Triton kernels and the eager
+torch path) vs llama.cpp.
 
 Builds one f32 GGUF with a ~1B-parameter llama layout (TinyLlama-1.1B shapes, random weights; ``--layers``
 makes it smaller), then quantizes it to q4_k_m, q6_k and q8_0 with each quantizer in the same run and prints
@@ -88,7 +89,8 @@ def main() -> None:
     threads = default_workers()
     import torch
 
-    backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    cuda = ["cuda", "cuda-eager"] if torch.cuda.is_available() else []
+    backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + cuda)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = Path(tmp) / "model-f32.gguf"
         n = build_f32(src, args.layers)
@@ -105,10 +107,15 @@ def main() -> None:
                 if quant == "q8_0" and backend != "numpy":
                     continue        # q8_0 is gguf-py's numpy quantizer whatever the backend
                 out = Path(tmp) / f"ours-{quant}-{backend}.gguf"
+                if backend == "cuda-eager":
+                    os.environ["LLMFORGE_KQUANT_GPU"] = "eager"    # A/B: TorchOps instead of the Triton kernels
                 t0 = time.perf_counter()
-                quantize_gguf(src, out, quant, progress=False, backend=backend)
+                try:
+                    quantize_gguf(src, out, quant, progress=False, backend=backend.removesuffix("-eager"))
+                finally:
+                    os.environ.pop("LLMFORGE_KQUANT_GPU", None)
                 t = time.perf_counter() - t0
-                label = {"numpy": "numpy", "cpu": "torch CPU", "cuda": "torch CUDA"}[backend]
+                label = {"numpy": "numpy", "cpu": "torch CPU", "cuda": "CUDA Triton", "cuda-eager": "CUDA eager"}[backend]
                 print(f"{quant:7} llmforge {label:10} {mb / t:8.1f} MB/s   ratio {t_ref / t:5.2f}   "
                       f"identical to llama.cpp: {same_tensors(ref, out)}", flush=True)
                 out.unlink()

@@ -668,24 +668,24 @@ def _q3_kernel(xt, wt, lt, imp, fs, si, out, NB, blk0, BPR, BPE, COLS, WEIGHTED:
         has = vmax != 0.0
         iscale = _div(zero - 32.0, vmax)
         for j in range(16):
-            l = _nearest_int(iscale * _ld(fs, _R_SCALE + j, NB, offs, mask))
-            l = ((l + 128) & 0xFF) - 128                                    # int8_t
-            _st(si, j, NB, offs, mask, tl.where(has, _clamp(l, -32, 31) + 32, 0))
+            lv = _nearest_int(iscale * _ld(fs, _R_SCALE + j, NB, offs, mask))
+            lv = ((lv + 128) & 0xFF) - 128                                    # int8_t
+            _st(si, j, NB, offs, mask, tl.where(has, _clamp(lv, -32, 31) + 32, 0))
         d_bits, d_val = _fp16(tl.where(has, _div(zero + 1.0, iscale), 0.0))
     tl.debug_barrier()
     for j in range(16):
-        l = tl.load(si + j * NB + offs, mask=mask, other=0)
-        _st(fs, _R_D + j, NB, offs, mask, d_val * (l - 32).to(tl.float32))
+        lv = tl.load(si + j * NB + offs, mask=mask, other=0)
+        _st(fs, _R_D + j, NB, offs, mask, d_val * (lv - 32).to(tl.float32))
     for j in range(8):
         lo = tl.load(si + j * NB + offs, mask=mask, other=0)
         hi = tl.load(si + (j + 8) * NB + offs, mask=mask, other=0)
         _st_u8(out, 96 + j, NB, offs, mask, (lo & 0xF) | ((hi & 0xF) << 4))
-    for k in range(4):
+    for k4 in range(4):
         acc = tl.zeros([BLOCK], tl.int32)
-        for q in tl.static_range(4):
-            lj = tl.load(si + (k + 4 * q) * NB + offs, mask=mask, other=0)
-            acc = acc | ((lj >> 4) << (2 * q))
-        _st_u8(out, 104 + k, NB, offs, mask, acc)
+        for q4 in tl.static_range(4):
+            lj = tl.load(si + (k4 + 4 * q4) * NB + offs, mask=mask, other=0)
+            acc = acc | ((lj >> 4) << (2 * q4))
+        _st_u8(out, 104 + k4, NB, offs, mask, acc)
     _st_fp16(out, 108, NB, offs, mask, d_bits)
     tl.debug_barrier()
     for l in range(32):
@@ -694,17 +694,17 @@ def _q3_kernel(xt, wt, lt, imp, fs, si, out, NB, blk0, BPR, BPE, COLS, WEIGHTED:
         qs0 = tl.zeros([BLOCK], tl.int32)
         qs1 = tl.zeros([BLOCK], tl.int32)
         for k in tl.static_range(8):
-            j = 2 * k + half
-            p = 32 * k + l
-            x = _ld(xt, p, NB, offs, mask)
-            d = _ld(fs, _R_D + j, NB, offs, mask)
-            az = _ld(fs, _R_AZ + j, NB, offs, mask) != 0.0
+            jk = 2 * k + half
+            pk = 32 * k + l
+            xk = _ld(xt, pk, NB, offs, mask)
+            dk = _ld(fs, _R_D + jk, NB, offs, mask)
+            azk = _ld(fs, _R_AZ + jk, NB, offs, mask) != 0.0
             if WEIGHTED:
-                fit = _sym_level(_ld(fs, _R_ISC + j, NB, offs, mask), az, x, 4)
+                fit = _sym_level(_ld(fs, _R_ISC + jk, NB, offs, mask), azk, xk, 4)
             else:
-                fit = tl.where(az, 0, tl.load(lt + p * NB + offs, mask=mask, other=0) + 4)
-            q = _clamp(_nearest_int(_div(x, d)), -4, 3) + 4
-            L = tl.where(d == 0.0, fit, q)
+                fit = tl.where(azk, 0, tl.load(lt + pk * NB + offs, mask=mask, other=0) + 4)
+            lq = _clamp(_nearest_int(_div(xk, dk)), -4, 3) + 4
+            L = tl.where(dk == 0.0, fit, lq)
             high = (L > 3).to(tl.int32)
             hmask = hmask | (high << k)
             low = L - (high << 2)
