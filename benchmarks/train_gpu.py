@@ -254,11 +254,13 @@ def profile(args) -> int:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / args.steps
+    A.log(f"PROFILE peak alloc over the timed steps {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB")
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()

@@ -104,13 +104,14 @@ def _train(model, steps: int, poke: bool) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("poke", [False, True])
-def test_cached_adapter_casts_follow_the_optimizer(poke):
+@pytest.mark.parametrize("cached,poke", [(True, False), (True, True), (False, False)])
+def test_adapter_casts_follow_the_optimizer(cached, poke):
     ref = tiny_lora_model("llama")
     patched = copy.deepcopy(ref)
     for m in (ref, patched):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    patch_model(patched, offload_checkpointing=True)
+    report = patch_model(patched, offload_checkpointing=True, cache_adapter_casts=cached)
+    assert report.cached_adapter_casts == cached and ("adapter casts cached" in report.summary()) == cached
     try:
         losses_ref, losses_new = _train(ref, 3, poke), _train(patched, 3, poke)
     finally:

@@ -8,11 +8,12 @@ W is dequantized on the fly in forward and again in backward and never saved. Sa
 compute-dtype adapters. Projections that share an input concatenate their A's, so ``x @ A.T`` is one matmul
 for the group and ``dA`` one more in backward; each B is kept pre-multiplied by its scale.
 
-The compute-dtype adapter copies are built once per optimizer step, not in every forward, checkpoint
-recompute and backward: callers that keep an ``AdapterCache`` per group (``patch_model`` does) get them
-rebuilt only when a parameter's ``_version`` changes (in-place optimizer updates bump it), when the scale
-or dtype changes, or when ``new_step()`` is called (patched models call it at every top-level forward, so
-writes that bypass the version counter, such as ``p.data.copy_()``, are seen by the next step).
+The compute-dtype adapter copies are built once per forward pass and saved for backward (not converted
+again there). Callers may keep an ``AdapterCache`` per group to reuse them across passes too (the
+checkpointed forward and its recompute): it rebuilds them only when a parameter's ``_version`` changes
+(in-place optimizer updates bump it), when the scale or dtype changes, or when ``new_step()`` is called
+(patched models call it at every top-level forward, so writes that bypass the version counter, such as
+``p.data = ...``, are seen by the next step). The price is 2 bytes per LoRA parameter held all the time.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ cannot run (CPU without ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class PatchReport:
     lora_linear: int = 0  # other LoRA projections on the fused single-projection path
     fused_cross_entropy: bool = False
     offloaded_checkpoint_layers: int = 0
+    cached_adapter_casts: bool = False
     not_patched: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -61,6 +63,8 @@ class PatchReport:
                  f"{self.lora_linear} fused LoRA linear",
                  f"fused CE {'yes' if self.fused_cross_entropy else 'no'}",
                  f"{self.offloaded_checkpoint_layers} offloaded checkpoint layers"]
+        if self.cached_adapter_casts:
+            parts.append("adapter casts cached")
         text = ", ".join(parts)
         if self.not_patched:
             text += f"; not patched: {len(self.not_patched)} (" + "; ".join(self.not_patched[:5]) + \
@@ -146,9 +150,13 @@ class _Projection:
                            m.lora_B[name].weight, float(m.scaling[name]))
 
 
-def _patch_lora_linear(module: nn.Module) -> None:
+def _cache(enabled: bool) -> AdapterCache | None:
+    return AdapterCache() if enabled else None
+
+
+def _patch_lora_linear(module: nn.Module, cache_casts: bool) -> None:
     original = module.forward
-    projection, cache = _Projection(module), AdapterCache()
+    projection, cache = _Projection(module), _cache(cache_casts)
 
     def forward(x, *args, **kwargs):
         p = None if args or kwargs else projection.weights()
@@ -163,7 +171,7 @@ def _fusable_qkv(attn: nn.Module) -> bool:
     return all(p is not None and _is_lora(p) and lora_unfusable_reason(p) is None for p in projections)
 
 
-def _patch_qkv(attn: nn.Module) -> None:
+def _patch_qkv(attn: nn.Module, cache_casts: bool) -> None:
     """Q, K and V in one autograd node. HF attention calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in
     turn on the same tensor: q_proj computes all three and hands K and V to the next k_proj / v_proj call
     on that very tensor object (each is taken once, then dropped). Any other call order or input takes the
@@ -171,8 +179,8 @@ def _patch_qkv(attn: nn.Module) -> None:
     modules = (attn.q_proj, attn.k_proj, attn.v_proj)
     originals = [m.forward for m in modules]
     projections = [_Projection(m) for m in modules]
-    single = [AdapterCache() for _ in modules]
-    cache = AdapterCache()
+    single = [_cache(cache_casts) for _ in modules]
+    cache = _cache(cache_casts)
     pending: list = [None, None, None]  # input, k, v
 
     def q_forward(x, *args, **kwargs):
@@ -209,12 +217,12 @@ def _activation_kind(config) -> str | None:
     return act if act in ACTIVATION_KINDS else None
 
 
-def _patch_split_mlp(mlp: nn.Module, kind: str) -> bool:
+def _patch_split_mlp(mlp: nn.Module, kind: str, cache_casts: bool) -> bool:
     """Llama-style MLP. Returns True when all three projections take the fused LoRA path."""
     modules = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     fusable = all(_is_lora(p) and lora_unfusable_reason(p) is None for p in modules)
     projections = [_Projection(m) for m in modules] if fusable else []
-    caches = (AdapterCache(), AdapterCache())
+    caches = (AdapterCache(), AdapterCache()) if cache_casts else None
 
     def forward(x):
         ws = [p.weights() for p in projections]
@@ -334,19 +342,28 @@ def _patch_offload(base: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None) -> PatchReport:
+def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
+                cache_adapter_casts: bool | None = None) -> PatchReport:
     """Patch ``model`` (a transformers causal LM, bare or wrapped by PEFT) in place; returns what was done.
 
     ``offload_checkpointing``: None = only on CUDA. Call it after ``get_peft_model``; enabling gradient
     checkpointing before or after is both fine. Unsupported architectures are reported, not patched.
+    ``cache_adapter_casts``: keep the compute-dtype copies of the LoRA weights from one forward to the next
+    until the weights change (one cast per step instead of one per pass, for 2 bytes per LoRA parameter
+    held all the time); None = the ``LLMFORGE_ADAPTER_CACHE=1`` environment switch, off by default.
+    Either way backward reuses the forward's copies.
     """
+    if cache_adapter_casts is None:
+        cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE") == "1"
+    cache_casts = bool(cache_adapter_casts)
     base = _base_model(model)
     config = base.config
     model_type = getattr(config, "model_type", "?")
     device = next(iter(base.parameters())).device
     backend = ("torch" if not triton_importable() else "triton" if device.type == "cuda"
                else "triton-interpreter" if interpreting() else "torch")
-    report = PatchReport(model_type=model_type, supported=model_type in SUPPORTED, backend=backend)
+    report = PatchReport(model_type=model_type, supported=model_type in SUPPORTED, backend=backend,
+                         cached_adapter_casts=cache_casts)
     if not report.supported:
         return report
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -361,7 +378,7 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None) 
             if kind is None:
                 report.not_patched.append(f"{name}: activation {getattr(text_config, 'hidden_act', '?')}")
             elif layout == "split" and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-                if _patch_split_mlp(module, kind):
+                if _patch_split_mlp(module, kind, cache_casts):
                     report.mlp_fused_lora += 1
                     mlp_projection_ids.update(id(p) for p in (module.gate_proj, module.up_proj, module.down_proj))
                 else:
@@ -373,7 +390,7 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None) 
     fused_ids = set(mlp_projection_ids)
     for name, module in base.named_modules():
         if type(module).__name__.endswith("Attention") and _fusable_qkv(module):
-            _patch_qkv(module)
+            _patch_qkv(module, cache_casts)
             report.qkv_fused_lora += 1
             fused_ids.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
 
@@ -382,7 +399,7 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None) 
             continue
         reason = lora_unfusable_reason(module)
         if reason is None:
-            _patch_lora_linear(module)
+            _patch_lora_linear(module, cache_casts)
             report.lora_linear += 1
         elif not isinstance(getattr(module, "base_layer", None), nn.Embedding):
             report.not_patched.append(f"{name}: {reason}")
