@@ -17,11 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..errors import LlmforgeError
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,6 +128,7 @@ class PeftAdapter:
     saved_base_layers: set[str] = field(default_factory=set)  # whole tensors PEFT saved as "<module>.base_layer"
     header: dict[str, dict] = field(repr=False, default_factory=dict)
     _handle: Any = field(default=None, repr=False, compare=False)
+    _data_start: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def use_dora(self) -> bool:
@@ -145,21 +149,31 @@ class PeftAdapter:
             raise LlmforgeError(f"cannot read {key!r} from {self.weights_path} ({exc})",
                                 hint="the adapter weights are corrupt; re-save the adapter") from exc
 
-    def factors(self, module: LoraModule, check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_array(self, key: str) -> np.ndarray:
+        """One tensor of the adapter file as numpy (float dtypes as float32), read without torch."""
+        from .source import data_start_of, read_array, widen
+
+        if self._data_start is None:
+            self._data_start = data_start_of(self.weights_path)
+        info = self.header[key]
+        return widen(read_array(self.weights_path, self._data_start, info, where=key), info["dtype"])
+
+    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in float32 and in Linear layout: A is (r, in), B is (out, r)."""
-        a, b = self.load(module.a_key).float(), self.load(module.b_key).float()
-        if check:
-            for name, t in (("A", a), ("B", b)):
-                if not torch.isfinite(t).all():
-                    raise LlmforgeError(f"adapter factor {name} of {module.module} holds NaN/Inf values",
-                                        hint="the adapter weights are corrupt or training diverged")
-        return a, b
+        return self.load(module.a_key).float(), self.load(module.b_key).float()
+
+    def factors_array(self, module: LoraModule) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`factors` as float32 numpy arrays."""
+        return self.load_array(module.a_key), self.load_array(module.b_key)
 
     def check_values(self) -> None:
         """Read every factor once (adapters are small) so corrupt values fail before any output is written."""
         for m in self.modules.values():
-            self.factors(m, check=True)
-            if m.magnitude_key and not torch.isfinite(self.load(m.magnitude_key)).all():
+            for name, t in zip(("A", "B"), self.factors_array(m)):
+                if not np.isfinite(t).all():
+                    raise LlmforgeError(f"adapter factor {name} of {m.module} holds NaN/Inf values",
+                                        hint="the adapter weights are corrupt or training diverged")
+            if m.magnitude_key and not np.isfinite(self.load_array(m.magnitude_key)).all():
                 raise LlmforgeError(f"DoRA magnitude of {m.module} holds NaN/Inf values",
                                     hint="the adapter weights are corrupt or training diverged")
 
@@ -167,6 +181,16 @@ class PeftAdapter:
         """``scale * B @ A`` in float32, in the base weight's layout."""
         a, b = self.factors(module)
         d = (b @ a) * module.scale
+        if module.embedding or module.fan_in_fan_out:
+            d = d.T
+        return d
+
+    def delta_array(self, module: LoraModule) -> np.ndarray:
+        """:meth:`delta` in numpy, the same float32 operations in the same order (checked bitwise against
+        torch's matmul: for rank-r factors each element is one length-r dot product)."""
+        a, b = self.factors_array(module)
+        d = b @ a
+        d *= np.float32(module.scale)
         if module.embedding or module.fan_in_fan_out:
             d = d.T
         return d

@@ -13,10 +13,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType, Keys
 
@@ -25,11 +24,15 @@ from ..errors import LlmforgeError
 from ..quant import mixtures
 from ..quant.api import TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_ftype
 from .registry import ArchSpec, HParams, find_arch, metadata
+from .parallel import ForkWorkers, default_workers
 from .source import SafetensorsSource, TensorSource
 from .tokenizer import add_vocab_to_gguf, load_vocab
 from .writer import QUANTIZATION_VERSION, PlannedTensor, StreamingGGUFWriter, check_disk_space
 
-TORCH_TO_GGML = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}
+if TYPE_CHECKING:
+    import torch
+
+STORED_TO_GGML = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
 
 # gguf-py logs merges/special-token chatter at INFO/WARNING; our own progress lines say what matters
 logging.getLogger("gguf").setLevel(logging.ERROR)
@@ -82,7 +85,7 @@ class TensorPlan:
 
     hf_name: str | None
     kind: Any                      # gguf.MODEL_TENSOR
-    generated: torch.Tensor | None = None
+    generated: Any = None          # a torch tensor or numpy array made by the arch (e.g. rope factors)
 
 
 def plan_tensors(spec: ArchSpec, hp: HParams, source: TensorSource) -> list[tuple[str, tuple[int, ...], TensorPlan]]:
@@ -112,19 +115,24 @@ def _layer_order(hf_name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, hf_name)
 
 
-def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
+def _to_numpy_f32(t: Any) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t, dtype=np.float32)
+    import torch
+
     return t.to(torch.float32).contiguous().numpy()
 
 
 def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: TensorSource | None = None,
                   tokenizer_dir: Path | None = None, imatrix: Any = None, name: str | None = None,
                   extra_kv: dict[str, Any] | None = None, progress: bool = True,
-                  overrides: mixtures.TypeOverrides | None = None) -> ConvertReport:
+                  threads: int | None = None, overrides: mixtures.TypeOverrides | None = None) -> ConvertReport:
     """Convert the model in ``model_dir`` (config + tokenizer; weights from ``tensor_source``) to ``output``.
 
     ``imatrix``: a path to a llama.cpp importance matrix, or an already loaded ``{gguf_name: weights}``
     dict; each tensor's entry is passed to ``quantize_array(..., importance=...)``.
     ``extra_kv``: more GGUF keys, ``{key: value}`` (type inferred) or ``{key: (value, GGUFValueType)}``.
+    ``threads``: worker processes for numpy-native sources (default: all usable cores; 1: none).
     ``overrides``: llama-quantize's per-tensor type options (:func:`llmforge.quant.mixtures.type_overrides`).
     """
     model_dir, output = Path(model_dir), Path(output)
@@ -137,7 +145,6 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     check_output_dir(output)
     source = tensor_source if tensor_source is not None else SafetensorsSource(model_dir)
     vocab_size = int(hp.require("vocab_size"))
-    vocab = load_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, vocab_size)
     plans = plan_tensors(spec, hp, source)
     importance = _load_importance(imatrix, {n: shape for n, shape, _ in plans})
     names = {n for n, _, _ in plans}
@@ -145,7 +152,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     overridden = _override_types(ftype.name, spec, hp, plans, has_output, importance is not None, overrides)
     writer = StreamingGGUFWriter(spec.gguf_name)
     for gguf_name, shape, plan in plans:
-        src_type = TORCH_TO_GGML.get(source.dtype(plan.hf_name) if plan.hf_name else torch.float32, T.F32)
+        src_type = STORED_TO_GGML.get(source.dtype_name(plan.hf_name) if plan.hf_name else "F32", T.F32)
         ctx = TensorContext(name=gguf_name, shape=shape, arch=spec.gguf_name, n_layer=hp.n_layer,
                             n_head=hp.n_head, n_head_kv=hp.n_head_kv, has_output=has_output,
                             has_imatrix=importance is not None)
@@ -157,8 +164,138 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
             qtype = choose_tensor_type(ftype, ctx, src_type)
         writer.plan(gguf_name, shape, qtype, source=plan)
 
-    _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir, extra_kv)
-    check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
+    workers = 1
+    if source.numpy_native:
+        jobs = ArrayJobs(source, spec, hp, writer.tensors, importance)
+        total = sum(t.n_elements for t in writer.tensors)
+        workers = (threads or default_workers()) if total >= PARALLEL_MIN_ELEMENTS else 1
+        # forked before the vocabulary is read: the workers share a small parent
+        pool = ForkWorkers(jobs.run_in_worker, workers) if workers > 1 else None
+        jobs.threads = 1 if threads == 1 else None
+        produce = jobs.producer(pool)
+    else:
+        pool = None
+        produce = _torch_producer(source, spec, hp, importance)
+    try:
+        vocab = load_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, vocab_size)
+        release_freed_memory()  # the tokenizer's parse leaves ~80 MB in malloc's free lists
+        _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir,
+                      extra_kv)
+        check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
+        result = writer.write(output, produce, progress=progress, window=2 * workers if pool else 0)
+    finally:
+        if pool is not None:
+            pool.close()
+    counts: dict[str, int] = {}
+    for t in writer.tensors:
+        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    return ConvertReport(result.path, ftype.name, result.n_tensors, result.bytes_written,
+                         [vocab.summary(), *result.checks], spec.gguf_name, counts)
+
+
+# row blocks of about this many elements: a 150k x 900 embedding never sits in memory whole (or as f32)
+CHUNK_ELEMENTS = 4 << 20
+# models below this many elements convert in-process (forking costs more than it saves)
+PARALLEL_MIN_ELEMENTS = 32 << 20
+# tensors this small are packed in the parent even when workers run (a job round trip costs more)
+INLINE_ELEMENTS = 1 << 16
+
+
+def _row_step(t: PlannedTensor) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, math.prod(t.shape[1:]))) if len(t.shape) > 1 else 1
+
+
+def release_freed_memory() -> None:
+    """Hand malloc's free lists back to the OS (glibc only; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ArrayJobs:
+    """The numpy path: how each GGUF tensor splits into row-block jobs, and how one job is made (in the parent
+    or in a forked worker, which reads its rows itself). No torch is imported here."""
+
+    def __init__(self, source: TensorSource, spec: ArchSpec, hp: HParams, tensors: list[PlannedTensor],
+                 importance: dict | None):
+        self.source, self.spec, self.hp, self.tensors, self.importance = source, spec, hp, tensors, importance
+        self.threads: int | None = None   # K-quant processes per job: 1 inside workers
+
+    def _whole(self, t: PlannedTensor) -> bool:
+        plan: TensorPlan = t.source
+        return (plan.generated is not None or plan.kind in self.spec.transforms or self._shift(plan) != 0.0
+                or len(t.shape) < 2 or not self.source.streams_rows(plan.hf_name))
+
+    def _shift(self, plan: TensorPlan) -> float:
+        return self.spec.norm_shift if plan.hf_name and plan.hf_name.endswith("norm.weight") else 0.0
+
+    def blocks(self, t: PlannedTensor) -> list[tuple[int, int] | None]:
+        """Row ranges to make ``t`` from; ``None``: the whole tensor in one job."""
+        if self._whole(t):
+            return [None]
+        shape = tuple(self.source.shape(t.source.hf_name))
+        if shape != t.shape:
+            raise LlmforgeError(f"tensor {t.source.hf_name!r} has shape {shape}, header says {t.shape}",
+                                hint="the checkpoint is corrupt")
+        step = _row_step(t)
+        return [(start, min(t.shape[0], start + step)) for start in range(0, t.shape[0], step)]
+
+    def encode(self, index: int, rows: tuple[int, int] | None) -> list[np.ndarray]:
+        """Tensor ``index``'s bytes for ``rows`` (all rows when None), as consecutive packed arrays."""
+        t = self.tensors[index]
+        plan: TensorPlan = t.source
+        imp = self.importance.get(t.name) if self.importance else None
+        if rows is not None:
+            return [self._pack(self.source.load_rows_array(plan.hf_name, *rows), t, imp)]
+        if plan.generated is not None:
+            return [self._pack(_to_numpy_f32(plan.generated), t, None)]
+        data = self.source.load_array(plan.hf_name)
+        transform = self.spec.transforms.get(plan.kind)
+        if transform is not None:
+            data = transform(data, self.hp)
+        shift = self._shift(plan)
+        if shift:
+            data = data.astype(np.float32, copy=False) + np.float32(shift)
+        if tuple(data.shape) != t.shape:
+            raise LlmforgeError(f"tensor {plan.hf_name!r} has shape {tuple(data.shape)}, header says {t.shape}",
+                                hint="the checkpoint is corrupt")
+        if len(t.shape) < 2:
+            return [self._pack(data, t, imp)]
+        step = _row_step(t)
+        return [self._pack(data[start:start + step], t, imp) for start in range(0, t.shape[0], step)]
+
+    def _pack(self, block: np.ndarray, t: PlannedTensor, importance: np.ndarray | None) -> np.ndarray:
+        """One block in ``t``'s GGUF type; NaN/Inf are refused once, on the float32 data that gets packed."""
+        if t.qtype in (T.F32, T.F16):
+            if block.dtype.kind == "f":
+                check_finite(block, t.name)
+            return np.ascontiguousarray(block, dtype=np.float32 if t.qtype == T.F32 else np.float16)
+        return quantize_array(block, t.qtype, importance=importance, name=t.name, threads=self.threads)
+
+    def run_in_worker(self, index: int, rows: tuple[int, int] | None) -> list[np.ndarray]:
+        self.threads = 1
+        return self.encode(index, rows)
+
+    def producer(self, pool: ForkWorkers | None):
+        """``produce`` for the writer: packed blocks, or futures of them when ``pool`` runs."""
+        index_of = {t.name: i for i, t in enumerate(self.tensors)}
+
+        def produce(t: PlannedTensor) -> Iterator[Any]:
+            i = index_of[t.name]
+            for rows in self.blocks(t):
+                if pool is None or t.n_elements <= INLINE_ELEMENTS:
+                    yield from self.encode(i, rows)
+                else:
+                    yield pool.submit(i, rows)
+
+        return produce
+
+
+def _torch_producer(source: TensorSource, spec: ArchSpec, hp: HParams, importance: dict | None):
+    """``produce`` for sources that only load torch tensors (NF4 bases, DoRA merges, custom sources)."""
 
     def produce(t: PlannedTensor) -> Iterator[np.ndarray]:
         plan: TensorPlan = t.source
@@ -179,7 +316,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
                                 hint="the checkpoint is corrupt")
         imp = importance.get(t.name) if importance else None
         rows = t.shape[0] if len(t.shape) > 1 else 1
-        step = max(1, CHUNK_ELEMENTS // max(1, math.prod(t.shape[1:]))) if len(t.shape) > 1 else 1
+        step = _row_step(t)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             if tensor is None:
@@ -188,28 +325,22 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
                 block = tensor if len(t.shape) < 2 else tensor[start:stop]
             yield _encode(block, t, imp)
 
-    result = writer.write(output, produce, progress=progress)
-    counts: dict[str, int] = {}
-    for t in writer.tensors:
-        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
-    return ConvertReport(result.path, ftype.name, result.n_tensors, result.bytes_written,
-                         [vocab.summary(), *result.checks], spec.gguf_name, counts)
-
-
-# row blocks of about this many elements: a 150k x 900 embedding never sits in memory whole (or as f32)
-CHUNK_ELEMENTS = 4 << 20
-TORCH_FLOAT_TARGETS = {T.F32: torch.float32, T.F16: torch.float16}
+    return produce
 
 
 def _encode(block: torch.Tensor, t: PlannedTensor, importance: np.ndarray | None) -> np.ndarray:
     """One row block of ``t`` in its GGUF type (float types cast in torch; the rest via quantize_array)."""
-    if block.is_floating_point() and not bool(torch.isfinite(block).all()):
-        check_finite(_to_numpy_f32(block), t.name)  # raises with the tensor's name and the count
-    if t.qtype in TORCH_FLOAT_TARGETS:
-        return block.to(TORCH_FLOAT_TARGETS[t.qtype]).contiguous().numpy()
+    import torch
+
+    if t.qtype in (T.F32, T.F16):
+        if block.is_floating_point() and not bool(torch.isfinite(block).all()):
+            check_finite(_to_numpy_f32(block), t.name)  # raises with the tensor's name and the count
+        return block.to(torch.float32 if t.qtype == T.F32 else torch.float16).contiguous().numpy()
     if t.qtype == T.BF16 and block.dtype == torch.bfloat16:
+        if not bool(torch.isfinite(block).all()):
+            check_finite(_to_numpy_f32(block), t.name)
         return block.contiguous().view(torch.int16).numpy().view(np.uint8)
-    return quantize_array(_to_numpy_f32(block), t.qtype, importance=importance, name=t.name)
+    return quantize_array(_to_numpy_f32(block), t.qtype, importance=importance, name=t.name)  # checks NaN/Inf
 
 
 def _load_importance(imatrix: Any, shapes: dict[str, tuple[int, ...]]) -> dict | None:

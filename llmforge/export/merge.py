@@ -17,29 +17,29 @@ import math
 import shutil
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..atomic import atomic_dir
 from ..errors import LlmforgeError
-from ..quant.nf4 import dequantize_nf4, state_from_tensors
-from ..vendor.bnb_nf4 import QUANT_STATE_SUFFIXES
 from .adapter import (TOKENIZER_FILES, BaseModel, PeftAdapter, check_against_base, read_adapter, resolve_base)
-from .source import SAFETENSORS_DTYPES, SafetensorsSource, TensorSource
+from .source import SafetensorsSource, TensorSource, dtype_name_of, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 LM_HEAD = "lm_head.weight"
 # Architectures whose GGUF graph always reuses token_embd as the output matrix (no untied output tensor).
 ALWAYS_TIED_GGUF = ("gemma2", "gemma3", "gemma3_text", "gemma")
-SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                           torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
 
 
 class DequantizedNF4Source(TensorSource):
     """A bitsandbytes 4-bit checkpoint seen as a plain one: NF4 weights come out dequantized."""
 
     def __init__(self, inner: TensorSource):
+        from ..vendor.bnb_nf4 import QUANT_STATE_SUFFIXES
+
         self.inner = inner
         all_names = inner.names()
         companions = {f"{n}.{s}" for n in all_names for s in QUANT_STATE_SUFFIXES}
@@ -49,6 +49,9 @@ class DequantizedNF4Source(TensorSource):
         self._states: dict[str, Any] = {}
 
     def _state(self, name: str):
+        from ..quant.nf4 import state_from_tensors
+        from ..vendor.bnb_nf4 import QUANT_STATE_SUFFIXES
+
         if name not in self._states:
             parts = {s: self.inner.load(f"{name}.{s}") for s in QUANT_STATE_SUFFIXES if f"{name}.{s}" in self.inner}
             self._states[name] = state_from_tensors(parts, where=name)
@@ -64,6 +67,8 @@ class DequantizedNF4Source(TensorSource):
         return self._state(name).dtype if name in self._nf4 else self.inner.dtype(name)
 
     def load(self, name: str) -> torch.Tensor:
+        from ..quant.nf4 import dequantize_nf4
+
         if name not in self._nf4:
             return self.inner.load(name)
         return dequantize_nf4(self.inner.load(name), self._state(name))
@@ -143,8 +148,14 @@ class MergedSource(TensorSource):
     def dtype(self, name: str) -> torch.dtype:
         key = self.adapter.whole_tensors.get(name)
         if key:
-            return SAFETENSORS_DTYPES[self.adapter.header[key]["dtype"]]
+            return torch_dtype(self.adapter.header[key]["dtype"])
         return self.inner.dtype(self._embed if self.untie and name == LM_HEAD else name)
+
+    def dtype_name(self, name: str) -> str:
+        key = self.adapter.whole_tensors.get(name)
+        if key:
+            return self.adapter.header[key]["dtype"]
+        return self.inner.dtype_name(self._embed if self.untie and name == LM_HEAD else name)
 
     def _base_tensor(self, name: str) -> torch.Tensor:
         key = self.adapter.whole_tensors.get(name)
@@ -175,6 +186,42 @@ class MergedSource(TensorSource):
             self._row_cache = (name, self.load(name))
         return self._row_cache[1][start:stop]
 
+    # ---------------------------------------------------------- numpy side (no torch: plain 16/32-bit bases, LoRA)
+
+    @property
+    def numpy_native(self) -> bool:
+        # DoRA's row norms and NF4 dequantization stay in torch (their rounding is torch's)
+        return self.inner.numpy_native and not self.adapter.use_dora
+
+    def streams_rows(self, name: str) -> bool:
+        return self.numpy_native and self.supports_row_slices and self._passes_through(name)
+
+    def _base_array(self, name: str) -> np.ndarray:
+        key = self.adapter.whole_tensors.get(name)
+        if key:
+            return self.adapter.load_array(key)
+        if self.untie and name == LM_HEAD:
+            embed_key = self.adapter.whole_tensors.get(self._embed)
+            return self.adapter.load_array(embed_key) if embed_key else self.inner.load_array(self._embed)
+        return self.inner.load_array(name)
+
+    def load_array(self, name: str) -> np.ndarray:
+        """:meth:`load` in numpy: the same float32 operations (merged tensors come whole)."""
+        array = self._base_array(name)
+        module = self.adapter.modules.get(name)
+        if module is not None:
+            return merge_weight_array(array, self.adapter, module)
+        bias_of = self._lora_bias.get(name)
+        if bias_of is not None:
+            return array.astype(np.float32, copy=False) + self.adapter.load_array(bias_of.bias_key) * \
+                np.float32(bias_of.scale)
+        return array
+
+    def load_rows_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        if self._passes_through(name):
+            return self.inner.load_rows_array(name, start, stop)
+        return self.load_array(name)[start:stop]
+
     def load(self, name: str) -> torch.Tensor:
         tensor = self._base_tensor(name)
         module = self.adapter.modules.get(name)
@@ -186,8 +233,23 @@ class MergedSource(TensorSource):
         return tensor
 
 
+def merge_weight_array(weight: np.ndarray, adapter: PeftAdapter, module) -> np.ndarray:
+    """:func:`merge_weight` in numpy for LoRA (no DoRA): ``W + scale * B @ A`` in float32."""
+    if module.magnitude_key:
+        raise ValueError("DoRA merges go through merge_weight (torch)")
+    delta = adapter.delta_array(module)
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise LlmforgeError(f"adapter module {module.module} gives a {tuple(delta.shape)} update for a "
+                            f"{tuple(weight.shape)} tensor", hint="the adapter was trained on another model")
+    w = weight.astype(np.float32, copy=False)  # sources hand out fresh arrays: merging in place is safe
+    w += delta
+    return w
+
+
 def merge_weight(weight: torch.Tensor, adapter: PeftAdapter, module) -> torch.Tensor:
     """``W + scale * B @ A`` in float32 (DoRA: rescaled row-wise to the magnitude vector)."""
+    import torch
+
     w = weight.float()
     delta = adapter.delta(module)
     if tuple(delta.shape) != tuple(w.shape):
@@ -219,11 +281,13 @@ def _parse_size(size: int | str) -> int:
 
 def _write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtypes: dict, produce) -> None:
     """Write a safetensors file tensor by tensor: the header is planned from shapes/dtypes, data streamed."""
+    import torch
+
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for n in names:
         nbytes = math.prod(shapes[n]) * torch.empty((), dtype=dtypes[n]).element_size()
-        header[n] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtypes[n]], "shape": list(shapes[n]),
+        header[n] = {"dtype": dtype_name_of(dtypes[n]), "shape": list(shapes[n]),
                      "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -249,6 +313,8 @@ def merge_to_hf(adapter_dir: str | Path, out_dir: str | Path, base: str | Path |
     ``dtype``: float dtype of the saved weights (default: the base's 16-bit dtype, bfloat16 for f32 bases).
     Returns a small report dict (path, shards, bytes, notes).
     """
+    import torch
+
     from .writer import Progress
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
-import torch
 from gguf import MODEL_ARCH, MODEL_TENSOR, GGUFValueType
 from gguf import Keys
 
 from ..errors import LlmforgeError
+
+if TYPE_CHECKING:
+    import torch
 
 U32, F32, BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL
 
@@ -148,11 +150,12 @@ def rope_scaling_kvs(hp: HParams) -> list[tuple[str, Any, GGUFValueType]]:
 
 
 def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF's half-split rotary layout -> llama.cpp's interleaved pairs, per head (rows of Q or K)."""
+    """HF's half-split rotary layout -> llama.cpp's interleaved pairs, per head (rows of Q or K). Works on
+    torch tensors and numpy arrays alike (pure data movement)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-Transform = Callable[[torch.Tensor, HParams], torch.Tensor]
+Transform = Callable[[Any, HParams], Any]  # torch tensors or numpy arrays
 
 LLAMA_TRANSFORMS: dict[MODEL_TENSOR, Transform] = {
     MODEL_TENSOR.ATTN_Q: lambda w, hp: permute_rotary(w, hp.n_head),
@@ -167,6 +170,8 @@ def llama3_rope_freqs(hp: HParams) -> torch.Tensor | None:
     rope = hp.rope()
     if str(rope.get("rope_type", "")).lower() != "llama3":
         return None
+    import torch  # torch's float32 pow, as llama.cpp's converter computes it
+
     base, dim = float(rope.get("rope_theta", 10000.0)), hp.head_dim
     factor = float(rope.get("factor", 8.0))
     low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
@@ -190,6 +195,8 @@ def phi3_rope_factors(hp: HParams) -> dict[MODEL_TENSOR, torch.Tensor]:
     rope = hp.rope()
     if not rope.get("long_factor"):
         return {}
+    import torch
+
     return {MODEL_TENSOR.ROPE_FACTORS_LONG: torch.tensor(rope["long_factor"], dtype=torch.float32),
             MODEL_TENSOR.ROPE_FACTORS_SHORT: torch.tensor(rope["short_factor"], dtype=torch.float32)}
 

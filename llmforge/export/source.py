@@ -7,22 +7,88 @@ overrides :meth:`TensorSource.load`) can change tensors layer by layer without t
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ..errors import LlmforgeError
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# safetensors dtype strings -> torch dtypes (the header is read directly, so shapes/dtypes cost no tensor I/O)
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype strings -> numpy dtypes as stored (BF16: raw 16-bit words). The header is read directly,
+# so shapes/dtypes cost no tensor I/O, and reading arrays needs no torch (importing it costs ~180 MiB).
+STORED_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string (imports torch)."""
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}[name]
+
+
+def dtype_name_of(dtype: torch.dtype) -> str:
+    """The safetensors dtype string of a torch dtype."""
+    return next(n for n in STORED_DTYPES if torch_dtype(n) == dtype)
+
+
+def widen(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored array as float32 (exact for BF16/F16/F32; F64 rounds like torch's ``.float()``); other dtypes
+    as stored."""
+    if dtype == "BF16":
+        out = np.empty(raw.shape, dtype=np.float32)
+        bits = out.view(np.uint32)
+        bits[...] = raw
+        bits <<= 16
+        return out
+    if dtype in FLOAT_DTYPES:
+        return raw.astype(np.float32, copy=False)
+    return raw
+
+
+def read_array(path: Path, data_start: int, info: dict, start: int | None = None, stop: int | None = None,
+               where: str = "") -> np.ndarray:
+    """Rows ``start:stop`` (first axis; all when None) of one safetensors tensor as a numpy array of its stored
+    type, read with plain file I/O (nothing stays mapped)."""
+    shape = tuple(int(d) for d in info["shape"])
+    dtype = STORED_DTYPES[info["dtype"]]
+    row = math.prod(shape[1:]) if shape else 1
+    rows = shape[0] if shape else 1
+    start = 0 if start is None else max(0, min(start, rows))
+    stop = rows if stop is None else max(start, min(stop, rows))
+    count = (stop - start) * row
+    offset = data_start + int(info["data_offsets"][0]) + start * row * dtype.itemsize
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = np.fromfile(f, dtype=dtype, count=count)
+    except OSError as exc:
+        raise LlmforgeError(f"cannot read tensor {where!r} from {path} ({exc})",
+                            hint="re-download or re-save the checkpoint") from exc
+    if data.size != count:
+        raise LlmforgeError(f"{path} is truncated: tensor {where!r} is incomplete",
+                            hint="re-download or re-save the checkpoint")
+    return data.reshape(((stop - start), *shape[1:]) if shape else ())
+
+
+def data_start_of(path: Path) -> int:
+    """Where a safetensors file's tensor data begins (after the 8-byte length and the JSON header)."""
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
 class TensorSource:
@@ -44,6 +110,10 @@ class TensorSource:
         """The tensor's stored dtype, without loading it."""
         raise NotImplementedError
 
+    def dtype_name(self, name: str) -> str:
+        """The stored dtype as a safetensors string ("BF16", "F32", ...), without loading it."""
+        return dtype_name_of(self.dtype(name))
+
     def load(self, name: str) -> torch.Tensor:
         """Load one tensor into memory."""
         raise NotImplementedError
@@ -60,6 +130,26 @@ class TensorSource:
     def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (first axis) of one tensor; by default sliced from :meth:`load`."""
         return self.load(name)[start:stop]
+
+    # -- the numpy side: sources that can be read without torch say so with ``numpy_native``; the converter
+    #    then stays in numpy (float tensors come as float32) and may read row blocks in worker processes
+
+    @property
+    def numpy_native(self) -> bool:
+        """True when :meth:`load_array`/:meth:`load_rows_array` work without torch."""
+        return False
+
+    def streams_rows(self, name: str) -> bool:
+        """True when :meth:`load_rows_array` on ``name`` reads only the rows asked for (no whole-tensor work)."""
+        return self.numpy_native and self.supports_row_slices
+
+    def load_array(self, name: str) -> np.ndarray:
+        """One tensor as numpy: float dtypes as float32, others as stored; a fresh array the caller may change."""
+        t = self.load(name)
+        return t.float().numpy() if t.is_floating_point() else t.numpy()
+
+    def load_rows_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.load_array(name)[start:stop]
 
 
 def _read_header(path: Path) -> dict:
@@ -83,7 +173,7 @@ def _read_header(path: Path) -> dict:
         except (KeyError, TypeError, ValueError) as exc:
             raise LlmforgeError(f"{path}: malformed header entry for {name!r}",
                                 hint="re-download or re-save the checkpoint") from exc
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in STORED_DTYPES:
             raise LlmforgeError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         if end > data_size or start > end:
             raise LlmforgeError(f"{path} is truncated: tensor {name!r} ends at byte {8 + n + end} "
@@ -98,6 +188,7 @@ class SafetensorsSource(TensorSource):
         self.model_dir = Path(model_dir)
         self._file_of: dict[str, Path] = {}
         self._info: dict[str, dict] = {}
+        self._data_start: dict[Path, int] = {}
         for shard in self._shard_files():
             for name, info in _read_header(shard).items():
                 self._file_of[name] = shard
@@ -133,7 +224,27 @@ class SafetensorsSource(TensorSource):
         return tuple(self._info[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self._info[name]["dtype"]]
+        return torch_dtype(self._info[name]["dtype"])
+
+    def dtype_name(self, name: str) -> str:
+        return self._info[name]["dtype"]
+
+    @property
+    def numpy_native(self) -> bool:
+        return self.supports_row_slices  # a subclass that changes load() keeps the torch path
+
+    def _read(self, name: str, start: int | None, stop: int | None) -> np.ndarray:
+        path = self._file_of[name]
+        if path not in self._data_start:
+            self._data_start[path] = data_start_of(path)
+        info = self._info[name]
+        return widen(read_array(path, self._data_start[path], info, start, stop, name), info["dtype"])
+
+    def load_array(self, name: str) -> np.ndarray:
+        return self._read(name, None, None)
+
+    def load_rows_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._read(name, start, stop)
 
     def load(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from gguf.quants import quant_shape_to_byte_shape
 from ..atomic import atomic_path
 from ..errors import LlmforgeError
 from .gguf_header import read_header
+from .parallel import Item as Chunk
+from .parallel import in_order
 
 QUANTIZATION_VERSION = 2
 
@@ -133,42 +135,61 @@ class StreamingGGUFWriter:
         self._names.add(name)
         return planned
 
-    def write(self, target: str | Path, produce: Callable[[PlannedTensor], np.ndarray | Iterable[np.ndarray]], *,
-              progress: bool = True) -> WriteResult:
+    def write(self, target: str | Path, produce: Callable[[PlannedTensor], np.ndarray | Iterable[Chunk]], *,
+              progress: bool = True, window: int = 0) -> WriteResult:
         """Write the file atomically; ``produce(t)`` returns t's data (float array or packed uint8 bytes),
-        or an iterable of consecutive row blocks of it (so a big tensor never has to be in memory whole)."""
+        or an iterable of consecutive row blocks of it (so a big tensor never has to be in memory whole).
+        Blocks may be futures (of an array or a list of arrays): up to ``window`` of them stay in flight,
+        over tensor boundaries, while earlier blocks are written in file order."""
         target = Path(target)
         with atomic_path(target) as tmp:
             for t in self.tensors:
                 self.gguf.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
             try:
-                self._write_all(tmp, target, produce, progress)
+                self._write_all(tmp, target, produce, progress, window)
             finally:
                 self.gguf.close()  # also on failure, so the temp file's handle is released before removal
             checks = [verify_gguf(tmp, self.tensors)]
             size = tmp.stat().st_size
         return WriteResult(target, len(self.tensors), size, checks)
 
-    def _write_all(self, tmp: Path, target: Path, produce: Callable[[PlannedTensor], np.ndarray | Iterable[np.ndarray]],
-                   progress: bool) -> None:
-        self.gguf.write_header_to_file(path=tmp)
+    def write_header(self, path: Path) -> None:
+        """Header, KVs and tensor infos (called by :meth:`write`)."""
+        self.gguf.write_header_to_file(path=path)
         self.gguf.write_kv_data_to_file()
         self.gguf.write_ti_data_to_file()
+
+    def _write_all(self, tmp: Path, target: Path, produce: Callable[[PlannedTensor], np.ndarray | Iterable[Chunk]],
+                   progress: bool, window: int) -> None:
+        self.write_header(tmp)
         bar = Progress(len(self.tensors), f"writing {target.name}", progress)
         fout = self.gguf.fout[0]
-        for i, t in enumerate(self.tensors, 1):
-            produced = produce(t)
-            chunks = [produced] if isinstance(produced, np.ndarray) else produced
-            self.gguf.write_padding(fout, fout.tell())
-            written = 0
-            for chunk in chunks:
+
+        def streams() -> Iterator[Iterable[Chunk]]:
+            for t in self.tensors:
+                produced = produce(t)
+                yield [produced] if isinstance(produced, np.ndarray) else produced
+
+        current, written = -1, 0
+        for index, chunk in in_order(streams(), window):
+            if chunk is None:  # tensor ``index`` starts
+                if current >= 0:
+                    self._finish_tensor(fout, self.tensors[current], written)
+                    bar.update(current + 1, self.tensors[current].name)
+                current, written = index, 0
+                self.gguf.write_padding(fout, fout.tell())
+            else:
                 written += self._write_chunk(fout, chunk)
-            if written != t.nbytes:
-                raise RuntimeError(f"{t.name}: produced {written} bytes, planned {t.nbytes} "
-                                   f"({t.qtype.name} {t.shape})")
-            self.gguf.write_padding(fout, written)
-            bar.update(i, t.name)
+        if current >= 0:
+            self._finish_tensor(fout, self.tensors[current], written)
+            bar.update(current + 1, self.tensors[current].name)
         self.gguf.tensors = [{}]  # all data written (GGUFWriter.close() checks nothing else)
+
+    def _finish_tensor(self, fout, t: PlannedTensor, written: int) -> None:
+        if written != t.nbytes:
+            raise RuntimeError(f"{t.name}: produced {written} bytes, planned {t.nbytes} "
+                               f"({t.qtype.name} {t.shape})")
+        self.gguf.write_padding(fout, written)
 
     @staticmethod
     def _write_chunk(fout, chunk: np.ndarray) -> int:

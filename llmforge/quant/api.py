@@ -92,11 +92,12 @@ def check_finite(data: np.ndarray, name: str) -> None:
 
 
 def quantize_array(data: np.ndarray, qtype: T, importance: np.ndarray | None = None, *,
-                   name: str = "tensor") -> np.ndarray:
+                   name: str = "tensor", threads: int | None = None) -> np.ndarray:
     """Pack float32 ``data`` (rows x cols) into ``qtype``'s bytes, exactly as llama.cpp does.
 
     ``importance``: per-column importance (llama.cpp imatrix entry, already divided by its counts) for
     K-types and Q4_0/Q4_1/Q5_0/Q5_1; ignored by Q8_0 and float types, as in llama.cpp.
+    ``threads``: K-quant worker processes (default: all usable cores; pass 1 inside a worker process).
     """
     data = np.ascontiguousarray(data, dtype=np.float32)
     check_finite(data, name)
@@ -105,7 +106,7 @@ def quantize_array(data: np.ndarray, qtype: T, importance: np.ndarray | None = N
     if qtype == T.F16:
         return data.astype(np.float16)
     if qtype in K_TYPES:
-        return quantize_k(data, qtype, importance)
+        return quantize_k(data, qtype, importance, threads=threads)
     if importance is not None and qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
         from .legacy_weighted import quantize_legacy_weighted
 

@@ -1,0 +1,98 @@
+"""Forked worker processes for the converter: each job reads, merges and packs one row block in a worker, the
+parent only writes finished blocks in file order.
+
+Workers are forked once per conversion, after the tensor plan exists and before the vocabulary is read, so they
+inherit the source (file names, adapter factors' locations) and share the parent's pages; a job is sent as a
+few integers and only packed bytes travel back. This is used for numpy-native sources only: the workers never
+import torch (forking a process whose OpenMP pool has run is not safe for the child's own OpenMP use).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+
+_TASK: Callable[..., Any] | None = None
+
+
+def _run(*args: Any) -> Any:
+    assert _TASK is not None, "worker forked without a task"
+    return _TASK(*args)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class ForkWorkers:
+    """``workers`` forked processes running ``task(*args)``; the task is inherited through fork, not pickled.
+
+    One instance at a time per process (the task lives in a module global while the pool exists)."""
+
+    def __init__(self, task: Callable[..., Any], workers: int):
+        global _TASK
+        if _TASK is not None:
+            raise RuntimeError("another ForkWorkers pool is open in this process")
+        _TASK = task
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        self._pool.submit(_ready).result()  # fork now, while the parent is small
+
+    def submit(self, *args: Any) -> Future:
+        return self._pool.submit(_run, *args)
+
+    def close(self) -> None:
+        global _TASK
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        _TASK = None
+
+    def __enter__(self) -> ForkWorkers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+Item = np.ndarray | Future
+
+
+def in_order(streams: Iterable[Iterable[Item]], window: int) -> Iterator[tuple[int, np.ndarray | None]]:
+    """Flatten per-tensor streams of arrays and futures into ``(tensor index, array)`` in order, resolving
+    futures as late as possible: up to ``window`` futures are in flight while earlier ones are written.
+
+    Each tensor starts with ``(index, None)`` (so empty tensors are seen too); a future may resolve to one
+    array or a list of consecutive arrays."""
+    pending: deque[tuple[int, Item | None]] = deque()
+    in_flight = 0
+
+    def drain(limit: int) -> Iterator[tuple[int, np.ndarray | None]]:
+        nonlocal in_flight
+        while pending and (in_flight > limit or not isinstance(pending[0][1], Future)):
+            index, item = pending.popleft()
+            if isinstance(item, Future):
+                in_flight -= 1
+                result = item.result()
+                for array in (result if isinstance(result, list) else [result]):
+                    yield index, array
+            else:
+                yield index, item
+
+    for index, stream in enumerate(streams):
+        pending.append((index, None))
+        for item in stream:
+            pending.append((index, item))
+            if isinstance(item, Future):
+                in_flight += 1
+            yield from drain(window)
+        yield from drain(window)
+    yield from drain(-1)
