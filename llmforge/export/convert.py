@@ -172,7 +172,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
         # forked before the vocabulary is read: the workers share a small parent
         pool = ForkWorkers(jobs.run_in_worker, workers) if workers > 1 else None
         jobs.threads = 1 if threads == 1 else None
-        produce = jobs.producer(pool)
+        produce = jobs.producer(pool, prime=2 * workers)
     else:
         pool = None
         produce = _torch_producer(source, spec, hp, importance)
@@ -279,9 +279,18 @@ class ArrayJobs:
         self.threads = 1
         return self.encode(index, rows)
 
-    def producer(self, pool: ForkWorkers | None):
-        """``produce`` for the writer: packed blocks, or futures of them when ``pool`` runs."""
+    def producer(self, pool: ForkWorkers | None, prime: int = 0):
+        """``produce`` for the writer: packed blocks, or futures of them when ``pool`` runs. The first ``prime``
+        jobs are submitted now, so the workers start while the parent reads the vocabulary."""
         index_of = {t.name: i for i, t in enumerate(self.tensors)}
+        primed: dict[tuple[int, Any], Any] = {}
+        if pool is not None:
+            for i, t in enumerate(self.tensors):
+                if len(primed) >= prime:
+                    break
+                if t.n_elements > INLINE_ELEMENTS:
+                    for rows in self.blocks(t)[:prime - len(primed)]:
+                        primed[(i, rows)] = pool.submit(i, rows)
 
         def produce(t: PlannedTensor) -> Iterator[Any]:
             i = index_of[t.name]
@@ -289,7 +298,7 @@ class ArrayJobs:
                 if pool is None or t.n_elements <= INLINE_ELEMENTS:
                     yield from self.encode(i, rows)
                 else:
-                    yield pool.submit(i, rows)
+                    yield primed.pop((i, rows), None) or pool.submit(i, rows)
 
         return produce
 
