@@ -232,8 +232,10 @@ class LoRAMLPFunction(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, one autograd node.
 
     ``spec`` = ((gate, up, down) as (base, quant_state), (scales), kind, (gate/up cache, down cache) or None);
-    ``adapters`` = gate A, gate B, up A, up B, down A, down B. The activation is saved rather than
-    recomputed: it is alive during the down projection's backward either way, so the peak does not grow.
+    ``adapters`` = gate A, gate B, up A, up B, down A, down B. Gate and up are dequantized in one launch.
+    The pre-activations and the activation are kept on ``ctx`` (not saved tensors) so backward can drop
+    each as soon as it is used: the activation is saved rather than recomputed, and it is freed before the
+    gate/up weights are dequantized, so the backward peak does not grow.
     """
 
     @staticmethod
@@ -244,21 +246,27 @@ class LoRAMLPFunction(torch.autograd.Function):
         gu = _adapters(caches and caches[0], adapters[:4], scales[:2], dtype)
         dn = _adapters(caches and caches[1], adapters[4:], scales[2:], dtype)
         xa = torch.mm(x2, gu.a.t())
-        # gate and up dequantized one at a time: holding both would raise the peak
-        e = _lora_forward(x2, dense_weights(bases[:1], dtype)[0], gu.columns(xa, 0), gu.bs[0])
-        g = _lora_forward(x2, dense_weights(bases[1:2], dtype)[0], gu.columns(xa, 1), gu.bs[1])
+        wg, wu = dense_weights(bases[:2], dtype)
+        e = _lora_forward(x2, wg, gu.columns(xa, 0), gu.bs[0])
+        g = _lora_forward(x2, wu, gu.columns(xa, 1), gu.bs[1])
+        del wg, wu
         h = _gated(e, g, kind)
         xa_d = torch.mm(h, dn.a.t())
         wd = dense_weights(bases[2:], dtype)[0]
         out = _output(x, wd.shape[0], dtype)
         _lora_forward(h, wd, xa_d, dn.bs[0], out=out.view(-1, wd.shape[0]))
-        ctx.save_for_backward(x2, xa, e, g, h, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
+        ctx.save_for_backward(x2, xa, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
+        ctx.activations = [e, g, h]  # dropped with ctx when no graph is built
         ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind), gu.offsets, dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, e, g, h, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
+        x2, xa, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
+        if ctx.activations is None:
+            raise RuntimeError("LoRAMLPFunction: backward through the graph a second time is not supported")
+        e, g, h = ctx.activations
+        ctx.activations = None
         bases, scales, kind = ctx.spec
         need = ctx.needs_input_grad[2:]
         dtype = ctx.dtype
@@ -266,6 +274,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy2 = _rows(dy, dtype)
         dyb_d = torch.mm(dy2, bd)
         d_down = _adapter_grads(dn, dyb_d, [dy2], h, xa_d, scales[2:], need[4:])
+        del h
         dh = torch.mm(dy2, dense_weights(bases[2:], dtype)[0]).addmm_(dyb_d, a_d)
         de, dg = _gated_grad(dh, e, g, kind)  # reuses e's and g's memory
         del dh, e, g
@@ -273,8 +282,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         d_gate_up = _adapter_grads(gu, dyb, [de, dg], x2, xa, scales[:2], need[:4])
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(de, dense_weights(bases[:1], dtype)[0])
-            dx.addmm_(dg, dense_weights(bases[1:2], dtype)[0])
+            wg, wu = dense_weights(bases[:2], dtype)
+            dx = torch.mm(de, wg)
+            dx.addmm_(dg, wu)
             dx.addmm_(dyb, a_gu)
             dx = dx.view(*dy.shape[:-1], x2.shape[-1])
         return (dx, None, *d_gate_up, *d_down)

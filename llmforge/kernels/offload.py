@@ -1,15 +1,71 @@
 """Offloaded gradient checkpointing: each checkpointed layer's input is copied asynchronously to pinned
 CPU memory in forward and brought back to recompute the layer in backward, so GPU memory holds no
-per-layer activations between the passes."""
+per-layer activations between the passes. The copies run on a side stream so they overlap compute; in
+backward the next layer's input is prefetched while the current one is recomputed (one layer input of
+extra device memory)."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 import torch.utils.checkpoint
 
 MIN_OFFLOAD_BYTES = 2 << 20  # smaller inputs stay on the device: the copy costs more than it saves
+
+
+class _Offloaded:
+    """One layer input kept in pinned CPU memory. Both copies run on a side stream, off the compute stream:
+    the device-to-host copy overlaps the layer's forward, and in backward the host-to-device copy of the
+    layer that comes next (the one before in forward order, ``prev``) overlaps this layer's recompute."""
+    __slots__ = ("host", "device", "prev", "fetched", "ready", "__weakref__")
+
+    def __init__(self, hidden: torch.Tensor, prev: "_Offloaded | None"):
+        compute = torch.cuda.current_stream(hidden.device)
+        side = _side_stream(hidden.device)
+        side.wait_stream(compute)  # hidden is complete
+        with torch.cuda.stream(side):
+            self.host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
+            self.host.copy_(hidden, non_blocking=True)
+        hidden.record_stream(side)  # its memory is not reused before the copy is done
+        self.device = hidden.device
+        self.prev = weakref.ref(prev) if prev is not None else None
+        self.fetched: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    def prefetch(self) -> None:
+        """Start the host-to-device copy on the side stream (after the device-to-host one: same stream)."""
+        if self.fetched is None and self.host is not None:
+            with torch.cuda.stream(_side_stream(self.device)):
+                self.fetched = self.host.to(self.device, non_blocking=True)
+                self.ready = torch.cuda.Event()
+                self.ready.record()
+            self.host = None
+
+    def take(self) -> torch.Tensor:
+        """The input back on the device, usable on the compute stream; starts the previous layer's copy."""
+        self.prefetch()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(self.ready)
+        hidden, self.fetched, self.ready = self.fetched, None, None
+        hidden.record_stream(compute)  # allocated on the side stream, used and freed on the compute stream
+        prev = self.prev() if self.prev is not None else None
+        self.prev = None
+        if prev is not None:
+            prev.prefetch()
+        return hidden
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_LAST: dict[torch.device, "weakref.ref[_Offloaded]"] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -19,21 +75,23 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.device = hidden.device
         ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
                         for dev in {"cpu", hidden.device.type}]
+        if hidden.is_cuda and hidden.numel() * hidden.element_size() >= MIN_OFFLOAD_BYTES:
+            last = _LAST.get(hidden.device)
+            ctx.offloaded = _Offloaded(hidden, last() if last is not None else None)
+            _LAST[hidden.device] = weakref.ref(ctx.offloaded)
+            ctx.saved_input = None
+        else:
+            ctx.offloaded, ctx.saved_input = None, hidden.detach()
         with torch.no_grad():
             out = run(hidden, *args)
-        if hidden.is_cuda and hidden.numel() * hidden.element_size() >= MIN_OFFLOAD_BYTES:
-            saved = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
-            saved.copy_(hidden, non_blocking=True)
-        else:
-            saved = hidden.detach()
-        ctx.saved_input = saved
         ctx.input_requires_grad = hidden.requires_grad
         return out
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden = ctx.saved_input.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
-        ctx.saved_input = None
+        source = ctx.offloaded.take() if ctx.offloaded is not None else ctx.saved_input
+        ctx.offloaded = ctx.saved_input = None
+        hidden = source.detach().requires_grad_(True)
         with torch.enable_grad(), _autocast_as(ctx.autocast):
             out = ctx.run(hidden, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)

@@ -350,11 +350,11 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     checkpointing before or after is both fine. Unsupported architectures are reported, not patched.
     ``cache_adapter_casts``: keep the compute-dtype copies of the LoRA weights from one forward to the next
     until the weights change (one cast per step instead of one per pass, for 2 bytes per LoRA parameter
-    held all the time); None = the ``LLMFORGE_ADAPTER_CACHE=1`` environment switch, off by default.
-    Either way backward reuses the forward's copies.
+    held all the time, ~22 MB at 1B r=16); None = on unless ``LLMFORGE_ADAPTER_CACHE=0``. Either way
+    backward reuses the forward's copies.
     """
     if cache_adapter_casts is None:
-        cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE") == "1"
+        cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE", "1") != "0"
     cache_casts = bool(cache_adapter_casts)
     base = _base_model(model)
     config = base.config
