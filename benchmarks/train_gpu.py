@@ -267,7 +267,10 @@ def profile(args) -> int:
         torch.cuda.synchronize()
     A.log(f"PROFILE {args.stack}-{args.size} batch {args.batch} seq {args.seq}: step {wall * 1000:.1f} ms, "
           f"{args.batch * args.seq / wall:,.0f} tokens/s")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    print("HOST: by self CPU time")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=90))
     return 0
 
 
