@@ -37,17 +37,18 @@ def variants():
                    dict(LOGITS=dtype, stride="i32", LABELS="*i64", LOSS="*fp32", n_vocab="i32", softcap="fp32",
                         ignore_index="i32"), dict(HAS_SOFTCAP=cap, BLOCK=4096))
         for double in (True, False):
-            for nseg in (1, 3):  # one weight, and Q/K/V in one launch
+            kernels = {1: nf4._nf4_dequant, 2: nf4._nf4_dequant2, 3: nf4._nf4_dequant3}
+            for nseg, kernel in kernels.items():  # one weight; gate+up; Q/K/V
                 seg = dict(P="*u8", A="*u8" if double else "*fp32", C="*fp32", M="*fp32", F="*fp32", Q="*fp32",
                            O=dtype)
                 sig = {}
-                for i in range(3):
+                for i in range(nseg):
                     sig.update({f"{k}{i}": v for k, v in seg.items()})
                     sig[f"n{i}"] = "i32"
                     if i:
                         sig[f"start{i}"] = "i32"
-                yield (f"nf4_dequant {dtype} double={double} segments={nseg}", nf4._nf4_dequant, sig,
-                       dict(blocksize=64, blocksize2=256, DOUBLE=double, NSEG=nseg, ROWS=nf4._rows_per_program(64)))
+                yield (f"nf4_dequant {dtype} double={double} segments={nseg}", kernel, sig,
+                       dict(blocksize=64, blocksize2=256, DOUBLE=double, ROWS=nf4._rows_per_program(64)))
 
 
 def main() -> None:

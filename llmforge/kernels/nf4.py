@@ -51,22 +51,34 @@ if triton_importable():
         out_idx = rows[:, None] * blocksize + tl.arange(0, blocksize)[None, :]
         tl.store(OUT + out_idx, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=out_idx < 2 * n_bytes)
 
+    # one kernel per segment count: a launch's host cost grows with its argument count
     @triton.jit
-    def _nf4_dequant(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1,
-                     P2, A2, C2, M2, F2, Q2, O2, n2, start2,
-                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr,
-                     NSEG: tl.constexpr, ROWS: tl.constexpr):
-        """Up to three weights, programs [0, start1) for the first, [start1, start2) the second, then the third."""
+    def _nf4_dequant(P0, A0, C0, M0, F0, Q0, O0, n0, blocksize: tl.constexpr, blocksize2: tl.constexpr,
+                     DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+        _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, tl.program_id(0), n0, blocksize, blocksize2, DOUBLE, ROWS)
+
+    @triton.jit
+    def _nf4_dequant2(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1,
+                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+        """Two weights: programs [0, start1) dequantize the first, the rest the second."""
         pid = tl.program_id(0)
-        if NSEG == 1:
+        if pid < start1:
             _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, ROWS)
         else:
-            if pid < start1:
-                _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, ROWS)
-            elif pid < start2:
-                _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, ROWS)
-            else:
-                _nf4_segment(P2, A2, C2, M2, F2, Q2, O2, pid - start2, n2, blocksize, blocksize2, DOUBLE, ROWS)
+            _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, ROWS)
+
+    @triton.jit
+    def _nf4_dequant3(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1,
+                      P2, A2, C2, M2, F2, Q2, O2, n2, start2,
+                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+        """Three weights: programs [0, start1), [start1, start2) and the rest."""
+        pid = tl.program_id(0)
+        if pid < start1:
+            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, ROWS)
+        elif pid < start2:
+            _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, ROWS)
+        else:
+            _nf4_segment(P2, A2, C2, M2, F2, Q2, O2, pid - start2, n2, blocksize, blocksize2, DOUBLE, ROWS)
 
 
 def _absmax_fp32(quant_state) -> torch.Tensor:
@@ -142,14 +154,15 @@ def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtyp
         start += 2 * n_bytes
         programs.append(programs[-1] + triton.cdiv(triton.cdiv(n_bytes, blocksize // 2), rows))
     n_seg = len(segments)
-    while len(segments) < MAX_SEGMENTS:
-        segments.append(segments[0])
-        programs.append(programs[-1])
-    if programs[n_seg]:
-        s0, s1, s2 = segments
-        _nf4_dequant[(programs[n_seg],)](*s0, *s1, programs[1], *s2, programs[2],
-                                         blocksize=blocksize, blocksize2=blocksize2, DOUBLE=nested,
-                                         NSEG=n_seg, ROWS=rows)
+    if programs[-1]:
+        meta = dict(blocksize=blocksize, blocksize2=blocksize2, DOUBLE=nested, ROWS=rows)
+        grid = (programs[-1],)
+        if n_seg == 1:
+            _nf4_dequant[grid](*segments[0], **meta)
+        elif n_seg == 2:
+            _nf4_dequant2[grid](*segments[0], *segments[1], programs[1], **meta)
+        else:
+            _nf4_dequant3[grid](*segments[0], *segments[1], programs[1], *segments[2], programs[2], **meta)
     return views
 
 
