@@ -18,7 +18,7 @@ checkpointed forward and its recompute): it rebuilds them only when a parameter'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +35,7 @@ def new_step() -> None:
     _STEP[0] += 1
 
 
-@dataclass(frozen=True)
-class LoRAWeights:
+class LoRAWeights(NamedTuple):
     """One projection: frozen base weight (dense or packed NF4 with its quant state) and the adapter."""
     base: torch.Tensor
     quant_state: object | None

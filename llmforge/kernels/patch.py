@@ -145,9 +145,13 @@ class _Projection:
                 return None
             self.name = active[0]
         name = self.name
-        weight = m.base_layer.weight
-        return LoRAWeights(weight, getattr(weight, "quant_state", None), m.lora_A[name].weight,
-                           m.lora_B[name].weight, float(m.scaling[name]))
+        # looked up every call (a .to() may replace a 4-bit weight), through the module dicts directly:
+        # nn.Module.__getattr__ costs more than the rest of this method
+        modules = m._modules
+        weight = modules["base_layer"]._parameters["weight"]
+        return LoRAWeights(weight, getattr(weight, "quant_state", None),
+                           modules["lora_A"]._modules[name]._parameters["weight"],
+                           modules["lora_B"]._modules[name]._parameters["weight"], float(m.scaling[name]))
 
 
 def _cache(enabled: bool) -> AdapterCache | None:
