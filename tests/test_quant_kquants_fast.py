@@ -86,3 +86,15 @@ def test_generic_ops_really_skip_the_fast_paths(monkeypatch):
         quantize_blocks(GenericOps(), T.Q6_K, x.reshape(-1, 256))
         with pytest.raises(AssertionError, match="fast path used"):
             quantize_blocks(NumpyOps(), T.Q6_K, x.reshape(-1, 256))
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.5, np.nan], ids=["zeros", "constant", "nan"])
+def test_q3_refinement_with_nothing_to_refine(fill):
+    """Chunks where no sub-block's refinement accepts anything (the speculative rounds have no work)."""
+    x = np.full((2, 512), fill, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        got = quantize_blocks(NumpyOps(), T.Q3_K, x.reshape(-1, 256))
+        generic = quantize_blocks(GenericOps(), T.Q3_K, x.reshape(-1, 256))
+    assert np.array_equal(got, generic)
+    if not np.isnan(fill):
+        assert np.array_equal(got.reshape(2, -1), ggml_quantize(x, T.Q3_K))

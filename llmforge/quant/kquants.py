@@ -169,19 +169,127 @@ class NumpyOps:
         Only positions whose level would change get the rest of C's test (few), as flat gathers.
         ``rows``: optionally ``x`` transposed, contiguous (the caller's super-blocks), for cheap gathers.
         """
-        n = x.shape[0]
+        n, S = x.shape
         zero = np.float32(0.0)
-        L = self.clip(self.nearest_int((np.float32(-nmax) / vmax) * x), -nmax, nmax - 1)
+        L = np.empty(x.shape, dtype=np.int32)
+        sumlx = np.empty(S, dtype=np.float32)
+        suml2 = np.empty(S, dtype=np.float32)
+        acts, fs = [], []
+        for s0 in range(0, S, self.Q3_SLAB):                 # column slabs that stay in the L2 cache
+            s1 = min(S, s0 + self.Q3_SLAB)
+            act, f = self._q3_first_round(x[:, s0:s1], vmax[s0:s1], nmax, L[:, s0:s1], sumlx[s0:s1],
+                                          suml2[s0:s1])
+            acts.append(act + s0)
+            fs.append(f)
+        act, f = np.concatenate(acts), np.concatenate(fs)
+        act_live = live[act]                                # (all-zero sub-blocks are overwritten later)
+        act, f = act[act_live], f[act_live]
+        # Later rounds, for the sub-blocks that accepted something: each sweeps all 16 positions from
+        # ``pos`` (after its last accept) on, cyclically: positions pos..15 finish the current pass, and
+        # 0..pos-1 start the next one (C starts it: this pass changed something), unless this is the
+        # fifth. The next pass's positions pos..15 see the very same state as this sweep did, so without
+        # an accept anywhere in the sweep the next pass changes nothing and C's loop ends: done.
+        # Sub-block-major, with x, w, w*x and L (as float) in one array so that dropping finished
+        # sub-blocks is one gather; their results wait in home arrays for one write-back at the end.
+        pos = f + 1
+        npass = np.zeros(act.shape[0], dtype=np.intp)         # the current pass (0..4)
+        P = np.empty((4, act.shape[0], n), dtype=np.float32)
+        X = P[0]
+        if rows is None:
+            X[...] = np.take(x, act, axis=1).T
+        else:
+            np.take(rows, act, axis=0, out=X)
+        np.multiply(X, X, out=P[1])                          # w = x*x and w*x: the same roundings again
+        np.multiply(P[1], X, out=P[2])
+        P[3] = np.take(L, act, axis=1).T
+        s_lx, s_l2 = sumlx[act], suml2[act]
+        home_act, home_l, home_lx, home_l2 = act, P[3].copy(), s_lx.copy(), s_l2.copy()
+        home = np.arange(act.shape[0])
+        going = np.ones(act.shape[0], dtype=bool)
+        from_pos = np.arange(n)[None, :] >= np.arange(n + 1)[:, None]   # [pos]: positions >= pos
+        while True:
+            n_going = int(np.count_nonzero(going))
+            if n_going == 0 or n_going < 0.6 * home.shape[0]:
+                home_l[home] = P[3]
+                home_lx[home] = s_lx
+                home_l2[home] = s_l2
+                if n_going == 0:
+                    break
+                keep = np.flatnonzero(going)
+                home, pos, npass = home[keep], pos[keep], npass[keep]
+                P, s_lx, s_l2 = np.take(P, keep, axis=1), s_lx[keep], s_l2[keep]
+                going = np.ones(keep.shape[0], dtype=bool)
+            X, W, WX, LL = P
+            slx = WX * LL
+            np.subtract(s_lx[:, None], slx, out=slx)
+            sl2 = W * LL
+            sl2 *= LL
+            np.subtract(s_l2[:, None], sl2, out=sl2)
+            q = np.multiply(X, sl2)
+            q /= slx
+            nl = self.clip(self.nearest_int(q), -nmax, nmax - 1).astype(np.float32)
+            cand = nl != LL
+            cand &= slx > zero
+            cand &= going[:, None]
+            # the rest of C's test, densely (cheaper than gathers for these small arrays)
+            slx_new = WX * nl
+            slx_new += slx
+            sl2_new = W * nl
+            sl2_new *= nl
+            sl2_new += sl2
+            lhs = slx_new * slx_new
+            lhs *= s_l2[:, None]
+            rhs = np.multiply((s_lx * s_lx)[:, None], sl2_new, out=sl2)
+            cand &= lhs > rhs
+            cand &= sl2_new > zero
+            # the first accept from pos on in this pass, else from 0 in the next one (if there is one)
+            rest = from_pos[pos]
+            sel_a, r_a = self._first_per_row(cand & rest, n)
+            nxt = cand & ~rest
+            nxt &= (npass < 4)[:, None]
+            nxt[r_a] = False
+            sel_b, r_b = self._first_per_row(nxt, n)
+            npass[r_b] += 1
+            sel, r = np.concatenate((sel_a, sel_b)), np.concatenate((r_a, r_b))
+            p = sel - r * n
+            LL[r, p] = nl.ravel()[sel]
+            s_lx[r] = slx_new.ravel()[sel]
+            s_l2[r] = sl2_new.ravel()[sel]
+            pos[r] = p + 1
+            going[:] = False
+            going[r] = True
+        L[:, home_act] = home_l.T
+        sumlx[home_act] = home_lx
+        suml2[home_act] = home_l2
+        return L, sumlx, suml2
+
+    @staticmethod
+    def _first_per_row(mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Flat index and row of the first True in each row of a (rows, n) mask that has one."""
+        idx = np.flatnonzero(mask)
+        r = idx // n
+        first = np.ones(r.shape[0], dtype=bool)
+        np.not_equal(r[1:], r[:-1], out=first[1:])
+        return idx[first], r[first]
+
+    Q3_SLAB = 4096
+
+    def _q3_first_round(self, x: np.ndarray, vmax: np.ndarray, nmax: int, L: np.ndarray, sumlx: np.ndarray,
+                        suml2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """make_q3_quants' start and the first round of its first pass over the columns of ``x``, into
+        ``L``/``sumlx``/``suml2``: (the sub-blocks with an accept, the position of their first one)."""
+        zero = np.float32(0.0)
+        S = x.shape[1]
+        L[...] = self.clip(self.nearest_int((np.float32(-nmax) / vmax) * x), -nmax, nmax - 1)
         w = x * x
         wx = w * x
         lf = L.astype(np.float32)
         t1 = wx * lf
-        sumlx = np.add.reduce(t1, axis=0, initial=zero)
+        np.add.reduce(t1, axis=0, initial=zero, out=sumlx)
         t2 = w * lf
         t2 *= lf
-        suml2 = np.add.reduce(t2, axis=0, initial=zero)
-        # first round, all sub-blocks position-major; it starts from the initial sums' own terms:
-        # slx = sumlx - w*x*L, sl2 = suml2 - w*L*L
+        np.add.reduce(t2, axis=0, initial=zero, out=suml2)
+        # the first pass starts from the initial sums' own terms: slx = sumlx - w*x*L, sl2 = suml2 - w*L*L
         slx = np.subtract(sumlx, t1, out=t1)
         sl2 = np.subtract(suml2, t2, out=t2)
         q = np.multiply(x, sl2, out=lf)
@@ -189,80 +297,13 @@ class NumpyOps:
         new_l = self.clip(self.nearest_int(q), -nmax, nmax - 1)
         cand = new_l != L
         cand &= slx > zero
-        S = x.shape[1]
         idx, slx_new, sl2_new = self._q3_test(np.flatnonzero(cand), S, new_l, slx, sl2, wx, w, sumlx, suml2)
-        cols = idx % S
-        act, first = np.unique(cols, return_index=True)    # flat order is position-major: the lowest one
+        act, first = np.unique(idx % S, return_index=True)  # flat order is position-major: the lowest one
         f = idx[first] // S
         L[f, act] = new_l.ravel()[idx[first]]
         sumlx[act] = slx_new[first]
         suml2[act] = sl2_new[first]
-        act_live = live[act]                                # (all-zero sub-blocks are overwritten later)
-        act, f = act[act_live], f[act_live]
-        # later rounds: the few sub-blocks still going, sub-block-major, x, w, w*x and L (its bits) in
-        # one array so that dropping finished sub-blocks is one row gather
-        pos = f + 1                                         # next position of the current pass
-        npass = np.zeros(act.shape[0], dtype=np.intp)
-        changed = np.ones(act.shape[0], dtype=bool)
-        P = np.empty((act.shape[0], 4, n), dtype=np.float32)
-        X = P[:, 0]
-        if rows is None:
-            X[...] = np.take(x, act, axis=1).T
-        else:
-            np.take(rows, act, axis=0, out=X)
-        np.multiply(X, X, out=P[:, 1])                       # w = x*x and w*x: the same roundings again
-        np.multiply(P[:, 1], X, out=P[:, 2])
-        P[:, 3] = np.take(L.view(np.float32), act, axis=1).T
-        s_lx, s_l2 = sumlx[act], suml2[act]
-        positions = np.arange(n)
-        while True:
-            # a pass is over where nothing more was accepted or its last position was: C starts another
-            # only after changes, and makes at most 5; finished sub-blocks keep pos == n
-            again = pos == n
-            again &= changed
-            again &= npass < 4
-            npass += again
-            pos[again] = 0
-            changed &= ~again
-            going = pos < n
-            n_going = int(np.count_nonzero(going))
-            if n_going == 0:
-                break
-            if n_going < 0.6 * act.shape[0]:
-                keep = np.flatnonzero(going)
-                act, pos, npass, changed = act[keep], pos[keep], npass[keep], changed[keep]
-                P, s_lx, s_l2 = P[keep], s_lx[keep], s_l2[keep]
-            X, W, WX, LL = P[:, 0], P[:, 1], P[:, 2], P[:, 3].view(np.int32)
-            q = LL.astype(np.float32)
-            slx = WX * q
-            np.subtract(s_lx[:, None], slx, out=slx)
-            sl2 = W * q
-            sl2 *= q
-            np.subtract(s_l2[:, None], sl2, out=sl2)
-            np.multiply(X, sl2, out=q)
-            q /= slx
-            new_l = self.clip(self.nearest_int(q), -nmax, nmax - 1)
-            cand = new_l != LL
-            cand &= slx > zero
-            cand &= positions >= pos[:, None]
-            idx, slx_new, sl2_new = self._q3_test(np.flatnonzero(cand), n, new_l, slx, sl2, WX, W, s_lx, s_l2,
-                                                  sub_major=True)
-            r = idx // n                                    # flat order is sub-block-major: first = lowest
-            first = np.ones(r.shape[0], dtype=bool)
-            np.not_equal(r[1:], r[:-1], out=first[1:])
-            sel, r, slx_new, sl2_new = idx[first], r[first], slx_new[first], sl2_new[first]
-            p = sel - r * n
-            level = new_l.ravel()[sel]
-            LL[r, p] = level
-            L[p, act[r]] = level
-            s_lx[r] = slx_new
-            s_l2[r] = sl2_new
-            sumlx[act[r]] = slx_new
-            suml2[act[r]] = sl2_new
-            changed[r] = True
-            pos[:] = n                                      # no accept: this pass is over
-            pos[r] = p + 1
-        return L, sumlx, suml2
+        return act, f
 
     @staticmethod
     def _q3_test(idx: np.ndarray, n: int, new_l: np.ndarray, slx: np.ndarray, sl2: np.ndarray, wx: np.ndarray,
@@ -854,9 +895,10 @@ def quantize_blocks(ops: Any, qtype: T, blocks: Any, qw: Any | None = None) -> n
 
 _NUMPY = NumpyOps()
 CHUNK_BLOCKS = 512
-# Q3_K's refinement passes run many small ops over few sub-blocks: larger chunks amortise the per-op cost
-# (measured 1-core: 1024 blocks 15% faster than 512 for Q3_K, slower for the other types)
-_CHUNK_SCALE: dict[T, int] = {T.Q3_K: 2}
+# unweighted Q3_K's refinement rounds run many small ops over few sub-blocks: larger chunks amortise the
+# per-op cost (measured 1-core: 1024 blocks a few % faster than 512; slower for the others, Q3_K imatrix
+# included, 15%)
+_CHUNK_SCALE: dict[tuple[T, bool], int] = {(T.Q3_K, False): 2}
 _MALLOC_TUNED = False
 
 
@@ -906,7 +948,7 @@ def _block_weights(importance: np.ndarray | None, data_shape: tuple[int, ...]) -
 def _quantize_range(qtype: T, blocks: np.ndarray, weights: np.ndarray | None, chunk: int) -> np.ndarray:
     """Quantize a run of super-blocks ``chunk`` at a time (runs in a worker process or inline)."""
     out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
-    chunk *= _CHUNK_SCALE.get(qtype, 1)
+    chunk *= _CHUNK_SCALE.get((qtype, weights is not None), 1)
     with np.errstate(all="ignore"):
         for start in range(0, blocks.shape[0], chunk):
             stop = min(start + chunk, blocks.shape[0])
