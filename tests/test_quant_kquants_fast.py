@@ -1,5 +1,5 @@
-"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_fit) give the bytes
-of the generic backend-neutral code and of llama.cpp, on inputs made to produce near-ties."""
+"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_fit / requant) give
+the bytes of the generic backend-neutral code and of llama.cpp, on inputs made to produce near-ties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from llmforge.quant import kquants
-from llmforge.quant.kquants import NumpyOps, quantize_blocks
+from llmforge.quant.kquants import K_TYPES, NumpyOps, quantize_blocks
 from quant_oracle import ggml_quantize
 
 
@@ -18,6 +18,7 @@ class GenericOps(NumpyOps):
     signed_max = None
     qx_search = None
     q3_fit = None
+    requant = None
 
 
 def adversarial(seed: int = 0, rows: int = 8, cols: int = 2048) -> np.ndarray:
@@ -56,7 +57,7 @@ def adversarial(seed: int = 0, rows: int = 8, cols: int = 2048) -> np.ndarray:
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("qtype", [T.Q3_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_fast_paths_match_generic_code_and_ggml(qtype, weighted):
     x = adversarial()
     rng = np.random.default_rng(2)
@@ -78,7 +79,7 @@ def test_generic_ops_really_skip_the_fast_paths(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("fast path used")
 
-    for name in ("signed_max", "qx_search", "q3_fit"):
+    for name in ("signed_max", "qx_search", "q3_fit", "requant"):
         monkeypatch.setattr(NumpyOps, name, boom, raising=False)
     x = adversarial(rows=1, cols=512)
     with np.errstate(all="ignore"):

@@ -323,6 +323,23 @@ class NumpyOps:
         ok &= sl2_new > np.float32(0.0)
         return idx[ok], slx_new[ok], sl2_new[ok]
 
+    def requant(self, x: np.ndarray, L: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
+                offset: int) -> np.ndarray:
+        """``_requant`` in fewer passes: nearest_int's ``- 0x400000`` and the offset are one subtraction,
+        the offset clip one ``np.clip``, and the ``d == 0`` fallback only where some d is 0."""
+        num = np.divide(x, d) if dm is None else np.add(x, dm)
+        if dm is not None:
+            num /= d
+        num += np.float32(_MAGIC)
+        l = num.view(np.int32)
+        l &= 0x7FFFFF
+        l -= 0x400000 - offset
+        np.clip(l, lo + offset, hi + offset, out=l)
+        zero_d = d == np.float32(0.0)
+        if zero_d.any():
+            np.copyto(l, L, where=np.broadcast_to(zero_d, l.shape))
+        return l
+
     def qx_search(self, x: np.ndarray, w: np.ndarray, wx: np.ndarray, vmax: np.ndarray, nmax: int,
                   factors: list[np.float32]) -> tuple[np.ndarray, np.ndarray]:
         """make_qx_quants' trial loop: (scale, winning iscale). The trial sums go into (k, S) arrays
@@ -620,6 +637,9 @@ def _block_sum_x2(ops: Any, blocks: Any) -> Any:
 
 def _requant(ops: Any, x: Any, L: Any, d: Any, dm: Any | None, lo: int, hi: int, offset: int) -> Any:
     """Second pass: re-quantize each sub-block with its decoded scale ``d`` (keep L where d == 0)."""
+    fast = getattr(ops, "requant", None)
+    if fast is not None:
+        return fast(x, L, d, dm, lo, hi, offset)
     num = x if dm is None else x + dm
     l = ops.clip(ops.nearest_int(num / d), lo, hi) + offset
     return ops.where(d == ops.const(0.0), L, l)
