@@ -7,6 +7,9 @@ llmforge: ``llmforge convert adapter/ -q q4_k_m`` (streaming merge + native K-qu
 Model: Qwen2-0.5B shape (hidden 896, 24 layers, ffn 4864, 14/2 heads, vocab 151,936, tied), random bf16
 weights on the qwen2 fixture tokenizer; adapter: rank 16, alpha 16, all 7 linear projections, random factors.
 Every step runs in its own process; peak memory (PSS, summed) is polled (psutil, 20 ms) over the process tree.
+Threads: llama.cpp's quantize gets ``--threads``; llmforge's worker processes follow the CPU affinity, which is
+limited to the first ``--threads`` CPUs for its step (the default, all CPUs, changes nothing). The load average
+is printed before and after: on a shared machine, compare the two routes of one run, not runs.
 
 Usage: .venv/bin/python benchmarks/adapter_convert.py [--workdir DIR] [--small] [--threads N]
 """
@@ -73,14 +76,16 @@ QUANTIZE = textwrap.dedent("""
 """)
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def run_measured(cmd: list[str], env: dict | None = None, cpus: set[int] | None = None) -> tuple[float, int]:
     """Run ``cmd``; return (wall seconds, peak memory in bytes over the process and its children).
 
     Memory is the sum of PSS (proportional set size): forked worker processes share their parent's pages,
     and summing their RSS would count those pages once per worker. For a single process PSS ~ RSS.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=pin)
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -126,6 +131,7 @@ def main() -> None:
         subprocess.run([PY, "-c", SETUP.format(tests=str(REPO / "tests")), str(base), str(adapter),
                         "1" if args.small else "0"], check=True, stdout=subprocess.DEVNULL)
     src = llama_cpp_source(work)
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     base_mb = tree_bytes(base) / 2**20
 
     # the usual route, three processes, two intermediates
@@ -145,25 +151,28 @@ def main() -> None:
         wall, peak = run_measured(cmd, step_env)
         usual_wall += wall
         usual_peak = max(usual_peak, peak)
-        print(f"  usual: {label:<42} {wall:7.1f} s  peak RSS {peak / 2**20:7.0f} MiB", file=sys.stderr)
+        print(f"  usual: {label:<42} {wall:7.1f} s  peak PSS {peak / 2**20:7.0f} MiB", file=sys.stderr)
     usual_disk = tree_bytes(route)
 
     ours_dir = work / "llmforge"
     subprocess.run(["rm", "-rf", str(ours_dir)], check=True)
     ours_dir.mkdir()
     ours_out = ours_dir / "model-q4_k_m.gguf"
+    available = sorted(os.sched_getaffinity(0))
+    cpus = set(available[:args.threads]) if args.threads < len(available) else None
     ours_wall, ours_peak = run_measured([PY, "-m", "llmforge.cli", "convert", str(adapter), "-q", "q4_k_m",
-                                         "-o", str(ours_out)], dict(os.environ, PYTHONPATH=str(REPO)))
+                                         "-o", str(ours_out)], dict(os.environ, PYTHONPATH=str(REPO)), cpus)
     ours_disk = tree_bytes(ours_dir)
 
     print(f"adapter -> q4_k_m, base {base_mb:.0f} MiB bf16 ({'small' if args.small else 'Qwen2-0.5B shape'}), "
-          f"rank-16 all-linear adapter, {args.threads} threads")
-    print(f"{'':<10} {'wall s':>8} {'peak RSS MiB':>13} {'disk written MiB':>17} {'intermediate files':>19}")
+          f"rank-16 all-linear adapter, {args.threads} threads; load average before {load_before}, "
+          f"after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'':<10} {'wall s':>8} {'peak PSS MiB':>13} {'disk written MiB':>17} {'intermediate files':>19}")
     print(f"{'usual':<10} {usual_wall:8.1f} {usual_peak / 2**20:13.0f} {usual_disk / 2**20:17.0f} "
           f"{'2 (merged/, bf16 .gguf)':>19}")
     print(f"{'llmforge':<10} {ours_wall:8.1f} {ours_peak / 2**20:13.0f} {ours_disk / 2**20:17.0f} {'0':>19}")
-    print(f"ratios llmforge/usual: wall {ours_wall / usual_wall:.2f}x, peak RSS {ours_peak / usual_peak:.2f}x, "
-          f"disk written {ours_disk / usual_disk:.2f}x  (targets: <= 0.5x wall, <= 0.25x RSS)")
+    print(f"ratios llmforge/usual: wall {ours_wall / usual_wall:.2f}x, peak PSS {ours_peak / usual_peak:.2f}x, "
+          f"disk written {ours_disk / usual_disk:.2f}x  (targets: <= 0.5x wall, <= 0.25x memory)")
 
 
 if __name__ == "__main__":

@@ -259,9 +259,11 @@ def _load_vocab(tok_dir: Path, vocab_size: int) -> VocabData:
         raise LlmforgeError(f"unsupported tokenizer in {tok_dir}",
                             hint="llmforge reads byte-level BPE tokenizer.json, SentencePiece tokenizer.model, "
                                  "or Gemma-style BPE")
+    merges = _merges(tj) if load_merges else None
+    del tj, tok  # ~100 MB of parsed JSON and Rust tokenizer: gone before SpecialVocab parses the file again
     data.special = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=len(data.tokens))
-    if load_merges:
-        data.special.merges = _merges(tj)
+    if merges is not None:
+        data.special.merges = merges
     if data.model == "gemma4":
         data.special.add_special_token["bos"] = True
     return data
