@@ -23,8 +23,9 @@ from ..atomic import check_output_dir
 from ..errors import LlmforgeError
 from ..quant import mixtures
 from ..quant.api import TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_ftype
+from ..quant.kquants import default_workers
 from .registry import ArchSpec, HParams, find_arch, metadata
-from .parallel import ForkWorkers, default_workers
+from .parallel import ForkWorkers
 from .source import SafetensorsSource, TensorSource
 from .tokenizer import add_vocab_to_gguf, load_vocab
 from .writer import QUANTIZATION_VERSION, PlannedTensor, StreamingGGUFWriter, check_disk_space

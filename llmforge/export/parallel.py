@@ -52,10 +52,6 @@ def single_threaded_blas() -> bool:
     return False
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class ForkWorkers:
     """``workers`` forked processes running ``task(*args)``; the task is inherited through fork, not pickled.
 
