@@ -99,3 +99,18 @@ def test_q3_refinement_with_nothing_to_refine(fill):
     assert np.array_equal(got, generic)
     if not np.isnan(fill):
         assert np.array_equal(got.reshape(2, -1), ggml_quantize(x, T.Q3_K))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pickled"])
+def test_worker_processes_give_the_same_bytes(shared, monkeypatch):
+    """quantize_k over worker processes, through tmpfs files or (no room there) pickled slices."""
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 16)
+    monkeypatch.setattr(kquants, "_shared_room", lambda nbytes: shared)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 16, 1024)).astype(np.float32)
+    imp = rng.random((3, 1024)).astype(np.float32)
+    for qtype in (T.Q3_K, T.Q6_K):
+        got = kquants.quantize_k(x, qtype, imp, threads=2)
+        for e in range(3):
+            assert np.array_equal(got[e], ggml_quantize(x[e], qtype, imp[e]))
+        assert np.array_equal(kquants.quantize_k(x[0], qtype, threads=2), ggml_quantize(x[0], qtype))
