@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22, help="22 = TinyLlama-1.1B")
     ap.add_argument("--quants", default="q4_k_m,q6_k,q8_0")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--backends", default="", help="only these: numpy, cpu, cuda (Triton), cuda-eager")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp folder)")
     args = ap.parse_args()
     threads = default_workers()
@@ -91,6 +92,8 @@ def main() -> None:
 
     cuda = ["cuda", "cuda-eager"] if torch.cuda.is_available() else []
     backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + cuda)
+    if args.backends:
+        backends = [b for b in args.backends.split(",") if b in backends]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = Path(tmp) / "model-f32.gguf"
         n = build_f32(src, args.layers)

@@ -111,6 +111,7 @@ def main() -> int:
     ap.add_argument("--oracle", default="both", choices=["both", "numpy", "llama"],
                     help="reference bytes: the numpy path, llama.cpp (if installed) or both")
     ap.add_argument("--blocks", default="", help="Triton BLOCK sizes to sweep in the throughput part, e.g. 32,64,128")
+    ap.add_argument("--chunks", default="", help="host chunk sizes (super-blocks) to sweep for the h2d path, e.g. 8192,32768")
     ap.add_argument("--imatrix-speed", action="store_true", help="also time the imatrix variants")
     ap.add_argument("--types", default="", help="restrict to these K types, e.g. Q4_K,Q6_K")
     ap.add_argument("--dists", default="", help="restrict to these input distributions, e.g. normal,mixed_edge")
@@ -227,12 +228,20 @@ def main() -> int:
     if args.blocks and "triton" in paths:
         print("\nTriton BLOCK sweep (dev, MB/s):")
         blocks = big_dev.reshape(-1, 256)
-        for qtype in [t for t in (T.Q4_K, T.Q6_K) if t in types]:
+        for qtype in [t for t in (T.Q4_K, T.Q6_K, T.Q2_K, T.Q3_K, T.Q5_K) if t in types]:
             line = f"{qtype.name:6}"
             for b in (int(v) for v in args.blocks.split(",")):
                 quantize_blocks_triton(qtype, blocks[:64], block=b)
                 t, _ = timed(lambda: quantize_blocks_triton(qtype, blocks, block=b))
                 line += f"  BLOCK {b}: {mb / t:8.1f}"
+            print(line, flush=True)
+    if args.chunks and "triton" in paths:
+        print("\nh2d chunk sweep (numpy in, numpy out, MB/s):")
+        for qtype in [t for t in (T.Q4_K, T.Q3_K, T.Q6_K) if t in types]:
+            line = f"{qtype.name:6}"
+            for c in (int(v) for v in args.chunks.split(",")):
+                t, got = timed(lambda: quantize_k_triton(big, qtype, device=dev, chunk_blocks=c))
+                line += f"  chunk {c}: {mb / t:8.1f}"
             print(line, flush=True)
     print("RESULT:", "all bytes identical" if failures == 0 else f"{failures} differing blocks")
     return 0 if failures == 0 else 1

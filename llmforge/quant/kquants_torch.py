@@ -158,7 +158,7 @@ def quantize_k_torch(data: np.ndarray | torch.Tensor, qtype: T, importance: np.n
     if not cumsum and gpu_kernel_path(dev) == "triton":
         from .kquants_triton import quantize_k_triton
 
-        return quantize_k_triton(data, qtype, importance, device=dev, chunk_blocks=chunk_blocks or 1 << 18)
+        return quantize_k_triton(data, qtype, importance, device=dev, chunk_blocks=chunk_blocks)
     if isinstance(data, torch.Tensor):
         data = data.detach().to("cpu", torch.float32).numpy()
     data, importance = _check(data, qtype, importance)

@@ -7,6 +7,7 @@ tensor's type from :class:`llmforge.quant.mixtures.TypePlanner`, bytes from :fun
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,16 +93,37 @@ def _copy_kvs(reader: GGUFReader, writer, file_type: int) -> None:
     writer.add_file_type(file_type)
 
 
+def auto_backend() -> str:
+    """"cuda" when an NVIDIA GPU, CUDA torch and Triton are there (the fused K-quant kernels), else "numpy".
+
+    ``LLMFORGE_KQUANT_GPU=off`` keeps the numpy path. No torch import on machines without an NVIDIA device.
+    """
+    if os.environ.get("LLMFORGE_KQUANT_GPU", "").lower() in ("off", "0", "numpy") or not os.path.exists("/dev/nvidiactl"):
+        return "numpy"
+    try:
+        import torch
+
+        from .kquants_torch import gpu_kernel_path
+    except ImportError:
+        return "numpy"
+    if torch.cuda.is_available() and gpu_kernel_path(torch.device("cuda")) == "triton":
+        return "cuda"
+    return "numpy"
+
+
 def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix: str | Path | None = None,
                   *, overrides: mixtures.TypeOverrides | None = None, progress: bool = True,
-                  backend: str = "numpy") -> RequantizeReport:
+                  backend: str = "auto") -> RequantizeReport:
     """Requantize ``in_path`` (f32/f16/bf16 weights) to ``quant``; writes ``out_path`` atomically.
 
     ``overrides``: llama-quantize's ``--pure``/``--output-tensor-type``/``--token-embedding-type``/
     ``--tensor-type``, from :func:`llmforge.quant.mixtures.type_overrides`.
     ``backend``: "numpy" (worker processes on all cores), or a torch device ("cpu", "cuda") for the
-    K-types; both give the same bytes.
+    K-types (CUDA runs the fused Triton kernels); all give the same bytes. "auto" (default): "cuda" when
+    :func:`auto_backend` finds a usable GPU, else "numpy".
     """
+    if backend == "auto":
+        backend = auto_backend()
     from ..export.writer import StreamingGGUFWriter
 
     start = time.monotonic()
