@@ -134,3 +134,23 @@ def test_in_order_keeps_file_order_and_marks_every_tensor():
     streams = [[_done(a), b], [], [_done([c, d])]]
     got = [(i, None if x is None else int(x[0])) for i, x in in_order(streams, window=1)]
     assert got == [(0, None), (0, 0), (0, 1), (1, None), (2, None), (2, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("where", ["load_vocab", "blocks"])
+def test_a_failure_after_the_fork_closes_the_workers(bf16_adapter, tmp_path, monkeypatch, where):
+    from llmforge.export import parallel
+
+    def broken(*args, **kwargs):
+        raise LlmforgeError("broken tokenizer")
+
+    monkeypatch.setattr(convert_mod, "PARALLEL_MIN_ELEMENTS", 0)
+    # the vocabulary is read after the fork; the first jobs are planned right after it
+    monkeypatch.setattr(convert_mod if where == "load_vocab" else convert_mod.ArrayJobs, where, broken)
+    peft = read_adapter(bf16_adapter)
+    base = resolve_base(peft)
+    merged = MergedSource(peft, base)
+    with pytest.raises(LlmforgeError, match="broken tokenizer"):
+        with staged_folder(base.path, bf16_adapter, merged.config_overrides()) as staged:
+            convert_model(staged, tmp_path / "o.gguf", "q8_0", tensor_source=merged, progress=False, threads=2)
+    assert parallel._TASK is None  # the pool was shut down: the next conversion may fork its own
+    assert not (tmp_path / "o.gguf").exists()

@@ -165,25 +165,24 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
             qtype = choose_tensor_type(ftype, ctx, src_type)
         writer.plan(gguf_name, shape, qtype, source=plan)
 
-    workers = 1
-    if source.numpy_native:
-        jobs = ArrayJobs(source, spec, hp, writer.tensors, importance)
-        total = sum(t.n_elements for t in writer.tensors)
-        workers = (threads or default_workers()) if total >= PARALLEL_MIN_ELEMENTS else 1
-        # forked before the vocabulary is read: the workers share a small parent
-        pool = ForkWorkers(jobs.run_in_worker, workers) if workers > 1 else None
-        jobs.threads = 1 if threads == 1 else None
-        produce = jobs.producer(pool, prime=2 * workers)
-    else:
-        pool = None
-        produce = _torch_producer(source, spec, hp, importance)
+    pool: ForkWorkers | None = None
     try:
+        if source.numpy_native:
+            jobs = ArrayJobs(source, spec, hp, writer.tensors, importance)
+            total = sum(t.n_elements for t in writer.tensors)
+            workers = (threads or default_workers()) if total >= PARALLEL_MIN_ELEMENTS else 1
+            if workers > 1:  # forked before the vocabulary is read: the workers share a small parent
+                pool = ForkWorkers(jobs.run_in_worker, workers)
+            jobs.threads = 1 if threads == 1 else None
+            produce = jobs.producer(pool, prime=2 * workers)
+        else:
+            produce = _torch_producer(source, spec, hp, importance)
         vocab = load_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, vocab_size)
         release_freed_memory()  # the tokenizer's parse leaves ~80 MB in malloc's free lists
         _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir,
                       extra_kv)
         check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
-        result = writer.write(output, produce, progress=progress, window=2 * workers if pool else 0)
+        result = writer.write(output, produce, progress=progress, window=2 * pool.workers if pool else 0)
     finally:
         if pool is not None:
             pool.close()

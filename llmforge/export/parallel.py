@@ -63,9 +63,13 @@ class ForkWorkers:
             raise RuntimeError("another ForkWorkers pool is open in this process")
         _TASK = task
         self.workers = workers
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                         initializer=single_threaded_blas)
-        self._pool.submit(_ready).result()  # fork now, while the parent is small
+        try:
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=single_threaded_blas)
+            self._pool.submit(_ready).result()  # fork now, while the parent is small
+        except BaseException:
+            _TASK = None
+            raise
 
     def submit(self, *args: Any) -> Future:
         return self._pool.submit(_run, *args)
