@@ -261,6 +261,9 @@ def profile(args) -> int:
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / args.steps
     A.log(f"PROFILE peak alloc over the timed steps {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB")
+    if args.memory:
+        peak_breakdown(step, args.rows)
+        return 0
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
@@ -272,6 +275,61 @@ def profile(args) -> int:
     print("HOST: by self CPU time")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=90))
     return 0
+
+
+def _site(frames: list[dict]) -> str:
+    """Where an allocation was made: its first llmforge frame and first transformers/peft frame (file:line)."""
+    def first(keys):
+        for f in frames:
+            name = f.get("filename", "")
+            if any(k in name for k in keys):
+                return f"{name.split('/')[-1]}:{f.get('line')}:{f.get('name')}"
+        return "-"
+    return f"{first(('llmforge',))} < {first(('transformers/', 'peft/', 'train_anchor'))}"
+
+
+def peak_breakdown(step, rows: int) -> None:
+    """Allocations live at the step's peak (above what was allocated before it), grouped by where they were
+    made: replays the allocator trace of one recorded step."""
+    import collections
+
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=500000, stacks="python")
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][torch.cuda.current_device()]
+    live, total, best, best_at = {}, 0, 0, -1
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            total += ev["size"]
+            if total > best:
+                best, best_at = total, i
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])
+    live = {}
+    for ev in trace[: best_at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] == "free_requested":
+            live.pop(ev["addr"], None)
+    groups = collections.Counter()
+    counts = collections.Counter()
+    for ev in live.values():
+        key = _site(ev.get("frames", []))
+        groups[key] += ev["size"]
+        counts[key] += 1
+    A.log(f"MEMORY before the step {base / 2**30:.3f} GiB, step peak {torch.cuda.max_memory_allocated() / 2**30:.3f} "
+          f"GiB; live at the peak, allocated during the step: {best / 2**20:.0f} MiB in {len(live)} tensors "
+          f"(peak at trace event {best_at} of {len(trace)}: {_site(trace[best_at].get('frames', []))})")
+    for key, size in groups.most_common(rows):
+        print(f"MEMORY {size / 2**20:9.1f} MiB {counts[key]:4d}x {key}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seq", type=int, default=2048)
         p.add_argument("--steps", type=int, default=2)
         p.add_argument("--rows", type=int, default=45)
+        p.add_argument("--memory", action="store_true",
+                       help="instead of the profiler: what is live at the step's peak, by allocation site")
         return profile(p.parse_args(argv[1:]))
     if argv[:1] == ["run"]:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script

@@ -6,6 +6,7 @@ extra device memory)."""
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Callable
 
@@ -13,6 +14,7 @@ import torch
 import torch.utils.checkpoint
 
 MIN_OFFLOAD_BYTES = 2 << 20  # smaller inputs stay on the device: the copy costs more than it saves
+PREFETCH = os.environ.get("LLMFORGE_OFFLOAD_PREFETCH", "1") != "0"  # A/B switch for the next-layer prefetch
 
 
 class _Offloaded:
@@ -52,7 +54,7 @@ class _Offloaded:
         hidden.record_stream(compute)  # allocated on the side stream, used and freed on the compute stream
         prev = self.prev() if self.prev is not None else None
         self.prev = None
-        if prev is not None:
+        if prev is not None and PREFETCH:
             prev.prefetch()
         return hidden
 
