@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..quant import mixtures
 from ..quant.api import TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_ftype
 from ..quant.kquants import default_workers
 from .registry import ArchSpec, HParams, find_arch, metadata
-from .parallel import ForkWorkers
+from .parallel import ForkWorkers, write_in_place
 from .source import SafetensorsSource, TensorSource
 from .tokenizer import add_vocab_to_gguf, load_vocab
 from .writer import QUANTIZATION_VERSION, PlannedTensor, StreamingGGUFWriter, check_disk_space
@@ -174,7 +175,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
             if workers > 1:  # forked before the vocabulary is read: the workers share a small parent
                 pool = ForkWorkers(jobs.run_in_worker, workers)
             jobs.threads = 1 if threads == 1 else None
-            produce = jobs.producer(pool, prime=2 * workers)
+            produce = jobs.producer(pool, prime=PRIME_PER_WORKER * workers, writer=writer)
         else:
             produce = _torch_producer(source, spec, hp, importance)
         vocab = load_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, vocab_size)
@@ -182,7 +183,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
         _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir,
                       extra_kv)
         check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
-        result = writer.write(output, produce, progress=progress, window=2 * pool.workers if pool else 0)
+        result = writer.write(output, produce, progress=progress, window=WINDOW_PER_WORKER * pool.workers if pool else 0)
     finally:
         if pool is not None:
             pool.close()
@@ -199,6 +200,10 @@ CHUNK_ELEMENTS = 4 << 20
 PARALLEL_MIN_ELEMENTS = 32 << 20
 # tensors this small are packed in the parent even when workers run (a job round trip costs more)
 INLINE_ELEMENTS = 1 << 16
+# jobs submitted before the vocabulary is read, per worker (their results come back through a pipe)
+PRIME_PER_WORKER = 4
+# jobs in flight per worker while writing: enough that one slow job at the head never idles the others
+WINDOW_PER_WORKER = 8
 
 
 def _row_step(t: PlannedTensor) -> int:
@@ -275,13 +280,18 @@ class ArrayJobs:
             return np.ascontiguousarray(block, dtype=np.float32 if t.qtype == T.F32 else np.float16)
         return quantize_array(block, t.qtype, importance=importance, name=t.name, threads=self.threads)
 
-    def run_in_worker(self, index: int, rows: tuple[int, int] | None) -> list[np.ndarray]:
+    def run_in_worker(self, index: int, rows: tuple[int, int] | None, path: str | None = None,
+                      offset: int = 0) -> list[np.ndarray] | int:
+        """A job in a worker: the packed blocks, or, given the output ``path``, the number of bytes written
+        in place at ``offset``."""
         self.threads = 1
-        return self.encode(index, rows)
+        arrays = self.encode(index, rows)
+        return arrays if path is None else write_in_place(path, offset, arrays)
 
-    def producer(self, pool: ForkWorkers | None, prime: int = 0):
+    def producer(self, pool: ForkWorkers | None, prime: int = 0, writer: StreamingGGUFWriter | None = None):
         """``produce`` for the writer: packed blocks, or futures of them when ``pool`` runs. The first ``prime``
-        jobs are submitted now, so the workers start while the parent reads the vocabulary."""
+        jobs are submitted now, so the workers start while the parent reads the vocabulary; they send their
+        bytes back. Later jobs write in place into ``writer``'s file (its header is written by then)."""
         index_of = {t.name: i for i, t in enumerate(self.tensors)}
         primed: dict[tuple[int, Any], Any] = {}
         if pool is not None:
@@ -297,8 +307,13 @@ class ArrayJobs:
             for rows in self.blocks(t):
                 if pool is None or t.n_elements <= INLINE_ELEMENTS:
                     yield from self.encode(i, rows)
+                elif (i, rows) in primed:
+                    yield primed.pop((i, rows))
+                elif writer is not None and writer.path is not None and sys.byteorder == "little":
+                    start = 0 if rows is None else rows[0] * (t.nbytes // t.shape[0])
+                    yield pool.submit(i, rows, str(writer.path), writer.data_offsets[t.name] + start)
                 else:
-                    yield primed.pop((i, rows), None) or pool.submit(i, rows)
+                    yield pool.submit(i, rows)
 
         return produce
 

@@ -89,6 +89,22 @@ class ForkWorkers:
 Item = np.ndarray | Future
 
 
+def write_in_place(path: str | os.PathLike, offset: int, arrays: list[np.ndarray]) -> int:
+    """Write ``arrays`` back to back at ``offset`` of an existing file (little-endian hosts); returns the bytes
+    written. Workers put their blocks straight into the output file: nothing travels back to the parent."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        total = 0
+        for array in arrays:
+            view = memoryview(np.ascontiguousarray(array)).cast("B")
+            while view:
+                n = os.pwrite(fd, view, offset + total)
+                view, total = view[n:], total + n
+        return total
+    finally:
+        os.close(fd)
+
+
 def in_order(streams: Iterable[Iterable[Item]], window: int) -> Iterator[tuple[int, np.ndarray | None]]:
     """Flatten per-tensor streams of arrays and futures into ``(tensor index, array)`` in order, resolving
     futures as late as possible: up to ``window`` futures are in flight while earlier ones are written.

@@ -10,6 +10,7 @@ and renamed into place only if it checks out.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -123,6 +124,8 @@ class StreamingGGUFWriter:
         self.gguf = FastArrayGGUFWriter(path=None, arch=arch)
         self.tensors: list[PlannedTensor] = []
         self._names: set[str] = set()
+        self.data_offsets: dict[str, int] | None = None   # set once the header is written
+        self.path: Path | None = None
 
     def plan(self, name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType, source: object = None) -> PlannedTensor:
         """Declare the next tensor of the file (file order = call order)."""
@@ -139,8 +142,9 @@ class StreamingGGUFWriter:
               progress: bool = True, window: int = 0) -> WriteResult:
         """Write the file atomically; ``produce(t)`` returns t's data (float array or packed uint8 bytes),
         or an iterable of consecutive row blocks of it (so a big tensor never has to be in memory whole).
-        Blocks may be futures (of an array or a list of arrays): up to ``window`` of them stay in flight,
-        over tensor boundaries, while earlier blocks are written in file order."""
+        Blocks may be futures (of an array, a list of arrays, or an int: that many bytes already written in
+        place at their position, see :attr:`data_offsets`): up to ``window`` of them stay in flight, over
+        tensor boundaries, while earlier blocks are written in file order."""
         target = Path(target)
         with atomic_path(target) as tmp:
             for t in self.tensors:
@@ -154,10 +158,18 @@ class StreamingGGUFWriter:
         return WriteResult(target, len(self.tensors), size, checks)
 
     def write_header(self, path: Path) -> None:
-        """Header, KVs and tensor infos (called by :meth:`write`)."""
+        """Header, KVs and tensor infos (called by :meth:`write`); then :attr:`data_offsets` holds where each
+        tensor's data starts in ``path`` (:attr:`path`), so other processes can write blocks in place."""
         self.gguf.write_header_to_file(path=path)
         self.gguf.write_kv_data_to_file()
         self.gguf.write_ti_data_to_file()
+        align = self.gguf.data_alignment
+        offset = GGUFWriter.ggml_pad(self.gguf.fout[0].tell(), align)
+        self.data_offsets = {}
+        for t in self.tensors:
+            self.data_offsets[t.name] = offset
+            offset += GGUFWriter.ggml_pad(t.nbytes, align)
+        self.path = path
 
     def _write_all(self, tmp: Path, target: Path, produce: Callable[[PlannedTensor], np.ndarray | Iterable[Chunk]],
                    progress: bool, window: int) -> None:
@@ -178,6 +190,9 @@ class StreamingGGUFWriter:
                     bar.update(current + 1, self.tensors[current].name)
                 current, written = index, 0
                 self.gguf.write_padding(fout, fout.tell())
+            elif isinstance(chunk, int):  # written in place by another process: skip over it
+                fout.seek(chunk, os.SEEK_CUR)
+                written += chunk
             else:
                 written += self._write_chunk(fout, chunk)
         if current >= 0:
