@@ -1019,14 +1019,11 @@ def _shared_room(nbytes: int) -> bool:
     return os.access(_SHARED_DIR, os.W_OK) and st.f_bavail * st.f_frsize > 2 * nbytes + (64 << 20)
 
 
-def _shared_file(data: np.ndarray | None, nbytes: int) -> str:
-    """A tmpfs file holding ``data`` (written with write(): no page faults), else ``nbytes`` of zeros."""
+def _shared_file(nbytes: int) -> str:
+    """A tmpfs file of ``nbytes`` zeros."""
     fd, path = tempfile.mkstemp(prefix="llmforge-kq-", dir=_SHARED_DIR)
-    with os.fdopen(fd, "wb") as f:
-        if data is None:
-            f.truncate(nbytes)
-        else:
-            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+    os.ftruncate(fd, nbytes)
+    os.close(fd)
     return path
 
 
@@ -1057,11 +1054,18 @@ def _quantize_workers(qtype: T, blocks: np.ndarray, weights: _BlockWeights | Non
         return np.concatenate([f.result() for f in futures])
     paths = []
     try:
-        paths.append(_shared_file(blocks, 0))
-        paths.append(_shared_file(None, n_blocks * BLOCK_BYTES[qtype]))
-        futures = [_pool(workers).submit(_quantize_shared, qtype, *paths, n_blocks, s, min(s + step, n_blocks),
-                                         weights, CHUNK_BLOCKS)
-                   for s in range(0, n_blocks, step)]
+        paths.append(_shared_file(n_blocks * BLOCK_BYTES[qtype]))
+        fd, in_path = tempfile.mkstemp(prefix="llmforge-kq-", dir=_SHARED_DIR)
+        paths.insert(0, in_path)
+        futures = []
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            for s in range(0, n_blocks, step):        # each task starts as soon as its blocks are written
+                e = min(s + step, n_blocks)
+                view = memoryview(blocks[s:e]).cast("B")
+                while view.nbytes:
+                    view = view[f.write(view):]
+                futures.append(_pool(workers).submit(_quantize_shared, qtype, *paths, n_blocks, s, e, weights,
+                                                     CHUNK_BLOCKS))
         for f in futures:
             f.result()
         return np.fromfile(paths[1], dtype=np.uint8).reshape(n_blocks, BLOCK_BYTES[qtype])
