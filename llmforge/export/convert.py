@@ -26,7 +26,7 @@ from ..quant import mixtures
 from ..quant.api import TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_ftype
 from ..quant.kquants import default_workers
 from .registry import ArchSpec, HParams, find_arch, metadata
-from .parallel import ForkWorkers, write_in_place
+from .parallel import ForkWorkers, can_fork, write_in_place
 from .source import SafetensorsSource, TensorSource
 from .tokenizer import add_vocab_to_gguf, load_vocab
 from .writer import QUANTIZATION_VERSION, PlannedTensor, StreamingGGUFWriter, check_disk_space
@@ -171,7 +171,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
         if source.numpy_native:
             jobs = ArrayJobs(source, spec, hp, writer.tensors, importance)
             total = sum(t.n_elements for t in writer.tensors)
-            workers = (threads or default_workers()) if total >= PARALLEL_MIN_ELEMENTS else 1
+            workers = (threads or default_workers()) if total >= PARALLEL_MIN_ELEMENTS and can_fork() else 1
             if workers > 1:  # forked before the vocabulary is read: the workers share a small parent
                 pool = ForkWorkers(jobs.run_in_worker, workers)
             jobs.threads = 1 if threads == 1 else None

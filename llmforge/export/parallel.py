@@ -52,6 +52,10 @@ def single_threaded_blas() -> bool:
     return False
 
 
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
 class ForkWorkers:
     """``workers`` forked processes running ``task(*args)``; the task is inherited through fork, not pickled.
 
