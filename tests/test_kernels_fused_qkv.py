@@ -140,3 +140,37 @@ def test_adapter_cache_rebuilds_only_on_change():
     fast_lora.new_step()
     assert cache.get((a, b), (1.0,), torch.bfloat16) is not third
     assert cache.get((a.clone(), b), (1.0,), torch.bfloat16) is not third  # another tensor
+
+
+def _tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def test_fused_nodes_keep_activations_only_as_saved_tensors():
+    """Non-reentrant checkpointing frees what ``save_for_backward`` saved once forward is done, but not what
+    a node keeps as a plain attribute: a fused node may keep parameters there, never activations."""
+    model = tiny_lora_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patch_model(model, offload_checkpointing=False)
+    try:
+        loss = model(**batch()).loss
+        params = {id(p) for p in model.parameters()}
+        seen, todo, fused = set(), [loss.grad_fn], []
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__.startswith("LoRA"):
+                fused.append(type(node).__name__)
+                extra = [t.shape for v in vars(node).values() for t in _tensors(v) if id(t) not in params]
+                assert not extra, f"{type(node).__name__} keeps activations outside saved tensors: {extra}"
+            todo.extend(f for f, _ in node.next_functions)
+        assert sorted(set(fused)) == ["LoRALinearFunctionBackward", "LoRAMLPFunctionBackward",
+                                      "LoRAQKVFunctionBackward"], fused
+    finally:
+        unpatch_rope(model)

@@ -232,9 +232,9 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     ``spec`` = ((gate, up, down) as (base, quant_state), (scales), kind, (gate/up cache, down cache) or None);
     ``adapters`` = gate A, gate B, up A, up B, down A, down B. Gate and up are dequantized in one launch.
-    The pre-activations and the activation are kept on ``ctx`` (not saved tensors) so backward can drop
-    each as soon as it is used: the activation is saved rather than recomputed, and it is freed before the
-    gate/up weights are dequantized, so the backward peak does not grow.
+    The activation is saved rather than recomputed: it is alive during the down projection's backward
+    either way. Every activation goes through ``save_for_backward`` (never a plain ``ctx`` attribute):
+    non-reentrant checkpointing drops saved tensors after forward, but not ``ctx`` attributes.
     """
 
     @staticmethod
@@ -254,18 +254,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         wd = dense_weights(bases[2:], dtype)[0]
         out = _output(x, wd.shape[0], dtype)
         _lora_forward(h, wd, xa_d, dn.bs[0], out=out.view(-1, wd.shape[0]))
-        ctx.save_for_backward(x2, xa, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
-        ctx.activations = [e, g, h]  # dropped with ctx when no graph is built
+        ctx.save_for_backward(x2, xa, e, g, h, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
         ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind), gu.offsets, dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
-        if ctx.activations is None:
-            raise RuntimeError("LoRAMLPFunction: backward through the graph a second time is not supported")
-        e, g, h = ctx.activations
-        ctx.activations = None
+        x2, xa, e, g, h, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
         bases, scales, kind = ctx.spec
         need = ctx.needs_input_grad[2:]
         dtype = ctx.dtype
@@ -273,7 +268,6 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy2 = _rows(dy, dtype)
         dyb_d = torch.mm(dy2, bd)
         d_down = _adapter_grads(dn, dyb_d, [dy2], h, xa_d, scales[2:], need[4:])
-        del h
         dh = torch.mm(dy2, dense_weights(bases[2:], dtype)[0]).addmm_(dyb_d, a_d)
         de, dg = _gated_grad(dh, e, g, kind)  # reuses e's and g's memory
         del dh, e, g
