@@ -81,12 +81,12 @@ class Adapters:
         """Projection ``i``'s block of the columns of ``t`` (N x sum r)."""
         if len(self.bs) == 1:
             return t
-        return t.narrow(1, self.offsets[i], self.offsets[i + 1] - self.offsets[i])
+        return t[:, self.offsets[i]:self.offsets[i + 1]]
 
     def rows(self, t: torch.Tensor, i: int) -> torch.Tensor:
         if len(self.bs) == 1:
             return t
-        return t.narrow(0, self.offsets[i], self.offsets[i + 1] - self.offsets[i])
+        return t[self.offsets[i]:self.offsets[i + 1]]
 
 
 class AdapterCache:
