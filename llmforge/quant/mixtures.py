@@ -9,8 +9,9 @@ The rules are a table per tensor category; the first row whose ftype matches and
 holds picks the type, exactly like the C if/else chains. ``i_wv`` counts attn_v-like tensors in
 llama.cpp's ``weights_map`` order, which is why :class:`TypePlanner` is stateful.
 
-llama-quantize's overrides (``--pure``, ``--output-tensor-type``, ``--token-embedding-type``,
-``--tensor-type REGEX=TYPE``) are :class:`TypeOverrides`, applied in ``llama_tensor_get_type``'s order.
+llama-quantize's overrides (``--pure``, ``--leave-output-tensor``, ``--output-tensor-type``,
+``--token-embedding-type``, ``--tensor-type REGEX=TYPE``, ``--tensor-type-file``) are :class:`TypeOverrides`,
+applied in ``llama_tensor_get_type``'s order.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
@@ -230,9 +232,10 @@ def fallback(new_type: T, nx: int) -> T:
     return alt if nx % block_size(alt) == 0 else T.F16
 
 
-def allows_quantization(name: str, n_dims: int) -> bool:
-    """``tensor_allows_quantization`` for the names that occur in the supported archs."""
-    if n_dims < 2 or not name.endswith("weight"):
+def allows_quantization(name: str, n_dims: int, leave_output: bool = False) -> bool:
+    """``tensor_allows_quantization`` for the names that occur in the supported archs; ``leave_output`` is
+    llama-quantize's ``--leave-output-tensor`` (``quantize_output_tensor = false``)."""
+    if n_dims < 2 or not name.endswith("weight") or (leave_output and name == "output.weight"):
         return False
     banned = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
               "ssm_conv1d", "attn_rel_b.weight", ".position_embd", ".patch_embd", ".rel_pos")
@@ -289,19 +292,37 @@ def parse_ggml_type(text: str | T, option: str = "type") -> T:
     return found
 
 
-def parse_tensor_type_rule(rule: str) -> tuple[re.Pattern[str], T]:
+def parse_tensor_type_rule(rule: str, where: str | None = None) -> tuple[re.Pattern[str], T]:
     """``REGEX=TYPE`` as llama-quantize's ``parse_tensor_type`` reads it: split at the first '=', the
     regex lower-cased. Python's ``re`` stands in for C++'s ECMAScript ``std::regex``; they agree on the
-    usual syntax (literals, ``.``, ``\\d``, ``[...]``, ``|``, groups, ``*+?{m,n}``, ``^$``)."""
+    usual syntax (literals, ``.``, ``\\d``, ``[...]``, ``|``, groups, ``*+?{m,n}``, ``^$``).
+    ``where`` names the rule in errors (default ``--tensor-type 'RULE'``)."""
+    where = where or f"--tensor-type {rule!r}"
     pattern, sep, type_name = rule.partition("=")
     if not sep or not pattern or not type_name:
-        raise LlmforgeError(f"--tensor-type {rule!r} is not REGEX=TYPE", hint="e.g. --tensor-type 'attn_v=q8_0'")
+        raise LlmforgeError(f"{where} is not REGEX=TYPE", hint="e.g. --tensor-type 'attn_v=q8_0'")
     try:
         regex = re.compile(pattern.lower())
     except re.error as exc:
-        raise LlmforgeError(f"--tensor-type {rule!r}: bad regular expression ({exc})",
+        raise LlmforgeError(f"{where}: bad regular expression ({exc})",
                             hint="e.g. 'blk\\.[0-3]\\.ffn_down=q6_k'") from None
-    return regex, parse_ggml_type(type_name, f"--tensor-type {rule!r}")
+    return regex, parse_ggml_type(type_name, where)
+
+
+def read_tensor_type_file(path: str | Path) -> list[tuple[re.Pattern[str], T]]:
+    """llama-quantize's ``--tensor-type-file``: REGEX=TYPE rules separated by spaces or newlines (its
+    ``file >> arg`` loop: no comments, no quoting), in file order. Errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise LlmforgeError(f"--tensor-type-file {path}: cannot read it ({exc.strerror or exc})",
+                            hint="pass a text file of REGEX=TYPE rules") from None
+    except UnicodeDecodeError:
+        raise LlmforgeError(f"--tensor-type-file {path} is not UTF-8 text",
+                            hint="pass a text file of REGEX=TYPE rules") from None
+    return [parse_tensor_type_rule(rule, f"{path}:{lineno}: {rule!r}")
+            for lineno, line in enumerate(text.splitlines(), 1) for rule in line.split()]
 
 
 @dataclass(frozen=True)
@@ -310,16 +331,19 @@ class TypeOverrides:
 
     ``token_embd_type``/``output_type`` are used as given (llama.cpp applies no row-length fallback to
     them); a ``tensor_types`` match or ``pure`` replaces the mixture rule, and the fallback still applies.
+    ``leave_output`` keeps output.weight in its source type, before any of them (it is then not quantizable).
     """
 
     pure: bool = False
     output_type: T | None = None
     token_embd_type: T | None = None
     tensor_types: tuple[tuple[re.Pattern[str], T], ...] = ()
+    leave_output: bool = False
 
     @property
     def active(self) -> bool:
-        return self.pure or self.output_type is not None or self.token_embd_type is not None or bool(self.tensor_types)
+        return (self.pure or self.leave_output or self.output_type is not None or self.token_embd_type is not None
+                or bool(self.tensor_types))
 
     def manual_type(self, name: str) -> T | None:
         """The first ``--tensor-type`` rule whose regex occurs in ``name`` (``std::regex_search``)."""
@@ -330,15 +354,22 @@ NO_OVERRIDES = TypeOverrides()
 
 
 def type_overrides(*, pure: bool = False, output_tensor_type: str | T | None = None,
-                   token_embedding_type: str | T | None = None,
-                   tensor_types: Sequence[str] = ()) -> TypeOverrides:
-    """Parse llama-quantize's options (type names as ``llama-quantize`` spells them: q8_0, q6_K, f16 ...)."""
+                   token_embedding_type: str | T | None = None, tensor_types: Sequence[str] = (),
+                   tensor_type_file: str | Path | None = None, leave_output_tensor: bool = False) -> TypeOverrides:
+    """Parse llama-quantize's options (type names as ``llama-quantize`` spells them: q8_0, q6_K, f16 ...).
+
+    ``tensor_type_file``'s rules come after ``tensor_types`` (llama-quantize keeps command-line order;
+    the first matching rule wins)."""
+    rules = [parse_tensor_type_rule(r) for r in tensor_types]
+    if tensor_type_file is not None:
+        rules += read_tensor_type_file(tensor_type_file)
     return TypeOverrides(
         pure=pure,
         output_type=None if output_tensor_type is None else parse_ggml_type(output_tensor_type, "--output-tensor-type"),
         token_embd_type=None if token_embedding_type is None else
         parse_ggml_type(token_embedding_type, "--token-embedding-type"),
-        tensor_types=tuple(parse_tensor_type_rule(r) for r in tensor_types),
+        tensor_types=tuple(rules),
+        leave_output=leave_output_tensor,
     )
 
 
@@ -348,6 +379,17 @@ def check_overrides(overrides: TypeOverrides, mixture: Mixture) -> None:
     if overrides.tensor_types and mixture.base_type not in QUANTIZED_DEFAULTS:
         raise LlmforgeError(f"--tensor-type applies to quantized mixtures, not {mixture.name}",
                             hint="llama-quantize ignores it there; pick e.g. -q q8_0 with --tensor-type")
+
+
+def override_warnings(overrides: TypeOverrides, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Overrides that change nothing for this model (``{tensor name: shape}``): llama-quantize ignores them
+    silently, llmforge says so (a typo in a regex is the usual cause). The bytes are the same either way."""
+    names = [n for n, s in shapes.items() if allows_quantization(n, len(s), overrides.leave_output)]
+    found = [f"tensor type rule '{regex.pattern}={_type_label(t)}' matches no quantizable tensor"
+             for regex, t in overrides.tensor_types if not any(regex.search(n) for n in names)]
+    if overrides.leave_output and "output.weight" not in shapes:
+        found.append("--leave-output-tensor: the model has no output.weight (tied embeddings)")
+    return found
 
 
 def _as_given(t: T, name: str, nx: int, option: str) -> T:
@@ -379,7 +421,7 @@ class TypePlanner:
 
     def tensor_type(self, name: str, shape: tuple[int, ...], source_type: T = T.F32) -> T:
         """The type of tensor ``name`` (numpy-order ``shape``) stored as ``source_type`` in the input."""
-        if not allows_quantization(name, len(shape)):
+        if not allows_quantization(name, len(shape), self.overrides.leave_output):
             return source_type
         ov, category, nx = self.overrides, tensor_category(name), shape[-1]
         # per_layer_token_embd follows --token-embedding-type unless a --tensor-type rule names it
@@ -416,7 +458,8 @@ def plan_types(mixture: Mixture, facts: ModelFacts, shapes: Mapping[str, tuple[i
     order: what exporters use when counters matter (overrides, MoE)."""
     order = weights_map_order(shapes)
     planner = TypePlanner(mixture, facts, order, overrides)
-    return {n: planner.tensor_type(n, shapes[n]) for n in order if allows_quantization(n, len(shapes[n]))}
+    leave = overrides is not None and overrides.leave_output
+    return {n: planner.tensor_type(n, shapes[n]) for n in order if allows_quantization(n, len(shapes[n]), leave)}
 
 
 def stateless_type(mixture: Mixture, facts: ModelFacts, name: str, shape: tuple[int, ...],
