@@ -7,7 +7,6 @@ tensor's type from :class:`llmforge.quant.mixtures.TypePlanner`, bytes from :fun
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,7 @@ from gguf import GGUFReader, GGUFValueType
 from ..atomic import check_output_dir
 from ..errors import LlmforgeError
 from . import mixtures
-from .api import quantize_array, resolve_ftype
-from .kquants import K_TYPES
+from .api import auto_backend, quantize_array, resolve_backend, resolve_ftype  # noqa: F401 (auto_backend: API)
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 TAIL_KEYS = ("general.quantization_version", "general.file_type")
@@ -36,6 +34,7 @@ class RequantizeReport:
     seconds: float
     type_counts: dict[str, int] = field(default_factory=dict)
     imatrix_entries: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def summary_lines(self) -> list[str]:
         mix = ", ".join(f"{n} {c}" for n, c in sorted(self.type_counts.items()))
@@ -44,7 +43,7 @@ class RequantizeReport:
                  f"tensor types: {mix}"]
         if self.imatrix_entries:
             lines.append(f"importance weights used for {self.imatrix_entries} tensors")
-        return lines
+        return lines + [f"warning: {w}" for w in self.warnings]
 
 
 def _field(reader: GGUFReader, key: str):
@@ -93,37 +92,19 @@ def _copy_kvs(reader: GGUFReader, writer, file_type: int) -> None:
     writer.add_file_type(file_type)
 
 
-def auto_backend() -> str:
-    """"cuda" when an NVIDIA GPU, CUDA torch and Triton are there (the fused K-quant kernels), else "numpy".
-
-    ``LLMFORGE_KQUANT_GPU=off`` keeps the numpy path. No torch import on machines without an NVIDIA device.
-    """
-    if os.environ.get("LLMFORGE_KQUANT_GPU", "").lower() in ("off", "0", "numpy") or not os.path.exists("/dev/nvidiactl"):
-        return "numpy"
-    try:
-        import torch
-
-        from .kquants_torch import gpu_kernel_path
-    except ImportError:
-        return "numpy"
-    if torch.cuda.is_available() and gpu_kernel_path(torch.device("cuda")) == "triton":
-        return "cuda"
-    return "numpy"
-
-
 def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix: str | Path | None = None,
                   *, overrides: mixtures.TypeOverrides | None = None, progress: bool = True,
                   backend: str = "auto") -> RequantizeReport:
     """Requantize ``in_path`` (f32/f16/bf16 weights) to ``quant``; writes ``out_path`` atomically.
 
-    ``overrides``: llama-quantize's ``--pure``/``--output-tensor-type``/``--token-embedding-type``/
-    ``--tensor-type``, from :func:`llmforge.quant.mixtures.type_overrides`.
+    ``overrides``: llama-quantize's ``--pure``/``--leave-output-tensor``/``--output-tensor-type``/
+    ``--token-embedding-type``/``--tensor-type``/``--tensor-type-file``, from
+    :func:`llmforge.quant.mixtures.type_overrides`.
     ``backend``: "numpy" (worker processes on all cores), or a torch device ("cpu", "cuda") for the
     K-types (CUDA runs the fused Triton kernels); all give the same bytes. "auto" (default): "cuda" when
-    :func:`auto_backend` finds a usable GPU, else "numpy".
+    :func:`llmforge.quant.api.auto_backend` finds a usable GPU, else "numpy" (:func:`api.resolve_backend`).
     """
-    if backend == "auto":
-        backend = auto_backend()
+    backend = resolve_backend(backend)
     from ..export.writer import StreamingGGUFWriter
 
     start = time.monotonic()
@@ -157,6 +138,7 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
     facts = model_facts(reader, in_path, has_imatrix=bool(importance))
     order = mixtures.weights_map_order(tensors)
     planner = mixtures.TypePlanner(mixture, facts, order, overrides)
+    warnings = mixtures.override_warnings(overrides, shapes) if overrides is not None else []
 
     writer = StreamingGGUFWriter(facts.arch)
     _copy_kvs(reader, writer.gguf, int(ftype.file_type))
@@ -176,18 +158,10 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
             return np.asarray(t.data).view(np.uint8).reshape(-1)
         imp = importance.get(planned.name)
         used += imp is not None
-        data = _as_f32(t)
-        if backend != "numpy" and planned.qtype in K_TYPES:
-            from .api import check_finite
-            from .kquants_torch import quantize_k_torch
-
-            check_finite(data, planned.name)
-            out = quantize_k_torch(data, planned.qtype, imp, device=backend)
-        else:
-            out = quantize_array(data, planned.qtype, imp, name=planned.name)
+        out = quantize_array(_as_f32(t), planned.qtype, imp, name=planned.name, backend=backend)
         return np.asarray(out).view(np.uint8).reshape(-1) if out.dtype != np.float32 else out
 
     result = writer.write(out_path, produce, progress=progress)
     bytes_in = in_path.stat().st_size
     return RequantizeReport(out_path, ftype.name, result.n_tensors, bytes_in, result.bytes_written,
-                            time.monotonic() - start, counts, used)
+                            time.monotonic() - start, counts, used, warnings)
