@@ -412,8 +412,10 @@ def staged_folder(base_dir: Path, adapter_dir: Path, config_overrides: dict[str,
 
 def convert_adapter(source: str | Path, output: str | Path | None, quant: str = "f16", *,
                     base: str | Path | None = None, lora_only: bool = False, imatrix: Any = None,
-                    name: str | None = None, overrides: Any = None):
-    """Convert a PEFT adapter folder to GGUF: merged into its base (streaming), or as a GGUF LoRA adapter."""
+                    name: str | None = None, overrides: Any = None, backend: str = "auto"):
+    """Convert a PEFT adapter folder to GGUF: merged into its base (streaming), or as a GGUF LoRA adapter.
+
+    ``backend``: where K-types are packed (:func:`llmforge.quant.api.resolve_backend`)."""
     from ..quant.api import resolve_ftype
     from .convert import ConvertReport, convert_model
 
@@ -433,7 +435,8 @@ def convert_adapter(source: str | Path, output: str | Path | None, quant: str = 
     merged = MergedSource(adapter, base_model)
     with staged_folder(base_model.path, source, merged.config_overrides()) as staged:
         report: ConvertReport = convert_model(staged, out, quant, tensor_source=merged, imatrix=imatrix,
-                                              name=name or source.resolve().name, overrides=overrides)
+                                              name=name or source.resolve().name, overrides=overrides,
+                                              backend=backend, source_dir=source)
     report.checks.insert(0, f"adapter: {adapter.describe()}" + (f"; {base_model.note}" if base_model.note else
                                                                 f"; merged onto {base_model.path}"))
     report.checks[1:1] = merged.notes

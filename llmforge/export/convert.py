@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,11 @@ from gguf import GGUFValueType, Keys
 from ..atomic import check_output_dir
 from ..errors import LlmforgeError
 from ..quant import mixtures
-from ..quant.api import TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_ftype
-from ..quant.kquants import default_workers
+from ..quant.api import (TensorContext, check_finite, choose_tensor_type, quantize_array, resolve_backend,
+                         resolve_ftype)
+from ..quant.kquants import K_TYPES, default_workers
 from .registry import ArchSpec, HParams, find_arch, metadata
-from .parallel import ForkWorkers, can_fork, write_in_place
+from .parallel import ForkWorkers, ThreadWorkers, can_fork, write_in_place
 from .source import SafetensorsSource, TensorSource
 from .tokenizer import add_vocab_to_gguf, load_vocab
 from .writer import QUANTIZATION_VERSION, PlannedTensor, StreamingGGUFWriter, check_disk_space
@@ -51,12 +53,16 @@ class ConvertReport:
     checks: list[str] = field(default_factory=list)
     arch: str = ""
     type_counts: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    backend: str = "numpy"        # where K-types were packed (llmforge.quant.api.resolve_backend)
+    seconds: float = 0.0
 
     def summary_lines(self) -> list[str]:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.type_counts.items()))
+        where = "" if self.backend == "numpy" else f", K-quants on {self.backend}"
         lines = [f"wrote {self.path} ({self.bytes_written / 2**20:.1f} MiB, {self.arch}, {self.quant}, "
-                 f"{self.n_tensors} tensors: {types})"]
-        return lines + [f"checked: {c}" for c in self.checks]
+                 f"{self.n_tensors} tensors: {types}; {self.seconds:.1f}s{where})"]
+        return lines + [f"checked: {c}" for c in self.checks] + [f"warning: {w}" for w in self.warnings]
 
 
 def read_config(model_dir: Path) -> dict:
@@ -128,7 +134,8 @@ def _to_numpy_f32(t: Any) -> np.ndarray:
 def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: TensorSource | None = None,
                   tokenizer_dir: Path | None = None, imatrix: Any = None, name: str | None = None,
                   extra_kv: dict[str, Any] | None = None, progress: bool = True,
-                  threads: int | None = None, overrides: mixtures.TypeOverrides | None = None) -> ConvertReport:
+                  threads: int | None = None, overrides: mixtures.TypeOverrides | None = None,
+                  backend: str = "auto", source_dir: Path | None = None) -> ConvertReport:
     """Convert the model in ``model_dir`` (config + tokenizer; weights from ``tensor_source``) to ``output``.
 
     ``imatrix``: a path to a llama.cpp importance matrix, or an already loaded ``{gguf_name: weights}``
@@ -136,11 +143,18 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     ``extra_kv``: more GGUF keys, ``{key: value}`` (type inferred) or ``{key: (value, GGUFValueType)}``.
     ``threads``: worker processes for numpy-native sources (default: all usable cores; 1: none).
     ``overrides``: llama-quantize's per-tensor type options (:func:`llmforge.quant.mixtures.type_overrides`).
+    ``backend``: where K-types are packed (:func:`llmforge.quant.api.resolve_backend`): "numpy" (forked
+    worker processes, no torch import), "cuda" (the fused kernels, worker threads feeding the GPU), "cpu"
+    (torch on the CPU, in-process: for checks) or "auto"; every backend writes the same bytes.
+    ``source_dir``: the folder written as general.source.url (default ``model_dir``; an adapter passes its own
+    folder, not the temporary staging folder, so that a conversion's bytes do not depend on a temporary name).
     """
+    start = time.monotonic()
     model_dir, output = Path(model_dir), Path(output)
     ftype = resolve_ftype(quant)
     if overrides is not None:
         mixtures.check_overrides(overrides, mixtures.BY_NAME[ftype.name])
+    backend = resolve_backend(backend)
     config = read_config(model_dir)
     spec = find_arch(config, str(model_dir / "config.json"))
     hp = HParams(config)
@@ -152,12 +166,14 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     names = {n for n, _, _ in plans}
     has_output = "output.weight" in names
     overridden = _override_types(ftype.name, spec, hp, plans, has_output, importance is not None, overrides)
+    leave_output = overrides is not None and overrides.leave_output
+    warnings = mixtures.override_warnings(overrides, {n: s for n, s, _ in plans}) if overrides is not None else []
     writer = StreamingGGUFWriter(spec.gguf_name)
     for gguf_name, shape, plan in plans:
         src_type = STORED_TO_GGML.get(source.dtype_name(plan.hf_name) if plan.hf_name else "F32", T.F32)
         ctx = TensorContext(name=gguf_name, shape=shape, arch=spec.gguf_name, n_layer=hp.n_layer,
                             n_head=hp.n_head, n_head_kv=hp.n_head_kv, has_output=has_output,
-                            has_imatrix=importance is not None)
+                            has_imatrix=importance is not None, leave_output=leave_output)
         if plan.generated is not None:
             qtype = T.F32
         elif gguf_name in overridden:
@@ -166,22 +182,20 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
             qtype = choose_tensor_type(ftype, ctx, src_type)
         writer.plan(gguf_name, shape, qtype, source=plan)
 
-    pool: ForkWorkers | None = None
+    pool: ForkWorkers | ThreadWorkers | None = None
     try:
         if source.numpy_native:
-            jobs = ArrayJobs(source, spec, hp, writer.tensors, importance)
-            total = sum(t.n_elements for t in writer.tensors)
-            workers = (threads or default_workers()) if total >= PARALLEL_MIN_ELEMENTS and can_fork() else 1
-            if workers > 1:  # forked before the vocabulary is read: the workers share a small parent
-                pool = ForkWorkers(jobs.run_in_worker, workers)
+            jobs = ArrayJobs(source, spec, hp, writer.tensors, importance, backend)
+            pool = _start_workers(jobs, sum(t.n_elements for t in writer.tensors), threads, backend)
+            workers = pool.workers if pool else 1
             jobs.threads = 1 if threads == 1 else None
             produce = jobs.producer(pool, prime=PRIME_PER_WORKER * workers, writer=writer)
         else:
-            produce = _torch_producer(source, spec, hp, importance)
+            produce = _torch_producer(source, spec, hp, importance, backend)
         vocab = load_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, vocab_size)
         release_freed_memory()  # the tokenizer's parse leaves ~80 MB in malloc's free lists
-        _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name), model_dir,
-                      extra_kv)
+        _add_metadata(writer, spec, hp, vocab, ftype, name or spec.default_name(model_dir.resolve().name),
+                      Path(source_dir) if source_dir is not None else model_dir, extra_kv)
         check_disk_space(output, sum(t.nbytes for t in writer.tensors) + (64 << 20))
         result = writer.write(output, produce, progress=progress, window=WINDOW_PER_WORKER * pool.workers if pool else 0)
     finally:
@@ -190,8 +204,10 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     counts: dict[str, int] = {}
     for t in writer.tensors:
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    packed_on = backend if any(t.qtype in K_TYPES for t in writer.tensors) else "numpy"
     return ConvertReport(result.path, ftype.name, result.n_tensors, result.bytes_written,
-                         [vocab.summary(), *result.checks], spec.gguf_name, counts)
+                         [vocab.summary(), *result.checks], spec.gguf_name, counts, warnings, packed_on,
+                         time.monotonic() - start)
 
 
 # row blocks of about this many elements: a 150k x 900 embedding never sits in memory whole (or as f32)
@@ -204,6 +220,21 @@ INLINE_ELEMENTS = 1 << 16
 PRIME_PER_WORKER = 4
 # jobs in flight per worker while writing: enough that one slow job at the head never idles the others
 WINDOW_PER_WORKER = 8
+# threads reading, merging and checking row blocks for the GPU, which packs one block at a time
+GPU_FEED_THREADS = 8
+
+
+def _start_workers(jobs: ArrayJobs, total: int, threads: int | None,
+                   backend: str) -> ForkWorkers | ThreadWorkers | None:
+    """The pool for ``jobs``: forked processes on the numpy path (forked before the vocabulary is read, so
+    they share a small parent), threads on the GPU (the parent holds CUDA), none for small models, for
+    ``threads=1`` and for the torch CPU path (which is for checks and threads itself)."""
+    if total < PARALLEL_MIN_ELEMENTS or threads == 1 or backend == "cpu":
+        return None
+    if backend == "cuda":
+        return ThreadWorkers(jobs.run_in_worker, threads or min(default_workers(), GPU_FEED_THREADS))
+    workers = threads or default_workers()
+    return ForkWorkers(jobs.run_in_worker, workers) if workers > 1 and can_fork() else None
 
 
 def _row_step(t: PlannedTensor) -> int:
@@ -225,8 +256,9 @@ class ArrayJobs:
     or in a forked worker, which reads its rows itself). No torch is imported here."""
 
     def __init__(self, source: TensorSource, spec: ArchSpec, hp: HParams, tensors: list[PlannedTensor],
-                 importance: dict | None):
+                 importance: dict | None, backend: str = "numpy"):
         self.source, self.spec, self.hp, self.tensors, self.importance = source, spec, hp, tensors, importance
+        self.backend = backend            # K-types: numpy here, or the torch device (quant.api.resolve_backend)
         self.threads: int | None = None   # K-quant processes per job: 1 inside workers
 
     def _whole(self, t: PlannedTensor) -> bool:
@@ -278,7 +310,8 @@ class ArrayJobs:
             if block.dtype.kind == "f":
                 check_finite(block, t.name)
             return np.ascontiguousarray(block, dtype=np.float32 if t.qtype == T.F32 else np.float16)
-        return quantize_array(block, t.qtype, importance=importance, name=t.name, threads=self.threads)
+        return quantize_array(block, t.qtype, importance=importance, name=t.name, threads=self.threads,
+                              backend=self.backend)
 
     def run_in_worker(self, index: int, rows: tuple[int, int] | None, path: str | None = None,
                       offset: int = 0) -> list[np.ndarray] | int:
@@ -318,7 +351,8 @@ class ArrayJobs:
         return produce
 
 
-def _torch_producer(source: TensorSource, spec: ArchSpec, hp: HParams, importance: dict | None):
+def _torch_producer(source: TensorSource, spec: ArchSpec, hp: HParams, importance: dict | None,
+                    backend: str = "numpy"):
     """``produce`` for sources that only load torch tensors (NF4 bases, DoRA merges, custom sources)."""
 
     def produce(t: PlannedTensor) -> Iterator[np.ndarray]:
@@ -347,12 +381,13 @@ def _torch_producer(source: TensorSource, spec: ArchSpec, hp: HParams, importanc
                 block = source.load_rows(plan.hf_name, start, stop)
             else:
                 block = tensor if len(t.shape) < 2 else tensor[start:stop]
-            yield _encode(block, t, imp)
+            yield _encode(block, t, imp, backend)
 
     return produce
 
 
-def _encode(block: torch.Tensor, t: PlannedTensor, importance: np.ndarray | None) -> np.ndarray:
+def _encode(block: torch.Tensor, t: PlannedTensor, importance: np.ndarray | None,
+            backend: str = "numpy") -> np.ndarray:
     """One row block of ``t`` in its GGUF type (float types cast in torch; the rest via quantize_array)."""
     import torch
 
@@ -364,7 +399,8 @@ def _encode(block: torch.Tensor, t: PlannedTensor, importance: np.ndarray | None
         if not bool(torch.isfinite(block).all()):
             check_finite(_to_numpy_f32(block), t.name)
         return block.contiguous().view(torch.int16).numpy().view(np.uint8)
-    return quantize_array(_to_numpy_f32(block), t.qtype, importance=importance, name=t.name)  # checks NaN/Inf
+    return quantize_array(_to_numpy_f32(block), t.qtype, importance=importance, name=t.name,  # checks NaN/Inf
+                          backend=backend)
 
 
 def _load_importance(imatrix: Any, shapes: dict[str, tuple[int, ...]]) -> dict | None:
@@ -409,24 +445,27 @@ def _override_types(quant: str, spec: ArchSpec, hp: HParams, plans, has_output: 
 
 def convert(source: Path, output: Path | None, quant: str = "f16", *, base: Path | None = None,
             lora_only: bool = False, imatrix: Any = None, name: str | None = None,
-            overrides: mixtures.TypeOverrides | None = None) -> ConvertReport:
+            overrides: mixtures.TypeOverrides | None = None, backend: str = "auto") -> ConvertReport:
     """Convert a Hugging Face model folder (or, via ``llmforge.export.adapter``, a PEFT adapter) to GGUF.
 
-    ``overrides``: llama-quantize's ``--pure``/``--output-tensor-type``/``--token-embedding-type``/
-    ``--tensor-type`` (:func:`llmforge.quant.mixtures.type_overrides`).
+    ``overrides``: llama-quantize's ``--pure``/``--leave-output-tensor``/``--output-tensor-type``/
+    ``--token-embedding-type``/``--tensor-type``/``--tensor-type-file``
+    (:func:`llmforge.quant.mixtures.type_overrides`).
+    ``backend``: where K-types are packed, see :func:`convert_model` (the CLI's ``--device``).
     """
     source = Path(source)
+    backend = resolve_backend(backend)   # --device cuda without a GPU fails before anything is read
     if (source / "adapter_config.json").is_file():
         from .adapter import convert_adapter
 
         if lora_only and overrides is not None and overrides.active:
             raise LlmforgeError("tensor type overrides do not apply to --lora-only adapters",
-                                hint="drop --pure/--output-tensor-type/--token-embedding-type/--tensor-type")
+                                hint="drop the --pure/--leave-output-tensor/--*-type options")
         return convert_adapter(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name,
-                               overrides=overrides)
+                               overrides=overrides, backend=backend)
     if base is not None or lora_only:
         raise LlmforgeError(f"--base/--lora-only apply to adapter folders; {source} has no adapter_config.json",
                             hint="drop those options for a full model folder")
     resolve_ftype(quant)
     out = Path(output) if output is not None else default_output(source, quant)
-    return convert_model(source, out, quant, imatrix=imatrix, name=name, overrides=overrides)
+    return convert_model(source, out, quant, imatrix=imatrix, name=name, overrides=overrides, backend=backend)

@@ -1,10 +1,14 @@
-"""Forked worker processes for the converter: each job reads, merges and packs one row block in a worker, the
-parent only writes finished blocks in file order.
+"""Worker pools for the converter: each job reads, merges and packs one row block in a worker, the parent only
+writes finished blocks in file order.
 
 Workers are forked once per conversion, after the tensor plan exists and before the vocabulary is read, so they
 inherit the source (file names, adapter factors' locations) and share the parent's pages; a job is sent as a
 few integers and only packed bytes travel back. This is used for numpy-native sources only: the workers never
 import torch (forking a process whose OpenMP pool has run is not safe for the child's own OpenMP use).
+
+On the GPU path the parent holds CUDA and cannot fork: :class:`ThreadWorkers` runs the same jobs in threads
+(numpy releases the GIL in its large copies and reductions, so reading and merging overlap the GPU packing,
+which :func:`llmforge.quant.api.quantize_array` serialises).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -88,6 +92,21 @@ class ForkWorkers:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class ThreadWorkers:
+    """``workers`` threads running ``task(*args)``, with :class:`ForkWorkers`' interface."""
+
+    def __init__(self, task: Callable[..., Any], workers: int):
+        self.task = task
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="llmforge-export")
+
+    def submit(self, *args: Any) -> Future:
+        return self._pool.submit(self.task, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 Item = np.ndarray | Future
