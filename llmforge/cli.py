@@ -6,6 +6,7 @@ one line on stderr and a non-zero exit. Diagnostics go to stderr so stdout stays
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -26,27 +27,49 @@ def cli() -> None:
 
 
 def type_override_options(command):
-    """llama-quantize's per-tensor type options, shared by ``convert`` and ``quantize``."""
+    """llama-quantize's per-tensor type options, shared by ``convert``, ``quantize``, ``ship`` and
+    ``train-and-ship``; they reach the command as one ``overrides`` argument (a ``TypeOverrides``)."""
     options = [
         click.option("--pure", is_flag=True, help="No mixture: every quantizable tensor gets the quant's base type."),
+        click.option("--leave-output-tensor", is_flag=True,
+                     help="Keep output.weight in its source type (not quantized)."),
         click.option("--output-tensor-type", metavar="TYPE",
                      help="Type of output.weight (and of tied embeddings), e.g. q8_0 (see `llmforge quants`)."),
         click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight, e.g. q8_0."),
         click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                      help="Type of the tensors whose name matches REGEX, e.g. 'attn_v=q8_0'; repeatable, "
                           "the first match wins."),
+        click.option("--tensor-type-file", type=click.Path(path_type=Path), metavar="FILE",
+                     help="REGEX=TYPE rules separated by spaces or newlines, tried after the --tensor-type ones."),
     ]
+    names = ("pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "tensor_types",
+             "tensor_type_file")
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .quant.mixtures import type_overrides
+
+        kwargs["overrides"] = type_overrides(**{n: kwargs.pop(n) for n in names})
+        return command(*args, **kwargs)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        wrapper = option(wrapper)
+    return wrapper
 
 
-def parse_type_overrides(pure: bool, output_tensor_type: str | None, token_embedding_type: str | None,
-                         tensor_types: tuple[str, ...]):
-    from .quant.mixtures import type_overrides
+def device_option(command):
+    """``--device auto|cpu|cuda``: where K-types are packed; reaches the command as ``backend``."""
 
-    return type_overrides(pure=pure, output_tensor_type=output_tensor_type,
-                          token_embedding_type=token_embedding_type, tensor_types=tensor_types)
+    @functools.wraps(command)
+    def wrapper(*args, device: str, **kwargs):
+        from .quant.api import DEVICE_BACKENDS, resolve_backend
+
+        # chosen (and --device cuda checked) before anything is read, trained or written
+        return command(*args, backend=resolve_backend(DEVICE_BACKENDS[device]), **kwargs)
+
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                        help="Where K-quants are packed: cuda (the GPU kernels), cpu (numpy worker processes), "
+                             "auto (cuda when an NVIDIA GPU, CUDA torch and Triton are there). Same bytes.")(wrapper)
 
 
 # ---------------------------------------------------------------- export (HF / PEFT -> GGUF)
@@ -59,16 +82,15 @@ def parse_type_overrides(pure: bool, output_tensor_type: str | None, token_embed
 @click.option("--lora-only", is_flag=True, help="Write a GGUF LoRA adapter instead of merging (adapter SOURCE).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="llama.cpp importance-matrix file for K-quants.")
 @click.option("--name", help="general.name written into the GGUF.")
+@device_option
 @type_override_options
 def convert(source: Path, quant: str, output: Path | None, base: Path | None, lora_only: bool,
-            imatrix: Path | None, name: str | None, pure: bool, output_tensor_type: str | None,
-            token_embedding_type: str | None, tensor_types: tuple[str, ...]) -> None:
+            imatrix: Path | None, name: str | None, overrides, backend: str) -> None:
     """Convert a Hugging Face model folder or a PEFT adapter folder to GGUF."""
     from .export.convert import convert as run_convert
 
-    overrides = parse_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_types)
     report = run_convert(source, output, quant, base=base, lora_only=lora_only, imatrix=imatrix, name=name,
-                         overrides=overrides)
+                         overrides=overrides, backend=backend)
     for line in report.summary_lines():
         echo_err(line)
     click.echo(str(report.path))
@@ -112,14 +134,14 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("output_path", metavar="OUT.gguf", type=click.Path(path_type=Path))
 @click.option("--quant", "-q", required=True, help="Target quant type or mixture (see `llmforge quants`).")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="llama.cpp importance-matrix file.")
+@device_option
 @type_override_options
-def quantize(input_path: Path, output_path: Path, quant: str, imatrix: Path | None, pure: bool,
-             output_tensor_type: str | None, token_embedding_type: str | None, tensor_types: tuple[str, ...]) -> None:
+def quantize(input_path: Path, output_path: Path, quant: str, imatrix: Path | None, overrides,
+             backend: str) -> None:
     """Requantize an f32/f16/bf16 GGUF."""
     from .quant.requantize import quantize_gguf
 
-    overrides = parse_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_types)
-    report = quantize_gguf(input_path, output_path, quant, imatrix=imatrix, overrides=overrides)
+    report = quantize_gguf(input_path, output_path, quant, imatrix=imatrix, overrides=overrides, backend=backend)
     for line in report.summary_lines():
         echo_err(line)
     click.echo(str(output_path))
@@ -188,11 +210,15 @@ def push(gguf: Path, name: str, modelfile_path: Path | None, adapter: Path | Non
 @click.option("--output-dir", "-o", type=click.Path(path_type=Path), help="Folder for the GGUF and Modelfile.")
 @click.option("--base", type=click.Path(path_type=Path), help="Base model folder for an adapter SOURCE.")
 @click.option("--host", help="Ollama host (default: $OLLAMA_HOST or 127.0.0.1:11434).")
-def ship(source: Path, name: str, quant: str, output_dir: Path | None, base: Path | None, host: str | None) -> None:
+@device_option
+@type_override_options
+def ship(source: Path, name: str, quant: str, output_dir: Path | None, base: Path | None, host: str | None,
+         overrides, backend: str) -> None:
     """Convert + Modelfile + push in one command."""
     from .pipeline import ship as run_ship
 
-    report = run_ship(source, name=name, quant=quant, output_dir=output_dir, base=base, host=host)
+    report = run_ship(source, name=name, quant=quant, output_dir=output_dir, base=base, host=host,
+                      overrides=overrides, backend=backend)
     for line in report.summary_lines():
         echo_err(line)
 
@@ -227,14 +253,18 @@ def train(config: Path, overrides: tuple[str, ...], resume: bool, named: str | N
 
 @cli.command("train-and-ship")
 @click.argument("config", required=False, type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 @click.option("--quant", "-q", default=None, help="Quant mixture for the export (default q4_k_m).")
 @click.option("--demo-check", is_flag=True, help="After shipping, check the learned answers through llama.cpp.")
-def train_and_ship(config: Path | None, overrides: tuple[str, ...], quant: str | None, demo_check: bool) -> None:
+@device_option
+@type_override_options
+def train_and_ship(config: Path | None, settings: tuple[str, ...], quant: str | None, demo_check: bool,
+                   overrides, backend: str) -> None:
     """Train -> merge -> quantize -> GGUF -> Modelfile -> push. Without CONFIG, runs the bundled example."""
     from .trainer.run import train_and_ship as run_train_and_ship
 
-    result = run_train_and_ship(config, overrides=overrides, quant=quant, demo_check=demo_check)
+    result = run_train_and_ship(config, overrides=settings, quant=quant, demo_check=demo_check,
+                                type_overrides=overrides, backend=backend)
     for line in result.summary_lines():
         echo_err(line)
 

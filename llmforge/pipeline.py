@@ -10,11 +10,14 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .atomic import atomic_path
 from .errors import LlmforgeError
 from .export.ollama import OllamaUnreachable, PushReport, Timeouts, push_model, resolve_host, validate_model_name
+
+if TYPE_CHECKING:
+    from .quant.mixtures import TypeOverrides
 
 
 @dataclass
@@ -58,12 +61,18 @@ def _has_chat_template(path: Path) -> bool:
 
 def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | None = None,
          base: Path | None = None, host: str | None = None, timeouts: Timeouts = Timeouts(),
-         progress: TextIO = sys.stderr) -> ShipReport:
-    """Convert ``source`` (model folder or PEFT adapter folder, with ``base``) and create ``name`` on Ollama."""
+         progress: TextIO = sys.stderr, overrides: TypeOverrides | None = None,
+         backend: str = "auto") -> ShipReport:
+    """Convert ``source`` (model folder or PEFT adapter folder, with ``base``) and create ``name`` on Ollama.
+
+    ``overrides`` (llama-quantize's per-tensor types) and ``backend`` (where K-types are packed) go to
+    :func:`llmforge.export.convert.convert`."""
     from .export.convert import convert
+    from .quant.api import resolve_backend
     from .templates.modelfile import modelfile_for_source
 
     validate_model_name(name)
+    backend = resolve_backend(backend)
     resolve_host(host)  # a bad or non-loopback host fails now, not after a long conversion
     source = Path(source).resolve()
     if not source.exists():
@@ -74,7 +83,8 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
     created_dir = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
     try:
-        converted = convert(source, out_dir / f"{_file_stem(name)}-{quant}.gguf", quant, base=base)
+        converted = convert(source, out_dir / f"{_file_stem(name)}-{quant}.gguf", quant, base=base,
+                            overrides=overrides, backend=backend)
     except BaseException:
         if created_dir and not any(out_dir.iterdir()):
             out_dir.rmdir()  # leave nothing behind for a failed conversion

@@ -9,13 +9,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..atomic import atomic_dir
 from ..errors import LlmforgeError
 from .config import Config, load_config
+
+if TYPE_CHECKING:
+    from ..quant.mixtures import TypeOverrides
 
 ADAPTER_DIR = "adapter"
 
@@ -163,27 +166,35 @@ def example_config(overrides: Iterable[str] = ()) -> Config:
 
 
 def train_and_ship(config: str | Path | Config | None = None, overrides: Iterable[str] = (), quant: str | None = None,
-                   demo_check: bool = False, host: str | None = None) -> ShipResult:
+                   demo_check: bool = False, host: str | None = None, type_overrides: TypeOverrides | None = None,
+                   backend: str = "auto") -> ShipResult:
     """Train, then convert (layer-by-layer merge + quantization), write the Modelfile and push when Ollama is
     reachable. Without ``config`` the bundled example runs; ``demo_check`` then verifies the learned answers
-    through llama.cpp."""
+    through llama.cpp. ``overrides`` are config settings (``key=value``); ``type_overrides`` (llama-quantize's
+    per-tensor types, :func:`llmforge.quant.mixtures.type_overrides`) and ``backend`` (where K-types are
+    packed) go to the conversion."""
     from ..pipeline import ship
+    from ..quant.api import resolve_backend, resolve_ftype
+    from ..quant.mixtures import BY_NAME, check_overrides
 
+    backend = resolve_backend(backend)   # --device cuda without a GPU fails before training
     bundled = config is None
     if bundled:
         cfg = example_config(overrides)
-        if not cfg.model.path:
-            from .example import build_base_model
-
-            base = Path(cfg.train.output_dir) / "base"
-            prepare_output_dir(base.parent)
-            print(f"[example] building the tiny base model in {base}", file=sys.stderr)
-            with atomic_dir(base) as tmp:
-                build_base_model(tmp)
-            cfg.model.path = str(base)
     else:
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
     quant = quant or cfg.ship.quant
+    if type_overrides is not None:      # refused before training, not after it
+        check_overrides(type_overrides, BY_NAME[resolve_ftype(quant).name])
+    if bundled and not cfg.model.path:
+        from .example import build_base_model
+
+        base = Path(cfg.train.output_dir) / "base"
+        prepare_output_dir(base.parent)
+        print(f"[example] building the tiny base model in {base}", file=sys.stderr)
+        with atomic_dir(base) as tmp:
+            build_base_model(tmp)
+        cfg.model.path = str(base)
     ship_dir = Path(cfg.ship.output_dir or Path(cfg.train.output_dir) / "ship")
     name = cfg.ship.name or Path(cfg.train.output_dir).name
     print("== stage 1/3: train", file=sys.stderr)
@@ -191,7 +202,7 @@ def train_and_ship(config: str | Path | Config | None = None, overrides: Iterabl
     print(f"== stage 2/3: convert ({quant}), Modelfile, push", file=sys.stderr)
     prepare_output_dir(ship_dir)
     report = ship(trained.adapter_dir, name=name, quant=quant, output_dir=ship_dir,
-                  base=Path(cfg.model.path), host=host or cfg.ship.host)
+                  base=Path(cfg.model.path), host=host or cfg.ship.host, overrides=type_overrides, backend=backend)
     result = ShipResult(train=trained, quant=quant, ship=report)
     if demo_check:
         from .demo import check_gguf
