@@ -1,11 +1,12 @@
-"""llama-quantize's per-tensor overrides (--pure, --output-tensor-type, --token-embedding-type,
---tensor-type REGEX=TYPE) against llama.cpp itself.
+"""llama-quantize's per-tensor overrides (--pure, --leave-output-tensor, --output-tensor-type,
+--token-embedding-type, --tensor-type REGEX=TYPE, --tensor-type-file) against llama.cpp itself.
 
-Oracle: ``llama_model_quantize`` (llama-cpp-python 0.3.36) with the same ``pure``/``output_tensor_type``/
-``token_embedding_type`` and its ``tt_overrides`` array (the C struct llama-quantize fills from
-``--tensor-type``, lower-cased patterns and all). 1. Synthetic headers (a few rows per tensor) exercise the
-rules cheaply through ``llmforge quantize``: first match wins, a match leaves llama.cpp's attn_v/ffn
-counters alone, ragged rows take the fallback, a tied embedding follows --output-tensor-type. 2. The tiny
+Oracle: ``llama_model_quantize`` (llama-cpp-python 0.3.36) with the same ``pure``/``quantize_output_tensor``/
+``output_tensor_type``/``token_embedding_type`` and its ``tt_overrides`` array (the C struct llama-quantize
+fills from ``--tensor-type`` and ``--tensor-type-file``, lower-cased patterns and all). 1. Synthetic headers
+(a few rows per tensor) exercise the rules cheaply through ``llmforge quantize``: first match wins, a match
+leaves llama.cpp's attn_v/ffn counters alone, ragged rows take the fallback, a tied embedding follows
+--output-tensor-type, --leave-output-tensor beats every other option for output.weight. 2. The tiny
 mistral (untied) and qwen2 (tied) models go through ``convert`` with q4_k_m and q3_k_m. Types and bytes of
 every tensor must equal llama.cpp's. 3. Bad input: one ``error:`` line, non-zero exit, no output file.
 """
@@ -37,6 +38,7 @@ def llama_quantize(src: Path, dst: Path, quant: str, ov: mixtures.TypeOverrides)
     params.nthread = 2
     params.ftype = int(resolve_ftype(quant).file_type)
     params.pure = ov.pure
+    params.quantize_output_tensor = not ov.leave_output
     if ov.output_type is not None:
         params.output_tensor_type = int(ov.output_type)
     if ov.token_embd_type is not None:
@@ -145,6 +147,11 @@ RULE_CASES = [
                                  token_embedding_type="q5_K")),
     # float ftypes: llama.cpp still applies the output/embedding types
     ("8L-untied", "f16", dict(output_tensor_type="q8_0", token_embedding_type="q4_K")),
+    # --leave-output-tensor: output.weight keeps f32, whatever the other options say about it
+    ("8L-untied", "q4_k_m", dict(leave_output_tensor=True)),
+    ("8L-untied", "q3_k_m", dict(leave_output_tensor=True, output_tensor_type="q8_0", tensor_types=["output=q4_0"],
+                                 token_embedding_type="q5_0")),
+    ("8L-untied", "f16", dict(leave_output_tensor=True, token_embedding_type="q8_0")),
 ]
 
 
@@ -214,6 +221,7 @@ MODEL_CASES = [
     ("qwen2", "q3_k_m", dict(pure=True, token_embedding_type="f16")),
     ("qwen2", "q4_k_m", dict(output_tensor_type="q8_0")),
     ("qwen2", "q3_k_m", dict(tensor_types=[r"blk\.1\.attn_v=q4_0", "ffn_down=q8_0", "token_embd=q8_0"])),
+    ("mistral", "q5_k_m", dict(leave_output_tensor=True, tensor_types=["attn_v=q8_0"])),
 ]
 
 
@@ -304,6 +312,78 @@ def test_override_that_does_not_fit_the_rows_is_refused(synthetic, tmp_path, cap
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and all(f in lines[0] for f in fragments), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ragged-untied.gguf"]
+
+
+def test_tensor_type_file_matches_llama_cpp(synthetic, tmp_path, capsys):
+    # rules split by spaces and newlines, tried after the --tensor-type rules (first match wins)
+    rules = tmp_path / "rules.txt"
+    rules.write_text("blk\\.[0-3]\\.ffn_down=q6_k  ATTN_V=Q8_0\n\n   attn_output=q4_0\t ffn_up=q5_1\nblk\\.1\\.=q2_K\n")
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    code, _, err = run(["quantize", str(synthetic["8L-untied"]), str(ours), "-q", "q3_k_m",
+                        "--tensor-type-file", str(rules), "--tensor-type", r"blk\.2\.=q8_0"], capsys)
+    assert code == 0 and "warning" not in err, err
+    ov = mixtures.type_overrides(tensor_types=[r"blk\.2\.=q8_0"], tensor_type_file=rules)
+    assert [r.pattern for r, _ in ov.tensor_types] == [r"blk\.2\.", r"blk\.[0-3]\.ffn_down", "attn_v", "attn_output",
+                                                        "ffn_up", r"blk\.1\."]
+    llama_quantize(synthetic["8L-untied"], ref, "q3_k_m", ov)
+    types = assert_same_as_llama_cpp(ours, ref)
+    assert types["blk.2.ffn_down.weight"] == "Q8_0" and types["blk.3.ffn_down.weight"] == "Q6_K"
+    assert types["blk.1.attn_q.weight"] == "Q2_K" and types["blk.5.attn_v.weight"] == "Q8_0"
+
+
+@pytest.mark.parametrize("text,fragments", [
+    ("attn_v=q8_0\nffn_down=q6_k attn_q\n", ["rules.txt:2: 'attn_q' is not REGEX=TYPE"]),
+    ("attn_v=q8_0\n\n=q4_k\n", ["rules.txt:3:", "not REGEX=TYPE"]),
+    ("attn_v=q9_k\n", ["rules.txt:1:", "unknown ggml type 'q9_k'", "q8_0"]),
+    ("attn_(v=q8_0\n", ["rules.txt:1:", "bad regular expression"]),
+    (b"attn_v=q8_0 \xff\n", ["rules.txt is not UTF-8 text"]),
+    (None, ["--tensor-type-file", "rules.txt: cannot read it"]),
+])
+def test_bad_tensor_type_file_is_one_line(synthetic, tmp_path, capsys, text, fragments):
+    rules = tmp_path / "rules.txt"
+    if isinstance(text, str):
+        rules.write_text(text)
+    elif text is not None:
+        rules.write_bytes(text)
+    out_path = tmp_path / "out.gguf"
+    code, out, err = run(["quantize", str(synthetic["8L-untied"]), str(out_path), "-q", "q4_k_m",
+                          "--tensor-type-file", str(rules)], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(f in lines[0] for f in fragments), lines[0]
+    assert not out_path.exists() and out == ""
+
+
+def test_overrides_that_change_nothing_are_warned_about(synthetic, tmp_path, capsys):
+    # llama-quantize ignores them silently; the bytes are the same, the user hears of the likely typo
+    out_path = tmp_path / "out.gguf"
+    code, _, err = run(["quantize", str(synthetic["8L-tied-ragged"]), str(out_path), "-q", "q4_k_m",
+                        "--tensor-type", "atn_v=q8_0", "--tensor-type", "attn_q=q8_0", "--leave-output-tensor"],
+                       capsys)
+    assert code == 0 and out_path.is_file(), err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: tensor type rule 'atn_v=q8_0' matches no quantizable tensor",
+                        "warning: --leave-output-tensor: the model has no output.weight (tied embeddings)"], err
+
+
+def test_ship_takes_the_overrides(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")  # nothing listens: ship writes the files and warns
+    out = tmp_path / "shipped"
+    code, _, err = run(["ship", str(tiny_model_dir("mistral")), "--name", "tiny-ov", "-q", "q4_k_m", "-o", str(out),
+                        "--leave-output-tensor", "--tensor-type", "ffn_=q8_0", "--device", "cpu"], capsys)
+    assert code == 0, err
+    types = {n: T(t).name for n, (t, _) in tensor_bytes(out / "tiny-ov-q4_k_m.gguf").items()}
+    assert types["output.weight"] == "F32" and types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["blk.1.attn_q.weight"] == "Q4_K"
+
+
+def test_train_and_ship_refuses_bad_overrides_before_training(tmp_path, capsys):
+    code, _, err = run(["train-and-ship", "--set", f"train.output_dir={tmp_path / 'run'}", "-q", "f16",
+                        "--tensor-type", "attn_v=q8_0"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and lines == ["error: --tensor-type applies to quantized mixtures, not f16 (llama-quantize "
+                                   "ignores it there; pick e.g. -q q8_0 with --tensor-type)"], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_tensor_type_with_a_float_quant_is_refused(synthetic, tmp_path, capsys):
