@@ -1,4 +1,4 @@
-"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_fit / requant) give
+"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_k / q3_bits / requant) give
 the bytes of the generic backend-neutral code and of llama.cpp, on inputs made to produce near-ties."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ class GenericOps(NumpyOps):
 
     signed_max = None
     qx_search = None
-    q3_fit = None
+    q3_k = None
+    q3_bits = None
     requant = None
 
 
@@ -79,7 +80,7 @@ def test_generic_ops_really_skip_the_fast_paths(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("fast path used")
 
-    for name in ("signed_max", "qx_search", "q3_fit", "requant"):
+    for name in ("signed_max", "qx_search", "q3_k", "q3_bits", "requant"):
         monkeypatch.setattr(NumpyOps, name, boom, raising=False)
     x = adversarial(rows=1, cols=512)
     with np.errstate(all="ignore"):

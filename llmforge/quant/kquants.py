@@ -134,8 +134,24 @@ class NumpyOps:
     # --- optional fast paths (the core falls back to the generic code where a backend lacks them)
 
     def signed_max(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``_signed_max`` without a masked copy per row: C keeps the first strictly larger |x| from
-        amax = 0, i.e. the first position of the NaN-ignoring maximum, or 0 if that is 0 or NaN."""
+        """``_signed_max`` in two reductions: C keeps the first strictly larger |x| from amax = 0 (NaN never
+        compares larger), which is the NaN-ignoring max or min, whichever is larger in size; only where
+        both +a and -a reach it does the order matter (:meth:`_first_signed_max` on those columns)."""
+        zero = np.float32(0.0)
+        hi = np.fmax.reduce(x, axis=0)
+        lo = np.fmin.reduce(x, axis=0)
+        neg = np.negative(lo)
+        amax = np.fmax(hi, neg)
+        vmax = np.where(neg > hi, lo, hi)
+        tie = np.flatnonzero((hi == neg) & (hi > zero))
+        if tie.shape[0]:
+            vmax[tie] = self._first_signed_max(x[:, tie])
+        valid = amax > zero
+        return np.where(valid, amax, zero), np.where(valid, vmax, zero)
+
+    @staticmethod
+    def _first_signed_max(x: np.ndarray) -> np.ndarray:
+        """The x of the first NaN-ignoring largest |x| over axis 0 (any x if that is 0 or NaN)."""
         ax = np.abs(x)
         amax = np.fmax.reduce(ax, axis=0)
         # the first row where ax == amax: the largest of (n - row) over those rows (argmax along axis 0
@@ -143,13 +159,10 @@ class NumpyOps:
         n = x.shape[0]
         rank = np.multiply((ax == amax).view(np.uint8), np.arange(n, 0, -1, dtype=np.uint8)[:, None])
         first = n - np.maximum.reduce(rank, axis=0).astype(np.intp)
-        np.minimum(first, n - 1, out=first)                  # all-NaN: no such row (and vmax is 0)
-        valid = amax > np.float32(0.0)
+        np.minimum(first, n - 1, out=first)                  # all-NaN: no such row
         first *= x.shape[1]
         first += np.arange(x.shape[1])
-        vmax = x.ravel()[first]
-        zero = np.float32(0.0)
-        return np.where(valid, amax, zero), np.where(valid, vmax, zero)
+        return x.ravel()[first]
 
     def _buffer(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
         buf = self._buffers.get(key) if hasattr(self, "_buffers") else None
@@ -159,176 +172,245 @@ class NumpyOps:
             buf = self._buffers[key] = np.empty(shape, dtype=np.float32)
         return buf
 
-    def q3_fit(self, x: np.ndarray, vmax: np.ndarray, live: np.ndarray, nmax: int,
-               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """make_q3_quants' levels and sums with its refinement (up to 5 passes over the 16 positions):
-        (L, sumlx, suml2), the generic ``_fit_q3``'s operations in C's order.
+    # --- unweighted Q3_K as a whole (make_q3_quants, then the super-block step and the second pass)
 
-        Speculative rounds: a round evaluates all remaining positions of a sub-block's current pass at
-        once with its current sums. Until the first accepted position nothing changes, so these are
-        exactly C's evaluations; the first accept is applied and the next round resumes after it. A pass
-        without an accept ends the sub-block's loop (C's early exit) or, after changes, starts the next.
-        Only positions whose level would change get the rest of C's test (few), as flat gathers.
-        ``rows``: optionally ``x`` transposed, contiguous (the caller's super-blocks), for cheap gathers.
+    Q3_SLAB = 4096          # sub-blocks per slab of the dense passes: their ~6 (16, slab) arrays stay in L2
+
+    def q3_k(self, blocks: np.ndarray) -> Packed:
+        """Unweighted Q3_K of (nb, 256) super-blocks: the generic ``_q3_k``'s values, organised for numpy.
+
+        make_q3_quants: only sub-blocks whose initial sumlx is > 0 can change. C tests ``slx > 0`` with
+        slx = sumlx minus one of its own terms, and every term has the sign of -vmax (L's sign is
+        -sign(x)*sign(vmax)), so a positive-max sub-block's slx is <= 0 (|sumlx| >= each term): half of
+        them never refine. The first pass runs densely per slab on float levels (C's nearest_int equals
+        rint here, |iscale*x| <= 4; a NaN, where they differ, is redone exactly) and marks a superset of
+        the positions where C's test could accept; :meth:`_q3_sweep` runs the test itself on the first
+        marked position of each sub-block, then the next where it fails; the sub-blocks with an accept
+        go on in speculative rounds over the whole chunk (:meth:`_q3_rounds`). The second pass is
+        elementwise, so it runs on the sub-block-major input, giving the levels in block order; the fit's
+        levels are only needed where a sub-block's scale d is 0, and are rebuilt there.
         """
-        n, S = x.shape
-        zero = np.float32(0.0)
-        L = np.empty(x.shape, dtype=np.int32)
+        rows = blocks.reshape(-1, 16)                        # sub-block-major (S, 16)
+        S, nmax = rows.shape[0], 4
+        iscale = np.empty(S, dtype=np.float32)
+        live = np.empty(S, dtype=bool)
         sumlx = np.empty(S, dtype=np.float32)
         suml2 = np.empty(S, dtype=np.float32)
-        acts, fs = [], []
-        for s0 in range(0, S, self.Q3_SLAB):                 # column slabs that stay in the L2 cache
+        marks = np.empty(S, dtype=np.int64)
+        for s0 in range(0, S, self.Q3_SLAB):
             s1 = min(S, s0 + self.Q3_SLAB)
-            act, f = self._q3_first_round(x[:, s0:s1], vmax[s0:s1], nmax, L[:, s0:s1], sumlx[s0:s1],
-                                          suml2[s0:s1])
-            acts.append(act + s0)
-            fs.append(f)
-        act, f = np.concatenate(acts), np.concatenate(fs)
-        act_live = live[act]                                # (all-zero sub-blocks are overwritten later)
-        act, f = act[act_live], f[act_live]
-        # Later rounds, for the sub-blocks that accepted something: each sweeps all 16 positions from
-        # ``pos`` (after its last accept) on, cyclically: positions pos..15 finish the current pass, and
-        # 0..pos-1 start the next one (C starts it: this pass changed something), unless this is the
-        # fifth. The next pass's positions pos..15 see the very same state as this sweep did, so without
-        # an accept anywhere in the sweep the next pass changes nothing and C's loop ends: done.
-        # Sub-block-major, with x, w, w*x and L (as float) in one array so that dropping finished
-        # sub-blocks is one gather; their results wait in home arrays for one write-back at the end.
-        pos = f + 1
-        npass = np.zeros(act.shape[0], dtype=np.intp)         # the current pass (0..4)
-        P = np.empty((4, act.shape[0], n), dtype=np.float32)
-        X = P[0]
-        if rows is None:
-            X[...] = np.take(x, act, axis=1).T
-        else:
-            np.take(rows, act, axis=0, out=X)
-        np.multiply(X, X, out=P[1])                          # w = x*x and w*x: the same roundings again
-        np.multiply(P[1], X, out=P[2])
-        P[3] = np.take(L, act, axis=1).T
-        s_lx, s_l2 = sumlx[act], suml2[act]
-        home_act, home_l, home_lx, home_l2 = act, P[3].copy(), s_lx.copy(), s_l2.copy()
-        home = np.arange(act.shape[0])
-        going = np.ones(act.shape[0], dtype=bool)
-        from_pos = np.arange(n)[None, :] >= np.arange(n + 1)[:, None]   # [pos]: positions >= pos
+            x = np.ascontiguousarray(rows[s0:s1].T)         # position-major (16, s): sums run over rows
+            amax, vmax = self.signed_max(x)
+            np.greater_equal(amax, np.float32(GROUP_MAX_EPS), out=live[s0:s1])
+            np.divide(np.float32(-nmax), vmax, out=iscale[s0:s1])
+            marks[s0:s1] = self._q3_start(x, iscale[s0:s1], live[s0:s1], nmax, sumlx[s0:s1], suml2[s0:s1])
+        act, first, nl, slx_new, sl2_new, _, _ = self._q3_sweep(marks, np.zeros(S, dtype=np.int64), rows, None,
+                                                                sumlx, suml2, nmax, iscale)
+        order = np.argsort(act)
+        act = act[order]
+        levels = np.empty((0, 16), dtype=np.float32)
+        if act.shape[0]:
+            levels, sumlx[act], suml2[act] = self._q3_rounds(rows, iscale, act, first[order], nl[order],
+                                                             slx_new[order], sl2_new[order], nmax)
+        zero = np.float32(0.0)
+        scale = np.divide(sumlx, suml2, out=np.zeros(S, dtype=np.float32), where=suml2 > zero)
+        np.copyto(scale, zero, where=~live)
+        l, d_bits, d_val = _q3_scales(self, scale.reshape(-1, 16))
+        d = _sub_major(self, d_val, l - 32)
+        L = np.empty(rows.shape, dtype=np.uint8)
+        for s0 in range(0, S, self.Q3_SLAB):                 # the second pass, in the input's order
+            L[s0:s0 + self.Q3_SLAB] = self.requant(rows[s0:s0 + self.Q3_SLAB], None, d[s0:s0 + self.Q3_SLAB, None],
+                                                   None, -4, 3, 4)
+        zero_d = np.flatnonzero(d == zero)
+        if zero_d.shape[0]:                                  # there the fit's levels (0 if all zero)
+            fit = self.clip(self.nearest_int(iscale[zero_d][:, None] * rows[zero_d]), -nmax, nmax - 1)
+            k = np.searchsorted(act, zero_d)
+            refined = np.flatnonzero(np.take(act, k, mode="clip") == zero_d) if act.shape[0] else k[:0]
+            fit[refined] = levels[k[refined]]
+            fit += nmax
+            fit[~live[zero_d]] = 0
+            L[zero_d] = fit
+        return Packed(L.reshape(-1, QK_K), d_bits, None, _pack_q3_scales(l))
+
+    def _q3_start(self, x: np.ndarray, iscale: np.ndarray, live: np.ndarray, nmax: int, sumlx: np.ndarray,
+                  suml2: np.ndarray) -> np.ndarray:
+        """One slab of position-major sub-blocks: make_q3_quants' initial sums (into ``sumlx``/``suml2``)
+        and, per sub-block, a 16-bit mask of the first pass's candidates, a superset of C's (none for
+        the sub-blocks that cannot refine)."""
+        zero = np.float32(0.0)
+        lf = np.multiply(iscale, x)
+        np.rint(lf, out=lf)
+        np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
+        w = x * x
+        t1 = w * x
+        t1 *= lf
+        np.add.reduce(t1, axis=0, initial=zero, out=sumlx)
+        t2 = np.multiply(w, lf, out=w)
+        t2 *= lf
+        np.add.reduce(t2, axis=0, initial=zero, out=suml2)
+        bad = np.flatnonzero(np.isnan(sumlx) & live)        # a NaN level? C's nearest_int reads its bits
+        if bad.shape[0]:
+            xb = x[:, bad]
+            lb = self.clip(self.nearest_int(iscale[bad] * xb), -nmax, nmax - 1).astype(np.float32)
+            wb = xb * xb
+            t1[:, bad], t2[:, bad] = (wb * xb) * lb, (wb * lb) * lb
+            sumlx[bad] = np.add.reduce(t1[:, bad], axis=0, initial=zero)
+            suml2[bad] = np.add.reduce(t2[:, bad], axis=0, initial=zero)
+        # (those keep NaN sums, exactly too: a NaN level needs a NaN or infinite x; so they never refine,
+        # and the levels of the sub-blocks that do are rint's)
+        refine = sumlx > zero
+        refine &= live
+        slx = np.subtract(sumlx, t1, out=t1)
+        q = np.subtract(suml2, t2, out=t2)
+        q *= x
+        q /= slx
+        # candidates: where the unclipped rint of C's new level differs from the level (a value C would
+        # clip back, a huge one or NaN included, differs too: a superset)
+        np.rint(q, out=q)
+        cand = np.not_equal(q, lf)
+        cand &= refine
+        return _bit_masks(cand.T)
+
+    def _q3_sweep(self, marks: np.ndarray, pos: np.ndarray, X: np.ndarray, LF: np.ndarray | None,
+                  sumlx: np.ndarray, suml2: np.ndarray, nmax: int,
+                  iscale: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """C's next accept in each sub-block, scanning from position ``pos`` on, cyclically, with the
+        current sums: ``marks`` (consumed) has bit k set if position (pos + k) % 16 is to be tested
+        (a superset of C's candidates). Sub-block-major ``X``, levels ``LF`` (or, None, rint's initial
+        ones from ``iscale``). The first marked position of each sub-block is tested, then the next where
+        that fails: (sub-blocks with an accept, its k, new level, new sumlx, suml2, w*x*l, w*l*l)."""
+        subs = np.flatnonzero(marks)
+        found = []
+        while subs.shape[0]:
+            bits = marks[subs]
+            low = bits & -bits
+            k = _CTZ16[low]
+            p = (pos[subs] + k) & 15
+            xv = X[subs, p]
+            if LF is None:
+                lv = np.multiply(iscale[subs], xv)
+                np.rint(lv, out=lv)
+                np.clip(lv, np.float32(-nmax), np.float32(nmax - 1), out=lv)
+            else:
+                lv = LF[subs, p]
+            ok, *res = self._q3_accepts(xv, lv, sumlx[subs], suml2[subs], nmax)
+            found.append([subs[ok], k[ok]] + [a[ok] for a in res])
+            subs, bits, low = subs[~ok], bits[~ok], low[~ok]
+            bits ^= low
+            marks[subs] = bits
+            subs = subs[bits != 0]
+        if not found:
+            return (np.empty(0, dtype=np.intp), np.empty(0, dtype=np.uint8)) + (np.empty(0, np.float32),) * 5
+        return tuple(np.concatenate(a) for a in zip(*found))
+
+    def _q3_accepts(self, xv: np.ndarray, lv: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
+                    nmax: int) -> tuple[np.ndarray, ...]:
+        """C's refinement step at single positions (x, current level, its sub-block's sums), operator by
+        operator: (accept, new level, new sumlx, new suml2, new w*x*l term, new w*l*l term)."""
+        zero = np.float32(0.0)
+        w = xv * xv
+        wx = w * xv
+        slx = np.subtract(sumlx, wx * lv)
+        sl2 = np.subtract(suml2, (w * lv) * lv)
+        nl = self.nearest_int((xv * sl2) / slx)
+        np.maximum(nl, -nmax, out=nl)                       # (np.clip costs ~5 us in Python on small arrays)
+        np.minimum(nl, nmax - 1, out=nl)
+        nl = nl.astype(np.float32)
+        ok = slx > zero
+        ok &= nl != lv
+        t1 = wx * nl
+        t2 = w * nl
+        t2 *= nl
+        slx_new = slx + t1
+        sl2_new = sl2 + t2
+        ok &= sl2_new > zero
+        lhs = slx_new * slx_new
+        lhs *= suml2
+        rhs = sumlx * sumlx
+        rhs *= sl2_new
+        ok &= lhs > rhs
+        return ok, nl, slx_new, sl2_new, t1, t2
+
+    def _q3_rounds(self, rows: np.ndarray, iscale: np.ndarray, act: np.ndarray, first: np.ndarray,
+                   nl: np.ndarray, slx: np.ndarray, sl2: np.ndarray,
+                   nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The refinement after each ``act`` sub-block's first accept (at position ``first``, giving level
+        ``nl`` and sums ``slx``/``sl2``): (its final levels (A, 16), sumlx, suml2).
+
+        Speculative rounds: a round evaluates a sub-block at all 16 positions from ``pos`` (after its last
+        accept) on, cyclically, with its current sums: positions pos..15 finish the current pass, 0..pos-1
+        start the next one (C starts it: this pass changed something), unless this is the fifth. Up to the
+        first accept in that order nothing changes, so those are C's evaluations; the first accept is
+        applied and the next round resumes after it. The next pass's positions pos..15 would see the very
+        same state as this sweep, so a sweep without an accept ends C's loop: done. The dense work per
+        round is the candidate superset of :meth:`_q3_start`; the test runs in :meth:`_q3_sweep`.
+        Sub-block-major, with x, the levels and the cached w*x*l and w*l*l terms in one array, so that
+        dropping finished sub-blocks is one gather.
+        """
+        A = act.shape[0]
+        P = np.empty((4, A, 16), dtype=np.float32)
+        X, LF, T1, T2 = P
+        np.take(rows, act, axis=0, out=X)
+        np.multiply(iscale[act][:, None], X, out=LF)        # the initial levels again, same operations
+        np.rint(LF, out=LF)
+        np.clip(LF, np.float32(-nmax), np.float32(nmax - 1), out=LF)
+        LF[np.arange(A), first] = nl
+        np.multiply(X, X, out=T2)
+        np.multiply(T2, X, out=T1)
+        T1 *= LF
+        T2 *= LF
+        T2 *= LF
+        s_lx, s_l2 = slx.copy(), sl2.copy()
+        pos = first.astype(np.int64) + 1
+        npass = np.zeros(A, dtype=np.int64)                 # the current pass (0..4)
+        home = np.arange(A)
+        home_l, home_lx, home_l2 = np.empty((A, 16), dtype=np.float32), s_lx.copy(), s_l2.copy()
+        going = np.ones(A, dtype=bool)
         while True:
             n_going = int(np.count_nonzero(going))
-            if n_going == 0 or n_going < 0.6 * home.shape[0]:
-                home_l[home] = P[3]
+            if n_going < 0.6 * home.shape[0]:                 # drop the finished sub-blocks (one gather)
+                home_l[home] = P[1]
                 home_lx[home] = s_lx
                 home_l2[home] = s_l2
                 if n_going == 0:
-                    break
+                    return home_l, home_lx, home_l2
                 keep = np.flatnonzero(going)
                 home, pos, npass = home[keep], pos[keep], npass[keep]
                 P, s_lx, s_l2 = np.take(P, keep, axis=1), s_lx[keep], s_l2[keep]
                 going = np.ones(keep.shape[0], dtype=bool)
-            X, W, WX, LL = P
-            slx = WX * LL
-            np.subtract(s_lx[:, None], slx, out=slx)
-            sl2 = W * LL
-            sl2 *= LL
-            np.subtract(s_l2[:, None], sl2, out=sl2)
-            q = np.multiply(X, sl2)
+            X, LF, T1, T2 = P
+            slx = np.subtract(s_lx[:, None], T1)
+            q = np.subtract(s_l2[:, None], T2)
+            q *= X
             q /= slx
-            nl = self.clip(self.nearest_int(q), -nmax, nmax - 1).astype(np.float32)
-            cand = nl != LL
-            cand &= slx > zero
-            cand &= going[:, None]
-            # the rest of C's test, densely (cheaper than gathers for these small arrays)
-            slx_new = WX * nl
-            slx_new += slx
-            sl2_new = W * nl
-            sl2_new *= nl
-            sl2_new += sl2
-            lhs = slx_new * slx_new
-            lhs *= s_l2[:, None]
-            rhs = np.multiply((s_lx * s_lx)[:, None], sl2_new, out=sl2)
-            cand &= lhs > rhs
-            cand &= sl2_new > zero
-            # the first accept from pos on in this pass, else from 0 in the next one (if there is one)
-            rest = from_pos[pos]
-            sel_a, r_a = self._first_per_row(cand & rest, n)
-            nxt = cand & ~rest
-            nxt &= (npass < 4)[:, None]
-            nxt[r_a] = False
-            sel_b, r_b = self._first_per_row(nxt, n)
-            npass[r_b] += 1
-            sel, r = np.concatenate((sel_a, sel_b)), np.concatenate((r_a, r_b))
-            p = sel - r * n
-            LL[r, p] = nl.ravel()[sel]
-            s_lx[r] = slx_new.ravel()[sel]
-            s_l2[r] = sl2_new.ravel()[sel]
+            np.rint(q, out=q)
+            # with no |q| near 2**22 (nor NaN) anywhere, nearest_int is rint, so C's clip makes the marks
+            # exactly C's candidates; else they stay a superset
+            if -_RINT_SAFE < q.min() and q.max() < _RINT_SAFE:
+                np.clip(q, np.float32(-nmax), np.float32(nmax - 1), out=q)
+            m = _bit_masks(np.not_equal(q, LF))
+            m |= m << 16
+            m >>= pos                                       # bit k: position (pos + k) % 16
+            m &= np.where(npass < 4, 0xFFFF, (1 << (16 - pos)) - 1)   # no sixth pass
+            m *= going
+            r, k, nl, slx_new, sl2_new, t1, t2 = self._q3_sweep(m, pos, X, LF, s_lx, s_l2, nmax)
+            p = pos[r] + k
+            npass[r] += p >= 16
+            p &= 15
+            LF[r, p] = nl
+            T1[r, p] = t1
+            T2[r, p] = t2
+            s_lx[r] = slx_new
+            s_l2[r] = sl2_new
             pos[r] = p + 1
             going[:] = False
             going[r] = True
-        L[:, home_act] = home_l.T
-        sumlx[home_act] = home_lx
-        suml2[home_act] = home_l2
-        return L, sumlx, suml2
 
-    @staticmethod
-    def _first_per_row(mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Flat index and row of the first True in each row of a (rows, n) mask that has one."""
-        idx = np.flatnonzero(mask)
-        r = idx // n
-        first = np.ones(r.shape[0], dtype=bool)
-        np.not_equal(r[1:], r[:-1], out=first[1:])
-        return idx[first], r[first]
-
-    Q3_SLAB = 4096
-
-    def _q3_first_round(self, x: np.ndarray, vmax: np.ndarray, nmax: int, L: np.ndarray, sumlx: np.ndarray,
-                        suml2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """make_q3_quants' start and the first round of its first pass over the columns of ``x``, into
-        ``L``/``sumlx``/``suml2``: (the sub-blocks with an accept, the position of their first one)."""
-        zero = np.float32(0.0)
-        S = x.shape[1]
-        L[...] = self.clip(self.nearest_int((np.float32(-nmax) / vmax) * x), -nmax, nmax - 1)
-        w = x * x
-        wx = w * x
-        lf = L.astype(np.float32)
-        t1 = wx * lf
-        np.add.reduce(t1, axis=0, initial=zero, out=sumlx)
-        t2 = w * lf
-        t2 *= lf
-        np.add.reduce(t2, axis=0, initial=zero, out=suml2)
-        # the first pass starts from the initial sums' own terms: slx = sumlx - w*x*L, sl2 = suml2 - w*L*L
-        slx = np.subtract(sumlx, t1, out=t1)
-        sl2 = np.subtract(suml2, t2, out=t2)
-        q = np.multiply(x, sl2, out=lf)
-        q /= slx
-        new_l = self.clip(self.nearest_int(q), -nmax, nmax - 1)
-        cand = new_l != L
-        cand &= slx > zero
-        idx, slx_new, sl2_new = self._q3_test(np.flatnonzero(cand), S, new_l, slx, sl2, wx, w, sumlx, suml2)
-        act, first = np.unique(idx % S, return_index=True)  # flat order is position-major: the lowest one
-        f = idx[first] // S
-        L[f, act] = new_l.ravel()[idx[first]]
-        sumlx[act] = slx_new[first]
-        suml2[act] = sl2_new[first]
-        return act, f
-
-    @staticmethod
-    def _q3_test(idx: np.ndarray, n: int, new_l: np.ndarray, slx: np.ndarray, sl2: np.ndarray, wx: np.ndarray,
-                 w: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
-                 sub_major: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The rest of C's accept test at the flat candidate positions ``idx`` of (n, S) arrays (or (S, n)
-        ones if ``sub_major``): (the accepted ones, their new slx, their new sl2)."""
-        sub = idx // n if sub_major else idx % n
-        nl = new_l.ravel()[idx].astype(np.float32)
-        slx_new = wx.ravel()[idx] * nl
-        slx_new += slx.ravel()[idx]
-        sl2_new = w.ravel()[idx] * nl
-        sl2_new *= nl
-        sl2_new += sl2.ravel()[idx]
-        s0 = sumlx[sub]
-        ok = (slx_new * slx_new) * suml2[sub] > (s0 * s0) * sl2_new
-        ok &= sl2_new > np.float32(0.0)
-        return idx[ok], slx_new[ok], sl2_new[ok]
-
-    def requant(self, x: np.ndarray, L: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
+    def requant(self, x: np.ndarray, L: np.ndarray | None, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
                 offset: int) -> np.ndarray:
         """``_requant`` in fewer passes: nearest_int's ``- 0x400000`` and the offset are one subtraction,
-        the offset clip one ``np.clip``, and the ``d == 0`` fallback only where some d is 0."""
+        the offset clip one ``np.clip``, and the ``d == 0`` fallback only where some d is 0 (none without
+        ``L``: the caller's job then)."""
         num = np.divide(x, d) if dm is None else np.add(x, dm)
         if dm is not None:
             num /= d
@@ -337,10 +419,29 @@ class NumpyOps:
         l &= 0x7FFFFF
         l -= 0x400000 - offset
         np.clip(l, lo + offset, hi + offset, out=l)
-        zero_d = d == np.float32(0.0)
-        if zero_d.any():
-            np.copyto(l, L, where=np.broadcast_to(zero_d, l.shape))
+        if L is not None:
+            zero_d = d == np.float32(0.0)
+            if zero_d.any():
+                np.copyto(l, L, where=np.broadcast_to(zero_d, l.shape))
         return l
+
+    def q3_bits(self, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_q3_bits`` on 64-bit words of 8 levels (at most 7: no bit crosses into the next byte). Word
+        j of 32-level group g (g = 0..7) holds levels 32g + 8j..+7, so with the groups made the outer axis
+        (one transpose of 32-byte runs) every step is a long contiguous operation."""
+        nb = L.shape[0]
+        words = np.ascontiguousarray(np.ascontiguousarray(L).view(np.uint64).reshape(nb, 8, 4).transpose(1, 0, 2))
+        ones = np.uint64(0x0101010101010101)
+        high = words >> np.uint64(2)
+        high &= ones
+        words &= ones * np.uint64(3)
+        hmask = high[0]
+        for g in range(1, 8):                               # hmask[m] bit g: level 32g + m > 3
+            hmask |= high[g] << np.uint64(g)
+        qs = words[0:8:4].copy()                            # qs[32h + l] bits 2k: level 128h + 32k + l, low bits
+        for k in range(1, 4):
+            qs |= words[k:8:4] << np.uint64(2 * k)
+        return hmask.view(np.uint8), np.concatenate((qs[0], qs[1]), axis=1).view(np.uint8)
 
     def qx_search(self, x: np.ndarray, w: np.ndarray, wx: np.ndarray, vmax: np.ndarray, nmax: int,
                   factors: list[np.float32]) -> tuple[np.ndarray, np.ndarray]:
@@ -379,6 +480,24 @@ class NumpyOps:
             np.copyto(idx, np.int8(j), where=take)
         scale = np.take_along_axis(new_scale, idx[None].astype(np.intp), axis=0)[0]
         return scale, np.asarray(factors, dtype=np.float32)[idx] / vmax
+
+
+_RINT_SAFE = np.float32(1 << 21)                         # |f| below this: nearest_int(f) == rint(f)
+_CTZ16 = np.zeros(1 << 16, dtype=np.uint8)              # trailing zeros of a 16-bit power of two
+_CTZ16[1 << np.arange(16)] = np.arange(16)
+
+
+_BYTE_BITS = np.uint64(0x0102040810204080)                # (8 bytes of 0/1) * this >> 56: their 8 bits
+
+
+def _bit_masks(mask: np.ndarray) -> np.ndarray:
+    """A (k, 16) boolean array as k 16-bit masks (bit j = column j), int64 (np.packbits is ~10x slower)."""
+    words = np.ascontiguousarray(mask).view(np.uint64) * _BYTE_BITS
+    words >>= np.uint64(56)
+    m = words[:, 1].astype(np.int64)
+    m <<= 8
+    m |= words[:, 0].astype(np.int64)
+    return m
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -517,16 +636,11 @@ def _fit_symmetric(ops: Any, x: Any, nmax: int, qw: Any | None) -> tuple[Any, An
     return ops.where(allzero, zero, scale), ops.where(allzero, 0, L)
 
 
-def _fit_q3(ops: Any, x: Any, nmax: int, rows: Any | None = None) -> tuple[Any, Any]:
+def _fit_q3(ops: Any, x: Any, nmax: int) -> tuple[Any, Any]:
     """``make_q3_quants(n, nmax, x, L, do_rmse=true)``: scale and L (offset by nmax; 0 if all zero)."""
     zero = ops.const(0.0)
     amax, vmax = _signed_max(ops, x)
     allzero = amax < ops.const(GROUP_MAX_EPS)
-    fast = getattr(ops, "q3_fit", None)
-    if fast is not None:
-        L, sumlx, suml2 = fast(x, vmax, ~allzero, nmax, rows)
-        scale = ops.where(suml2 > zero, sumlx / suml2, zero)
-        return ops.where(allzero, zero, scale), ops.where(allzero, 0, L + nmax)
     L = ops.clip(ops.nearest_int((ops.const(f32(-nmax)) / vmax) * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
@@ -800,19 +914,28 @@ def _stack_int(ops: Any, cols: list[Any]) -> Any:
     return ops.tr(ops.stack(cols))
 
 
-def _q3_k(ops: Any, blocks: Any, qw: Any | None) -> Packed:
-    xs = _sub_blocks(ops, blocks, 16)
+def _q3_scales(ops: Any, scales: Any) -> tuple[Any, Any, Any]:
+    """Unweighted Q3_K's super-block step from (nb, 16) sub-block scales: the 6-bit sub-scales (offset
+    by 32), the fp16 bits of d and their value."""
     zero = ops.const(0.0)
+    _, max_scale = _signed_max(ops, ops.tr(scales))
+    has = max_scale != zero
+    iscale = ops.const(f32(-32)) / max_scale
+    l = ops.nearest_int(iscale[:, None] * scales)
+    l = ((l + 128) & 0xFF) - 128                          # through int8_t
+    l = ops.where(has[:, None], ops.clip(l, -32, 31) + 32, 0)
+    d_bits, d_val = ops.fp16(ops.where(has, ops.const(1.0) / iscale, zero))
+    return l, d_bits, d_val
+
+
+def _q3_k(ops: Any, blocks: Any, qw: Any | None) -> Packed:
+    fast = getattr(ops, "q3_k", None)
+    if qw is None and fast is not None:
+        return fast(blocks)
+    xs = _sub_blocks(ops, blocks, 16)
     if qw is None:
-        scale, L = _fit_q3(ops, xs, 4, blocks.reshape(-1, 16))
-        scales = scale.reshape(-1, 16)
-        _, max_scale = _signed_max(ops, ops.tr(scales))
-        has = max_scale != zero
-        iscale = ops.const(f32(-32)) / max_scale
-        l = ops.nearest_int(iscale[:, None] * scales)
-        l = ((l + 128) & 0xFF) - 128                      # through int8_t
-        l = ops.where(has[:, None], ops.clip(l, -32, 31) + 32, 0)
-        d_bits, d_val = ops.fp16(ops.where(has, ops.const(1.0) / iscale, zero))
+        scale, L = _fit_q3(ops, xs, 4)
+        l, d_bits, d_val = _q3_scales(ops, scale.reshape(-1, 16))
     else:
         sum_x2 = _block_sum_x2(ops, blocks)
         sigma2 = (ops.const(f32(2)) * sum_x2) / ops.const(f32(QK_K))
@@ -872,6 +995,15 @@ def _crumbs(L: Any) -> Any:
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
+def _q3_bits(ops: Any, L: Any) -> tuple[Any, Any]:
+    """Q3_K's hmask (nb, 32) and qs (nb, 64) bytes from (nb, 256) levels 0..7."""
+    high = ops.u8(L > 3)                                  # bit j//32 of hmask[j%32]
+    hmask = high[:, 0:32]
+    for k in range(1, 8):
+        hmask = hmask | (high[:, 32 * k:32 * (k + 1)] << k)
+    return hmask, _crumbs(L - (high << 2))
+
+
 def _layout(ops: Any, qtype: T, p: Packed) -> Any:
     """Assemble the block bytes of ``qtype`` from a :class:`Packed`, on the backend's device."""
     L = ops.u8(p.L)
@@ -880,12 +1012,9 @@ def _layout(ops: Any, qtype: T, p: Packed) -> Any:
     if qtype == T.Q2_K:
         return ops.cat([scales, _crumbs(L), d, _fp16_bytes(ops, p.dmin)])
     if qtype == T.Q3_K:
-        high = ops.u8(L > 3)                              # bit j//32 of hmask[j%32]
-        hmask = high[:, 0:32]
-        for k in range(1, 8):
-            hmask = hmask | (high[:, 32 * k:32 * (k + 1)] << k)
-        low = L - (high << 2)
-        return ops.cat([hmask, _crumbs(low), scales, d])
+        fast = getattr(ops, "q3_bits", None)
+        hmask, qs = fast(L) if fast is not None else _q3_bits(ops, L)
+        return ops.cat([hmask, qs, scales, d])
     if qtype in (T.Q4_K, T.Q5_K):
         dmin = _fp16_bytes(ops, p.dmin)
         q = L.reshape(-1, 4, 2, 32)                       # L[64c + 32h + l]
@@ -917,10 +1046,10 @@ def quantize_blocks(ops: Any, qtype: T, blocks: Any, qw: Any | None = None) -> n
 
 _NUMPY = NumpyOps()
 CHUNK_BLOCKS = 512
-# unweighted Q3_K's refinement rounds run many small ops over few sub-blocks: larger chunks amortise the
-# per-op cost (measured 1-core: 1024 blocks a few % faster than 512; slower for the others, Q3_K imatrix
-# included, 15%)
-_CHUNK_SCALE: dict[tuple[T, bool], int] = {(T.Q3_K, False): 2}
+# unweighted Q3_K (NumpyOps.q3_k) runs its dense passes in L2-sized slabs itself, and its refinement rounds
+# (many small ops over few sub-blocks) gain from more sub-blocks per op: 2048-8192 blocks ~10% faster than
+# 1024 (measured 1-core); the others are slower with larger chunks (Q3_K imatrix included, 15%)
+_CHUNK_SCALE: dict[tuple[T, bool], int] = {(T.Q3_K, False): 8}
 _MALLOC_TUNED = False
 
 
