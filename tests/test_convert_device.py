@@ -1,9 +1,10 @@
 """``--device auto|cpu|cuda`` on convert/quantize/ship/train-and-ship: where K-types are packed.
 
-On this CPU-only machine: ``--device cuda`` fails in one line before anything is written; ``cpu`` and
-``auto`` write the same bytes and never import torch; the torch backend (``backend="cpu"``, the same code that
-runs on CUDA minus the Triton kernels) writes the numpy path's bytes through the converter, in-process and from
-the worker threads the GPU path uses. The GPU itself: /tmp/convert_gpu_ready (cmp of --device cuda vs cpu).
+Without a GPU: ``--device cuda`` fails in one line before anything is written; ``cpu`` and ``auto`` write the
+same bytes and never import torch; the torch backend (``backend="cpu"``: the CUDA path's routing, quantize_array
+-> quantize_k_torch, with torch's CPU ops instead of the Triton kernels) writes the numpy path's bytes through
+the converter, in-process and from the worker threads the GPU path uses. With an NVIDIA GPU:
+``test_cuda_writes_the_cpu_bytes`` compares the files of --device cuda, cpu and auto and prints the times.
 """
 
 from __future__ import annotations
