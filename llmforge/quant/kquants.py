@@ -203,7 +203,14 @@ class NumpyOps:
             amax, vmax = self.signed_max(x)
             np.greater_equal(amax, np.float32(GROUP_MAX_EPS), out=live[s0:s1])
             np.divide(np.float32(-nmax), vmax, out=iscale[s0:s1])
-            marks[s0:s1] = self._q3_start(x, iscale[s0:s1], live[s0:s1], nmax, sumlx[s0:s1], suml2[s0:s1])
+            neg = vmax < np.float32(0.0)                    # the only ones that can refine (see above)
+            for part, can_refine in ((np.flatnonzero(~neg), False), (np.flatnonzero(neg), True)):
+                if not part.shape[0]:
+                    continue
+                xp, sub = np.take(x, part, axis=1), part + s0
+                lf, t1, t2 = self._q3_sums(xp, iscale[sub], live[sub], nmax)
+                sumlx[sub], suml2[sub] = t1[-1], t2[-1]
+                marks[sub] = self._q3_marks(xp, lf, t1, t2, live[sub], nmax) if can_refine else 0
         act, first, nl, slx_new, sl2_new, _, _ = self._q3_sweep(marks, np.zeros(S, dtype=np.int64), rows, None,
                                                                 sumlx, suml2, nmax, iscale)
         order = np.argsort(act)
@@ -232,41 +239,51 @@ class NumpyOps:
             L[zero_d] = fit
         return Packed(L.reshape(-1, QK_K), d_bits, None, _pack_q3_scales(l))
 
-    def _q3_start(self, x: np.ndarray, iscale: np.ndarray, live: np.ndarray, nmax: int, sumlx: np.ndarray,
-                  suml2: np.ndarray) -> np.ndarray:
-        """One slab of position-major sub-blocks: make_q3_quants' initial sums (into ``sumlx``/``suml2``)
-        and, per sub-block, a 16-bit mask of the first pass's candidates, a superset of C's (none for
-        the sub-blocks that cannot refine)."""
+    def _q3_sums(self, x: np.ndarray, iscale: np.ndarray, live: np.ndarray,
+                 nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """make_q3_quants' initial levels of position-major sub-blocks and their terms w*x*l and w*l*l,
+        each followed by its running sum (row -1: sumlx, suml2), C's sequential sums."""
         zero = np.float32(0.0)
+        n, s = x.shape
         lf = np.multiply(iscale, x)
         np.rint(lf, out=lf)
         np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
         w = x * x
-        t1 = w * x
-        t1 *= lf
-        np.add.reduce(t1, axis=0, initial=zero, out=sumlx)
-        t2 = np.multiply(w, lf, out=w)
-        t2 *= lf
-        np.add.reduce(t2, axis=0, initial=zero, out=suml2)
-        bad = np.flatnonzero(np.isnan(sumlx) & live)        # a NaN level? C's nearest_int reads its bits
+        t1 = np.empty((n + 1, s), dtype=np.float32)
+        t2 = np.empty((n + 1, s), dtype=np.float32)
+        np.multiply(w, x, out=t1[:n])
+        t1[:n] *= lf
+        np.add.reduce(t1[:n], axis=0, initial=zero, out=t1[n])
+        np.multiply(w, lf, out=t2[:n])
+        t2[:n] *= lf
+        np.add.reduce(t2[:n], axis=0, initial=zero, out=t2[n])
+        bad = np.flatnonzero(np.isnan(t1[n]) & live)         # a NaN level? C's nearest_int reads its bits
         if bad.shape[0]:
             xb = x[:, bad]
             lb = self.clip(self.nearest_int(iscale[bad] * xb), -nmax, nmax - 1).astype(np.float32)
             wb = xb * xb
-            t1[:, bad], t2[:, bad] = (wb * xb) * lb, (wb * lb) * lb
-            sumlx[bad] = np.add.reduce(t1[:, bad], axis=0, initial=zero)
-            suml2[bad] = np.add.reduce(t2[:, bad], axis=0, initial=zero)
+            t1[:n, bad], t2[:n, bad] = (wb * xb) * lb, (wb * lb) * lb
+            t1[n, bad] = np.add.reduce(t1[:n, bad], axis=0, initial=zero)
+            t2[n, bad] = np.add.reduce(t2[:n, bad], axis=0, initial=zero)
         # (those keep NaN sums, exactly too: a NaN level needs a NaN or infinite x; so they never refine,
         # and the levels of the sub-blocks that do are rint's)
-        refine = sumlx > zero
+        return lf, t1, t2
+
+    def _q3_marks(self, x: np.ndarray, lf: np.ndarray, t1: np.ndarray, t2: np.ndarray, live: np.ndarray,
+                  nmax: int) -> np.ndarray:
+        """The first pass's candidates in position-major sub-blocks (levels ``lf``, terms and sums from
+        :meth:`_q3_sums`, consumed) as a 16-bit mask per sub-block: a superset of C's, C's own where no
+        new level is near 2**22 or NaN; none where sumlx <= 0 (nothing can refine there)."""
+        n = x.shape[0]
+        refine = t1[n] > np.float32(0.0)
         refine &= live
-        slx = np.subtract(sumlx, t1, out=t1)
-        q = np.subtract(suml2, t2, out=t2)
+        slx = np.subtract(t1[n], t1[:n], out=t1[:n])
+        q = np.subtract(t2[n], t2[:n], out=t2[:n])
         q *= x
         q /= slx
-        # candidates: where the unclipped rint of C's new level differs from the level (a value C would
-        # clip back, a huge one or NaN included, differs too: a superset)
         np.rint(q, out=q)
+        if -_RINT_SAFE < q.min() and q.max() < _RINT_SAFE:
+            np.clip(q, np.float32(-nmax), np.float32(nmax - 1), out=q)
         cand = np.not_equal(q, lf)
         cand &= refine
         return _bit_masks(cand.T)
@@ -334,18 +351,17 @@ class NumpyOps:
     def _q3_rounds(self, rows: np.ndarray, iscale: np.ndarray, act: np.ndarray, first: np.ndarray,
                    nl: np.ndarray, slx: np.ndarray, sl2: np.ndarray,
                    nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The refinement after each ``act`` sub-block's first accept (at position ``first``, giving level
-        ``nl`` and sums ``slx``/``sl2``): (its final levels (A, 16), sumlx, suml2).
+        """The refinement after each ``act`` sub-block's first accept (at position ``first`` of the first
+        pass, giving level ``nl`` and sums ``slx``/``sl2``): (its final levels (A, 16), sumlx, suml2).
 
-        Speculative rounds: a round evaluates a sub-block at all 16 positions from ``pos`` (after its last
-        accept) on, cyclically, with its current sums: positions pos..15 finish the current pass, 0..pos-1
-        start the next one (C starts it: this pass changed something), unless this is the fifth. Up to the
-        first accept in that order nothing changes, so those are C's evaluations; the first accept is
-        applied and the next round resumes after it. The next pass's positions pos..15 would see the very
-        same state as this sweep, so a sweep without an accept ends C's loop: done. The dense work per
-        round is the candidate superset of :meth:`_q3_start`; the test runs in :meth:`_q3_sweep`.
-        Sub-block-major, with x, the levels and the cached w*x*l and w*l*l terms in one array, so that
-        dropping finished sub-blocks is one gather.
+        Positions count on across passes (t = 16 * pass + position). After an accept at a, C evaluates
+        a + 1, a + 2, ... with the new state until the next accept; the state being fixed meanwhile, a
+        position repeats its verdict 16 later, so without an accept in a + 1 .. a + 16 C's loop ends (it
+        ends anyway after the fifth pass, t = 80). A round evaluates every sub-block densely at all 16
+        positions with its current sums, marks a superset of C's candidates from ``t`` (the next
+        position to scan) up to that end, and tests the first marked one exactly: an accept is applied,
+        a rejection only moves ``t`` on. Sub-block-major, with x, the levels and the cached w*x*l and
+        w*l*l terms in one array, so that dropping finished sub-blocks is one gather.
         """
         A = act.shape[0]
         P = np.empty((4, A, 16), dtype=np.float32)
@@ -361,8 +377,8 @@ class NumpyOps:
         T2 *= LF
         T2 *= LF
         s_lx, s_l2 = slx.copy(), sl2.copy()
-        pos = first.astype(np.int64) + 1
-        npass = np.zeros(A, dtype=np.int64)                 # the current pass (0..4)
+        t = first.astype(np.int64) + 1
+        end = t + 16
         home = np.arange(A)
         home_l, home_lx, home_l2 = np.empty((A, 16), dtype=np.float32), s_lx.copy(), s_l2.copy()
         going = np.ones(A, dtype=bool)
@@ -375,7 +391,7 @@ class NumpyOps:
                 if n_going == 0:
                     return home_l, home_lx, home_l2
                 keep = np.flatnonzero(going)
-                home, pos, npass = home[keep], pos[keep], npass[keep]
+                home, t, end = home[keep], t[keep], end[keep]
                 P, s_lx, s_l2 = np.take(P, keep, axis=1), s_lx[keep], s_l2[keep]
                 going = np.ones(keep.shape[0], dtype=bool)
             X, LF, T1, T2 = P
@@ -390,21 +406,25 @@ class NumpyOps:
                 np.clip(q, np.float32(-nmax), np.float32(nmax - 1), out=q)
             m = _bit_masks(np.not_equal(q, LF))
             m |= m << 16
-            m >>= pos                                       # bit k: position (pos + k) % 16
-            m &= np.where(npass < 4, 0xFFFF, (1 << (16 - pos)) - 1)   # no sixth pass
+            m >>= t & 15                                    # bit k: position t + k
+            m &= (1 << (end - t)) - 1
             m *= going
-            r, k, nl, slx_new, sl2_new, t1, t2 = self._q3_sweep(m, pos, X, LF, s_lx, s_l2, nmax)
-            p = pos[r] + k
-            npass[r] += p >= 16
-            p &= 15
-            LF[r, p] = nl
-            T1[r, p] = t1
-            T2[r, p] = t2
-            s_lx[r] = slx_new
-            s_l2[r] = sl2_new
-            pos[r] = p + 1
+            r = np.flatnonzero(m)
+            bits = m[r]
+            a = t[r] + _CTZ16[bits & -bits]                 # the first marked position
+            p = a & 15
+            ok, nl, slx_new, sl2_new, t1, t2 = self._q3_accepts(X[r, p], LF[r, p], s_lx[r], s_l2[r], nmax)
+            t[r] = a + 1
             going[:] = False
             going[r] = True
+            r, p = r[ok], p[ok]
+            LF[r, p] = nl[ok]
+            T1[r, p] = t1[ok]
+            T2[r, p] = t2[ok]
+            s_lx[r] = slx_new[ok]
+            s_l2[r] = sl2_new[ok]
+            end[r] = np.minimum(a[ok] + 17, 80)
+            going &= t < end
 
     def requant(self, x: np.ndarray, L: np.ndarray | None, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
                 offset: int) -> np.ndarray:
@@ -1174,33 +1194,83 @@ def _quantize_shared(qtype: T, in_path: str, out_path: str, n_blocks: int, start
         f.write(memoryview(out).cast("B"))
 
 
+class _Helpers:
+    """Tasks for the pool's helper processes: inputs written to a tmpfs file (just before each task is
+    submitted, so a helper starts as soon as its blocks are there) or, where tmpfs has no room, pickled;
+    outputs written by the helpers into a second tmpfs file at their blocks' offsets."""
+
+    def __init__(self, qtype: T, blocks: np.ndarray, weights: _BlockWeights | None, out: np.ndarray,
+                 helpers: int) -> None:
+        self.qtype, self.blocks, self.weights, self.out = qtype, blocks, weights, out
+        self.pool = _pool(helpers)
+        self.futures: list[tuple[Any, int, int]] = []
+        self.paths: list[str] = []
+        self.writer = None
+        if _shared_room(blocks.nbytes + out.nbytes):
+            self.paths.append(_shared_file(out.nbytes))
+            fd, in_path = tempfile.mkstemp(prefix="llmforge-kq-", dir=_SHARED_DIR)
+            self.paths.insert(0, in_path)
+            self.writer = os.fdopen(fd, "wb", buffering=0)
+
+    def busy(self) -> int:
+        """Tasks submitted and not finished."""
+        return sum(not f.done() for f, _, _ in self.futures)
+
+    def submit(self, start: int, stop: int) -> None:
+        """Blocks ``start:stop``, the next ones after those already submitted."""
+        if self.writer is None:
+            f = self.pool.submit(_quantize_range, self.qtype, self.blocks[start:stop], self.weights, CHUNK_BLOCKS,
+                                 start)
+        else:
+            view = memoryview(self.blocks[start:stop]).cast("B")
+            while view.nbytes:
+                view = view[self.writer.write(view):]
+            f = self.pool.submit(_quantize_shared, self.qtype, *self.paths, self.blocks.shape[0], start, stop,
+                                 self.weights, CHUNK_BLOCKS)
+        self.futures.append((f, start, stop))
+
+    def collect(self) -> None:
+        """Wait for every task and put its blocks into ``out``."""
+        for f, start, stop in self.futures:
+            result = f.result()
+            if self.writer is None:
+                self.out[start:stop] = result
+        if self.writer is not None and self.futures:
+            done = memoryview(self.out[:self.futures[-1][2]]).cast("B")
+            with open(self.paths[1], "rb", buffering=0) as f:
+                while done.nbytes:
+                    done = done[f.readinto(done):]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        for path in self.paths:
+            os.unlink(path)
+
+
 def _quantize_workers(qtype: T, blocks: np.ndarray, weights: _BlockWeights | None, workers: int) -> np.ndarray:
+    """``workers`` processes: this one and ``workers - 1`` pool helpers. The helpers take tasks from the
+    front, each getting its next one while it has fewer than two in hand, and this process takes them
+    from the back: its share is never copied, and it does not idle while the helpers work."""
     n_blocks = blocks.shape[0]
     step = max(CHUNK_BLOCKS, -(-n_blocks // (workers * 4)))
-    if not _shared_room(blocks.nbytes + n_blocks * BLOCK_BYTES[qtype]):
-        futures = [_pool(workers).submit(_quantize_range, qtype, blocks[s:s + step], weights, CHUNK_BLOCKS, s)
-                   for s in range(0, n_blocks, step)]
-        return np.concatenate([f.result() for f in futures])
-    paths = []
+    tasks = [(s, min(s + step, n_blocks)) for s in range(0, n_blocks, step)]
+    out = np.empty((n_blocks, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    helpers = _Helpers(qtype, blocks, weights, out, workers - 1)
     try:
-        paths.append(_shared_file(n_blocks * BLOCK_BYTES[qtype]))
-        fd, in_path = tempfile.mkstemp(prefix="llmforge-kq-", dir=_SHARED_DIR)
-        paths.insert(0, in_path)
-        futures = []
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            for s in range(0, n_blocks, step):        # each task starts as soon as its blocks are written
-                e = min(s + step, n_blocks)
-                view = memoryview(blocks[s:e]).cast("B")
-                while view.nbytes:
-                    view = view[f.write(view):]
-                futures.append(_pool(workers).submit(_quantize_shared, qtype, *paths, n_blocks, s, e, weights,
-                                                     CHUNK_BLOCKS))
-        for f in futures:
-            f.result()
-        return np.fromfile(paths[1], dtype=np.uint8).reshape(n_blocks, BLOCK_BYTES[qtype])
+        front, back = 0, len(tasks)
+        while front < back:
+            if helpers.busy() < 2 * (workers - 1) and front < back - 1:
+                helpers.submit(*tasks[front])
+                front += 1
+                continue
+            back -= 1
+            start, stop = tasks[back]
+            _quantize_range(qtype, blocks[start:stop], weights, CHUNK_BLOCKS, start, out[start:stop])
+        helpers.collect()
     finally:
-        for path in paths:
-            os.unlink(path)
+        helpers.close()
+    return out
 
 
 _POOL: tuple[int, ProcessPoolExecutor] | None = None
