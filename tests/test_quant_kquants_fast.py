@@ -104,14 +104,17 @@ def test_q3_refinement_with_nothing_to_refine(fill):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pickled"])
 def test_worker_processes_give_the_same_bytes(shared, monkeypatch):
-    """quantize_k over worker processes, through tmpfs files or (no room there) pickled slices."""
+    """quantize_k over the calling process and pool helpers, their data through the shared memfds (grown
+    between calls) or, without those, pickled slices."""
     monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 5)
-    monkeypatch.setattr(kquants, "_shared_room", lambda nbytes: shared)
+    if not shared:
+        monkeypatch.setattr(kquants, "_shared_buffers", lambda: None)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 15, 1024)).astype(np.float32)     # 180 blocks: tasks of 23, not page-aligned
     imp = rng.random((3, 1024)).astype(np.float32)
     for qtype in (T.Q3_K, T.Q6_K):
+        assert np.array_equal(kquants.quantize_k(x[0, :4], qtype, threads=2), ggml_quantize(x[0, :4], qtype))
         got = kquants.quantize_k(x, qtype, imp, threads=2)
         for e in range(3):
             assert np.array_equal(got[e], ggml_quantize(x[e], qtype, imp[e]))
-        assert np.array_equal(kquants.quantize_k(x[0], qtype, threads=2), ggml_quantize(x[0], qtype))
+        assert np.array_equal(kquants.quantize_k(x[0], qtype, threads=3), ggml_quantize(x[0], qtype))
