@@ -296,7 +296,7 @@ class NumpyOps:
         (a superset of C's candidates). Sub-block-major ``X``, levels ``LF`` (or, None, rint's initial
         ones from ``iscale``). The first marked position of each sub-block is tested, then the next where
         that fails: (sub-blocks with an accept, its k, new level, new sumlx, suml2, w*x*l, w*l*l)."""
-        subs = np.flatnonzero(marks)
+        subs = np.flatnonzero(marks != 0)                  # (~3x faster than on the int64s)
         found = []
         while subs.shape[0]:
             bits = marks[subs]
@@ -409,7 +409,7 @@ class NumpyOps:
             m >>= t & 15                                    # bit k: position t + k
             m &= (1 << (end - t)) - 1
             m *= going
-            r = np.flatnonzero(m)
+            r = np.flatnonzero(m != 0)
             bits = m[r]
             a = t[r] + _CTZ16[bits & -bits]                 # the first marked position
             p = a & 15
@@ -514,10 +514,9 @@ def _bit_masks(mask: np.ndarray) -> np.ndarray:
     """A (k, 16) boolean array as k 16-bit masks (bit j = column j), int64 (np.packbits is ~10x slower)."""
     words = np.ascontiguousarray(mask).view(np.uint64) * _BYTE_BITS
     words >>= np.uint64(56)
-    m = words[:, 1].astype(np.int64)
-    m <<= 8
-    m |= words[:, 0].astype(np.int64)
-    return m
+    m = words.view(np.int64)
+    m[:, 1] <<= 8
+    return m[:, 0] | m[:, 1]
 
 
 # ----------------------------------------------------------------------------- shared helpers
