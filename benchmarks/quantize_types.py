@@ -3,7 +3,8 @@
 One f32 tensor (default 1024x4096, standard normal), per type plain and with an importance vector, at 1
 and 2 threads; C and numpy are timed interleaved in the same run (best of ``--repeat``) because the machine
 may be shared. C's N threads are N Python threads over row chunks (ctypes releases the GIL); numpy's are
-``quantize_k(threads=N)`` worker processes. Every numpy output is checked byte for byte against C's.
+``quantize_k(threads=N)``: the calling process and N - 1 pool helpers. Every numpy output is checked byte for
+byte against C's.
 
     .venv/bin/python benchmarks/quantize_types.py --types q6_k,q3_k --threads 1,2
     git show REV:llmforge/quant/kquants.py > /tmp/kq_before.py      # an older version, timed alongside:

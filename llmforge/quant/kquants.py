@@ -182,13 +182,12 @@ class NumpyOps:
         make_q3_quants: only sub-blocks whose initial sumlx is > 0 can change. C tests ``slx > 0`` with
         slx = sumlx minus one of its own terms, and every term has the sign of -vmax (L's sign is
         -sign(x)*sign(vmax)), so a positive-max sub-block's slx is <= 0 (|sumlx| >= each term): half of
-        them never refine. The first pass runs densely per slab on float levels (C's nearest_int equals
-        rint here, |iscale*x| <= 4; a NaN, where they differ, is redone exactly) and marks a superset of
-        the positions where C's test could accept; :meth:`_q3_sweep` runs the test itself on the first
-        marked position of each sub-block, then the next where it fails; the sub-blocks with an accept
-        go on in speculative rounds over the whole chunk (:meth:`_q3_rounds`). The second pass is
-        elementwise, so it runs on the sub-block-major input, giving the levels in block order; the fit's
-        levels are only needed where a sub-block's scale d is 0, and are rebuilt there.
+        them never refine. The first pass runs densely per slab (:meth:`_q3_sums`, :meth:`_q3_marks`) on
+        float levels (C's nearest_int equals rint here, |iscale*x| <= 4; a NaN, where they differ, is
+        redone exactly) and marks a superset of the positions where C's test could accept; the test
+        itself and the later passes run in rounds over the whole chunk (:meth:`_q3_rounds`). The second
+        pass is elementwise, so it runs on the sub-block-major input, giving the levels in block order;
+        the fit's levels are only needed where a sub-block's scale d is 0, and are rebuilt there.
         """
         rows = blocks.reshape(-1, 16)                        # sub-block-major (S, 16)
         S, nmax = rows.shape[0], 4
@@ -211,14 +210,11 @@ class NumpyOps:
                 lf, t1, t2 = self._q3_sums(xp, iscale[sub], live[sub], nmax)
                 sumlx[sub], suml2[sub] = t1[-1], t2[-1]
                 marks[sub] = self._q3_marks(xp, lf, t1, t2, live[sub], nmax) if can_refine else 0
-        act, first, nl, slx_new, sl2_new, _, _ = self._q3_sweep(marks, np.zeros(S, dtype=np.int64), rows, None,
-                                                                sumlx, suml2, nmax, iscale)
-        order = np.argsort(act)
-        act = act[order]
+        act = np.flatnonzero(marks != 0)                    # the sub-blocks the first pass may change
         levels = np.empty((0, 16), dtype=np.float32)
         if act.shape[0]:
-            levels, sumlx[act], suml2[act] = self._q3_rounds(rows, iscale, act, first[order], nl[order],
-                                                             slx_new[order], sl2_new[order], nmax)
+            levels, sumlx[act], suml2[act] = self._q3_rounds(rows, iscale, act, marks[act], sumlx[act], suml2[act],
+                                                             nmax)
         zero = np.float32(0.0)
         scale = np.divide(sumlx, suml2, out=np.zeros(S, dtype=np.float32), where=suml2 > zero)
         np.copyto(scale, zero, where=~live)
@@ -288,38 +284,6 @@ class NumpyOps:
         cand &= refine
         return _bit_masks(cand.T)
 
-    def _q3_sweep(self, marks: np.ndarray, pos: np.ndarray, X: np.ndarray, LF: np.ndarray | None,
-                  sumlx: np.ndarray, suml2: np.ndarray, nmax: int,
-                  iscale: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-        """C's next accept in each sub-block, scanning from position ``pos`` on, cyclically, with the
-        current sums: ``marks`` (consumed) has bit k set if position (pos + k) % 16 is to be tested
-        (a superset of C's candidates). Sub-block-major ``X``, levels ``LF`` (or, None, rint's initial
-        ones from ``iscale``). The first marked position of each sub-block is tested, then the next where
-        that fails: (sub-blocks with an accept, its k, new level, new sumlx, suml2, w*x*l, w*l*l)."""
-        subs = np.flatnonzero(marks != 0)                  # (~3x faster than on the int64s)
-        found = []
-        while subs.shape[0]:
-            bits = marks[subs]
-            low = bits & -bits
-            k = _CTZ16[low]
-            p = (pos[subs] + k) & 15
-            xv = X[subs, p]
-            if LF is None:
-                lv = np.multiply(iscale[subs], xv)
-                np.rint(lv, out=lv)
-                np.clip(lv, np.float32(-nmax), np.float32(nmax - 1), out=lv)
-            else:
-                lv = LF[subs, p]
-            ok, *res = self._q3_accepts(xv, lv, sumlx[subs], suml2[subs], nmax)
-            found.append([subs[ok], k[ok]] + [a[ok] for a in res])
-            subs, bits, low = subs[~ok], bits[~ok], low[~ok]
-            bits ^= low
-            marks[subs] = bits
-            subs = subs[bits != 0]
-        if not found:
-            return (np.empty(0, dtype=np.intp), np.empty(0, dtype=np.uint8)) + (np.empty(0, np.float32),) * 5
-        return tuple(np.concatenate(a) for a in zip(*found))
-
     def _q3_accepts(self, xv: np.ndarray, lv: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
                     nmax: int) -> tuple[np.ndarray, ...]:
         """C's refinement step at single positions (x, current level, its sub-block's sums), operator by
@@ -348,19 +312,19 @@ class NumpyOps:
         ok &= lhs > rhs
         return ok, nl, slx_new, sl2_new, t1, t2
 
-    def _q3_rounds(self, rows: np.ndarray, iscale: np.ndarray, act: np.ndarray, first: np.ndarray,
-                   nl: np.ndarray, slx: np.ndarray, sl2: np.ndarray,
-                   nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The refinement after each ``act`` sub-block's first accept (at position ``first`` of the first
-        pass, giving level ``nl`` and sums ``slx``/``sl2``): (its final levels (A, 16), sumlx, suml2).
+    def _q3_rounds(self, rows: np.ndarray, iscale: np.ndarray, act: np.ndarray, marks: np.ndarray,
+                   sumlx: np.ndarray, suml2: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """make_q3_quants' refinement of the ``act`` sub-blocks from their initial sums, given the first
+        pass's candidate ``marks`` (bit i: position i): (their final levels (A, 16), sumlx, suml2).
 
         Positions count on across passes (t = 16 * pass + position). After an accept at a, C evaluates
         a + 1, a + 2, ... with the new state until the next accept; the state being fixed meanwhile, a
         position repeats its verdict 16 later, so without an accept in a + 1 .. a + 16 C's loop ends (it
-        ends anyway after the fifth pass, t = 80). A round evaluates every sub-block densely at all 16
-        positions with its current sums, marks a superset of C's candidates from ``t`` (the next
-        position to scan) up to that end, and tests the first marked one exactly: an accept is applied,
-        a rejection only moves ``t`` on. Sub-block-major, with x, the levels and the cached w*x*l and
+        ends anyway after the fifth pass, t = 80; and after the first if that changes nothing). A round
+        tests each sub-block's first marked position from ``t`` (the next to scan) up to that end exactly:
+        an accept is applied, a rejection only moves ``t`` on. The marks of every round but the first
+        come from a dense evaluation of all 16 positions with the current sums, a superset of C's
+        candidates as in :meth:`_q3_marks`. Sub-block-major, with x, the levels and the cached w*x*l and
         w*l*l terms in one array, so that dropping finished sub-blocks is one gather.
         """
         A = act.shape[0]
@@ -370,18 +334,18 @@ class NumpyOps:
         np.multiply(iscale[act][:, None], X, out=LF)        # the initial levels again, same operations
         np.rint(LF, out=LF)
         np.clip(LF, np.float32(-nmax), np.float32(nmax - 1), out=LF)
-        LF[np.arange(A), first] = nl
         np.multiply(X, X, out=T2)
         np.multiply(T2, X, out=T1)
         T1 *= LF
         T2 *= LF
         T2 *= LF
-        s_lx, s_l2 = slx.copy(), sl2.copy()
-        t = first.astype(np.int64) + 1
-        end = t + 16
+        s_lx, s_l2 = sumlx.copy(), suml2.copy()
+        t = np.zeros(A, dtype=np.int64)
+        end = np.full(A, 16, dtype=np.int64)                 # no accept yet: the first pass only
         home = np.arange(A)
         home_l, home_lx, home_l2 = np.empty((A, 16), dtype=np.float32), s_lx.copy(), s_l2.copy()
         going = np.ones(A, dtype=bool)
+        m = marks.copy()
         while True:
             n_going = int(np.count_nonzero(going))
             if n_going < 0.6 * home.shape[0]:                 # drop the finished sub-blocks (one gather)
@@ -395,20 +359,21 @@ class NumpyOps:
                 P, s_lx, s_l2 = np.take(P, keep, axis=1), s_lx[keep], s_l2[keep]
                 going = np.ones(keep.shape[0], dtype=bool)
             X, LF, T1, T2 = P
-            slx = np.subtract(s_lx[:, None], T1)
-            q = np.subtract(s_l2[:, None], T2)
-            q *= X
-            q /= slx
-            np.rint(q, out=q)
-            # with no |q| near 2**22 (nor NaN) anywhere, nearest_int is rint, so C's clip makes the marks
-            # exactly C's candidates; else they stay a superset
-            if -_RINT_SAFE < q.min() and q.max() < _RINT_SAFE:
-                np.clip(q, np.float32(-nmax), np.float32(nmax - 1), out=q)
-            m = _bit_masks(np.not_equal(q, LF))
-            m |= m << 16
-            m >>= t & 15                                    # bit k: position t + k
-            m &= (1 << (end - t)) - 1
-            m *= going
+            if m is None:
+                slx = np.subtract(s_lx[:, None], T1)
+                q = np.subtract(s_l2[:, None], T2)
+                q *= X
+                q /= slx
+                np.rint(q, out=q)
+                # with no |q| near 2**22 (nor NaN) anywhere, nearest_int is rint, so C's clip makes the marks
+                # exactly C's candidates; else they stay a superset
+                if -_RINT_SAFE < q.min() and q.max() < _RINT_SAFE:
+                    np.clip(q, np.float32(-nmax), np.float32(nmax - 1), out=q)
+                m = _bit_masks(np.not_equal(q, LF))
+                m |= m << 16
+                m >>= t & 15                                    # bit k: position t + k
+                m &= (1 << (end - t)) - 1
+                m *= going
             r = np.flatnonzero(m != 0)
             bits = m[r]
             a = t[r] + _CTZ16[bits & -bits]                 # the first marked position
@@ -425,6 +390,7 @@ class NumpyOps:
             s_l2[r] = sl2_new[ok]
             end[r] = np.minimum(a[ok] + 17, 80)
             going &= t < end
+            m = None
 
     def requant(self, x: np.ndarray, L: np.ndarray | None, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
                 offset: int) -> np.ndarray:
