@@ -349,9 +349,10 @@ class NumpyOps:
         while True:
             n_going = int(np.count_nonzero(going))
             if n_going < 0.6 * home.shape[0]:                 # drop the finished sub-blocks (one gather)
-                home_l[home] = P[1]
-                home_lx[home] = s_lx
-                home_l2[home] = s_l2
+                done = np.flatnonzero(~going)
+                home_l[home[done]] = P[1][done]
+                home_lx[home[done]] = s_lx[done]
+                home_l2[home[done]] = s_l2[done]
                 if n_going == 0:
                     return home_l, home_lx, home_l2
                 keep = np.flatnonzero(going)
