@@ -253,8 +253,9 @@ class NumpyOps:
         np.multiply(w, lf, out=t2[:n])
         t2[:n] *= lf
         np.add.reduce(t2[:n], axis=0, initial=zero, out=t2[n])
-        bad = np.flatnonzero(np.isnan(t1[n]) & live)         # a NaN level? C's nearest_int reads its bits
-        if bad.shape[0]:
+        # a NaN level (C's nearest_int reads its bits) makes a NaN sum, and one NaN sum a NaN total
+        bad = np.flatnonzero(np.isnan(t1[n]) & live) if np.isnan(np.add.reduce(t1[n])) else None
+        if bad is not None and bad.shape[0]:
             xb = x[:, bad]
             lb = self.clip(self.nearest_int(iscale[bad] * xb), -nmax, nmax - 1).astype(np.float32)
             wb = xb * xb
