@@ -34,10 +34,8 @@ def _ready() -> int:
     return os.getpid()
 
 
-def single_threaded_blas() -> bool:
-    """Limit numpy's OpenBLAS to one thread in this process (workers already fill the cores; its idle threads
-    spin, measured ~5 CPU-s of 18 on the 0.5B adapter benchmark). Threads split rows/columns, never the inner
-    sums, so results do not change. Returns False where the library is not found."""
+def _openblas() -> tuple[Callable[[int], Any], Callable[[], int]] | None:
+    """(set_num_threads, get_num_threads) of the OpenBLAS bundled with numpy, or None where it is not found."""
     import ctypes
     import glob
 
@@ -47,13 +45,33 @@ def single_threaded_blas() -> bool:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(1)
-                return True
-    return False
+        for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"),
+                               ("openblas_", "")):
+            setter = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+            getter = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+            if setter is not None and getter is not None:
+                return setter, getter
+    return None
+
+
+def set_blas_threads(n: int) -> int | None:
+    """Set numpy's OpenBLAS thread count; returns the previous count (None where the library is not found)."""
+    blas = _openblas()
+    if blas is None:
+        return None
+    setter, getter = blas
+    previous = int(getter())
+    setter(n)
+    return previous
+
+
+def single_threaded_blas() -> bool:
+    """Limit numpy's OpenBLAS to one thread in this process. Workers already fill the cores (its idle threads
+    spin, measured ~5 CPU-s of 18 on the 0.5B adapter benchmark), and every pool then runs the LoRA products
+    with the same single-threaded kernels, so forked and threaded workers write the same bytes: a
+    multi-threaded sgemm picks its kernels per thread tile, and an H100 host's 16 threads gave a merged
+    tensor whose Q6_K bytes differed from the forked workers'. Returns False where the library is not found."""
+    return set_blas_threads(1) is not None
 
 
 def can_fork() -> bool:
@@ -101,12 +119,15 @@ class ThreadWorkers:
         self.task = task
         self.workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="llmforge-export")
+        self._blas_threads = set_blas_threads(1)   # as in ForkWorkers: same kernels, same bytes
 
     def submit(self, *args: Any) -> Future:
         return self._pool.submit(self.task, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._blas_threads is not None:
+            set_blas_threads(self._blas_threads)
 
 
 Item = np.ndarray | Future
