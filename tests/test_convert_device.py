@@ -17,26 +17,16 @@ import textwrap
 import pytest
 from adapter_helpers import make_adapter
 
-from llmforge.cli import main
 from llmforge.errors import LlmforgeError
 from llmforge.export import convert as convert_mod
 from llmforge.export.convert import convert
 from llmforge.export.parallel import ThreadWorkers
 from llmforge.quant import api
 from llmforge.quant.mixtures import type_overrides
+from cli_runner import run_cli as run
 
 ARCH = "mistral"  # the smallest vocabulary among the tiny models
 NO_GPU = not os.path.exists("/dev/nvidiactl")
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

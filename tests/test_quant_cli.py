@@ -6,19 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmforge.cli import main
 from llmforge.quant.imatrix import write_imatrix
 from quant_oracle import synthetic_gguf
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_runner import run_cli as run
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from llmforge.cli import main
 from llmforge.errors import LlmforgeError
 from llmforge.export.convert import convert
 from llmforge.quant import mixtures
 from llmforge.quant.api import resolve_ftype
 from llmforge.quant.requantize import quantize_gguf
 from quant_oracle import gguf_tensors, synthetic_gguf
+from cli_runner import run_cli as run
 
 
 def llama_quantize(src: Path, dst: Path, quant: str, ov: mixtures.TypeOverrides) -> None:
@@ -252,16 +252,6 @@ def test_convert_with_overrides_matches_llama_cpp(f32_models, tmp_path, arch, qu
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_quantize_with_overrides(synthetic, tmp_path, capsys):
