@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import click
@@ -279,6 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         echo_err("aborted")
         sys.exit(130)
+    except (BrokenProcessPool, MemoryError) as exc:   # a worker killed by the OOM killer, or this process
+        what = "a worker process died" if isinstance(exc, BrokenProcessPool) else "out of memory"
+        echo_err(f"error: {what} (killed for lack of memory?); nothing was written. "
+                 "Free memory, or run on fewer cores (e.g. `taskset -c 0-3 llmforge ...`)")
+        sys.exit(1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
