@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from adapter_helpers import make_adapter
 
@@ -217,7 +218,6 @@ def test_cuda_writes_the_cpu_bytes(tmp_path):
     the times (the CLI runs find the Triton kernels compiled by the in-process runs, in Triton's cache)."""
     import time
 
-    import numpy as np
 
     from llmforge.trainer.example import build_base_model
 
@@ -251,11 +251,37 @@ def test_cuda_writes_the_cpu_bytes(tmp_path):
             lines.append(f"{label:<7} q4_k_m --device {device:<4}: {seconds:6.1f}s wall | {wrote}")
             assert ("K-quants on cuda" in wrote) == (device != "cpu"), wrote
             outs[device] = out.read_bytes()
-        assert outs["cuda"] == outs["cpu"] == outs["auto"], f"{label}: --device cuda, cpu and auto differ"
+        for device in ("cuda", "auto"):
+            if outs[device] != outs["cpu"]:
+                lines.append(f"{label}: --device {device} differs from cpu in "
+                             + _differing_tensors(tmp_path / f"{label}-{device}.gguf", tmp_path / f"{label}-cpu.gguf"))
+                _report(lines)
+        assert outs["cuda"] == outs["cpu"] == outs["auto"], f"{label}: --device cuda, cpu and auto differ: {lines[-1]}"
         lines.append(f"{label:<7} q4_k_m: cuda == cpu == auto bytes ({len(outs['cpu']) / 2**20:.1f} MiB)")
+    _report(lines)
+
+
+def _differing_tensors(a, b) -> str:
+    """Which tensors of two GGUF files differ, and in how many rows (for the failure message)."""
+    from gguf import GGUFReader
+
+    theirs = {t.name: np.asarray(t.data) for t in GGUFReader(b).tensors}
+    found = []
+    for t in GGUFReader(a).tensors:
+        mine, other = np.asarray(t.data), theirs.get(t.name)
+        if other is None or mine.shape != other.shape:
+            found.append(f"{t.name} (shape or presence)")
+        elif not np.array_equal(mine, other):
+            rows = np.count_nonzero((mine.reshape(mine.shape[0], -1) != other.reshape(other.shape[0], -1)).any(axis=1))
+            found.append(f"{t.name} {t.tensor_type.name} ({rows} of {mine.shape[0]} rows)")
+    return ", ".join(found) or "metadata only"
+
+
+def _report(lines: list[str]) -> None:
+    """Print the GPU run's report, and keep it in $OUT/convert_gpu.txt when the device tool runs the test."""
     report = "\n".join(lines)
     print("\n" + report)
     if os.environ.get("OUT"):
         os.makedirs(os.environ["OUT"], exist_ok=True)
-        with open(os.path.join(os.environ["OUT"], "convert_gpu.txt"), "a") as f:
+        with open(os.path.join(os.environ["OUT"], "convert_gpu.txt"), "w") as f:
             f.write(report + "\n")
