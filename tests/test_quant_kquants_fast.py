@@ -1,5 +1,6 @@
-"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_k / q3_bits / requant) give
-the bytes of the generic backend-neutral code and of llama.cpp, on inputs made to produce near-ties."""
+"""The numpy fast paths of the K-quant core (NumpyOps.signed_max / qx_search / q3_k / q3_bits / requant /
+fit_scale_min / qp_refine) give the bytes of the generic backend-neutral code and of llama.cpp, on inputs made
+to produce near-ties."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class GenericOps(NumpyOps):
     q3_k = None
     q3_bits = None
     requant = None
+    fit_scale_min = None
+    qp_refine = None
 
 
 def adversarial(seed: int = 0, rows: int = 8, cols: int = 2048) -> np.ndarray:
@@ -80,12 +83,13 @@ def test_generic_ops_really_skip_the_fast_paths(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("fast path used")
 
-    for name in ("signed_max", "qx_search", "q3_k", "q3_bits", "requant"):
+    for name in ("signed_max", "qx_search", "q3_k", "q3_bits", "requant", "fit_scale_min", "qp_refine"):
         monkeypatch.setattr(NumpyOps, name, boom, raising=False)
     x = adversarial(rows=1, cols=512)
     with np.errstate(all="ignore"):
         quantize_blocks(GenericOps(), T.Q3_K, x.reshape(-1, 256))
         quantize_blocks(GenericOps(), T.Q6_K, x.reshape(-1, 256))
+        quantize_blocks(GenericOps(), T.Q4_K, x.reshape(-1, 256), np.ones((x.size // 256, 256), np.float32))
         with pytest.raises(AssertionError, match="fast path used"):
             quantize_blocks(NumpyOps(), T.Q6_K, x.reshape(-1, 256))
 
@@ -118,3 +122,136 @@ def test_worker_processes_give_the_same_bytes(shared, monkeypatch):
         for e in range(3):
             assert np.array_equal(got[e], ggml_quantize(x[e], qtype, imp[e]))
         assert np.array_equal(kquants.quantize_k(x[0], qtype, threads=3), ggml_quantize(x[0], qtype))
+
+
+def test_fast_paths_per_distribution():
+    """Each adversarial distribution in its own call (the main test's single call mixes them, so the slabs with
+    non-finite rows take the exact nearest_int steps): every affine type, plain and weighted, against ggml."""
+    x = adversarial(seed=3, rows=4, cols=1024)
+    imp = np.random.default_rng(5).integers(0, 4, x.shape[1]).astype(np.float32)
+    for qtype in (T.Q2_K, T.Q4_K, T.Q5_K):
+        for weights in (None, imp):
+            expected = ggml_quantize(x, qtype, weights).reshape(x.shape[0], -1)
+            qw = None if weights is None else np.ascontiguousarray(kquants._block_weights(weights, x.shape))
+            with np.errstate(all="ignore"):
+                for r in range(0, x.shape[0], 4):
+                    blocks = x[r:r + 4].reshape(-1, 256)
+                    w = None if qw is None else qw[r * 4:(r + 4) * 4]
+                    got = quantize_blocks(NumpyOps(), qtype, blocks, w)
+                    assert np.array_equal(got.reshape(4, -1), expected[r:r + 4]), (qtype.name, r)
+
+
+def scale_min_cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, x, w) position-major (32, S) sub-blocks for make_qkx2/qkx3: levels near the 2**21 rint limit,
+    flat sub-blocks next to others, tiny ranges at huge offsets, subnormals, non-finite values."""
+    rng = np.random.default_rng(7)
+    S = 600
+    normal = rng.standard_normal((32, S)).astype(np.float32)
+    w = (np.abs(normal) + rng.random((32, S)).astype(np.float32)).astype(np.float32)
+    flat = normal.copy()
+    flat[:, ::3] = np.float32(-0.75)                  # constant negative sub-blocks (mx == mn)
+    flat[:, 1::3] = np.float32(0.0)
+    tiny_range = (np.float32(-1e4) + normal * np.float32(1e-3)).astype(np.float32)   # (x - mn) / (mx - mn) ~ 1
+    # a cluster below 0 plus a far-off weightless value: the fitted min moves up to the cluster, and the next
+    # steps' iscale * (x - min) for the outlier is ~1e8 (nearest_int and rint differ there)
+    outlier = (np.float32(-1) + normal * np.float32(1e-3)).astype(np.float32)
+    outlier[0] = np.float32(-1e4)
+    outlier_w = w.copy()
+    outlier_w[0] = 0
+    with np.errstate(over="ignore"):
+        overflow = normal * np.float32(2e38)           # max - min overflows: iscale 0, inf * 0
+    mixed = normal.copy()
+    mixed[:, ::2] *= np.float32(1e30)
+    mixed[:, 1::4] *= np.float32(1e-30)
+    subnormal = normal * np.float32(1e-41)
+    non_finite = normal.copy()
+    non_finite[3, ::5] = np.nan
+    non_finite[7, 1::5] = np.inf
+    non_finite[:, 2::5] = np.nan                       # all-NaN sub-blocks
+    zero_w = w.copy()
+    zero_w[:, ::2] = 0
+    cases = [("normal", normal, w), ("flat", flat, w), ("tiny_range", tiny_range, w), ("outlier", outlier, outlier_w),
+             ("overflow", overflow, w),
+             ("mixed", mixed, w), ("subnormal", subnormal, w), ("non_finite", non_finite, w),
+             ("ties", np.round(normal * 4) / np.float32(4), w), ("zero_weights", normal, zero_w),
+             ("all_positive", np.abs(normal) + np.float32(1), w)]
+    return [(name, np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32))
+            for name, a, b in cases]
+
+
+@pytest.mark.parametrize("fit", [(3, -0.5, 0.1, 15, True), (15, -1.0, 0.1, 20, False), (31, -0.5, 0.1, 15, False),
+                                 (15, -0.9, 0.05, 36, False)], ids=["q2_k", "q4_k", "q5_k", "weighted"])
+def test_fit_scale_min_fast_path_is_bitwise_the_generic_one(fit, monkeypatch):
+    """NumpyOps.fit_scale_min (rint steps where safe, slabs) vs the generic loop: scale, the_min and L bit for
+    bit; small slabs so that one call has slabs of both kinds of steps."""
+    nmax, rmin, rdelta, nstep, use_mad = fit
+    monkeypatch.setattr(NumpyOps, "FIT_SLAB", 32 * 128)
+    for name, x, w in scale_min_cases():
+        with np.errstate(all="ignore"):
+            fast = kquants._fit_scale_min(NumpyOps(), x, w, nmax, rmin, rdelta, nstep, use_mad)
+            generic = kquants._fit_scale_min(GenericOps(), x, w, nmax, rmin, rdelta, nstep, use_mad)
+        for a, b in zip(fast, generic):
+            assert a.dtype == b.dtype and np.array_equal(a.view(np.int32), b.view(np.int32)), name
+
+
+def test_fit_scale_min_takes_both_kinds_of_steps(monkeypatch):
+    """Guard for the test above: its cases reach the exact nearest_int steps as well as the rint ones."""
+    calls = []
+    real = NumpyOps.nearest_int
+
+    def counting(self, f):
+        calls.append(f.shape)
+        return real(self, f)
+
+    monkeypatch.setattr(NumpyOps, "nearest_int", counting)
+    cases = dict((name, (x, w)) for name, x, w in scale_min_cases())
+    for name, expect_exact in (("normal", False), ("flat", False), ("outlier", True), ("overflow", True),
+                               ("non_finite", True)):
+        calls.clear()
+        x, w = cases[name]
+        with np.errstate(all="ignore"):
+            NumpyOps().fit_scale_min(x, w, 15, -1.0, 0.1, 20, False)
+        assert (len(calls) > 1) == expect_exact, name      # (one call: the final levels)
+
+
+def test_qp_refine_matches_the_generic_passes():
+    """make_qp_quants' refinement in rounds (NumpyOps.qp_refine) vs the generic 5 passes, bitwise, on scale-like
+    inputs of both signs (levels stored & 0xFF), ties, NaN, zero weights; some columns still accept in the
+    fifth pass (where C stops), which the guard at the end checks."""
+    rng = np.random.default_rng(1)
+    late = 0
+
+    class Counting(GenericOps):
+        def any(self, a):
+            self.log.append(a.copy())
+            return bool(a.any())
+
+    for trial in range(48):
+        n, nmax = (8, 63) if trial % 2 else (16, 15)
+        kind = trial % 6
+        if kind == 0:
+            x = rng.random((n, 300)).astype(np.float32)
+        elif kind == 1:
+            x = rng.integers(0, 5, (n, 300)).astype(np.float32) * np.float32(0.37)
+        elif kind == 2:
+            x = (rng.standard_normal((n, 300)) * 2).astype(np.float32)
+        elif kind == 3:
+            x = np.exp(rng.standard_normal((n, 300)) * 3).astype(np.float32)
+        elif kind == 4:
+            x = rng.random((n, 300)).astype(np.float32)
+            x[rng.random((n, 300)) < 0.1] = np.nan
+            x[rng.random((n, 300)) < 0.05] = 0
+        else:
+            x = (rng.random((n, 300)) * np.float32(1e-20)).astype(np.float32)
+        w = (rng.random((n, 300)) * np.float32(10.0 ** rng.uniform(-3, 3))).astype(np.float32)
+        if trial % 4 == 3:
+            w[rng.random((n, 300)) < 0.3] = 0
+        counting = Counting()
+        counting.log = []
+        with np.errstate(all="ignore"):
+            fast = kquants._fit_qp(NumpyOps(), x, w, nmax)
+            generic = kquants._fit_qp(counting, x, w, nmax)
+        assert np.array_equal(fast[0].view(np.int32), generic[0].view(np.int32)), trial
+        assert np.array_equal(fast[1], generic[1]), trial
+        late += int(np.any(counting.log[4 * n:5 * n], axis=0).sum()) if len(counting.log) > 4 * n else 0
+    assert late > 0

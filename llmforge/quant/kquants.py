@@ -469,6 +469,162 @@ class NumpyOps:
         scale = np.take_along_axis(new_scale, idx[None].astype(np.intp), axis=0)[0]
         return scale, np.asarray(factors, dtype=np.float32)[idx] / vmax
 
+    # --- make_qkx2/qkx3_quants (Q2_K, Q4_K, Q5_K and weighted Q4_1/Q5_1)
+
+    FIT_SLAB = 1 << 16      # elements per (n, s) array of the step loop: its five arrays stay in L2
+
+    def fit_scale_min(self, x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``_fit_scale_min`` with its step loop (:meth:`_scale_min_steps`) on L2-sized slabs of sub-blocks."""
+        zero = np.float32(0.0)
+        lo, mx, sum_w, sum_x = _scale_min_stats(self, x, w)
+        mn = np.where(lo > zero, zero, lo)
+        flat = mx == mn
+        S = x.shape[1]
+        state = np.empty((5, S), dtype=np.float32)        # best_iscale, best_mn, best, scale, mn
+        slab = max(1, self.FIT_SLAB // x.shape[0])
+        for s0 in range(0, S, slab):
+            c = slice(s0, min(S, s0 + slab))
+            part = (x, w) if slab >= S else (np.ascontiguousarray(x[:, c]), np.ascontiguousarray(w[:, c]))
+            state[:, c] = self._scale_min_steps(*part, mn[c], mx[c], flat[c], sum_w[c], sum_x[c], nmax, rmin, rdelta,
+                                                nstep, use_mad)
+        best_iscale, best_mn, scale, mn = state[0], state[1], state[3], state[4]
+        # the winning step's levels, recomputed from its iscale and the min it used (same values)
+        L = self.clip(self.nearest_int(best_iscale * (x - best_mn)), 0, nmax)
+        return np.where(flat, zero, scale), -mn, np.where(flat, 0, L)
+
+    def _scale_min_steps(self, x: np.ndarray, w: np.ndarray, mn: np.ndarray, mx: np.ndarray, flat: np.ndarray,
+                         sum_w: np.ndarray, sum_x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                         use_mad: bool) -> np.ndarray:
+        """The step loop of ``_fit_scale_min`` on three reused (n, s) arrays, in place: the same operations in
+        the same order, minus the integer round trip of the levels. Where every ``iscale * (x - min)`` of a
+        step is below 2**21 in size (its min and max say so, and are NaN otherwise), nearest_int plus the
+        clip equal rint plus a float clip (a -0 level adds nothing different to the sums, which start at +0,
+        nor to an error term, whose diff is then +-0 or -x exactly); else the step takes nearest_int. Flat
+        sub-blocks get iscale 0 (their results are overwritten; C's levels there are nearest_int(NaN) = 0
+        anyway), so that their inf * 0 does not force the slow step. Returns the final state (best_iscale,
+        best_mn, best, scale, mn) as one (5, s) array, updated by one masked copy per step."""
+        n, S = x.shape
+        zero, fnmax = np.float32(0.0), f32(nmax)
+        steady = ~flat
+        f = np.empty((n, S), dtype=np.float32)            # x - mn, then the levels
+        wl = np.empty((n, S), dtype=np.float32)
+        t = np.empty((n, S), dtype=np.float32)
+        state = np.empty((5, S), dtype=np.float32)
+        new = np.empty((5, S), dtype=np.float32)          # iscale, mn, cur, this_scale, this_min
+        iscale = np.divide(fnmax, mx - mn)
+        state[0], state[1], state[4] = iscale, mn, mn
+        np.divide(np.float32(1.0), iscale, out=state[3])
+        for step in range(-1, nstep + 1):                 # step -1: the initial error, from the first fit
+            if step >= 0:
+                factor = f32(rmin) + f32(rdelta) * f32(step) + fnmax
+                mn = state[4]
+                iscale = np.subtract(mx, mn, out=new[0])
+                np.divide(factor, iscale, out=iscale)
+            np.copyto(iscale, zero, where=flat)            # (flat: levels 0, as nearest_int(NaN) gives)
+            np.subtract(x, mn, out=f)
+            f *= iscale
+            if -_RINT_SAFE < f.min() and f.max() < _RINT_SAFE:   # (False with any NaN)
+                np.rint(f, out=f)
+                np.clip(f, zero, fnmax, out=f)
+            else:
+                np.copyto(f, self.clip(self.nearest_int(f.copy()), 0, nmax))
+            if step >= 0:
+                np.multiply(w, f, out=wl)
+                sum_l = np.add.reduce(wl, axis=0, initial=zero)
+                np.multiply(wl, f, out=t)
+                sum_l2 = np.add.reduce(t, axis=0, initial=zero)
+                wl *= x
+                sum_xl = np.add.reduce(wl, axis=0, initial=zero)
+                D = sum_w * sum_l2 - sum_l * sum_l
+                scale = np.divide(sum_w * sum_xl - sum_x * sum_l, D, out=new[3])
+                the_min = np.divide(sum_l2 * sum_x - sum_l * sum_xl, D, out=new[4])
+                clamp = the_min > zero
+                np.copyto(the_min, zero, where=clamp)
+                np.copyto(scale, sum_xl / sum_l2, where=clamp)
+            else:
+                scale, the_min = state[3], mn
+            np.multiply(scale, f, out=t)                  # the error of these levels
+            t += the_min
+            t -= x
+            if use_mad:
+                np.abs(t, out=t)
+            else:
+                t *= t
+            t *= w
+            if step < 0:
+                np.add.reduce(t, axis=0, initial=zero, out=state[2])
+                continue
+            np.add.reduce(t, axis=0, initial=zero, out=new[2])
+            new[1] = mn
+            better = D > zero
+            better &= new[2] < state[2]
+            better &= steady
+            np.copyto(state, new, where=better)
+        return state
+
+    # --- make_qp_quants' refinement (the weighted Q2_K/Q4_K/Q5_K super-block scales)
+
+    def qp_refine(self, x: np.ndarray, w: np.ndarray, wx: np.ndarray, L: np.ndarray, sumlx: np.ndarray,
+                  suml2: np.ndarray, allzero: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``_fit_qp``'s 5 refinement passes in rounds, as :meth:`_q3_rounds` does for make_q3_quants: each
+        round evaluates every position of every open column with its current sums (C's operations), and
+        applies the first accept at or after the column's next position ``t`` (positions count on across
+        passes; C's would be the same, as no accept came between). A column with no accept in the next n
+        positions would see the same verdicts for ever (C's loop ends after the next unchanged pass), and
+        none is applied at position 5n or later. Most columns are done after the first round.
+        ``L`` (int levels as stored: ``& 0xFF``), ``sumlx`` and ``suml2`` are updated in place."""
+        n = x.shape[0]
+        zero = np.float32(0.0)
+        act = np.flatnonzero(~allzero)
+        X, W, WX = x[:, act], w[:, act], wx[:, act]
+        LF = L[:, act].astype(np.float32)
+        s_lx, s_l2 = sumlx[act], suml2[act]
+        t = np.zeros(act.shape[0], dtype=np.int64)
+        rows = np.arange(n)[:, None]
+        while act.shape[0]:
+            slx = s_lx - WX * LF
+            sl2 = W * LF
+            sl2 *= LF
+            np.subtract(s_l2, sl2, out=sl2)
+            q = X * sl2
+            q /= slx
+            new_l = self.nearest_int(q)
+            np.minimum(new_l, nmax, out=new_l)
+            nl = new_l.astype(np.float32)
+            slx_new = WX * nl
+            slx_new += slx
+            sl2_new = W * nl
+            sl2_new *= nl
+            sl2_new += sl2
+            ok = slx > zero
+            ok &= sl2 > zero
+            ok &= nl != LF                                # (exact: |new_l| <= 2**22)
+            lhs = slx_new * slx_new
+            lhs *= s_l2
+            rhs = s_lx * s_lx
+            rhs = sl2_new * rhs
+            ok &= lhs > rhs
+            key = np.subtract(rows, t)                    # offset of each position from t, cyclic
+            key %= n
+            key[~ok] = n
+            k = np.min(key, axis=0)
+            a = t + k
+            hit = k < n
+            hit &= a < 5 * n
+            h = np.flatnonzero(hit)
+            p = a[h] % n
+            LF[p, h] = (new_l[p, h] & 0xFF).astype(np.float32)
+            s_lx[h] = slx_new[p, h]
+            s_l2[h] = sl2_new[p, h]
+            done = np.flatnonzero(~hit)
+            L[:, act[done]] = LF[:, done].astype(np.int32)
+            sumlx[act[done]] = s_lx[done]
+            suml2[act[done]] = s_l2[done]
+            act, t = act[h], a[h] + 1
+            X, W, WX, LF, s_lx, s_l2 = X[:, h], W[:, h], WX[:, h], LF[:, h], s_lx[h], s_l2[h]
+        return L, sumlx, suml2
+
 
 _RINT_SAFE = np.float32(1 << 21)                         # |f| below this: nearest_int(f) == rint(f)
 _CTZ16 = np.zeros(1 << 16, dtype=np.uint8)              # trailing zeros of a 16-bit power of two
@@ -506,19 +662,27 @@ def _first_max(ops: Any, values: Any, key: Any) -> tuple[Any, Any]:
     return best_key, best_val
 
 
-def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nstep: int,
-                   use_mad: bool) -> tuple[Any, Any, Any]:
-    """``make_qkx2_quants`` / ``make_qkx3_quants`` (weights given): scale, the_min, L per sub-block."""
-    n = x.shape[0]
-    zero, one = ops.const(0.0), ops.const(1.0)
+def _scale_min_stats(ops: Any, x: Any, w: Any) -> tuple[Any, Any, Any, Any]:
+    """make_qkx2/qkx3's first loop over axis 0: (min, max, sum of w, sum of w*x), C's comparisons and order."""
     mn, mx = x[0], x[0]
     sum_w = w[0]
     sum_x = sum_w * x[0]
-    for i in range(1, n):
+    for i in range(1, x.shape[0]):
         mn = ops.where(x[i] < mn, x[i], mn)
         mx = ops.where(x[i] > mx, x[i], mx)
         sum_w = sum_w + w[i]
         sum_x = sum_x + w[i] * x[i]
+    return mn, mx, sum_w, sum_x
+
+
+def _fit_scale_min(ops: Any, x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nstep: int,
+                   use_mad: bool) -> tuple[Any, Any, Any]:
+    """``make_qkx2_quants`` / ``make_qkx3_quants`` (weights given): scale, the_min, L per sub-block."""
+    fast = getattr(ops, "fit_scale_min", None)
+    if fast is not None:
+        return fast(x, w, nmax, rmin, rdelta, nstep, use_mad)
+    zero, one = ops.const(0.0), ops.const(1.0)
+    mn, mx, sum_w, sum_x = _scale_min_stats(ops, x, w)
     mn = ops.where(mn > zero, zero, mn)
     flat = mx == mn
 
@@ -700,7 +864,10 @@ def _fit_qp(ops: Any, x: Any, w: Any, nmax: int) -> tuple[Any, Any]:
     sumlx = _seq_sum(ops, wx * lf)
     suml2 = _seq_sum(ops, (w * lf) * lf)
     L = l & 0xFF
-    for _ in range(5):
+    refine = getattr(ops, "qp_refine", None)
+    if refine is not None:
+        L, sumlx, suml2 = refine(x, w, wx, L, sumlx, suml2, allzero, nmax)
+    for _ in range(0 if refine is not None else 5):
         changed = False
         for i in range(x.shape[0]):
             li = ops.fl(L[i])
