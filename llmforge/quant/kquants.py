@@ -39,6 +39,20 @@ def f32(value: float) -> np.float32:
     return np.float32(value)
 
 
+def _sum_rows(terms: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """C's ``s = 0; for i: s += t[i]`` over axis 0 of a C-contiguous array, strictly left to right. A reduction over
+    the outer axis adds row after row (checked bitwise against a loop), except where the other axes hold a single
+    element: numpy then sums the (contiguous) axis pairwise. There ``accumulate`` runs the sequential sum (from
+    t[0] instead of 0 + t[0]: the same values but for the sign of an all-zero sum, which ``+ 0`` makes C's +0)."""
+    if terms.shape[0] > 1 and terms.size == terms.shape[0]:
+        total = np.add.accumulate(terms, axis=0)[-1] + np.float32(0.0)
+        if out is None:
+            return total
+        out[...] = total
+        return out
+    return np.add.reduce(terms, axis=0, initial=np.float32(0.0), out=out)
+
+
 class NumpyOps:
     """The array operations the quantizer core needs, on numpy float32/int32 arrays."""
 
@@ -68,8 +82,7 @@ class NumpyOps:
         return bits
 
     def seq_sum(self, terms: np.ndarray) -> np.ndarray:
-        # a reduction over the outer axis adds row after row: the same order as C's loop (checked bitwise)
-        return np.add.reduce(terms, axis=0, initial=np.float32(0.0))
+        return _sum_rows(terms)
 
     def where(self, cond: np.ndarray, a: Any, b: Any) -> np.ndarray:
         return np.where(cond, a, b)
@@ -241,10 +254,10 @@ class NumpyOps:
         t2 = np.empty((n + 1, s), dtype=np.float32)
         np.multiply(w, x, out=t1[:n])
         t1[:n] *= lf
-        np.add.reduce(t1[:n], axis=0, initial=zero, out=t1[n])
+        _sum_rows(t1[:n], out=t1[n])
         np.multiply(w, lf, out=t2[:n])
         t2[:n] *= lf
-        np.add.reduce(t2[:n], axis=0, initial=zero, out=t2[n])
+        _sum_rows(t2[:n], out=t2[n])
         # a NaN level (C's nearest_int reads its bits) makes a NaN sum, and one NaN sum a NaN total
         bad = np.flatnonzero(np.isnan(t1[n]) & live) if np.isnan(np.add.reduce(t1[n])) else None
         if bad is not None and bad.shape[0]:
@@ -252,8 +265,8 @@ class NumpyOps:
             lb = self.clip(self.nearest_int(iscale[bad] * xb), -nmax, nmax - 1).astype(np.float32)
             wb = xb * xb
             t1[:n, bad], t2[:n, bad] = (wb * xb) * lb, (wb * lb) * lb
-            t1[n, bad] = np.add.reduce(t1[:n, bad], axis=0, initial=zero)
-            t2[n, bad] = np.add.reduce(t2[:n, bad], axis=0, initial=zero)
+            t1[n, bad] = _sum_rows(t1[:n, bad])
+            t2[n, bad] = _sum_rows(t2[:n, bad])
         # (those keep NaN sums, exactly too: a NaN level needs a NaN or infinite x; so they never refine,
         # and the levels of the sub-blocks that do are rint's)
         return lf, t1, t2
@@ -439,10 +452,10 @@ class NumpyOps:
             np.rint(lf, out=lf)
             np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
             np.multiply(wx, lf, out=t)
-            np.add.reduce(t, axis=0, initial=zero, out=slx[j])
+            _sum_rows(t, out=slx[j])
             np.multiply(w, lf, out=t)
             t *= lf
-            np.add.reduce(t, axis=0, initial=zero, out=sl2[j])
+            _sum_rows(t, out=sl2[j])
         new_scale = slx / sl2
         np.putmask(new_scale[0], sl2[0] == zero, zero)      # the first trial: scale 0 if suml2 == 0
         new_best = new_scale * slx
@@ -521,11 +534,11 @@ class NumpyOps:
                 np.copyto(f, self.clip(self.nearest_int(f.copy()), 0, nmax))
             if step >= 0:
                 np.multiply(w, f, out=wl)
-                sum_l = np.add.reduce(wl, axis=0, initial=zero)
+                sum_l = _sum_rows(wl)
                 np.multiply(wl, f, out=t)
-                sum_l2 = np.add.reduce(t, axis=0, initial=zero)
+                sum_l2 = _sum_rows(t)
                 wl *= x
-                sum_xl = np.add.reduce(wl, axis=0, initial=zero)
+                sum_xl = _sum_rows(wl)
                 D = sum_w * sum_l2 - sum_l * sum_l
                 scale = np.divide(sum_w * sum_xl - sum_x * sum_l, D, out=new[3])
                 the_min = np.divide(sum_l2 * sum_x - sum_l * sum_xl, D, out=new[4])
@@ -543,9 +556,9 @@ class NumpyOps:
                 t *= t
             t *= w
             if step < 0:
-                np.add.reduce(t, axis=0, initial=zero, out=state[2])
+                _sum_rows(t, out=state[2])
                 continue
-            np.add.reduce(t, axis=0, initial=zero, out=new[2])
+            _sum_rows(t, out=new[2])
             new[1] = mn
             better = D > zero
             better &= new[2] < state[2]
