@@ -4,6 +4,8 @@ to produce near-ties."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -122,6 +124,24 @@ def test_worker_processes_give_the_same_bytes(shared, monkeypatch):
         for e in range(3):
             assert np.array_equal(got[e], ggml_quantize(x[e], qtype, imp[e]))
         assert np.array_equal(kquants.quantize_k(x[0], qtype, threads=3), ggml_quantize(x[0], qtype))
+
+
+def test_a_killed_helper_fails_that_call_and_the_next_forks_a_fresh_pool(monkeypatch):
+    """A pool helper killed mid-session (the OOM killer's usual victim): that call raises BrokenProcessPool (the
+    CLI turns it into one line), and the next call works on a fresh pool with the right bytes."""
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 5)
+    x = np.random.default_rng(6).standard_normal((15, 1024)).astype(np.float32)
+    expected = ggml_quantize(x, T.Q4_K)
+    assert np.array_equal(kquants.quantize_k(x, T.Q4_K, threads=2), expected)
+    for pid in list(kquants._POOL[1]._processes):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+        for _ in range(50):     # the pool notices the death on its next task, or at the latest a moment later
+            kquants.quantize_k(x, T.Q4_K, threads=2)
+    assert np.array_equal(kquants.quantize_k(x, T.Q4_K, threads=2), expected)
 
 
 def test_fast_paths_per_distribution():

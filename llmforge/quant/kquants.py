@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -1441,6 +1442,9 @@ def _quantize_workers(qtype: T, blocks: np.ndarray, weights: _BlockWeights | Non
             start, stop = tasks[back]
             _quantize_range(qtype, blocks[start:stop], weights, CHUNK_BLOCKS, start, out[start:stop])
         helpers.collect()
+    except BrokenProcessPool:
+        _drop_pool()     # a helper died (e.g. the OOM killer): the next call forks a fresh pool
+        raise
     finally:
         helpers.close()
     return out
@@ -1459,6 +1463,13 @@ def _pool(workers: int) -> ProcessPoolExecutor:
             _POOL[1].shutdown()
         _POOL = (workers, ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
     return _POOL[1]
+
+
+def _drop_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL[1].shutdown(wait=False, cancel_futures=True)
+        _POOL = None
 
 
 def default_workers() -> int:
