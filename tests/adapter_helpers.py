@@ -62,3 +62,16 @@ def llama_with_lora_logits(base_gguf: Path, lora_gguf: Path, ids: list[int]) -> 
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
         llm.close()
+
+
+def copy_with_nan(model_dir: Path, out_dir: Path, tensor: str, index: tuple[int, int]) -> Path:
+    """A copy of ``model_dir`` whose ``tensor`` holds one NaN at ``index`` (for the NaN-refusal tests)."""
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir()
+    for f in model_dir.iterdir():
+        (out_dir / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(out_dir / "model.safetensors")
+    tensors[tensor][index] = float("nan")
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir

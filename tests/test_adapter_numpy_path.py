@@ -15,8 +15,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 import torch
-from adapter_helpers import make_adapter
-from safetensors.torch import load_file, save_file
+from adapter_helpers import copy_with_nan, make_adapter
 
 from llmforge.errors import LlmforgeError
 from llmforge.export import convert as convert_mod
@@ -93,13 +92,7 @@ def test_numpy_workers_write_the_torch_paths_bytes(bf16_adapter, tmp_path, monke
 
 def test_a_nan_in_a_worker_fails_with_the_tensor_name(bf16_adapter, tmp_path, monkeypatch):
     base = resolve_base(read_adapter(bf16_adapter)).path
-    broken = tmp_path / "base"
-    broken.mkdir()
-    for f in base.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(broken / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"][7, 3] = float("nan")
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    broken = copy_with_nan(base, tmp_path / "base", "model.layers.1.mlp.up_proj.weight", (7, 3))
     monkeypatch.setattr(convert_mod, "PARALLEL_MIN_ELEMENTS", 0)
     peft = read_adapter(bf16_adapter)
     merged = MergedSource(peft, resolve_base(peft, broken))

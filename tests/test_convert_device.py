@@ -16,7 +16,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from adapter_helpers import make_adapter
+from adapter_helpers import copy_with_nan, make_adapter
 
 from llmforge.errors import LlmforgeError
 from llmforge.export import convert as convert_mod
@@ -127,16 +127,7 @@ def test_torch_backend_writes_the_numpy_bytes(tiny_model_dir, adapter, tmp_path,
 
 
 def test_a_nan_in_a_worker_thread_fails_with_the_tensor_name(tiny_model_dir, tmp_path, monkeypatch):
-    from safetensors.torch import load_file, save_file
-
-    base = tiny_model_dir(ARCH)
-    broken = tmp_path / "base"
-    broken.mkdir()
-    for f in base.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(broken / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"][5, 2] = float("nan")
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    broken = copy_with_nan(tiny_model_dir(ARCH), tmp_path / "base", "model.layers.1.mlp.up_proj.weight", (5, 2))
     _threads(monkeypatch)
     out = tmp_path / "out.gguf"
     with pytest.raises(LlmforgeError, match=r"blk\.1\.ffn_up\.weight' holds 1 NaN"):
