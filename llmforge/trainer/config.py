@@ -66,6 +66,37 @@ class TrainConfig:
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"   # auto: on with CUDA
     kernels: bool = True                # llmforge's fused kernels when CUDA is present
     threads: int = 0                    # torch CPU threads; 0 = torch's default
+    method: Literal["sft", "grpo"] = "sft"   # grpo: reinforcement learning with the `grpo:` section
+
+
+@dataclass
+class RewardConfig:
+    """One GRPO reward: a built-in ``name`` or a ``python`` function (TRL's signature), times ``weight``."""
+    name: str = ""                      # exact_match | regex_format | length | contains
+    python: str = ""                    # file.py:function or package.module:function
+    weight: float = 1.0
+    column: str | None = None           # exact_match: reference column (default answer); contains: text from a column
+    pattern: str | None = None          # regex_format: the whole completion's pattern; exact_match: answer's group
+    text: str | None = None             # contains: the text to find
+    target: int = 0                     # length: the wanted completion length in tokens
+
+
+@dataclass
+class GrpoConfig:
+    num_generations: int = 4            # completions per prompt (the group); train.batch_size must be a multiple
+    max_prompt_length: int = 512        # longer prompts keep their last tokens
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0: off
+    beta: float = 0.0                   # KL coefficient; 0: no reference pass
+    epsilon: float = 0.2                # clip range (lower)
+    epsilon_high: float | None = None   # clip range (upper); default epsilon (DAPO uses 0.28)
+    num_iterations: int = 1             # optimizer steps per generated batch (mu)
+    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False
+    rewards: list[RewardConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +113,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     ship: ShipConfig = field(default_factory=ShipConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +125,7 @@ PATH_KEYS = ("model.path", "data.path", "train.output_dir", "ship.output_dir")
 
 def load_config(source: str | Path | dict | None, overrides: typing.Iterable[str] = ()) -> Config:
     """Read ``source`` (YAML path, dict or None for defaults), apply ``KEY=VALUE`` overrides, validate."""
+    overrides = list(overrides)
     base_dir = Path(".")
     origin = "config"
     if source is None:
@@ -132,6 +165,11 @@ def load_config(source: str | Path | dict | None, overrides: typing.Iterable[str
         value = getattr(getattr(config, section), leaf)
         if value and not Path(value).is_absolute():
             setattr(getattr(config, section), leaf, str((base_dir / value).resolve()))
+    rewards_dir = Path(".") if any(o.strip().startswith("grpo.rewards") for o in overrides) else base_dir
+    for reward in config.grpo.rewards:   # python: file.py:function is read from the config's folder
+        file, sep, function = reward.python.rpartition(":")
+        if sep and file.endswith(".py") and not Path(file).is_absolute():
+            reward.python = f"{(rewards_dir / file).resolve()}:{function}"
     return config
 
 
@@ -189,6 +227,8 @@ def coerce(value: Any, kind: Any, key: str, origin: str) -> Any:
             return value
         raise LlmforgeError(f"config key {key} must be one of {', '.join(map(str, choices))}, got {value!r}",
                             hint=f"in {origin}")
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, f"{key}.", origin)
     if origin_type is list:
         (item_kind,) = typing.get_args(kind)
         if not isinstance(value, list):
