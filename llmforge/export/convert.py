@@ -468,4 +468,11 @@ def convert(source: Path, output: Path | None, quant: str = "f16", *, base: Path
                             hint="drop those options for a full model folder")
     resolve_ftype(quant)
     out = Path(output) if output is not None else default_output(source, quant)
+    if (source / "config.json").is_file():
+        from .vision import convert_vlm, find_vision_arch
+
+        config = read_config(source)
+        if find_vision_arch(config) is not None:   # text GGUF at out, mmproj-<name> beside it
+            return convert_vlm(source, out, quant, config=config, imatrix=imatrix, name=name, overrides=overrides,
+                               backend=backend)
     return convert_model(source, out, quant, imatrix=imatrix, name=name, overrides=overrides, backend=backend)
