@@ -36,12 +36,15 @@ class TrainResult:
     seconds: float
     tokens: int
     resumed_from: int = 0
+    rewards: list[float] = field(default_factory=list)   # GRPO: mean reward per step
 
     def summary_lines(self) -> list[str]:
         resumed = f" (resumed at step {self.resumed_from})" if self.resumed_from else ""
+        progress = (f"mean reward {self.rewards[0]:.4f} -> {self.rewards[-1]:.4f}" if self.rewards else
+                    f"loss {self.first_loss:.4f} -> {self.last_loss:.4f}")
         return [self.data_summary,
-                f"trained {self.steps} steps{resumed} in {self.seconds:.1f} s: loss {self.first_loss:.4f} -> "
-                f"{self.last_loss:.4f}, {self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s",
+                f"trained {self.steps} steps{resumed} in {self.seconds:.1f} s: {progress}, "
+                f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s",
                 f"adapter: {self.adapter_dir} ({dir_size(self.adapter_dir) / 1e6:.1f} MB; base {self.base_model})"]
 
 
@@ -95,7 +98,11 @@ def maybe_patch_kernels(model: Any, config: Config) -> None:
 
 def train(config: Config, resume: bool = False) -> TrainResult:
     """Run LoRA/QLoRA SFT as ``config`` says; the adapter, tokenizer and chat template land in
-    ``<train.output_dir>/adapter``."""
+    ``<train.output_dir>/adapter``. ``train.method: grpo`` runs :func:`llmforge.trainer.grpo.train_grpo`."""
+    if config.train.method == "grpo":
+        from .grpo import train_grpo
+
+        return train_grpo(config, resume=resume)
     from .data import load_examples
     from .encode import encode_all, resolve_chat_template
     from .load import load_model
