@@ -157,6 +157,41 @@ class StreamingGGUFWriter:
             size = tmp.stat().st_size
         return WriteResult(target, len(self.tensors), size, checks)
 
+    def write_in_place(self, target: str | Path, fill: Callable[[int], None]) -> WriteResult:
+        """Write the file atomically with the data written by ``fill(fd)``: header, KVs and tensor infos
+        first, the file sized to its end, then ``fill`` writes every tensor's bytes with ``os.pwrite`` at
+        :attr:`data_offsets` (from any number of threads, in any order); padding is left as zeros. Same
+        bytes as :meth:`write`."""
+        target = Path(target)
+        with atomic_path(target) as tmp:
+            for t in self.tensors:
+                self.gguf.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            try:
+                self.write_header(tmp)
+                self.gguf.fout[0].flush()
+                fd = os.open(tmp, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, self.data_end())
+                    fill(fd)
+                finally:
+                    os.close(fd)
+                self.gguf.tensors = [{}]  # all data written (GGUFWriter.close() checks nothing else)
+            finally:
+                self.gguf.close()
+            checks = [verify_gguf(tmp, self.tensors)]
+            size = tmp.stat().st_size
+        return WriteResult(target, len(self.tensors), size, checks)
+
+    def data_end(self) -> int:
+        """Size of the file once written: the last tensor's data start plus its padded size (after
+        :meth:`write_header`)."""
+        if self.data_offsets is None:
+            raise RuntimeError("write_header first")
+        if not self.tensors:
+            return self.gguf.fout[0].tell()
+        last = self.tensors[-1]
+        return self.data_offsets[last.name] + GGUFWriter.ggml_pad(last.nbytes, self.gguf.data_alignment)
+
     def write_header(self, path: Path) -> None:
         """Header, KVs and tensor infos (called by :meth:`write`); then :attr:`data_offsets` holds where each
         tensor's data starts in ``path`` (:attr:`path`), so other processes can write blocks in place."""

@@ -718,6 +718,51 @@ def _q3_kernel(xt, wt, lt, imp, fs, si, out, NB, blk0, BPR, BPE, COLS, WEIGHTED:
         _st_u8(out, 64 + l, NB, offs, mask, qs1)
 
 
+# ----------------------------------------------------------------------------- Q8_0
+
+
+@triton.jit
+def _q8_0_kernel(x, out, NBLK, BLOCK: tl.constexpr):
+    """quantize_row_q8_0_ref for BLOCK blocks of 32: d = amax/127, id = d ? 1/d : 0, roundf(x*id) (half
+    away from zero: trunc, then the exact fraction decides), fp16 d then the 32 int8 levels."""
+    blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = blk < NBLK
+    cols = tl.arange(0, 32)
+    m2 = mask[:, None]
+    v = tl.load(x + blk[:, None] * 32 + cols[None, :], mask=m2, other=0.0)
+    amax = tl.max(tl.abs(v), axis=1)
+    d = _div(amax, tl.full(amax.shape, 127.0, tl.float32))
+    nz = d != 0.0
+    inv = _div(tl.full(amax.shape, 1.0, tl.float32), tl.where(nz, d, 1.0))
+    p = v * tl.where(nz, inv, 0.0)[:, None]
+    t = p.to(tl.int32)                      # toward zero
+    frac = p - t.to(tl.float32)             # exact for |p| <= 127
+    q = t + (frac >= 0.5).to(tl.int32) - (frac <= -0.5).to(tl.int32)
+    q = tl.where(tl.abs(p) < 1e30, q, 0)    # id overflowed (subnormal d): x86 stores int8 0 for inf/NaN
+    base = blk * 34
+    tl.store(out + base[:, None] + 2 + cols[None, :], (q & 0xFF).to(tl.uint8), mask=m2)
+    bits, _dv = _fp16(d)
+    tl.store(out + base, (bits & 0xFF).to(tl.uint8), mask=mask)
+    tl.store(out + base + 1, (bits >> 8).to(tl.uint8), mask=mask)
+
+
+_Q8_BLOCK = 128     # blocks of 32 per program
+
+
+def quantize_q8_0_device(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 bytes of a contiguous float32 tensor (any device Triton runs on; element count a multiple of
+    32), as ``(n / 32 * 34,)`` uint8 on the same device: ggml's ``quantize_row_q8_0_ref`` bytes."""
+    flat = x.detach().to(torch.float32).reshape(-1).contiguous()
+    if flat.numel() % 32:
+        raise ValueError(f"{flat.numel()} values are not a multiple of Q8_0's block of 32")
+    nblk = flat.numel() // 32
+    out = torch.empty((nblk * 34,), dtype=torch.uint8, device=flat.device)
+    if nblk:
+        _q8_0_kernel[(triton.cdiv(nblk, _Q8_BLOCK),)](flat, out, nblk, BLOCK=_Q8_BLOCK, num_warps=4,
+                                                       enable_fp_fusion=False)
+    return out
+
+
 # ----------------------------------------------------------------------------- host side
 
 _K4_PARAMS = {T.Q4_K: (15, -1.0, 0.1, 20, False, False), T.Q5_K: (31, -0.5, 0.1, 15, True, True)}

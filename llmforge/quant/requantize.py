@@ -149,6 +149,16 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
         writer.plan(name, shapes[name], qtype, source=source_type)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
 
+    if backend == "cuda":   # reads, copies, kernels and writes overlapped (gpu_pipeline); "eager" A/B: below
+        from .gpu_pipeline import pipelined, write_pipelined
+
+        if pipelined():
+            result = write_pipelined(writer, out_path, in_path, {n: t.data_offset for n, t in tensors.items()},
+                                     importance, progress=progress)
+            used = sum(1 for p in writer.tensors if p.name in importance and p.qtype != p.source)
+            return RequantizeReport(out_path, ftype.name, result.n_tensors, in_path.stat().st_size,
+                                    result.bytes_written, time.monotonic() - start, counts, used, warnings)
+
     used = 0
 
     def produce(planned) -> np.ndarray:

@@ -1,0 +1,335 @@
+"""Whole-file requantization on the GPU: reading, copies, kernels and writing overlap over tensor boundaries.
+
+The output is planned first (:class:`llmforge.export.writer.StreamingGGUFWriter`: every tensor's offset is
+known before any data), then each tensor is cut into pieces of whole rows (at most ``chunk_bytes`` of source
+data) and ``lanes`` threads take the pieces in file order. A lane owns a pinned input slot, a pinned output
+slot and a CUDA stream, and runs one piece at a time::
+
+    os.preadv(the piece's source bytes -> pinned slot)      no memmap page faults, no extra copy, GIL released
+    H2D copy; f16/bf16 widened to f32 on the device (exact); NaN/Inf count; the Triton kernel; D2H copy
+    event.synchronize()                                      GIL released
+    os.pwrite(packed bytes -> their planned offset in the temp output file)
+
+so while one lane reads, others copy, quantize or write: the lanes are the ring of slots. Tensors that keep
+their source type (norms) are copied raw; types without a kernel go through :func:`api.quantize_array` on the
+host inside the lane (one thread each). The file is written under a temporary name and renamed on success.
+
+The kernels are a parameter: :func:`triton_kernels` on CUDA (or on the CPU under ``TRITON_INTERPRET=1``);
+tests also run the pipeline with a numpy stand-in on ``device="cpu"`` (no pinned memory, no streams).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import nullcontext
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ..errors import LlmforgeError
+from ..export.writer import PlannedTensor, Progress, StreamingGGUFWriter, WriteResult
+
+# (qtype, x (rows, cols) float32, importance (n_expert * cols,) or None, first super-block of the piece
+#  in the tensor, super-blocks per row, super-blocks per expert) -> the piece's packed bytes (uint8, flat)
+Kernel = Callable[[T, torch.Tensor, "torch.Tensor | None", int, int, int], torch.Tensor]
+
+SOURCE_DTYPES: dict[T, torch.dtype] = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+CHUNK_BYTES = int(float(os.environ.get("LLMFORGE_GPU_CHUNK_MB", "32")) * 2**20)
+LANES = int(os.environ.get("LLMFORGE_GPU_LANES", "0"))       # 0: min(12, cores)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``row0 .. row0 + rows`` of planned tensor ``tensor``: where they are read and written."""
+
+    tensor: int
+    kind: str            # "raw" (bytes copied), "gpu" (a kernel), "host" (api.quantize_array, whole tensor)
+    src: int             # file offsets and sizes
+    src_bytes: int
+    dst: int
+    dst_bytes: int
+    row0: int
+    rows: int
+
+
+def tensor_rows(t: PlannedTensor) -> tuple[int, int]:
+    """(rows, cols) of a planned tensor (a vector is one row)."""
+    cols = t.shape[-1] if t.shape else 1
+    return (t.n_elements // cols if cols else 0), cols
+
+
+def plan_pieces(tensors: list[PlannedTensor], src_offsets: Mapping[str, int], dst_offsets: Mapping[str, int],
+                kernel_types: frozenset[T], chunk_bytes: int) -> list[Piece]:
+    """Cut every tensor into pieces of whole rows of at most ``chunk_bytes`` source bytes (at least one row);
+    ``t.source`` is the tensor's type in the input file."""
+    pieces = []
+    for i, t in enumerate(tensors):
+        source = T(t.source)
+        rows, cols = tensor_rows(t)
+        if rows == 0:
+            continue
+        row_src = cols * SOURCE_DTYPES[source].itemsize
+        row_dst = t.nbytes // rows
+        if t.qtype == source:
+            kind = "raw"
+        elif t.qtype in kernel_types:
+            kind = "gpu"
+        else:
+            kind = "host"
+        per = rows if kind == "host" else max(1, chunk_bytes // row_src)
+        src0, dst0 = src_offsets[t.name], dst_offsets[t.name]
+        for r0 in range(0, rows, per):
+            n = min(per, rows - r0)
+            pieces.append(Piece(i, kind, src0 + r0 * row_src, n * row_src, dst0 + r0 * row_dst, n * row_dst, r0, n))
+    return pieces
+
+
+def triton_kernels() -> tuple[frozenset[T], Kernel]:
+    """The fused Triton kernels: K-quants (Q2_K..Q6_K, with and without importance) and Q8_0."""
+    from .kquants import QK_K
+    from .kquants_triton import K_TYPES_TRITON, quantize_blocks_triton, quantize_q8_0_device
+
+    def run(qtype: T, x: torch.Tensor, imp: torch.Tensor | None, block0: int, bpr: int, bpe: int) -> torch.Tensor:
+        if qtype == T.Q8_0:
+            return quantize_q8_0_device(x)
+        return quantize_blocks_triton(qtype, x.reshape(-1, QK_K), imp, block0, bpr, bpe).reshape(-1)
+
+    return frozenset(K_TYPES_TRITON) | {T.Q8_0}, run
+
+
+# what quantize_gguf(..., backend="cuda") runs on (tests put the CPU and a stand-in kernel here)
+DEVICE = "cuda"
+KERNELS: Callable[[], tuple[frozenset[T], Kernel]] = triton_kernels
+
+
+# ----------------------------------------------------------------------------- file I/O without the GIL
+
+
+def pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
+    """Fill ``buf`` (uint8) from ``fd`` at ``offset``; a short file is an error."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise LlmforgeError(f"input GGUF ends at byte {offset + done}, its header says tensor data "
+                                f"goes to {offset + len(view)}", hint="the file is truncated; copy it again")
+        done += n
+
+
+def pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+# ----------------------------------------------------------------------------- lanes
+
+
+class _Lane:
+    """One slot of the ring: pinned input and output buffers, the device input buffer, a stream, an event."""
+
+    def __init__(self, dev: torch.device, cap_in: int, cap_out: int):
+        cuda = dev.type == "cuda"
+        self.cap_in, self.cap_out = cap_in, cap_out
+        self.inp = torch.empty(cap_in, dtype=torch.uint8, pin_memory=cuda)
+        self.out = torch.empty(cap_out, dtype=torch.uint8, pin_memory=cuda)
+        self.bad = torch.zeros(1, dtype=torch.int64, pin_memory=cuda)
+        self.inp_np, self.out_np = self.inp.numpy(), self.out.numpy()
+        self.dev_in = torch.empty(cap_in, dtype=torch.uint8, device=dev) if cuda else None
+        self.stream = torch.cuda.Stream(dev) if cuda else None
+        self.done = torch.cuda.Event() if cuda else None
+
+
+# pinning memory is slow: the lanes are kept for the process, per device (one pipeline at a time)
+_LANES: dict[str, list[_Lane]] = {}
+_PIPELINE_LOCK = threading.Lock()
+
+
+def _lanes(dev: torch.device, n: int, cap_in: int, cap_out: int) -> list[_Lane]:
+    key = str(dev)
+    have = _LANES.get(key, [])
+    if len(have) < n or any(ln.cap_in < cap_in or ln.cap_out < cap_out for ln in have[:n]):
+        have = []
+        _LANES.pop(key, None)
+        cap_in = max(cap_in, 1)
+        have = [_Lane(dev, cap_in, max(cap_out, 1)) for _ in range(n)]
+        _LANES[key] = have
+    return have[:n]
+
+
+def release_lanes() -> None:
+    """Drop the kept pinned buffers (they are reused by the next pipelined write otherwise)."""
+    with _PIPELINE_LOCK:
+        _LANES.clear()
+
+
+def _widen(raw: torch.Tensor, source: T) -> torch.Tensor:
+    x = raw.view(SOURCE_DTYPES[source])
+    return x if source == T.F32 else x.to(torch.float32)     # f16/bf16 -> f32 is exact
+
+
+def _host_f32(raw: np.ndarray, source: T) -> np.ndarray:
+    if source == T.BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return raw.view(np.float16).astype(np.float32) if source == T.F16 else raw.view(np.float32)
+
+
+class _Run:
+    """One pipelined write: the pieces, the shared cursor, per-tensor NaN/Inf counts and progress."""
+
+    def __init__(self, tensors: list[PlannedTensor], pieces: list[Piece], fd_in: int, fd_out: int,
+                 dev: torch.device, kernel: Kernel, importance: Mapping[str, np.ndarray], bar: Progress):
+        self.tensors, self.pieces, self.fd_in, self.fd_out = tensors, pieces, fd_in, fd_out
+        self.dev, self.kernel, self.importance, self.bar = dev, kernel, importance, bar
+        self.cuda = dev.type == "cuda"
+        self.lock = threading.Lock()
+        self.launch = threading.Lock()      # one thread launches at a time (Triton's JIT, its interpreter)
+        self.next = 0
+        self.errors: list[BaseException] = []
+        self.bad = [0] * len(tensors)
+        self.left = [0] * len(tensors)
+        for p in pieces:
+            self.left[p.tensor] += 1
+        self.finished = sum(1 for n in self.left if n == 0)
+        self.imp_dev: dict[str, tuple[torch.Tensor, int]] = {}
+        for p in pieces:
+            t = tensors[p.tensor]
+            imp = importance.get(t.name)
+            if p.kind == "gpu" and imp is not None and t.name not in self.imp_dev:
+                rows, cols = tensor_rows(t)
+                flat = np.ascontiguousarray(imp, dtype=np.float32).reshape(-1, cols)
+                bpe = max(1, rows // flat.shape[0]) * (cols // 256)
+                self.imp_dev[t.name] = (torch.from_numpy(flat.reshape(-1)).to(dev), bpe)
+        if self.cuda:
+            torch.cuda.synchronize(dev)
+
+    def take(self) -> Piece | None:
+        with self.lock:
+            if self.errors or self.next == len(self.pieces):
+                return None
+            self.next += 1
+            return self.pieces[self.next - 1]
+
+    def lane_loop(self, lane: _Lane) -> None:
+        try:
+            while (piece := self.take()) is not None:
+                getattr(self, f"_{piece.kind}")(lane, piece)
+                with self.lock:
+                    self.left[piece.tensor] -= 1
+                    if self.left[piece.tensor] == 0:
+                        self.finished += 1
+                        self.bar.update(self.finished, self.tensors[piece.tensor].name)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller's thread
+            with self.lock:
+                self.errors.append(exc)
+
+    def _raw(self, lane: _Lane, p: Piece) -> None:
+        buf = lane.inp_np[:p.src_bytes]
+        pread_into(self.fd_in, buf, p.src)
+        pwrite_all(self.fd_out, buf, p.dst)
+
+    def _gpu(self, lane: _Lane, p: Piece) -> None:
+        t = self.tensors[p.tensor]
+        rows, cols = tensor_rows(t)
+        pread_into(self.fd_in, lane.inp_np[:p.src_bytes], p.src)
+        imp, bpe = self.imp_dev.get(t.name, (None, 1))
+        bpr = max(1, cols // 256)
+        with self.launch, torch.no_grad(), torch.cuda.stream(lane.stream) if self.cuda else nullcontext():
+            raw = lane.inp[:p.src_bytes]
+            if self.cuda:
+                raw = lane.dev_in[:p.src_bytes].copy_(raw, non_blocking=True)
+            x = _widen(raw, T(t.source)).reshape(p.rows, cols)
+            lane.bad.copy_(torch.isfinite(x).logical_not_().sum().reshape(1), non_blocking=self.cuda)
+            packed = self.kernel(t.qtype, x, imp, p.row0 * bpr, bpr, bpe if imp is not None else rows * bpr)
+            if packed.numel() != p.dst_bytes:
+                raise RuntimeError(f"{t.name}: kernel gave {packed.numel()} bytes, planned {p.dst_bytes}")
+            lane.out[:p.dst_bytes].copy_(packed.reshape(-1), non_blocking=self.cuda)
+            if self.cuda:
+                lane.done.record(lane.stream)
+        if self.cuda:
+            lane.done.synchronize()
+        bad = int(lane.bad[0])
+        if bad:
+            with self.lock:
+                self.bad[p.tensor] += bad
+            return
+        pwrite_all(self.fd_out, lane.out_np[:p.dst_bytes], p.dst)
+
+    def _host(self, lane: _Lane, p: Piece) -> None:
+        from .api import quantize_array
+
+        t = self.tensors[p.tensor]
+        raw = np.empty(p.src_bytes, dtype=np.uint8)
+        pread_into(self.fd_in, raw, p.src)
+        x = _host_f32(raw, T(t.source)).reshape(t.shape)
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            with self.lock:
+                self.bad[p.tensor] += bad
+            return
+        out = quantize_array(x, t.qtype, self.importance.get(t.name), name=t.name, threads=1, backend="numpy")
+        pwrite_all(self.fd_out, np.ascontiguousarray(out).view(np.uint8).reshape(-1), p.dst)
+
+
+def pipelined() -> bool:
+    """Whether ``quantize_gguf(..., backend="cuda")`` takes this pipeline (``LLMFORGE_KQUANT_GPU=eager``: the
+    tensor-by-tensor eager torch path instead, for A/B checks)."""
+    return os.environ.get("LLMFORGE_KQUANT_GPU", "").lower() != "eager"
+
+
+def default_lanes() -> int:
+    return LANES or max(2, min(12, os.cpu_count() or 2))
+
+
+def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: str | Path,
+                    src_offsets: Mapping[str, int], importance: Mapping[str, np.ndarray] | None = None, *,
+                    device: str | None = None, kernels: tuple[frozenset[T], Kernel] | None = None,
+                    lanes: int | None = None, chunk_bytes: int | None = None,
+                    progress: bool = True) -> WriteResult:
+    """Write ``writer``'s planned tensors (``t.source`` = the input type, ``src_offsets`` = where each
+    tensor's data starts in ``in_path``) to ``out_path`` atomically through the lanes; same bytes as
+    :meth:`StreamingGGUFWriter.write` with :func:`api.quantize_array`. ``kernels``: (types, kernel), default
+    :func:`triton_kernels`; ``device`` default :data:`DEVICE`. NaN/Inf in a tensor that is converted is one error naming the first such tensor."""
+    importance = importance or {}
+    types, kernel = kernels or KERNELS()
+    dev = torch.device(device or DEVICE)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    n_lanes = lanes or default_lanes()
+    chunk = chunk_bytes or CHUNK_BYTES
+    bar = Progress(len(writer.tensors), f"writing {Path(out_path).name}", progress)
+
+    def fill(fd_out: int) -> None:
+        pieces = plan_pieces(writer.tensors, src_offsets, writer.data_offsets, types, chunk)
+        # slots sized for a full chunk (so a smaller file after a bigger one reuses them); Q8_0 from f16 packs
+        # 64 source bytes into 34, the largest ratio of the kernel types
+        big = max((p.src_bytes for p in pieces if p.kind != "host"), default=0)
+        cap_in = max(big, chunk) if big else 0
+        cap_out = max(max((p.dst_bytes for p in pieces if p.kind == "gpu"), default=0), cap_in * 17 // 32)
+        fd_in = os.open(in_path, os.O_RDONLY)
+        try:
+            with _PIPELINE_LOCK:
+                ring = _lanes(dev, min(n_lanes, max(1, len(pieces))), cap_in, cap_out)
+                run = _Run(writer.tensors, pieces, fd_in, fd_out, dev, kernel, importance, bar)
+                threads = [threading.Thread(target=run.lane_loop, args=(lane,), daemon=True) for lane in ring]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+        finally:
+            os.close(fd_in)
+        if run.errors:
+            raise run.errors[0]
+        for t, bad in zip(writer.tensors, run.bad):
+            if bad:
+                raise LlmforgeError(f"tensor {t.name!r} holds {bad} NaN/Inf value(s)",
+                                    hint="fix or re-export the checkpoint; quantizing it would give a broken model")
+
+    return writer.write_in_place(out_path, fill)

@@ -1,0 +1,222 @@
+"""The whole-file GPU pipeline (llmforge.quant.gpu_pipeline) on the CPU: ``quantize_gguf(..., backend="cuda")``
+run with the pipeline's device set to "cpu" writes llama.cpp's file, byte for byte.
+
+In-process, the kernels are a numpy stand-in (the pipeline logic: row pieces, lanes over tensor boundaries,
+f16/bf16 widening, importance indexing, pwrite at the planned offsets, raw copies, host-packed types, NaN
+refusal). One child process runs the real Triton kernels under ``TRITON_INTERPRET=1`` (Triton reads it when
+first imported): the Q8_0 kernel against gguf-py and ggml on edge inputs, whole q8_0 files from f32/f16/bf16
+sources through the pipeline, and K-kernel pieces that start mid-tensor and cross experts.
+The same pipeline on a GPU: tests/test_quant_pipeline_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmforge.errors import LlmforgeError
+from llmforge.quant import gpu_pipeline, requantize
+from llmforge.quant.requantize import quantize_gguf
+from pipeline_cases import llama_cpp_file, llama_gguf, numpy_kernels, random_imatrix
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def cpu_pipeline(monkeypatch):
+    """quantize_gguf's cuda branch on the CPU with the numpy stand-in, 3 lanes, pieces of ~2 rows."""
+    monkeypatch.setattr(requantize, "resolve_backend", lambda backend: "cuda")
+    monkeypatch.setattr(gpu_pipeline, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_pipeline, "KERNELS", numpy_kernels)
+    monkeypatch.setattr(gpu_pipeline, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(gpu_pipeline, "LANES", 3)
+    monkeypatch.delenv("LLMFORGE_KQUANT_GPU", raising=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    out = {}
+    for source in ("f32", "f16", "bf16"):
+        out[source] = root / f"{source}.gguf"
+        out[source + "-shapes"] = llama_gguf(out[source], source)
+    out["imatrix"] = random_imatrix(root / "imatrix.gguf", out["f32-shapes"])
+    return out
+
+
+CASES = [("f32", "q4_k_m", False), ("f32", "q6_k", False), ("f32", "q8_0", False), ("f32", "q4_0", False),
+         ("f16", "q4_k_m", False), ("bf16", "q8_0", False), ("bf16", "q3_k_m", False),
+         ("f32", "q4_k_m", True), ("f32", "q4_0", True), ("f16", "q5_k_s", True)]
+
+
+@pytest.mark.parametrize("source,quant,imatrix", CASES, ids=[f"{s}-{q}{'-imatrix' * i}" for s, q, i in CASES])
+def test_pipeline_writes_llama_cpp_file(cpu_pipeline, models, tmp_path, source, quant, imatrix):
+    imx = models["imatrix"] if imatrix else None
+    ours = tmp_path / "ours.gguf"
+    report = quantize_gguf(models[source], ours, quant, imatrix=imx, progress=False)
+    weighted = [n for n, s in models["f32-shapes"].items() if len(s) == 2 and n != "token_embd.weight"]
+    assert report.imatrix_entries == (len(weighted) if imatrix else 0)
+    assert ours.read_bytes() == llama_cpp_file(models[source], tmp_path / "ref.gguf", quant, imx)
+
+
+def test_pieces_cover_every_byte_once(models):
+    """Row pieces tile each tensor's source and output ranges exactly, in file order."""
+    from gguf import GGUFReader
+
+    from llmforge.export.writer import StreamingGGUFWriter
+    from gguf import GGMLQuantizationType as T
+
+    reader = GGUFReader(models["f16"])
+    w = StreamingGGUFWriter("llama")
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        w.plan(t.name, shape, T.Q8_0 if len(shape) == 2 else T(t.tensor_type), source=T(t.tensor_type))
+    dst = {t.name: 1000 * i for i, t in enumerate(w.tensors)}
+    src = {t.name: int(t.data_offset) for t in reader.tensors}
+    pieces = gpu_pipeline.plan_pieces(w.tensors, src, dst, frozenset({T.Q8_0}), 3000)
+    for i, t in enumerate(w.tensors):
+        mine = [p for p in pieces if p.tensor == i]
+        assert sum(p.src_bytes for p in mine) == int(reader.tensors[i].n_bytes)
+        assert sum(p.dst_bytes for p in mine) == t.nbytes
+        assert all(a.src + a.src_bytes == b.src and a.dst + a.dst_bytes == b.dst for a, b in zip(mine, mine[1:]))
+        assert all(p.src_bytes <= 3000 or p.rows == 1 for p in mine)
+        assert {p.kind for p in mine} == {"gpu" if len(t.shape) == 2 else "raw"}
+    assert [p.tensor for p in pieces] == sorted(p.tensor for p in pieces)
+
+
+def test_nan_is_one_error_and_no_output(cpu_pipeline, tmp_path):
+    import gguf
+
+    src = tmp_path / "nan.gguf"
+    w = gguf.GGUFWriter(src, "llama")
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
+                       ("feed_forward_length", 256), ("attention.head_count", 4)):
+        w.add_uint32(f"llama.{key}", value)
+    bad = np.ones((40, 256), dtype=np.float32)
+    bad[33, 3] = np.inf
+    bad[1, 7] = np.nan
+    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 256), dtype=np.float32))
+    w.add_tensor("blk.0.attn_k.weight", bad)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(LlmforgeError, match=r"'blk.0.attn_k.weight' holds 2 NaN/Inf"):
+        quantize_gguf(src, tmp_path / "out.gguf", "q4_k_m", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]
+
+
+def test_lane_failure_is_raised_and_leaves_no_output(cpu_pipeline, models, tmp_path, monkeypatch):
+    types, run = numpy_kernels()
+
+    def failing(qtype, x, *args):
+        if x.shape[1] == 768:
+            raise RuntimeError("kernel exploded")
+        return run(qtype, x, *args)
+
+    monkeypatch.setattr(gpu_pipeline, "KERNELS", lambda: (types, failing))
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        quantize_gguf(models["f32"], tmp_path / "out.gguf", "q6_k", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eager_switch_keeps_the_tensor_by_tensor_path(monkeypatch):
+    monkeypatch.setenv("LLMFORGE_KQUANT_GPU", "eager")
+    assert not gpu_pipeline.pipelined()
+    monkeypatch.delenv("LLMFORGE_KQUANT_GPU")
+    assert gpu_pipeline.pipelined()
+
+
+# ------------------------------------------------------------------------- Triton's interpreter, in a child
+
+INTERP_CASES = ["q8_0-kernel", "q8_0-f32", "q8_0-f16", "q8_0-bf16", "k-pieces"]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    root = tmp_path_factory.mktemp("interp")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    proc = subprocess.run([sys.executable, __file__, str(root), *INTERP_CASES], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {c: f"child failed rc={proc.returncode}: {proc.stderr[-3000:]}" for c in INTERP_CASES}
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("case", INTERP_CASES)
+def test_triton_kernels_through_the_pipeline(interpreted, case):
+    assert interpreted[case] == "ok", interpreted[case]
+
+
+def q8_edge_rows() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(256), rng.standard_t(2, 256), np.zeros(256), np.full(256, -0.75),
+            rng.standard_normal(256) * 1e15, rng.standard_normal(256) * 1e-30, rng.integers(-5, 6, 256),
+            np.where(rng.random(256) < 0.5, -0.0, 0.0), rng.integers(-254, 255, 256) / 2.0,
+            rng.standard_normal(256) * 1e-42, rng.standard_normal(256) * 3e6]
+    x = np.stack([np.asarray(r, np.float32) for r in rows])
+    x[8, ::32] = 127.0          # amax 127: x * id lands on .5 ties
+    return x
+
+
+def _child_case(case: str, root: Path) -> None:
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    from llmforge.quant.kquants import quantize_k
+    from llmforge.quant.kquants_triton import quantize_q8_0_device
+    from quant_oracle import ggml_quantize_any
+
+    if case == "q8_0-kernel":
+        x = q8_edge_rows()
+        got = quantize_q8_0_device(torch.from_numpy(x)).numpy().reshape(x.shape[0], -1)
+        for name, want in (("gguf-py", quants.quantize(x, T.Q8_0)), ("ggml", ggml_quantize_any(x, T.Q8_0))):
+            bad = np.flatnonzero((got != want.reshape(got.shape)).any(axis=1))
+            assert bad.size == 0, f"rows {bad.tolist()} differ from {name}"
+    elif case.startswith("q8_0-"):
+        source = case.split("-")[1]
+        src = root / f"{source}.gguf"
+        llama_gguf(src, source, n_layer=1)
+        gpu_pipeline.DEVICE, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.LANES = "cpu", 4096, 2
+        requantize.resolve_backend = lambda backend: "cuda"
+        quantize_gguf(src, root / f"ours-{source}.gguf", "q8_0", progress=False)
+        want = llama_cpp_file(src, root / f"ref-{source}.gguf", "q8_0")
+        assert (root / f"ours-{source}.gguf").read_bytes() == want
+    else:   # a 3-expert Q6_K tensor with importance, in two pieces: the second starts mid-expert
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((3, 2, 512)).astype(np.float32)
+        imp = (rng.random((3, 512)) * 2).astype(np.float32) ** 2
+        _, kernel = gpu_pipeline.triton_kernels()
+        rows, flat = x.reshape(6, 512), torch.from_numpy(imp.reshape(-1))
+        got = np.concatenate([kernel(T.Q6_K, torch.from_numpy(rows[a:b]), flat, a * 2, 2, 4).numpy()
+                              for a, b in ((0, 3), (3, 6))])
+        want = quantize_k(x, T.Q6_K, imp, threads=1).reshape(-1)
+        assert np.array_equal(got, want), f"{int((got != want).sum())} bytes differ"
+
+
+def main(root: str, cases: list[str]) -> None:
+    warnings.simplefilter("ignore")          # the interpreter warns on inf/NaN intermediates
+    out = {}
+    for case in cases:
+        try:
+            _child_case(case, Path(root))
+            out[case] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent
+            out[case] = traceback.format_exc()[-3000:]
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (the child needs TRITON_INTERPRET=1)"
+    main(sys.argv[1], sys.argv[2:])
