@@ -156,3 +156,14 @@ def test_reward_arguments_follow_trl() -> None:
                                    2, ["x", "y"], [[1], [2]])
     assert conversational["completions"] == [[{"role": "assistant", "content": "x"}],
                                              [{"role": "assistant", "content": "y"}]]
+
+
+def test_the_example_config_is_valid() -> None:
+    from llmforge.trainer.config import load_config
+    from llmforge.trainer.grpo import check_settings
+    from llmforge.trainer.rewards import build_rewards
+
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "grpo.yaml")
+    check_settings(config)
+    labels = [r.label for r in build_rewards(config.grpo)]
+    assert config.train.method == "grpo" and labels == ["regex_format", "exact_match(answer)", "length(200)"]
