@@ -88,24 +88,28 @@ def test_imatrix_for_another_model_is_refused(f32_model, tmp_path, capsys):
 
 
 def test_dead_worker_is_one_line_and_no_output(f32_model, tmp_path, capsys, monkeypatch):
-    """A K-quant worker killed mid-file (the OOM killer's usual victim) ends the command with one line and
-    leaves no output: the writer's temporary file is removed."""
-    from concurrent.futures.process import BrokenProcessPool
+    """A pool helper killed mid-file (the OOM killer's usual victim) ends the command with one line and
+    leaves no output (the writer's temporary file is removed); the next command forks a fresh pool."""
+    import os
+    import signal
 
-    import llmforge.quant.requantize as requantize
+    from llmforge.quant import file_tasks
 
-    real = requantize.quantize_array
+    real = file_tasks.FilePacker.submit
     calls = []
 
-    def dying(*args, **kwargs):
-        calls.append(1)
+    def killing(self, task):
+        calls.append(task.name)
         if len(calls) == 3:
-            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
-        return real(*args, **kwargs)
+            for pid in list(self.pool._processes):
+                os.kill(pid, signal.SIGKILL)
+        return real(self, task)
 
-    monkeypatch.setattr(requantize, "quantize_array", dying)
+    monkeypatch.setattr(file_tasks.FilePacker, "submit", killing)
     out_path = tmp_path / "out.gguf"
     code, _, err = run(["quantize", str(f32_model), str(out_path), "-q", "q4_k_m"], capsys)
     err = "\n".join(line for line in err.splitlines() if not line.startswith("writing "))  # progress lines
     assert_one_line_error(code, err, "worker process died", "nothing was written")
-    assert len(calls) == 3 and list(tmp_path.iterdir()) == [f32_model]
+    assert len(calls) >= 3 and list(tmp_path.iterdir()) == [f32_model]
+    monkeypatch.undo()
+    assert run(["quantize", str(f32_model), str(out_path), "-q", "q4_k_m"], capsys)[0] == 0

@@ -1374,7 +1374,7 @@ class _Helpers:
     def __init__(self, qtype: T, blocks: np.ndarray, weights: _BlockWeights | None, out: np.ndarray,
                  helpers: int) -> None:
         self.qtype, self.blocks, self.weights, self.out = qtype, blocks, weights, out
-        self.pool = _pool(helpers)
+        self.pool = worker_pool(helpers)
         self.futures: list[tuple[Any, int, int]] = []
         self.input = None
         self.locked = _BUFFERS_LOCK.acquire(blocking=False)
@@ -1443,7 +1443,7 @@ def _quantize_workers(qtype: T, blocks: np.ndarray, weights: _BlockWeights | Non
             _quantize_range(qtype, blocks[start:stop], weights, CHUNK_BLOCKS, start, out[start:stop])
         helpers.collect()
     except BrokenProcessPool:
-        _drop_pool()     # a helper died (e.g. the OOM killer): the next call forks a fresh pool
+        drop_worker_pool()     # a helper died (e.g. the OOM killer): the next call forks a fresh pool
         raise
     finally:
         helpers.close()
@@ -1453,9 +1453,10 @@ def _quantize_workers(qtype: T, blocks: np.ndarray, weights: _BlockWeights | Non
 _POOL: tuple[int, ProcessPoolExecutor] | None = None
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool kept for the session: numpy's per-op overhead holds the GIL, so threads would not scale.
-    Its processes are forked after the shared buffers are made, so they hold their descriptors."""
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool of ``workers`` helpers kept for the session (a call with another count replaces it):
+    numpy's per-op overhead holds the GIL, so threads would not scale. Its processes are forked after the
+    shared buffers are made, so they hold their descriptors."""
     global _POOL
     _shared_buffers()
     if _POOL is None or _POOL[0] != workers:
@@ -1465,7 +1466,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return _POOL[1]
 
 
-def _drop_pool() -> None:
+def drop_worker_pool() -> None:
+    """Forget the pool without waiting (after a helper died: the next call forks a fresh one)."""
     global _POOL
     if _POOL is not None:
         _POOL[1].shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ tensor's type from :class:`llmforge.quant.mixtures.TypePlanner`, bytes from :fun
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from ..atomic import check_output_dir
 from ..errors import LlmforgeError
 from . import mixtures
 from .api import auto_backend, quantize_array, resolve_backend, resolve_ftype  # noqa: F401 (auto_backend: API)
+from .file_tasks import POOLED_TYPES, FilePacker, TensorTask
+from .kquants import default_workers
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 TAIL_KEYS = ("general.quantization_version", "general.file_type")
@@ -168,10 +171,17 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
             return np.asarray(t.data).view(np.uint8).reshape(-1)
         imp = importance.get(planned.name)
         used += imp is not None
+        if packer is not None and planned.qtype in POOLED_TYPES:    # packed and written in place by the pool
+            return packer.submit(TensorTask(planned.name, str(in_path), t.data_offset, planned.source, planned.shape,
+                                            planned.qtype, imp, str(writer.path), writer.data_offsets[planned.name]))
         out = quantize_array(_as_f32(t), planned.qtype, imp, name=planned.name, backend=backend)
         return np.asarray(out).view(np.uint8).reshape(-1) if out.dtype != np.float32 else out
 
-    result = writer.write(out_path, produce, progress=progress)
+    # numpy: the pool's helpers read, pack and write each tensor's row ranges, the writer keeps a window of
+    # them in flight over tensor boundaries (file_tasks); other backends pack in this process
+    packer = FilePacker(default_workers()) if backend == "numpy" else None
+    with packer or contextlib.nullcontext():
+        result = writer.write(out_path, produce, progress=progress, window=packer.window if packer else 0)
     bytes_in = in_path.stat().st_size
     return RequantizeReport(out_path, ftype.name, result.n_tensors, bytes_in, result.bytes_written,
                             time.monotonic() - start, counts, used, warnings)

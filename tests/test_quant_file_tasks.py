@@ -1,0 +1,89 @@
+"""Whole-file requantization on the worker pool (llmforge.quant.file_tasks): f16/bf16 sources, 3-D expert
+tensors with per-expert importance, legacy fallback types and tensors split over many tasks give the file
+``llama_model_quantize`` writes, byte for byte."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from llmforge.quant import file_tasks
+from llmforge.quant.api import resolve_ftype
+from llmforge.quant.imatrix import load_imatrix, write_imatrix
+from llmforge.quant.requantize import quantize_gguf
+from quant_oracle import gguf_tensors, llama_quantize_file
+
+N_EXPERT = 2
+
+
+def moe_gguf(path, rng) -> dict[str, tuple[int, ...]]:
+    """A 2-layer llama-MoE header whose tensors come as f32, f16 and bf16, one with a row length that is no
+    multiple of 256 (the mixtures' legacy fallbacks)."""
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in (("block_count", 2), ("context_length", 64), ("embedding_length", 256),
+                       ("feed_forward_length", 288), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       ("expert_count", N_EXPERT), ("expert_used_count", 1)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def add(name: str, shape: tuple[int, ...], dtype: T) -> None:
+        x = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        if dtype == T.F16:
+            w.add_tensor(name, x.astype(np.float16))
+        elif dtype == T.BF16:
+            bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+            w.add_tensor(name, bits, raw_shape=shape, raw_dtype=T.BF16)
+        else:
+            w.add_tensor(name, x)
+        shapes[name] = shape
+
+    add("token_embd.weight", (16, 256), T.F16)
+    add("output_norm.weight", (256,), T.F32)
+    add("output.weight", (16, 256), T.BF16)
+    for i in range(2):
+        src = (T.F32, T.BF16)[i]
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            add(f"blk.{i}.{t}.weight", (8, 256), src)
+        add(f"blk.{i}.ffn_gate_inp.weight", (N_EXPERT, 256), T.F32)
+        add(f"blk.{i}.ffn_gate_exps.weight", (N_EXPERT, 288, 256), src)
+        add(f"blk.{i}.ffn_up_exps.weight", (N_EXPERT, 288, 256), T.F16)
+        add(f"blk.{i}.ffn_down_exps.weight", (N_EXPERT, 256, 288), src)
+        add(f"blk.{i}.attn_norm.weight", (256,), T.F32)
+        add(f"blk.{i}.ffn_norm.weight", (256,), T.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return shapes
+
+
+@pytest.mark.parametrize("quant, weighted", [("q4_k_m", True), ("q8_0", False), ("q4_0", True), ("q3_k_s", False)])
+def test_pool_writes_llama_cpp_file(tmp_path, monkeypatch, quant, weighted):
+    monkeypatch.setattr(file_tasks, "TASK_ELEMENTS", 3000)    # many tasks per tensor, none crossing an expert
+    rng = np.random.default_rng(7)
+    src = tmp_path / "moe.gguf"
+    shapes = moe_gguf(src, rng)
+    imatrix = None
+    if weighted:
+        entries = {n: (rng.random(s[0] * s[-1] if len(s) == 3 else s[-1]) * 2).astype(np.float32) ** 2
+                   for n, s in shapes.items() if len(s) >= 2 and "token_embd" not in n}
+        imatrix = write_imatrix(tmp_path / "imatrix.gguf",
+                                {n: v.reshape(N_EXPERT, -1) if len(shapes[n]) == 3 else v for n, v in entries.items()})
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_quantize_file(src, ref, resolve_ftype(quant).file_type,
+                        importance=None if imatrix is None else load_imatrix(imatrix))
+    quantize_gguf(src, ours, quant, imatrix=imatrix, progress=False, backend="numpy")
+    a, b = gguf_tensors(ref), gguf_tensors(ours)
+    assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}
+    assert [n for n in a if a[n][1] != b[n][1]] == []
+    assert ref.read_bytes() == ours.read_bytes()
+
+
+def test_row_ranges_split_within_experts():
+    assert file_tasks.row_ranges((2, 5, 256), 512) == [(0, 2, 0), (2, 4, 0), (4, 5, 0), (5, 7, 1), (7, 9, 1),
+                                                       (9, 10, 1)]
+    assert file_tasks.row_ranges((3, 4096), 1 << 20) == [(0, 3, 0)]
+    assert file_tasks.row_ranges((1, 8192), 100) == [(0, 1, 0)]
