@@ -75,6 +75,8 @@ def build_base_model(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
                 gemma_norm = "language_model" in name or "soft_emb_norm" in name
                 neutral = 0.0 if gemma_norm or name.endswith("bias") else 1.0
                 p.copy_(neutral + 0.1 * torch.randn_like(p))
+            elif not p.any():  # Gemma 3 starts its projector at zero: image features would vanish
+                p.normal_(0.0, 0.05)
     model.save_pretrained(out_dir)
     hub_layout(out_dir / "model.safetensors")
     save_processor(out_dir)
