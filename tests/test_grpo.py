@@ -108,6 +108,15 @@ def test_clipped_loss_kl_and_aggregation_match_hand_values() -> None:
         assert got == pytest.approx(value, rel=1e-12), loss_type
 
 
+def test_completion_mask_ends_at_the_first_stop_token() -> None:
+    from llmforge.trainer.grpo import completion_mask_of
+
+    completions = torch.tensor([[5, 6, 2, 7, 2], [5, 9, 9, 9, 9], [3, 0, 0, 0, 0]])
+    mask, truncated = completion_mask_of(completions, [2, 3])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
 def test_logprobs_under_left_padding_equal_the_unpadded_ones(base: Path) -> None:
     from llmforge.trainer.load import load_model
 

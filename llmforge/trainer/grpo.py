@@ -58,12 +58,12 @@ def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.T
 
 
 # loss_type -> how a micro-batch's masked token losses become its share of the step's loss:
-# f(token_losses, mask, max_completion_length, tokens in the whole step, micro-batches per step)
+# f(token losses, mask, max_completion_length, completion tokens in the whole step, micro-batches per step)
 AGGREGATE = {
-    "grpo": lambda l, m, T, n, k: ((l * m).sum(-1) / m.sum(-1).clamp(min=1)).mean() / k,
-    "bnpo": lambda l, m, T, n, k: (l * m).sum() / m.sum().clamp(min=1) / k,
-    "dr_grpo": lambda l, m, T, n, k: (l * m).sum() / (l.size(0) * T) / k,
-    "dapo": lambda l, m, T, n, k: (l * m).sum() / max(n, 1),
+    "grpo": lambda loss, m, length, n, k: ((loss * m).sum(-1) / m.sum(-1).clamp(min=1)).mean() / k,
+    "bnpo": lambda loss, m, length, n, k: (loss * m).sum() / m.sum().clamp(min=1) / k,
+    "dr_grpo": lambda loss, m, length, n, k: (loss * m).sum() / (loss.size(0) * length) / k,
+    "dapo": lambda loss, m, length, n, k: (loss * m).sum() / max(n, 1),
 }
 
 
@@ -89,7 +89,7 @@ class Rollout:
     completion_mask: torch.Tensor    # (B, T) float: tokens up to and including the stop token
     rewards: torch.Tensor            # (B,) weighted sum over reward functions
     per_reward: torch.Tensor         # (B, F)
-    advantages: torch.Tensor = None
+    advantages: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
 
@@ -161,6 +161,7 @@ def rollout(model: Any, tokenizer: Any, chunk: list[Prompt], grpo: GrpoConfig, r
     prompt_ids, prompt_mask, completions = sample(model, [p.ids for p in chunk for _ in range(group)], grpo,
                                                   tokenizer.pad_token_id, stops)
     completion_mask, truncated = completion_mask_of(completions, stops)
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
     lengths = completion_mask.sum(1).long().tolist()
     ids = [row[:n].tolist() for row, n in zip(completions, lengths)]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -170,8 +171,7 @@ def rollout(model: Any, tokenizer: Any, chunk: list[Prompt], grpo: GrpoConfig, r
     total = (per_reward * weights).nansum(1)
     if grpo.mask_truncated_completions:
         completion_mask = completion_mask * (~truncated).float().unsqueeze(1)
-    return Rollout(torch.cat([prompt_ids, completions], 1), torch.cat([prompt_mask, completion_mask.long()], 1),
-                   completion_mask, total, per_reward)
+    return Rollout(torch.cat([prompt_ids, completions], 1), attention_mask, completion_mask, total, per_reward)
 
 
 def prepare(model: Any, rollouts: list[Rollout], grpo: GrpoConfig) -> None:
@@ -284,7 +284,8 @@ def grpo_loop(model: Any, tokenizer: Any, prompts: list[Prompt], rewards: list[R
                  "reward_std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
                  "reward_by_function": {rw.label: v for rw, v in zip(rewards, per_reward)},
                  "kl": kl_sum / max(step_tokens, 1) if grpo.beta != 0.0 else None,
-                 "completion_length": step_tokens / len(all_rewards), "clip_ratio": clipped / max(step_tokens, 1),
+                 "completion_length": sum(int(r.attention_mask[:, -r.completion_length:].sum()) for r in rollouts)
+                 / len(all_rewards), "clip_ratio": clipped / max(step_tokens, 1),
                  "lr": lr}
         log.append(entry)
         result.losses.append(loss_total)
