@@ -9,6 +9,11 @@ output is also compared with llama.cpp's, byte for byte.
 
     .venv/bin/python benchmarks/quantize.py                 # ~1.1B parameters (4.4 GB f32; slow on 2 cores)
     .venv/bin/python benchmarks/quantize.py --layers 2      # ~0.2B parameters
+    python3 benchmarks/quantize.py --backends cuda --dir /dev/shm --repeat 3 --probe --gpu-settings 12x32,8x32,16x32
+
+On CUDA, ``quantize_gguf`` runs the whole-file pipeline (llmforge.quant.gpu_pipeline); ``--gpu-settings`` tries
+lane counts and piece sizes, ``--probe`` measures its host-side limits (preadv, H2D, pwrite) on the same file.
+The first run of a process includes CUDA's start-up and Triton's kernel loading: ``--repeat`` shows each run.
 """
 
 from __future__ import annotations
@@ -79,6 +84,59 @@ def same_tensors(a: Path, b: Path) -> bool:
                for t in ra.tensors)
 
 
+def probe_host(src: Path, tmp: Path, lanes: int, chunk: int, say) -> None:
+    """What bounds the GPU pipeline's host side: preadv of the input into pinned slots (1 and ``lanes``
+    threads), H2D copies from ``lanes`` streams, pwrite of a quarter of the input's size (``lanes`` threads)."""
+    import threading
+
+    import torch
+
+    size = src.stat().st_size
+    bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(lanes)]
+    offsets = list(range(0, size - chunk + 1, chunk))
+
+    def in_threads(n: int, work) -> float:
+        t0 = time.perf_counter()
+        ths = [threading.Thread(target=work, args=(i, n)) for i in range(n)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        return time.perf_counter() - t0
+
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        for n in (1, lanes):
+            t = in_threads(n, lambda i, n: [os.preadv(fd, [bufs[i].numpy()], off) for off in offsets[i::n]])
+            say(f"probe: preadv -> pinned, {n:2} threads: {len(offsets) * chunk / t / 1e9:5.1f} GB/s")
+    finally:
+        os.close(fd)
+    dev = [torch.empty(chunk, dtype=torch.uint8, device="cuda") for _ in range(lanes)]
+    streams = [torch.cuda.Stream() for _ in range(lanes)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for k in range(len(offsets)):
+        with torch.cuda.stream(streams[k % lanes]):
+            dev[k % lanes].copy_(bufs[k % lanes], non_blocking=True)
+    torch.cuda.synchronize()
+    say(f"probe: H2D pinned, {lanes:2} streams:      {len(offsets) * chunk / (time.perf_counter() - t0) / 1e9:5.1f} GB/s")
+    out = tmp / "probe.bin"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    quarter = offsets[: max(1, len(offsets) // 4)]
+    try:
+        t = in_threads(lanes, lambda i, n: [os.pwrite(fd, bufs[i].numpy(), off) for off in quarter[i::n]])
+        say(f"probe: pwrite, {lanes:2} threads:            {len(quarter) * chunk / t / 1e9:5.1f} GB/s")
+    finally:
+        os.close(fd)
+        out.unlink()
+
+
+def same_file(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    return bool(np.array_equal(np.memmap(a, dtype=np.uint8, mode="r"), np.memmap(b, dtype=np.uint8, mode="r")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=22, help="22 = TinyLlama-1.1B")
@@ -86,43 +144,86 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--backends", default="", help="only these: numpy, cpu, cuda (Triton), cuda-eager")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp folder)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per llmforge backend (the best is the ratio)")
+    ap.add_argument("--gpu-settings", default="",
+                    help="cuda pipeline settings to try, LANESxCHUNK_MB, e.g. 12x32,8x32,16x64 (default: the defaults)")
+    ap.add_argument("--probe", action="store_true", help="also measure the GPU pipeline's host-side limits")
+    ap.add_argument("--out", default=None, help="also write the lines printed to this file")
     args = ap.parse_args()
     threads = default_workers()
     import torch
+
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
 
     cuda = ["cuda", "cuda-eager"] if torch.cuda.is_available() else []
     backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + cuda)
     if args.backends:
         backends = [b for b in args.backends.split(",") if b in backends]
+    settings = [tuple(int(v) for v in s.split("x")) for s in args.gpu_settings.split(",") if s] or [None]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = Path(tmp) / "model-f32.gguf"
         n = build_f32(src, args.layers)
         mb = src.stat().st_size / 1e6
-        print(f"input: {n / 1e9:.2f}B parameters, {mb:.0f} MB f32; {threads} cores; torch threads "
-              f"{torch.get_num_threads()}; {os.uname().machine}", flush=True)
+        gpu = torch.cuda.get_device_name() if cuda else "no GPU"
+        say(f"input: {n / 1e9:.2f}B parameters, {mb:.0f} MB f32 in {args.dir or 'a temp folder'}; {threads} cores; "
+            f"torch {torch.__version__} threads {torch.get_num_threads()}; {gpu}; {os.uname().machine}; "
+            f"load {os.getloadavg()[0]:.1f}")
+        if args.probe and cuda:
+            from llmforge.quant import gpu_pipeline
+
+            probe_host(src, Path(tmp), gpu_pipeline.default_lanes(), gpu_pipeline.CHUNK_BYTES, say)
         for quant in args.quants.split(","):
             ref = Path(tmp) / f"ref-{quant}.gguf"
             t0 = time.perf_counter()
             llama_cpp_quantize(src, ref, quant, threads)
             t_ref = time.perf_counter() - t0
-            print(f"{quant:7} llama.cpp ({threads} threads) {mb / t_ref:8.1f} MB/s", flush=True)
+            say(f"{quant:7} llama.cpp ({threads} threads) {mb / t_ref:8.1f} MB/s")
             for backend in backends:
-                if quant == "q8_0" and backend != "numpy":
-                    continue        # q8_0 is gguf-py's numpy quantizer whatever the backend
-                out = Path(tmp) / f"ours-{quant}-{backend}.gguf"
-                if backend == "cuda-eager":
-                    os.environ["LLMFORGE_KQUANT_GPU"] = "eager"    # A/B: TorchOps instead of the Triton kernels
-                t0 = time.perf_counter()
-                try:
-                    quantize_gguf(src, out, quant, progress=False, backend=backend.removesuffix("-eager"))
-                finally:
-                    os.environ.pop("LLMFORGE_KQUANT_GPU", None)
-                t = time.perf_counter() - t0
-                label = {"numpy": "numpy", "cpu": "torch CPU", "cuda": "CUDA Triton", "cuda-eager": "CUDA eager"}[backend]
-                print(f"{quant:7} llmforge {label:10} {mb / t:8.1f} MB/s   ratio {t_ref / t:5.2f}   "
-                      f"identical to llama.cpp: {same_tensors(ref, out)}", flush=True)
-                out.unlink()
+                if quant == "q8_0" and backend in ("cpu", "cuda-eager"):
+                    continue        # no torch path for q8_0 outside the cuda pipeline
+                for setting in settings if backend == "cuda" else [None]:
+                    run_backend(src, ref, Path(tmp), quant, backend, setting, args.repeat, mb, t_ref, say)
             ref.unlink()
+
+
+def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setting: tuple[int, int] | None,
+                repeat: int, mb: float, t_ref: float, say) -> None:
+    from llmforge.quant import gpu_pipeline
+
+    out = tmp / f"ours-{quant}-{backend}.gguf"
+    label = {"numpy": "numpy", "cpu": "torch CPU", "cuda": "CUDA Triton", "cuda-eager": "CUDA eager"}[backend]
+    if backend == "cuda":
+        lanes, chunk_mb = setting or (gpu_pipeline.default_lanes(), gpu_pipeline.CHUNK_BYTES >> 20)
+        label += f" {lanes:2} lanes x {chunk_mb:3} MiB"
+    saved = gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES
+    if setting:
+        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES = setting[0], setting[1] << 20
+    if backend == "cuda-eager":
+        os.environ["LLMFORGE_KQUANT_GPU"] = "eager"    # A/B: TorchOps instead of the Triton kernels
+    times = []
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            quantize_gguf(src, out, quant, progress=False, backend=backend.removesuffix("-eager"))
+            times.append(time.perf_counter() - t0)
+            same = same_file(ref, out)
+            if not same:
+                same = "tensors only" if same_tensors(ref, out) else False
+            if same is False:
+                break
+    finally:
+        os.environ.pop("LLMFORGE_KQUANT_GPU", None)
+        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES = saved
+    runs = " ".join(f"{mb / t:.0f}" for t in times)
+    say(f"{quant:7} llmforge {label:10} {mb / min(times):8.1f} MB/s   ratio {t_ref / min(times):5.2f}   "
+        f"identical to llama.cpp: {same}   (runs, MB/s: {runs})")
+    out.unlink()
 
 
 if __name__ == "__main__":

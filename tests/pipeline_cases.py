@@ -86,3 +86,14 @@ def numpy_kernels() -> tuple[frozenset[T], object]:
         return torch.from_numpy(np.ascontiguousarray(out).view(np.uint8).reshape(-1))
 
     return frozenset(K_TYPES) | {T.Q8_0}, run
+
+
+def q8_edge_rows() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(256), rng.standard_t(2, 256), np.zeros(256), np.full(256, -0.75),
+            rng.standard_normal(256) * 1e15, rng.standard_normal(256) * 1e-30, rng.integers(-5, 6, 256),
+            np.where(rng.random(256) < 0.5, -0.0, 0.0), rng.integers(-254, 255, 256) / 2.0,
+            rng.standard_normal(256) * 1e-42, rng.standard_normal(256) * 3e6]
+    x = np.stack([np.asarray(r, np.float32) for r in rows])
+    x[8, ::32] = 127.0          # amax 127: x * id lands on .5 ties
+    return x

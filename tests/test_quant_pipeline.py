@@ -26,7 +26,7 @@ import torch
 from llmforge.errors import LlmforgeError
 from llmforge.quant import gpu_pipeline, requantize
 from llmforge.quant.requantize import quantize_gguf
-from pipeline_cases import llama_cpp_file, llama_gguf, numpy_kernels, random_imatrix
+from pipeline_cases import llama_cpp_file, llama_gguf, numpy_kernels, q8_edge_rows, random_imatrix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,17 +157,6 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("case", INTERP_CASES)
 def test_triton_kernels_through_the_pipeline(interpreted, case):
     assert interpreted[case] == "ok", interpreted[case]
-
-
-def q8_edge_rows() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    rows = [rng.standard_normal(256), rng.standard_t(2, 256), np.zeros(256), np.full(256, -0.75),
-            rng.standard_normal(256) * 1e15, rng.standard_normal(256) * 1e-30, rng.integers(-5, 6, 256),
-            np.where(rng.random(256) < 0.5, -0.0, 0.0), rng.integers(-254, 255, 256) / 2.0,
-            rng.standard_normal(256) * 1e-42, rng.standard_normal(256) * 3e6]
-    x = np.stack([np.asarray(r, np.float32) for r in rows])
-    x[8, ::32] = 127.0          # amax 127: x * id lands on .5 ties
-    return x
 
 
 def _child_case(case: str, root: Path) -> None:

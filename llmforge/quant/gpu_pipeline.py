@@ -82,6 +82,8 @@ def plan_pieces(tensors: list[PlannedTensor], src_offsets: Mapping[str, int], ds
         else:
             kind = "host"
         per = rows if kind == "host" else max(1, chunk_bytes // row_src)
+        if per >= 16:       # whole multiples of 16 rows: the kernels' integer arguments stay divisible by 16
+            per -= per % 16     # (Triton compiles a variant per divisibility)
         src0, dst0 = src_offsets[t.name], dst_offsets[t.name]
         for r0 in range(0, rows, per):
             n = min(per, rows - r0)
@@ -144,7 +146,8 @@ class _Lane:
         self.inp_np, self.out_np = self.inp.numpy(), self.out.numpy()
         self.dev_in = torch.empty(cap_in, dtype=torch.uint8, device=dev) if cuda else None
         self.stream = torch.cuda.Stream(dev) if cuda else None
-        self.done = torch.cuda.Event() if cuda else None
+        # blocking: a waiting lane sleeps instead of spinning on a core the readers need
+        self.done = torch.cuda.Event(blocking=True) if cuda else None
 
 
 # pinning memory is slow: the lanes are kept for the process, per device (one pipeline at a time)
@@ -153,14 +156,11 @@ _PIPELINE_LOCK = threading.Lock()
 
 
 def _lanes(dev: torch.device, n: int, cap_in: int, cap_out: int) -> list[_Lane]:
-    key = str(dev)
-    have = _LANES.get(key, [])
-    if len(have) < n or any(ln.cap_in < cap_in or ln.cap_out < cap_out for ln in have[:n]):
-        have = []
-        _LANES.pop(key, None)
-        cap_in = max(cap_in, 1)
-        have = [_Lane(dev, cap_in, max(cap_out, 1)) for _ in range(n)]
-        _LANES[key] = have
+    """``n`` lanes whose slots hold ``cap_in`` / ``cap_out`` bytes, reusing the kept ones that are big enough."""
+    have = [ln for ln in _LANES.get(str(dev), []) if ln.cap_in >= cap_in and ln.cap_out >= cap_out]
+    while len(have) < n:
+        have.append(_Lane(dev, max(cap_in, 1), max(cap_out, 1)))
+    _LANES[str(dev)] = have
     return have[:n]
 
 
@@ -296,7 +296,8 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
     """Write ``writer``'s planned tensors (``t.source`` = the input type, ``src_offsets`` = where each
     tensor's data starts in ``in_path``) to ``out_path`` atomically through the lanes; same bytes as
     :meth:`StreamingGGUFWriter.write` with :func:`api.quantize_array`. ``kernels``: (types, kernel), default
-    :func:`triton_kernels`; ``device`` default :data:`DEVICE`. NaN/Inf in a tensor that is converted is one error naming the first such tensor."""
+    :func:`triton_kernels`; ``device`` default :data:`DEVICE`. NaN/Inf in a tensor that is converted is one
+    error naming the first such tensor."""
     importance = importance or {}
     types, kernel = kernels or KERNELS()
     dev = torch.device(device or DEVICE)
@@ -316,7 +317,7 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
         fd_in = os.open(in_path, os.O_RDONLY)
         try:
             with _PIPELINE_LOCK:
-                ring = _lanes(dev, min(n_lanes, max(1, len(pieces))), cap_in, cap_out)
+                ring = _lanes(dev, n_lanes, cap_in, cap_out)
                 run = _Run(writer.tensors, pieces, fd_in, fd_out, dev, kernel, importance, bar)
                 threads = [threading.Thread(target=run.lane_loop, args=(lane,), daemon=True) for lane in ring]
                 for th in threads:

@@ -1,0 +1,121 @@
+"""The whole-file GPU pipeline on CUDA (skipped without a GPU): ``quantize_gguf(..., backend="cuda")`` writes
+llama.cpp's file byte for byte, from f32/f16/bf16 sources, with and without importance, in small pieces over
+several lanes and at the default settings; the Q8_0 kernel gives ggml's bytes on edge inputs; NaN is refused.
+The CPU side of the same checks: tests/test_quant_pipeline.py. Times go to ``$OUT/quant_pipeline_gpu.txt``
+when ``OUT`` is set."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from llmforge.errors import LlmforgeError  # noqa: E402
+from llmforge.quant import gpu_pipeline  # noqa: E402
+from llmforge.quant.requantize import quantize_gguf  # noqa: E402
+from pipeline_cases import llama_cpp_file, llama_gguf, q8_edge_rows, random_imatrix  # noqa: E402
+from quant_oracle import ggml_quantize_any  # noqa: E402
+
+
+def note(line: str) -> None:
+    print(line)
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "quant_pipeline_gpu.txt", "a") as f:
+            f.write(line + "\n")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline-gpu")
+    out = {}
+    for source in ("f32", "f16", "bf16"):
+        out[source] = root / f"{source}.gguf"
+        out[source + "-shapes"] = llama_gguf(out[source], source)
+    out["imatrix"] = random_imatrix(root / "imatrix.gguf", out["f32-shapes"])
+    return out
+
+
+def test_q8_0_kernel_gives_ggml_bytes():
+    from llmforge.quant.kquants_triton import quantize_q8_0_device
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([q8_edge_rows(), rng.standard_normal((64, 256)).astype(np.float32),
+                        rng.standard_t(2, (64, 256)).astype(np.float32)])
+    got = quantize_q8_0_device(torch.from_numpy(x).cuda()).cpu().numpy().reshape(x.shape[0], -1)
+    want = ggml_quantize_any(x, T.Q8_0)
+    bad = np.flatnonzero((got != want).any(axis=1))
+    assert bad.size == 0, f"rows {bad.tolist()} differ"
+
+
+CASES = [("f32", "q4_k_m", False), ("f32", "q6_k", False), ("f32", "q8_0", False), ("f32", "q4_0", False),
+         ("f16", "q4_k_m", False), ("bf16", "q8_0", False), ("bf16", "q3_k_m", False), ("f32", "q4_k_m", True),
+         ("f16", "q5_k_s", True)]
+
+
+@pytest.mark.parametrize("source,quant,imatrix", CASES, ids=[f"{s}-{q}{'-imatrix' * i}" for s, q, i in CASES])
+def test_pipeline_writes_llama_cpp_file(models, tmp_path, monkeypatch, source, quant, imatrix):
+    """Whole tensors per piece over 4 lanes, and (f32, bf16) pieces of 1-2 rows, many of a tensor in flight."""
+    monkeypatch.setattr(gpu_pipeline, "LANES", 4)
+    imx = models["imatrix"] if imatrix else None
+    want = llama_cpp_file(models[source], tmp_path / "ref.gguf", quant, imx)
+    for chunk in (1 << 20, 4096) if source != "f16" else (1 << 20,):
+        monkeypatch.setattr(gpu_pipeline, "CHUNK_BYTES", chunk)
+        ours = tmp_path / "ours.gguf"
+        quantize_gguf(models[source], ours, quant, imatrix=imx, progress=False, backend="cuda")
+        assert ours.read_bytes() == want, f"pieces of {chunk} bytes"
+
+
+def test_default_settings_on_a_wider_model(tmp_path_factory, tmp_path, quant):
+    """TinyLlama's row lengths (2048, 5632), 2 layers of 1,024-row weights, a 16,384-row vocabulary (~0.3 GB
+    f32): default lanes and chunks, against llama.cpp on every core."""
+    root = tmp_path_factory.getbasetemp() / "wide"
+    src = root / "wide-f32.gguf"
+    if not src.exists():
+        root.mkdir(exist_ok=True)
+        llama_gguf(src, "f32", n_layer=2, n_embd=2048, n_ff=5632, rows=1024, vocab=16384)
+    ours = tmp_path / "ours.gguf"
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        quantize_gguf(src, ours, quant, progress=False, backend="cuda")
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    want = llama_cpp_file(src, tmp_path / "ref.gguf", quant, nthread=os.cpu_count() or 2)
+    t_ref = time.perf_counter() - t0
+    mb = src.stat().st_size / 1e6
+    note(f"wide model {mb:.0f} MB f32 {quant}: pipeline cold {mb / times[0]:.0f} MB/s, warm {mb / times[1]:.0f} MB/s "
+         f"({gpu_pipeline.default_lanes()} lanes, {gpu_pipeline.CHUNK_BYTES >> 20} MiB pieces); "
+         f"llama.cpp {os.cpu_count()} threads {mb / t_ref:.0f} MB/s")
+    assert ours.read_bytes() == want
+
+
+def test_nan_is_refused_by_name(tmp_path):
+    import gguf
+
+    src = tmp_path / "nan.gguf"
+    w = gguf.GGUFWriter(src, "llama")
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
+                       ("feed_forward_length", 256), ("attention.head_count", 4)):
+        w.add_uint32(f"llama.{key}", value)
+    bad = np.ones((64, 256), dtype=np.float32)
+    bad[40, 3] = np.nan
+    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 256), dtype=np.float32))
+    w.add_tensor("blk.0.attn_k.weight", bad)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for quant in ("q4_k_m", "q8_0"):
+        with pytest.raises(LlmforgeError, match=r"'blk.0.attn_k.weight' holds 1 NaN/Inf"):
+            quantize_gguf(src, tmp_path / "out.gguf", quant, progress=False, backend="cuda")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]
