@@ -219,6 +219,8 @@ class _Run:
 
     def lane_loop(self, lane: _Lane) -> None:
         try:
+            if self.cuda:
+                torch.cuda.set_device(self.dev)      # the current device is per thread
             while (piece := self.take()) is not None:
                 getattr(self, f"_{piece.kind}")(lane, piece)
                 with self.lock:
