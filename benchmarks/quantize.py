@@ -218,7 +218,7 @@ def main() -> None:
         src = Path(tmp) / "model-f32.gguf"
         n = build_f32(src, args.layers)
         mb = src.stat().st_size / 1e6
-        gpu = torch.cuda.get_device_name() if cuda else "no GPU"
+        gpu = f"{torch.cuda.get_device_name()}, triton {__import__('triton').__version__}" if cuda else "no GPU"
         say(f"input: {n / 1e9:.2f}B parameters, {mb:.0f} MB f32 in {args.dir or 'a temp folder'}; {threads} cores; "
             f"torch {torch.__version__} threads {torch.get_num_threads()}; {gpu}; {os.uname().machine}; "
             f"load {os.getloadavg()[0]:.1f}")

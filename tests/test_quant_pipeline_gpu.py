@@ -57,9 +57,9 @@ def test_q8_0_kernel_gives_ggml_bytes():
     assert bad.size == 0, f"rows {bad.tolist()} differ"
 
 
-CASES = [("f32", "q4_k_m", False), ("f32", "q6_k", False), ("f32", "q8_0", False), ("f32", "q4_0", False),
-         ("f16", "q4_k_m", False), ("bf16", "q8_0", False), ("bf16", "q3_k_m", False), ("f32", "q4_k_m", True),
-         ("f16", "q5_k_s", True)]
+# each K type and weighting is a Triton compile on a fresh machine: few cases here, the rest on the CPU
+CASES = [("f32", "q4_k_m", False), ("f32", "q8_0", False), ("f32", "q4_0", False), ("f16", "q4_k_m", False),
+         ("bf16", "q8_0", False), ("f32", "q4_k_m", True)]
 
 
 @pytest.mark.parametrize("source,quant,imatrix", CASES, ids=[f"{s}-{q}{'-imatrix' * i}" for s, q, i in CASES])
@@ -75,6 +75,7 @@ def test_pipeline_writes_llama_cpp_file(models, tmp_path, monkeypatch, source, q
         assert ours.read_bytes() == want, f"pieces of {chunk} bytes"
 
 
+@pytest.mark.parametrize("quant", ["q4_k_m", "q8_0"])
 def test_default_settings_on_a_wider_model(tmp_path_factory, tmp_path, quant):
     """TinyLlama's row lengths (2048, 5632), 2 layers of 1,024-row weights, a 16,384-row vocabulary (~0.3 GB
     f32): default lanes and chunks, against llama.cpp on every core."""
