@@ -103,6 +103,12 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         from .grpo import train_grpo
 
         return train_grpo(config, resume=resume)
+    from .vision import is_vision_model
+
+    if config.model.path and is_vision_model(config.model.path):   # images through the model's processor
+        from .vision import train_vision
+
+        return train_vision(config, resume=resume)
     from .data import load_examples
     from .encode import encode_all, resolve_chat_template
     from .load import load_model

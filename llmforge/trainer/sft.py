@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +89,9 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     """
     targets = batch["labels"][:, 1:]
     count = int((targets != IGNORE_INDEX).sum())
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}  # e.g. pixels
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                num_items_in_batch=1)
+                num_items_in_batch=1, **extra)
     return out.loss, count
 
 
@@ -177,8 +178,10 @@ class Progress:
 
 
 def train_loop(model: Any, rows: list[Encoded], config: TrainConfig, out_dir: Path, pad_id: int,
-               resume: bool = False) -> LoopResult:
-    """Run SFT on ``rows``; checkpoints in ``out_dir``; returns the losses of the optimizer steps run."""
+               resume: bool = False, collate_fn: Callable[..., dict[str, torch.Tensor]] = collate) -> LoopResult:
+    """Run SFT on ``rows``; checkpoints in ``out_dir``; returns the losses of the optimizer steps run.
+    ``collate_fn(rows, pad_id, device)`` makes a batch (every key besides input_ids, attention_mask and labels
+    goes to the model as is, e.g. a vision model's pixel_values)."""
     device = next(model.parameters()).device
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny late-training gradients are otherwise 10-100x slower on x86
@@ -210,7 +213,7 @@ def train_loop(model: Any, rows: list[Encoded], config: TrainConfig, out_dir: Pa
     started = time.perf_counter()
     empty_warned = False
     for step in range(start_step + 1, steps + 1):
-        group = [collate(next(stream), pad_id, device) for _ in range(config.grad_accum)]
+        group = [collate_fn(next(stream), pad_id, device) for _ in range(config.grad_accum)]
         count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
         if count == 0:
             if not empty_warned:

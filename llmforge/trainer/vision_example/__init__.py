@@ -77,6 +77,8 @@ def build_base_model(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
                 p.copy_(neutral + 0.1 * torch.randn_like(p))
             elif not p.any():  # Gemma 3 starts its projector at zero: image features would vanish
                 p.normal_(0.0, 0.05)
+        # tied embeddings of 64 dims at the usual std cap the logits at a few units, too flat to learn from
+        model.get_input_embeddings().weight.normal_(0.0, 0.4)
     model.save_pretrained(out_dir)
     hub_layout(out_dir / "model.safetensors")
     save_processor(out_dir)
