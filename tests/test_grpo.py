@@ -68,7 +68,8 @@ def test_group_advantages_match_hand_values() -> None:
     assert group_advantages(torch.tensor([3.0] * 4), 4, "group").tolist() == [0.0] * 4   # no signal, no NaN
 
 
-def test_clipped_loss_kl_and_aggregation_match_hand_values() -> None:
+@pytest.mark.parametrize("corrected", [True, False], ids=["kl times ratio", "plain kl"])
+def test_clipped_loss_kl_and_aggregation_match_hand_values(corrected: bool) -> None:
     logp = [[-1.0, -2.0, -0.5], [-1.5, -0.2, -3.0]]
     old = [[-1.5, -2.0, -0.1], [-1.0, -0.9, -3.0]]   # ratios beyond both clip bounds, with A > 0 and A < 0
     ref = [[-1.2, -1.8, -0.5], [-1.5, -0.4, -2.0]]
@@ -82,16 +83,20 @@ def test_clipped_loss_kl_and_aggregation_match_hand_values() -> None:
             ratio = math.exp(logp[i][j] - old[i][j])
             clipped = min(max(ratio, 1 - lo), 1 + hi)
             unclipped_wins = ratio * adv[i] <= clipped * adv[i]
-            kl = math.exp(ref[i][j] - logp[i][j]) - (ref[i][j] - logp[i][j]) - 1
+            k3 = math.exp(ref[i][j] - logp[i][j]) - (ref[i][j] - logp[i][j]) - 1
+            kl = k3 * ratio if corrected else k3
             row.append(-min(ratio * adv[i], clipped * adv[i]) + beta * kl)
             row_kl.append(kl)
             row_cut.append(not unclipped_wins)
-            # d/dlogp: -ratio*A where the unclipped term is the min, 0 where the clip holds; KL: 1 - e^(ref-logp)
-            row_grad.append((-ratio * adv[i] if unclipped_wins else 0.0) + beta * (1 - math.exp(ref[i][j] - logp[i][j])))
+            # d/dlogp: -ratio*A where the unclipped term is the min, 0 where the clip holds;
+            # k3: 1 - e^(ref-logp); k3 * ratio: ratio * (k3 + 1 - e^(ref-logp))
+            dk3 = 1 - math.exp(ref[i][j] - logp[i][j])
+            row_grad.append((-ratio * adv[i] if unclipped_wins else 0.0)
+                            + beta * (ratio * (k3 + dk3) if corrected else dk3))
         hand.append(row), hand_kl.append(row_kl), hand_grad.append(row_grad), hand_cut.append(row_cut)
     lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
     losses, kl, cut = per_token_loss(lp, torch.tensor(old, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
-                                     torch.tensor(adv, dtype=torch.float64), beta, lo, hi)
+                                     torch.tensor(adv, dtype=torch.float64), beta, lo, hi, corrected)
     assert losses.tolist() == [pytest.approx(r, rel=1e-12) for r in hand]
     assert kl.tolist() == [pytest.approx(r, rel=1e-12) for r in hand_kl]
     assert cut.tolist() == hand_cut == [[True, False, False], [True, False, False]]
@@ -106,6 +111,63 @@ def test_clipped_loss_kl_and_aggregation_match_hand_values() -> None:
     for loss_type, value in expected.items():
         got = AGGREGATE[loss_type](losses.detach(), m, 16, 11, 2).item()
         assert got == pytest.approx(value, rel=1e-12), loss_type
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_loss_and_gradients_equal_trl(loss_type: str, trl_trainer) -> None:
+    """TRL's own GRPOTrainer._compute_loss on the same batch (clipping and the KL term active) is the oracle."""
+    trainer, inputs = trl_trainer
+    model = trainer.model
+    trainer.loss_type = loss_type
+    model.zero_grad()
+    trl_loss = trainer._compute_loss(model, inputs)
+    trl_loss.backward()
+    trl_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    n = inputs["completion_ids"].size(1)
+    logp = token_logprobs(model, ids, mask, n, trainer.temperature)
+    losses, _, cut = per_token_loss(logp, inputs["old_per_token_logps"], inputs["ref_per_token_logps"],
+                                    inputs["advantages"], trainer.beta, 0.2, 0.28)
+    completion_mask = inputs["completion_mask"].float()
+    ours = AGGREGATE[loss_type](losses, completion_mask, trainer.max_completion_length,
+                                int(inputs["num_items_in_batch"]), 1)
+    ours.backward()
+    assert bool(cut.any()) and not bool(cut.all())                  # the clip is exercised
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    for mine, theirs in zip((p.grad for p in model.parameters()), trl_grads):   # float32 summation order only
+        assert float((mine - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max()) + 1e-9
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(base: Path, tmp_path_factory):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=4,
+                      num_generations=4, max_completion_length=6, beta=0.1, epsilon=0.2, epsilon_high=0.28,
+                      temperature=0.8, use_cpu=True, bf16=False, report_to=[])  # fp32: no autocast
+    trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)], args=args,
+                          train_dataset=Dataset.from_list([{"prompt": "hi"}] * 4),
+                          processing_class=AutoTokenizer.from_pretrained(base))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1      # set by Trainer's loop, which this test does not run
+    g = torch.Generator().manual_seed(0)
+    inputs = {"prompt_ids": torch.randint(3, 500, (4, 5), generator=g), "prompt_mask": torch.ones(4, 5, dtype=torch.long),
+              "completion_ids": torch.randint(3, 500, (4, 6), generator=g),
+              "completion_mask": torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 6, [1] + [0] * 5]),
+              "advantages": torch.tensor([0.5, -1.0, 1.5, -0.2]),
+              "num_items_in_batch": torch.tensor(16.0)}
+    with torch.no_grad():   # old/ref log-probs near the policy's, so some ratios fall inside the clip range
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        logp = token_logprobs(trainer.model, ids, torch.ones_like(ids), 6, 0.8)
+    inputs["old_per_token_logps"] = logp + 0.4 * torch.randn(logp.shape, generator=g)
+    inputs["ref_per_token_logps"] = logp + 0.4 * torch.randn(logp.shape, generator=g)
+    return trainer, inputs
 
 
 def test_completion_mask_ends_at_the_first_stop_token() -> None:

@@ -90,6 +90,7 @@ class GrpoConfig:
     top_p: float = 1.0
     top_k: int = 0                      # 0: off
     beta: float = 0.0                   # KL coefficient; 0: no reference pass
+    use_bias_correction_kl: bool = True # KL term times the ratio (unbiased gradient; TRL 1.x's default)
     epsilon: float = 0.2                # clip range (lower)
     epsilon_high: float | None = None   # clip range (upper); default epsilon (DAPO uses 0.28)
     num_iterations: int = 1             # optimizer steps per generated batch (mu)

@@ -41,10 +41,12 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> torch.Ten
 
 
 def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-                   advantages: torch.Tensor, beta: float, eps_low: float, eps_high: float
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                   advantages: torch.Tensor, beta: float, eps_low: float, eps_high: float,
+                   bias_correction: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL per token, the k3 KL estimate
-    exp(ref - logp) - (ref - logp) - 1, and which tokens the clip cut."""
+    exp(ref - logp) - (ref - logp) - 1 (times the ratio with ``bias_correction``: DeepSeek-V3.2's unbiased
+    reverse-KL gradient, TRL's default; it changes the gradient even where the ratio is 1), and which tokens
+    the clip cut."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
@@ -52,6 +54,8 @@ def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.T
     if beta != 0.0:
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
+        if bias_correction:
+            kl = kl * ratio
         loss = loss + beta * kl
     clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     return loss, kl, clipped
@@ -260,7 +264,8 @@ def grpo_loop(model: Any, tokenizer: Any, prompts: list[Prompt], rewards: list[R
             logp = token_logprobs(model, r.input_ids, r.attention_mask, r.completion_length, grpo.temperature)
             old = r.old_logp if r.old_logp is not None else logp.detach()
             losses, kl, cut = per_token_loss(logp, old, r.ref_logp, r.advantages, grpo.beta, grpo.epsilon,
-                                             grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon)
+                                             grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon,
+                                             grpo.use_bias_correction_kl)
             loss = AGGREGATE[grpo.loss_type](losses, r.completion_mask, grpo.max_completion_length, step_tokens,
                                              config.grad_accum)
             loss.backward()
