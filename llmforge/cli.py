@@ -243,7 +243,7 @@ def run(name: str, prompt: str, host: str | None) -> None:
 @click.option("--resume", is_flag=True, help="Resume from the newest checkpoint in the output folder.")
 @click.option("--chat-template", "named", help="Train with one of llmforge's named chat templates.")
 def train(config: Path, overrides: tuple[str, ...], resume: bool, named: str | None) -> None:
-    """Fine-tune with LoRA/QLoRA SFT from a YAML config."""
+    """Fine-tune with LoRA/QLoRA SFT, or GRPO (train.method: grpo), from a YAML config."""
     from .trainer.run import train_from_config
 
     overrides = overrides + ((f"model.chat_template={named}",) if named else ())
