@@ -71,7 +71,8 @@ def llama_cpp_file(src: Path, dst: Path, quant: str, imatrix: Path | None = None
 
 
 def numpy_kernels() -> tuple[frozenset[T], object]:
-    """The pipeline's kernel contract met by the numpy packers (K-types and Q8_0), on CPU tensors."""
+    """The pipeline's kernel contract met by the numpy packers (K-types, Q8_0, unweighted Q4_0..Q5_1), on CPU
+    tensors."""
     from llmforge.quant.kquants import K_TYPES
 
     def run(qtype: T, x: torch.Tensor, imp: torch.Tensor | None, block0: int, bpr: int, bpe: int) -> torch.Tensor:
@@ -85,7 +86,7 @@ def numpy_kernels() -> tuple[frozenset[T], object]:
                                                  threads=1) for r in range(a.shape[0])])
         return torch.from_numpy(np.ascontiguousarray(out).view(np.uint8).reshape(-1))
 
-    return frozenset(K_TYPES) | {T.Q8_0}, run
+    return frozenset(K_TYPES) | {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}, run
 
 
 def q8_edge_rows() -> np.ndarray:

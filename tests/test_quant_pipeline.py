@@ -138,7 +138,7 @@ def test_eager_switch_keeps_the_tensor_by_tensor_path(monkeypatch):
 
 # ------------------------------------------------------------------------- Triton's interpreter, in a child
 
-INTERP_CASES = ["q8_0-kernel", "q8_0-f32", "q8_0-f16", "q8_0-bf16", "k-pieces"]
+INTERP_CASES = ["q8_0-kernel", "legacy-kernels", "q8_0-f32", "q8_0-f16", "q8_0-bf16", "q5_1-bf16", "k-pieces"]
 
 
 @pytest.fixture(scope="module")
@@ -173,15 +173,27 @@ def _child_case(case: str, root: Path) -> None:
         for name, want in (("gguf-py", quants.quantize(x, T.Q8_0)), ("ggml", ggml_quantize_any(x, T.Q8_0))):
             bad = np.flatnonzero((got != want.reshape(got.shape)).any(axis=1))
             assert bad.size == 0, f"rows {bad.tolist()} differ from {name}"
-    elif case.startswith("q8_0-"):
-        source = case.split("-")[1]
+    elif case == "legacy-kernels":     # ggml, not gguf-py: they differ on blocks of signed zeros (rows 7, 12)
+        from llmforge.quant.kquants_triton import quantize_legacy_device
+
+        x = np.concatenate([q8_edge_rows(), np.stack([
+            np.where(np.arange(256) % 3 == 0, -1.0, 1.0) * (np.arange(256) % 4),      # |max| ties of both signs
+            np.concatenate([[-0.0, 0.0] * 16, [0.0, -0.0] * 16, np.zeros(192)]),
+            np.linspace(99.0, 101.0, 256)]).astype(np.float32)])
+        for qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+            got = quantize_legacy_device(torch.from_numpy(x), qtype).numpy().reshape(x.shape[0], -1)
+            bad = np.flatnonzero((got != ggml_quantize_any(x, qtype)).any(axis=1))
+            assert bad.size == 0, f"{qtype.name}: rows {bad.tolist()} differ from ggml"
+    elif case in ("q8_0-f32", "q8_0-f16", "q8_0-bf16", "q5_1-bf16"):
+        quant, source = case.split("-")
         src = root / f"{source}.gguf"
-        llama_gguf(src, source, n_layer=1)
+        if not src.exists():
+            llama_gguf(src, source, n_layer=1)
         gpu_pipeline.DEVICE, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.LANES = "cpu", 4096, 2
         requantize.resolve_backend = lambda backend: "cuda"
-        quantize_gguf(src, root / f"ours-{source}.gguf", "q8_0", progress=False)
-        want = llama_cpp_file(src, root / f"ref-{source}.gguf", "q8_0")
-        assert (root / f"ours-{source}.gguf").read_bytes() == want
+        quantize_gguf(src, root / f"ours-{case}.gguf", quant, progress=False)
+        want = llama_cpp_file(src, root / f"ref-{case}.gguf", quant)
+        assert (root / f"ours-{case}.gguf").read_bytes() == want
     else:   # a 3-expert Q6_K tensor with importance, in two pieces: the second starts mid-expert
         rng = np.random.default_rng(5)
         x = rng.standard_normal((3, 2, 512)).astype(np.float32)

@@ -45,21 +45,24 @@ def models(tmp_path_factory):
     return out
 
 
-def test_q8_0_kernel_gives_ggml_bytes():
-    from llmforge.quant.kquants_triton import quantize_q8_0_device
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda q: q.name)
+def test_block32_kernels_give_ggml_bytes(qtype):
+    from llmforge.quant.kquants_triton import quantize_legacy_device, quantize_q8_0_device
 
     rng = np.random.default_rng(1)
     x = np.concatenate([q8_edge_rows(), rng.standard_normal((64, 256)).astype(np.float32),
-                        rng.standard_t(2, (64, 256)).astype(np.float32)])
-    got = quantize_q8_0_device(torch.from_numpy(x).cuda()).cpu().numpy().reshape(x.shape[0], -1)
-    want = ggml_quantize_any(x, T.Q8_0)
-    bad = np.flatnonzero((got != want).any(axis=1))
+                        rng.standard_t(2, (64, 256)).astype(np.float32),
+                        np.concatenate([[-0.0, 0.0] * 16, np.zeros(224)]).astype(np.float32)[None]])
+    dev = torch.from_numpy(x).cuda()
+    got = quantize_q8_0_device(dev) if qtype == T.Q8_0 else quantize_legacy_device(dev, qtype)
+    got = got.cpu().numpy().reshape(x.shape[0], -1)
+    bad = np.flatnonzero((got != ggml_quantize_any(x, qtype)).any(axis=1))
     assert bad.size == 0, f"rows {bad.tolist()} differ"
 
 
 # each K type and weighting is a Triton compile on a fresh machine: few cases here, the rest on the CPU
 CASES = [("f32", "q4_k_m", False), ("f32", "q8_0", False), ("f32", "q4_0", False), ("f16", "q4_k_m", False),
-         ("bf16", "q8_0", False), ("f32", "q4_k_m", True)]
+         ("bf16", "q8_0", False), ("f16", "q5_1", False), ("f32", "q4_k_m", True), ("f32", "q4_0", True)]
 
 
 @pytest.mark.parametrize("source,quant,imatrix", CASES, ids=[f"{s}-{q}{'-imatrix' * i}" for s, q, i in CASES])

@@ -38,6 +38,7 @@ from ..export.writer import PlannedTensor, Progress, StreamingGGUFWriter, WriteR
 #  in the tensor, super-blocks per row, super-blocks per expert) -> the piece's packed bytes (uint8, flat)
 Kernel = Callable[[T, torch.Tensor, "torch.Tensor | None", int, int, int], torch.Tensor]
 
+UNWEIGHTED_ONLY = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1})   # with importance: legacy_weighted, host
 SOURCE_DTYPES: dict[T, torch.dtype] = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 CHUNK_BYTES = int(float(os.environ.get("LLMFORGE_GPU_CHUNK_MB", "32")) * 2**20)
 LANES = int(os.environ.get("LLMFORGE_GPU_LANES", "0"))       # 0: min(12, cores)
@@ -64,9 +65,10 @@ def tensor_rows(t: PlannedTensor) -> tuple[int, int]:
 
 
 def plan_pieces(tensors: list[PlannedTensor], src_offsets: Mapping[str, int], dst_offsets: Mapping[str, int],
-                kernel_types: frozenset[T], chunk_bytes: int) -> list[Piece]:
+                kernel_types: frozenset[T], chunk_bytes: int, weighted: frozenset[str] = frozenset()) -> list[Piece]:
     """Cut every tensor into pieces of whole rows of at most ``chunk_bytes`` source bytes (at least one row);
-    ``t.source`` is the tensor's type in the input file."""
+    ``t.source`` is the tensor's type in the input file; ``weighted``: the tensors with importance (the legacy
+    types then take llama.cpp's weighted path, on the host)."""
     pieces = []
     for i, t in enumerate(tensors):
         source = T(t.source)
@@ -77,7 +79,7 @@ def plan_pieces(tensors: list[PlannedTensor], src_offsets: Mapping[str, int], ds
         row_dst = t.nbytes // rows
         if t.qtype == source:
             kind = "raw"
-        elif t.qtype in kernel_types:
+        elif t.qtype in kernel_types and not (t.qtype in UNWEIGHTED_ONLY and t.name in weighted):
             kind = "gpu"
         else:
             kind = "host"
@@ -92,16 +94,20 @@ def plan_pieces(tensors: list[PlannedTensor], src_offsets: Mapping[str, int], ds
 
 
 def triton_kernels() -> tuple[frozenset[T], Kernel]:
-    """The fused Triton kernels: K-quants (Q2_K..Q6_K, with and without importance) and Q8_0."""
+    """The fused Triton kernels: K-quants (Q2_K..Q6_K, with and without importance), Q8_0 (importance
+    unused, as in llama.cpp) and Q4_0/Q4_1/Q5_0/Q5_1 without importance."""
     from .kquants import QK_K
-    from .kquants_triton import K_TYPES_TRITON, quantize_blocks_triton, quantize_q8_0_device
+    from .kquants_triton import (K_TYPES_TRITON, LEGACY_TYPES_TRITON, quantize_blocks_triton,
+                                 quantize_legacy_device, quantize_q8_0_device)
 
     def run(qtype: T, x: torch.Tensor, imp: torch.Tensor | None, block0: int, bpr: int, bpe: int) -> torch.Tensor:
         if qtype == T.Q8_0:
             return quantize_q8_0_device(x)
+        if qtype in LEGACY_TYPES_TRITON:
+            return quantize_legacy_device(x, qtype)
         return quantize_blocks_triton(qtype, x.reshape(-1, QK_K), imp, block0, bpr, bpe).reshape(-1)
 
-    return frozenset(K_TYPES_TRITON) | {T.Q8_0}, run
+    return frozenset(K_TYPES_TRITON) | {T.Q8_0} | frozenset(LEGACY_TYPES_TRITON), run
 
 
 # what quantize_gguf(..., backend="cuda") runs on (tests put the CPU and a stand-in kernel here)
@@ -310,7 +316,7 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
     bar = Progress(len(writer.tensors), f"writing {Path(out_path).name}", progress)
 
     def fill(fd_out: int) -> None:
-        pieces = plan_pieces(writer.tensors, src_offsets, writer.data_offsets, types, chunk)
+        pieces = plan_pieces(writer.tensors, src_offsets, writer.data_offsets, types, chunk, frozenset(importance))
         # slots sized for a full chunk (so a smaller file after a bigger one reuses them); Q8_0 from f16 packs
         # 64 source bytes into 34, the largest ratio of the kernel types
         big = max((p.src_bytes for p in pieces if p.kind != "host"), default=0)

@@ -749,6 +749,102 @@ def _q8_0_kernel(x, out, NBLK, BLOCK: tl.constexpr):
 _Q8_BLOCK = 128     # blocks of 32 per program
 
 
+@triton.jit
+def _first_value(lo, hi, target, cols):
+    """The first of the 32 values (lo = 0..15, hi = 16..31) equal to ``target`` (per block), with its sign
+    bits (C's running min/max/argmax with strict comparisons keeps the first one)."""
+    i_lo = tl.min(tl.where(lo == target[:, None], cols[None, :], 32), axis=1)
+    i_hi = tl.min(tl.where(hi == target[:, None], cols[None, :] + 16, 32), axis=1)
+    first = tl.minimum(i_lo, i_hi)
+    b_lo = tl.sum(tl.where(cols[None, :] == first[:, None], lo.to(tl.int32, bitcast=True), 0), axis=1)
+    b_hi = tl.sum(tl.where(cols[None, :] + 16 == first[:, None], hi.to(tl.int32, bitcast=True), 0), axis=1)
+    return (b_lo + b_hi).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _trunc_level(f, NMAX: tl.constexpr, CLAMP: tl.constexpr):
+    """C's ``(int8_t)f`` / ``(uint8_t)f`` (toward zero; inf and NaN give 0 on x86), then MIN(NMAX, .)."""
+    q = tl.where(tl.abs(f) < 1e30, f.to(tl.int32), 0)
+    if CLAMP:
+        q = tl.minimum(q, NMAX)
+    return q & 0xFF
+
+
+@triton.jit
+def _legacy_kernel(x, out, NBLK, NMAX: tl.constexpr, AFFINE: tl.constexpr, FIVE: tl.constexpr,
+                   CLAMP: tl.constexpr, BB: tl.constexpr, BLOCK: tl.constexpr):
+    """quantize_row_q4_0/q4_1/q5_0/q5_1_ref for BLOCK blocks of 32 (AFFINE: the _1 types with a min; FIVE:
+    5-bit levels with the high bits in qh; CLAMP: MIN(NMAX, .), all but Q5_1). Bytes: d (fp16), [m (fp16)],
+    [qh (4)], qs (16): qs at BB - 16, qh at BB - 20."""
+    blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = blk < NBLK
+    cols = tl.arange(0, 16)
+    m2 = mask[:, None]
+    lo = tl.load(x + blk[:, None] * 32 + cols[None, :], mask=m2, other=0.0)
+    hi = tl.load(x + blk[:, None] * 32 + 16 + cols[None, :], mask=m2, other=0.0)
+    one = tl.full([BLOCK], 1.0, tl.float32)
+    if AFFINE:
+        mn = _first_value(lo, hi, tl.minimum(tl.min(lo, axis=1), tl.min(hi, axis=1)), cols)
+        mx = _first_value(lo, hi, tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1)), cols)
+        d = _div(mx - mn, one * NMAX)
+    else:   # C: the first v with |v| > the running amax, from amax = max = +0
+        a_lo, a_hi = tl.abs(lo), tl.abs(hi)
+        amax = tl.maximum(tl.max(a_lo, axis=1), tl.max(a_hi, axis=1))
+        first = tl.minimum(tl.min(tl.where(a_lo == amax[:, None], cols[None, :], 32), axis=1),
+                           tl.min(tl.where(a_hi == amax[:, None], cols[None, :] + 16, 32), axis=1))
+        bits = tl.sum(tl.where(cols[None, :] == first[:, None], lo.to(tl.int32, bitcast=True), 0), axis=1) \
+            + tl.sum(tl.where(cols[None, :] + 16 == first[:, None], hi.to(tl.int32, bitcast=True), 0), axis=1)
+        mx = tl.where(amax > 0.0, bits.to(tl.float32, bitcast=True), 0.0)
+        d = _div(mx, one * (-(NMAX + 1) // 2))
+    nz = d != 0.0
+    inv = tl.where(nz, _div(one, tl.where(nz, d, 1.0)), 0.0)
+    if AFFINE:
+        f_lo = (lo - mn[:, None]) * inv[:, None] + 0.5
+        f_hi = (hi - mn[:, None]) * inv[:, None] + 0.5
+    else:
+        f_lo = lo * inv[:, None] + (NMAX + 2) / 2
+        f_hi = hi * inv[:, None] + (NMAX + 2) / 2
+    q_lo = _trunc_level(f_lo, NMAX, CLAMP)
+    q_hi = _trunc_level(f_hi, NMAX, CLAMP)
+    base = blk * BB
+    d_bits, _dv = _fp16(d)
+    tl.store(out + base, (d_bits & 0xFF).to(tl.uint8), mask=mask)
+    tl.store(out + base + 1, (d_bits >> 8).to(tl.uint8), mask=mask)
+    if AFFINE:
+        m_bits, _mv = _fp16(mn)
+        tl.store(out + base + 2, (m_bits & 0xFF).to(tl.uint8), mask=mask)
+        tl.store(out + base + 3, (m_bits >> 8).to(tl.uint8), mask=mask)
+    if FIVE:
+        qh = tl.sum(((q_lo >> 4) & 1) << cols[None, :], axis=1) \
+            | tl.sum(((q_hi >> 4) & 1) << (cols[None, :] + 16), axis=1)
+        for k in tl.static_range(4):
+            tl.store(out + base + (BB - 20) + k, ((qh >> (8 * k)) & 0xFF).to(tl.uint8), mask=mask)
+    qs = (q_lo & 0xF) | ((q_hi & 0xF) << 4)
+    tl.store(out + base[:, None] + (BB - 16) + cols[None, :], qs.to(tl.uint8), mask=m2)
+
+
+# type: (levels max, affine, 5-bit, block bytes)
+_LEGACY = {T.Q4_0: (15, False, False, 18), T.Q4_1: (15, True, False, 20), T.Q5_0: (31, False, True, 22),
+           T.Q5_1: (31, True, True, 24)}
+LEGACY_TYPES_TRITON: tuple[T, ...] = tuple(_LEGACY)
+
+
+def quantize_legacy_device(x: torch.Tensor, qtype: T) -> torch.Tensor:
+    """Q4_0/Q4_1/Q5_0/Q5_1 bytes (ggml's ``quantize_row_*_ref``, no importance) of a float32 tensor whose
+    element count is a multiple of 32, as flat uint8 on its device."""
+    nmax, affine, five, bb = _LEGACY[qtype]
+    flat = x.detach().to(torch.float32).reshape(-1).contiguous()
+    if flat.numel() % 32:
+        raise ValueError(f"{flat.numel()} values are not a multiple of {qtype.name}'s block of 32")
+    nblk = flat.numel() // 32
+    out = torch.empty((nblk * bb,), dtype=torch.uint8, device=flat.device)
+    if nblk:
+        _legacy_kernel[(triton.cdiv(nblk, _Q8_BLOCK),)](flat, out, nblk, NMAX=nmax, AFFINE=affine, FIVE=five,
+                                                         CLAMP=not (affine and five), BB=bb, BLOCK=_Q8_BLOCK,
+                                                         num_warps=4, enable_fp_fusion=False)
+    return out
+
+
 def quantize_q8_0_device(x: torch.Tensor) -> torch.Tensor:
     """Q8_0 bytes of a contiguous float32 tensor (any device Triton runs on; element count a multiple of
     32), as ``(n / 32 * 34,)`` uint8 on the same device: ggml's ``quantize_row_q8_0_ref`` bytes."""
