@@ -272,6 +272,11 @@ def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setti
     runs = " ".join(f"{mb / t:.0f}" for t in times)
     say(f"{quant:7} llmforge {label:10} {mb / min(times):8.1f} MB/s   ratio {t_ref / min(times):5.2f}   "
         f"identical to llama.cpp: {same}   (runs, MB/s: {runs})")
+    st = gpu_pipeline.LAST_STATS
+    if backend == "cuda" and st:
+        stages = ", ".join(f"{k} {st[k]:.2f}" for k in gpu_pipeline.STAGES if st[k])
+        say(f"{'':7}   last run: lanes' wall {st['wall']:.3f} s of {times[-1]:.3f} s, {st['pieces']:.0f} pieces; "
+            f"stage seconds summed over {st['lanes']:.0f} lanes: {stages}")
     out.unlink()
 
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import nullcontext
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,29 @@ def pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
 # ----------------------------------------------------------------------------- lanes
 
 
+STAGES = ("read", "launch", "wait", "write", "host")
+
+
+class StageClock:
+    """Seconds spent per pipeline stage by one lane (``launch`` includes waiting for the launch lock, ``wait``
+    the GPU work and copies of the lane's piece)."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+
+# the last write_pipelined call: wall seconds, lanes, pieces, and the stage seconds summed over the lanes
+LAST_STATS: dict[str, float] = {}
+
+
 class _Lane:
     """One slot of the ring: pinned input and output buffers, the device input buffer, a stream, an event."""
 
@@ -154,6 +178,7 @@ class _Lane:
         self.stream = torch.cuda.Stream(dev) if cuda else None
         # blocking: a waiting lane sleeps instead of spinning on a core the readers need
         self.done = torch.cuda.Event(blocking=True) if cuda else None
+        self.clock = StageClock()
 
 
 # pinning memory is slow: the lanes are kept for the process, per device (one pipeline at a time)
@@ -240,16 +265,20 @@ class _Run:
 
     def _raw(self, lane: _Lane, p: Piece) -> None:
         buf = lane.inp_np[:p.src_bytes]
-        pread_into(self.fd_in, buf, p.src)
-        pwrite_all(self.fd_out, buf, p.dst)
+        with lane.clock("read"):
+            pread_into(self.fd_in, buf, p.src)
+        with lane.clock("write"):
+            pwrite_all(self.fd_out, buf, p.dst)
 
     def _gpu(self, lane: _Lane, p: Piece) -> None:
         t = self.tensors[p.tensor]
         rows, cols = tensor_rows(t)
-        pread_into(self.fd_in, lane.inp_np[:p.src_bytes], p.src)
+        with lane.clock("read"):
+            pread_into(self.fd_in, lane.inp_np[:p.src_bytes], p.src)
         imp, bpe = self.imp_dev.get(t.name, (None, 1))
         bpr = max(1, cols // 256)
-        with self.launch, torch.no_grad(), torch.cuda.stream(lane.stream) if self.cuda else nullcontext():
+        with lane.clock("launch"), self.launch, torch.no_grad(), \
+                torch.cuda.stream(lane.stream) if self.cuda else nullcontext():
             raw = lane.inp[:p.src_bytes]
             if self.cuda:
                 raw = lane.dev_in[:p.src_bytes].copy_(raw, non_blocking=True)
@@ -262,13 +291,15 @@ class _Run:
             if self.cuda:
                 lane.done.record(lane.stream)
         if self.cuda:
-            lane.done.synchronize()
+            with lane.clock("wait"):
+                lane.done.synchronize()
         bad = int(lane.bad[0])
         if bad:
             with self.lock:
                 self.bad[p.tensor] += bad
             return
-        pwrite_all(self.fd_out, lane.out_np[:p.dst_bytes], p.dst)
+        with lane.clock("write"):
+            pwrite_all(self.fd_out, lane.out_np[:p.dst_bytes], p.dst)
 
     def _host(self, lane: _Lane, p: Piece) -> None:
         from .api import quantize_array
@@ -282,7 +313,8 @@ class _Run:
             with self.lock:
                 self.bad[p.tensor] += bad
             return
-        out = quantize_array(x, t.qtype, self.importance.get(t.name), name=t.name, threads=1, backend="numpy")
+        with lane.clock("host"):
+            out = quantize_array(x, t.qtype, self.importance.get(t.name), name=t.name, threads=1, backend="numpy")
         pwrite_all(self.fd_out, np.ascontiguousarray(out).view(np.uint8).reshape(-1), p.dst)
 
 
@@ -327,11 +359,18 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
             with _PIPELINE_LOCK:
                 ring = _lanes(dev, n_lanes, cap_in, cap_out)
                 run = _Run(writer.tensors, pieces, fd_in, fd_out, dev, kernel, importance, bar)
+                for lane in ring:
+                    lane.clock = StageClock()
                 threads = [threading.Thread(target=run.lane_loop, args=(lane,), daemon=True) for lane in ring]
+                t0 = time.perf_counter()
                 for th in threads:
                     th.start()
                 for th in threads:
                     th.join()
+                LAST_STATS.clear()
+                LAST_STATS.update(wall=time.perf_counter() - t0, lanes=len(ring), pieces=len(pieces))
+                for stage in STAGES:
+                    LAST_STATS[stage] = sum(lane.clock.seconds[stage] for lane in ring)
         finally:
             os.close(fd_in)
         if run.errors:
