@@ -55,7 +55,8 @@ def models(tmp_path_factory):
 
 CASES = [("f32", "q4_k_m", False), ("f32", "q6_k", False), ("f32", "q8_0", False), ("f32", "q4_0", False),
          ("f16", "q4_k_m", False), ("bf16", "q8_0", False), ("bf16", "q3_k_m", False),
-         ("f32", "q4_k_m", True), ("f32", "q4_0", True), ("f16", "q5_k_s", True)]
+         ("f32", "q4_k_m", True), ("f32", "q4_0", True), ("f16", "q5_k_s", True),
+         ("f32", "f16", False), ("bf16", "bf16", False)]     # F16 packed on the host; bf16 -> bf16 copied raw
 
 
 @pytest.mark.parametrize("source,quant,imatrix", CASES, ids=[f"{s}-{q}{'-imatrix' * i}" for s, q, i in CASES])
