@@ -195,8 +195,10 @@ def test_logprobs_under_left_padding_equal_the_unpadded_ones(base: Path) -> None
 
 
 # ------------------------------------------------------------------------------------------- training
-def test_mean_reward_rises_on_a_toy_task(base: Path, reward_file: Path, tmp_path: Path) -> None:
+def test_mean_reward_rises_on_a_toy_task(base: Path, reward_file: Path, tmp_path: Path, capsys) -> None:
     result = train(grpo_config(base, tmp_path / "out", reward_file))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("grpo ")]
+    assert len(lines) == 10 and lines[-1].startswith("grpo 10/10 reward ") and " loss " in lines[-1], lines
     first, last = sum(result.rewards[:3]) / 3, sum(result.rewards[-3:]) / 3
     assert first < 0.3 and last > first + 0.4, result.rewards      # measured: ~0.14 -> 1.0
     adapter = result.adapter_dir
