@@ -87,3 +87,27 @@ def test_row_ranges_split_within_experts():
                                                        (9, 10, 1)]
     assert file_tasks.row_ranges((3, 4096), 1 << 20) == [(0, 3, 0)]
     assert file_tasks.row_ranges((1, 8192), 100) == [(0, 1, 0)]
+
+
+def test_q8_0_matches_ggml_on_edge_inputs():
+    """The Q8_0 packer (quantize_array's): exact halves (roundf's ties), zero blocks, tiny, subnormal, huge
+    (fp16 scale overflow) and f16-rounded inputs, over slab boundaries, against ggml's quantize_q8_0."""
+    from llmforge.quant import q8_0
+    from quant_oracle import ggml_quantize_any
+
+    rng = np.random.default_rng(11)
+    halves = np.tile(np.arange(-127, 128, 8, dtype=np.float32), (16, 1))[:, :32] + np.float32(0.5)
+    halves[:, 0] = 127                                            # amax 127: scale 1, x * id == x
+    normal = rng.standard_normal((80, 1024)).astype(np.float32)
+    subnormal = np.zeros((4, 256), np.float32)
+    subnormal[0, :5] = np.float32(1e-39)
+    subnormal[1, 7] = np.float32(-3e-45)
+    subnormal[2] = normal[0, :256] * np.float32(1e-38)
+    cases = [halves.reshape(-1, 256), -halves.reshape(-1, 256), np.zeros((3, 256), np.float32), normal,
+             normal * np.float32(1e-30), normal * np.float32(1e37), subnormal,
+             (normal * 0.02).astype(np.float16).astype(np.float32), np.round(normal * 20)]
+    for x in cases:
+        with np.errstate(all="ignore"):
+            assert np.array_equal(q8_0.quantize_q8_0(x), ggml_quantize_any(x, T.Q8_0))
+    assert q8_0.quantize_q8_0(normal[0]).shape == (1024 // 32 * 34,)
+    assert normal.size // 32 > 2 * q8_0.SLAB_BLOCKS

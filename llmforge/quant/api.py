@@ -28,6 +28,7 @@ from gguf import quants as gguf_quants
 from ..errors import LlmforgeError
 from . import mixtures
 from .kquants import K_TYPES, quantize_k
+from .q8_0 import quantize_q8_0
 
 
 @dataclass(frozen=True)
@@ -176,4 +177,6 @@ def quantize_array(data: np.ndarray, qtype: T, importance: np.ndarray | None = N
         from .legacy_weighted import quantize_legacy_weighted
 
         return quantize_legacy_weighted(data, qtype, importance)
+    if qtype == T.Q8_0:
+        return quantize_q8_0(data)
     return gguf_quants.quantize(data, qtype)
