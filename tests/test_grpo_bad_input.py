@@ -167,3 +167,12 @@ def test_the_example_config_is_valid() -> None:
     check_settings(config)
     labels = [r.label for r in build_rewards(config.grpo)]
     assert config.train.method == "grpo" and labels == ["regex_format", "exact_match(answer)", "length(200)"]
+
+
+def test_vision_language_bases_are_refused(tmp_path: Path, capsys) -> None:
+    vlm = tmp_path / "vlm"
+    vlm.mkdir()
+    (vlm / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
+                                                 "model_type": "gemma3", "vision_config": {}}))
+    code, _, err = run_cli(["train", str(write_config(tmp_path, vlm))], capsys)
+    assert_one_line_error(tmp_path, code, err, "GRPO on vision-language models", "not supported yet")

@@ -347,7 +347,12 @@ def train_grpo(config: Config, resume: bool = False) -> Any:
     from .lora import add_lora
     from .run import ADAPTER_DIR, TrainResult, maybe_patch_kernels, prepare_output_dir, save_adapter
 
+    from .vision import is_vision_model
+
     check_settings(config)
+    if is_vision_model(config.model.path):
+        raise LlmforgeError(f"GRPO on vision-language models ({config.model.path}) is not supported yet",
+                            hint="use train.method: sft for this model, or a text-only base for GRPO")
     grpo = config.grpo
     rewards = build_rewards(grpo)                     # unknown names / unimportable functions: before any loading
     out_dir = Path(config.train.output_dir)
