@@ -83,30 +83,37 @@ def generate(text_gguf: Path, mmproj_gguf: Path, prompt: str, pixels: list[np.nd
              n: int) -> tuple[list[int], np.ndarray, list[int]]:
     """Run ``prompt`` (``mtmd_default_marker()`` where each image goes) and decode ``n`` tokens greedily.
     Returns (the prompt's text token ids by chunk, joined; the last prompt position's logits; the new ids)."""
-    with mtmd_session(text_gguf, mmproj_gguf) as (llm, mtmd_cpp, ctx):
-        from llama_cpp import llama_cpp as lc
+    with mtmd_session(text_gguf, mmproj_gguf) as session:
+        return generate_in(session, prompt, pixels, n)
 
-        llm.reset()
-        text_ids: list[int] = []
-        with _chunks(mtmd_cpp, ctx, prompt, pixels) as chunks:
-            for chunk in chunks:
-                if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    count = ctypes.c_size_t()
-                    ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                    ids = [ptr[i] for i in range(count.value)]
-                    text_ids += ids
-                    llm.eval(ids)
-                else:
-                    new_past = lc.llama_pos(0)
-                    rc = mtmd_cpp.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, lc.llama_pos(llm.n_tokens),
-                                                               lc.llama_seq_id(0), llm.n_batch, False,
-                                                               ctypes.byref(new_past))
-                    assert rc == 0, f"image chunk failed ({rc})"
-                    llm.n_tokens = new_past.value
-        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        out = []
-        for _ in range(n):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(nxt)
-            llm.eval([nxt])
-        return text_ids, last, out
+
+def generate_in(session, prompt: str, pixels: list[np.ndarray], n: int) -> tuple[list[int], np.ndarray, list[int]]:
+    """:func:`generate` in an open :func:`mtmd_session` (the KV cache is reset first)."""
+    from llama_cpp import llama_cpp as lc
+
+    llm, mtmd_cpp, ctx = session
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    text_ids: list[int] = []
+    with _chunks(mtmd_cpp, ctx, prompt, pixels) as chunks:
+        for chunk in chunks:
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                count = ctypes.c_size_t()
+                ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                ids = [ptr[i] for i in range(count.value)]
+                text_ids += ids
+                llm.eval(ids)
+            else:
+                new_past = lc.llama_pos(0)
+                rc = mtmd_cpp.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, lc.llama_pos(llm.n_tokens),
+                                                           lc.llama_seq_id(0), llm.n_batch, False,
+                                                           ctypes.byref(new_past))
+                assert rc == 0, f"image chunk failed ({rc})"
+                llm.n_tokens = new_past.value
+    last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    out = []
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return text_ids, last, out

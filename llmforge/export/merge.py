@@ -122,8 +122,9 @@ class MergedSource(TensorSource):
             raise LlmforgeError(f"embeddings and lm_head have different vocabularies {sorted(rows)} after the adapter",
                                 hint="the adapter resized only one of them; re-save it with both")
         vocab = rows.pop() if rows else None
-        if vocab is not None and vocab != self.config.get("vocab_size"):
-            self.notes.append(f"vocabulary resized by the adapter: {self.config.get('vocab_size')} -> {vocab}")
+        configured = self.config.get("vocab_size", (self.config.get("text_config") or {}).get("vocab_size"))
+        if vocab is not None and vocab != configured:   # (vision-language configs: text_config's vocabulary)
+            self.notes.append(f"vocabulary resized by the adapter: {configured} -> {vocab}")
             return vocab
         return None
 

@@ -427,3 +427,27 @@ def convert_vlm(model_dir: Path, output: Path, quant: str, *, tensor_source: Ten
     report.checks.extend(f"mmproj {c}" for c in proj_checks)
     report.mmproj = proj_path
     return report
+
+
+def convert_vlm_adapter(adapter: Any, base_model: Any, adapter_dir: Path, output: Path | None, quant: str, *,
+                        name: str | None = None, **convert_kwargs: Any):
+    """A PEFT adapter of a vision-language model, merged layer by layer into its base: the text GGUF at
+    ``output`` (default ``<adapter folder>-<quant>.gguf``) and the mmproj beside it (a projector trained through
+    ``modules_to_save`` is taken from the adapter)."""
+    from ..quant.api import resolve_ftype
+    from .convert import read_config
+    from .merge import MergedSource
+
+    adapter_dir = Path(adapter_dir)
+    config = read_config(base_model.path)
+    spec = find_vision_arch(config)
+    out = Path(output) if output is not None else \
+        adapter_dir.resolve().parent / f"{adapter_dir.resolve().name}-{resolve_ftype(quant).name}.gguf"
+    merged = MergedSource(adapter, base_model, inner=canonical_source(spec, base_model.path))
+    if merged.untie or merged.vocab_size is not None:
+        raise LlmforgeError("vision-language adapters that change embed_tokens/lm_head cannot be converted yet",
+                            hint="train without embed_tokens/lm_head in target_modules/modules_to_save")
+    where = base_model.note or f"merged onto {base_model.path}"
+    return convert_vlm(base_model.path, out, quant, tensor_source=merged, config=config,
+                       name=name or adapter_dir.resolve().name, extra_dirs=(adapter_dir,), source_dir=adapter_dir,
+                       notes=[f"adapter: {adapter.describe()}; {where}", *merged.notes], **convert_kwargs)
