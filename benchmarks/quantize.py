@@ -9,7 +9,7 @@ output is also compared with llama.cpp's, byte for byte.
 
     .venv/bin/python benchmarks/quantize.py                 # ~1.1B parameters (4.4 GB f32; slow on 2 cores)
     .venv/bin/python benchmarks/quantize.py --layers 2      # ~0.2B parameters
-    python3 benchmarks/quantize.py --backends cuda --dir /dev/shm --repeat 3 --probe --gpu-settings 12x32,8x32,16x32
+    python3 benchmarks/quantize.py --backends cuda --dir /dev/shm --repeat 3 --probe --gpu-settings 12x32,12x32xmmap
 
 On CUDA, ``quantize_gguf`` runs the whole-file pipeline (llmforge.quant.gpu_pipeline); ``--gpu-settings`` tries
 lane counts and piece sizes, ``--probe`` measures its host-side limits (preadv, H2D, pwrite) on the same file.
@@ -123,15 +123,22 @@ def probe_host(src: Path, tmp: Path, lanes: int, chunk: int, say) -> None:
     t = time.perf_counter() - t0
     say(f"probe: H2D pinned, {lanes:2} streams:      {len(offsets) * chunk / t / 1e9:5.1f} GB/s")
     probe_registered(src, lanes, chunk, dev, streams, say)
-    out = tmp / "probe.bin"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    from llmforge.quant.gpu_pipeline import _Output
+
     quarter = offsets[: max(1, len(offsets) // 4)]
-    try:
-        t = in_threads(lanes, lambda i, n: [os.pwrite(fd, bufs[i].numpy(), off) for off in quarter[i::n]])
-        say(f"probe: pwrite, {lanes:2} threads:            {len(quarter) * chunk / t / 1e9:5.1f} GB/s")
-    finally:
-        os.close(fd)
-        out.unlink()
+    for mode in ("pwrite", "mmap"):       # the pipeline's two ways to write the output, into a fresh file
+        out = tmp / "probe.bin"
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.ftruncate(fd, len(quarter) * chunk)
+            sink = _Output(fd, mode)
+            t = in_threads(lanes, lambda i, n: [sink.write(bufs[i].numpy(), k * chunk)
+                                                for k in range(i, len(quarter), n)])
+            sink.close()
+            say(f"probe: {mode:6} output, {lanes:2} threads:   {len(quarter) * chunk / t / 1e9:5.1f} GB/s")
+        finally:
+            os.close(fd)
+            out.unlink()
 
 
 def probe_registered(src: Path, lanes: int, chunk: int, dev: list, streams: list, say) -> None:
@@ -194,7 +201,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per llmforge backend (the best is the ratio)")
     ap.add_argument("--gpu-settings", default="",
-                    help="cuda pipeline settings to try, LANESxCHUNK_MB, e.g. 12x32,8x32,16x64 (default: the defaults)")
+                    help="cuda pipeline settings to try, LANESxCHUNK_MB[xmmap], e.g. 12x32,16x64,12x32xmmap "
+                         "(mmap: LLMFORGE_GPU_WRITE=mmap; default: the defaults)")
     ap.add_argument("--probe", action="store_true", help="also measure the GPU pipeline's host-side limits")
     ap.add_argument("--out", default=None, help="also write the lines printed to this file")
     args = ap.parse_args()
@@ -213,7 +221,8 @@ def main() -> None:
     backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + cuda)
     if args.backends:
         backends = [b for b in args.backends.split(",") if b in backends]
-    settings = [tuple(int(v) for v in s.split("x")) for s in args.gpu_settings.split(",") if s] or [None]
+    settings = [(int(s.split("x")[0]), int(s.split("x")[1]), "mmap" if s.endswith("xmmap") else "pwrite")
+                for s in args.gpu_settings.split(",") if s] or [None]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = Path(tmp) / "model-f32.gguf"
         n = build_f32(src, args.layers)
@@ -240,18 +249,19 @@ def main() -> None:
             ref.unlink()
 
 
-def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setting: tuple[int, int] | None,
+def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setting: tuple[int, int, str] | None,
                 repeat: int, mb: float, t_ref: float, say) -> None:
     from llmforge.quant import gpu_pipeline
 
     out = tmp / f"ours-{quant}-{backend}.gguf"
     label = {"numpy": "numpy", "cpu": "torch CPU", "cuda": "CUDA Triton", "cuda-eager": "CUDA eager"}[backend]
     if backend == "cuda":
-        lanes, chunk_mb = setting or (gpu_pipeline.default_lanes(), gpu_pipeline.CHUNK_BYTES >> 20)
-        label += f" {lanes:2} lanes x {chunk_mb:3} MiB"
-    saved = gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES
+        lanes, chunk_mb, mode = setting or (gpu_pipeline.default_lanes(), gpu_pipeline.CHUNK_BYTES >> 20,
+                                            gpu_pipeline.WRITE_MODE)
+        label += f" {lanes:2} lanes x {chunk_mb:3} MiB {mode:6}"
+    saved = gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE
     if setting:
-        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES = setting[0], setting[1] << 20
+        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE = setting[0], setting[1] << 20, setting[2]
     if backend == "cuda-eager":
         os.environ["LLMFORGE_KQUANT_GPU"] = "eager"    # A/B: TorchOps instead of the Triton kernels
     times = []
@@ -268,7 +278,7 @@ def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setti
                 break
     finally:
         os.environ.pop("LLMFORGE_KQUANT_GPU", None)
-        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES = saved
+        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE = saved
     runs = " ".join(f"{mb / t:.0f}" for t in times)
     say(f"{quant:7} llmforge {label:10} {mb / min(times):8.1f} MB/s   ratio {t_ref / min(times):5.2f}   "
         f"identical to llama.cpp: {same}   (runs, MB/s: {runs})")

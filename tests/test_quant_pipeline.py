@@ -69,6 +69,15 @@ def test_pipeline_writes_llama_cpp_file(cpu_pipeline, models, tmp_path, source, 
     assert ours.read_bytes() == llama_cpp_file(models[source], tmp_path / "ref.gguf", quant, imx)
 
 
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+def test_mapped_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monkeypatch, quant):
+    """LLMFORGE_GPU_WRITE=mmap: lanes copy into the mapped output (pages populated first), same bytes."""
+    monkeypatch.setattr(gpu_pipeline, "WRITE_MODE", "mmap")
+    ours = tmp_path / "ours.gguf"
+    quantize_gguf(models["f16"], ours, quant, progress=False)
+    assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", quant)
+
+
 def test_pieces_cover_every_byte_once(models):
     """Row pieces tile each tensor's source and output ranges exactly, in file order."""
     from gguf import GGUFReader

@@ -169,7 +169,7 @@ class StreamingGGUFWriter:
             try:
                 self.write_header(tmp)
                 self.gguf.fout[0].flush()
-                fd = os.open(tmp, os.O_WRONLY)
+                fd = os.open(tmp, os.O_RDWR)   # read-write: fill may map it
                 try:
                     os.ftruncate(fd, self.data_end())
                     fill(fd)

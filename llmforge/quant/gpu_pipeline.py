@@ -20,6 +20,9 @@ tests also run the pipeline with a numpy stand-in on ``device="cpu"`` (no pinned
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import mmap
 import os
 import threading
 import time
@@ -43,6 +46,8 @@ UNWEIGHTED_ONLY = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1})   # with importanc
 SOURCE_DTYPES: dict[T, torch.dtype] = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 CHUNK_BYTES = int(float(os.environ.get("LLMFORGE_GPU_CHUNK_MB", "32")) * 2**20)
 LANES = int(os.environ.get("LLMFORGE_GPU_LANES", "0"))       # 0: min(12, cores)
+WRITE_MODE = os.environ.get("LLMFORGE_GPU_WRITE", "pwrite")   # or "mmap" (see _Output)
+_MADV_POPULATE_WRITE = 23                                    # Linux 5.14+
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,42 @@ def pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
+class _Output:
+    """Where the lanes put packed bytes. "pwrite": each call holds the file's inode lock, so writes to one
+    file are serial whatever the number of threads. "mmap": the output mapped shared; a lane populates the
+    pages of its range (MADV_POPULATE_WRITE: a full disk is then an ENOSPC error, not a SIGBUS) and copies
+    into them, in parallel with the other lanes. A kernel without MADV_POPULATE_WRITE falls back to pwrite."""
+
+    def __init__(self, fd: int, mode: str):
+        self.fd, self.mm, self.base = fd, None, 0
+        size = os.fstat(fd).st_size
+        if mode == "mmap" and size:
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._arr = np.frombuffer(self.mm, dtype=np.uint8)
+            self.base = self._arr.ctypes.data
+
+    def write(self, buf: np.ndarray, offset: int) -> None:
+        if self.mm is None:
+            pwrite_all(self.fd, buf, offset)
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self.mm.madvise(_MADV_POPULATE_WRITE, start, offset + buf.nbytes - start)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:       # an older kernel: pwrite from now on (same page cache)
+                self.mm = None
+                pwrite_all(self.fd, buf, offset)
+                return
+            raise OSError(errno.ENOSPC, f"could not allocate output pages ({exc.strerror})") from exc
+        ctypes.memmove(self.base + offset, buf.ctypes.data, buf.nbytes)    # ctypes releases the GIL
+
+    def close(self) -> None:
+        mm, self.mm = self.mm, None
+        self._arr = None
+        if mm is not None:
+            mm.close()
+
+
 # ----------------------------------------------------------------------------- lanes
 
 
@@ -215,9 +256,9 @@ def _host_f32(raw: np.ndarray, source: T) -> np.ndarray:
 class _Run:
     """One pipelined write: the pieces, the shared cursor, per-tensor NaN/Inf counts and progress."""
 
-    def __init__(self, tensors: list[PlannedTensor], pieces: list[Piece], fd_in: int, fd_out: int,
+    def __init__(self, tensors: list[PlannedTensor], pieces: list[Piece], fd_in: int, out: _Output,
                  dev: torch.device, kernel: Kernel, importance: Mapping[str, np.ndarray], bar: Progress):
-        self.tensors, self.pieces, self.fd_in, self.fd_out = tensors, pieces, fd_in, fd_out
+        self.tensors, self.pieces, self.fd_in, self.out = tensors, pieces, fd_in, out
         self.dev, self.kernel, self.importance, self.bar = dev, kernel, importance, bar
         self.cuda = dev.type == "cuda"
         self.lock = threading.Lock()
@@ -268,7 +309,7 @@ class _Run:
         with lane.clock("read"):
             pread_into(self.fd_in, buf, p.src)
         with lane.clock("write"):
-            pwrite_all(self.fd_out, buf, p.dst)
+            self.out.write(buf, p.dst)
 
     def _gpu(self, lane: _Lane, p: Piece) -> None:
         t = self.tensors[p.tensor]
@@ -299,7 +340,7 @@ class _Run:
                 self.bad[p.tensor] += bad
             return
         with lane.clock("write"):
-            pwrite_all(self.fd_out, lane.out_np[:p.dst_bytes], p.dst)
+            self.out.write(lane.out_np[:p.dst_bytes], p.dst)
 
     def _host(self, lane: _Lane, p: Piece) -> None:
         from .api import quantize_array
@@ -315,7 +356,7 @@ class _Run:
             return
         with lane.clock("host"):
             out = quantize_array(x, t.qtype, self.importance.get(t.name), name=t.name, threads=1, backend="numpy")
-        pwrite_all(self.fd_out, np.ascontiguousarray(out).view(np.uint8).reshape(-1), p.dst)
+        self.out.write(np.ascontiguousarray(out).view(np.uint8).reshape(-1), p.dst)
 
 
 def pipelined() -> bool:
@@ -331,12 +372,13 @@ def default_lanes() -> int:
 def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: str | Path,
                     src_offsets: Mapping[str, int], importance: Mapping[str, np.ndarray] | None = None, *,
                     device: str | None = None, kernels: tuple[frozenset[T], Kernel] | None = None,
-                    lanes: int | None = None, chunk_bytes: int | None = None,
+                    lanes: int | None = None, chunk_bytes: int | None = None, write_mode: str | None = None,
                     progress: bool = True) -> WriteResult:
     """Write ``writer``'s planned tensors (``t.source`` = the input type, ``src_offsets`` = where each
     tensor's data starts in ``in_path``) to ``out_path`` atomically through the lanes; same bytes as
     :meth:`StreamingGGUFWriter.write` with :func:`api.quantize_array`. ``kernels``: (types, kernel), default
-    :func:`triton_kernels`; ``device`` default :data:`DEVICE`. NaN/Inf in a tensor that is converted is one
+    :func:`triton_kernels`; ``device`` default :data:`DEVICE`; ``write_mode`` "pwrite" or "mmap" (default
+    :data:`WRITE_MODE`, see :class:`_Output`). NaN/Inf in a tensor that is converted is one
     error naming the first such tensor."""
     importance = importance or {}
     types, kernel = kernels or KERNELS()
@@ -355,10 +397,11 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
         cap_in = max(big, chunk) if big else 0
         cap_out = max(max((p.dst_bytes for p in pieces if p.kind == "gpu"), default=0), cap_in * 17 // 32)
         fd_in = os.open(in_path, os.O_RDONLY)
+        out = _Output(fd_out, write_mode or WRITE_MODE)
         try:
             with _PIPELINE_LOCK:
                 ring = _lanes(dev, n_lanes, cap_in, cap_out)
-                run = _Run(writer.tensors, pieces, fd_in, fd_out, dev, kernel, importance, bar)
+                run = _Run(writer.tensors, pieces, fd_in, out, dev, kernel, importance, bar)
                 for lane in ring:
                     lane.clock = StageClock()
                 threads = [threading.Thread(target=run.lane_loop, args=(lane,), daemon=True) for lane in ring]
@@ -372,6 +415,7 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
                 for stage in STAGES:
                     LAST_STATS[stage] = sum(lane.clock.seconds[stage] for lane in ring)
         finally:
+            out.close()
             os.close(fd_in)
         if run.errors:
             raise run.errors[0]
