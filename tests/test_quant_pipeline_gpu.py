@@ -64,14 +64,16 @@ def test_block32_kernels_give_ggml_bytes(qtype):
 CASES = [("f32", "q4_k_m", False), ("f32", "q8_0", False), ("f32", "q4_0", False), ("f16", "q4_k_m", False),
          ("bf16", "q8_0", False), ("f16", "q5_1", False), ("f32", "q4_k_m", True), ("f32", "q4_0", True)]
 
+SMALL_PIECES = {("f32", "q4_k_m"), ("bf16", "q8_0")}
+
 
 @pytest.mark.parametrize("source,quant,imatrix", CASES, ids=[f"{s}-{q}{'-imatrix' * i}" for s, q, i in CASES])
 def test_pipeline_writes_llama_cpp_file(models, tmp_path, monkeypatch, source, quant, imatrix):
-    """Whole tensors per piece over 4 lanes, and (f32, bf16) pieces of 1-2 rows, many of a tensor in flight."""
+    """Whole tensors per piece over 4 lanes; for two cases also pieces of 1-2 rows, many of a tensor in flight."""
     monkeypatch.setattr(gpu_pipeline, "LANES", 4)
     imx = models["imatrix"] if imatrix else None
     want = llama_cpp_file(models[source], tmp_path / "ref.gguf", quant, imx)
-    for chunk in (1 << 20, 4096) if source != "f16" else (1 << 20,):
+    for chunk in (1 << 20, 4096) if (source, quant) in SMALL_PIECES else (1 << 20,):
         monkeypatch.setattr(gpu_pipeline, "CHUNK_BYTES", chunk)
         ours = tmp_path / "ours.gguf"
         quantize_gguf(models[source], ours, quant, imatrix=imx, progress=False, backend="cuda")
