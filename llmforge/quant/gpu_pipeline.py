@@ -150,15 +150,15 @@ class _Output:
     into them, in parallel with the other lanes. A kernel without MADV_POPULATE_WRITE falls back to pwrite."""
 
     def __init__(self, fd: int, mode: str):
-        self.fd, self.mm, self.base = fd, None, 0
+        self.fd, self.mm, self.mapped, self.base, self._arr = fd, None, False, 0, None
         size = os.fstat(fd).st_size
         if mode == "mmap" and size:
             self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             self._arr = np.frombuffer(self.mm, dtype=np.uint8)
-            self.base = self._arr.ctypes.data
+            self.base, self.mapped = self._arr.ctypes.data, True
 
     def write(self, buf: np.ndarray, offset: int) -> None:
-        if self.mm is None:
+        if not self.mapped:
             pwrite_all(self.fd, buf, offset)
             return
         start = offset - offset % mmap.PAGESIZE
@@ -166,15 +166,15 @@ class _Output:
             self.mm.madvise(_MADV_POPULATE_WRITE, start, offset + buf.nbytes - start)
         except OSError as exc:
             if exc.errno == errno.EINVAL:       # an older kernel: pwrite from now on (same page cache)
-                self.mm = None
+                self.mapped = False
                 pwrite_all(self.fd, buf, offset)
                 return
             raise OSError(errno.ENOSPC, f"could not allocate output pages ({exc.strerror})") from exc
         ctypes.memmove(self.base + offset, buf.ctypes.data, buf.nbytes)    # ctypes releases the GIL
 
     def close(self) -> None:
+        self.mapped, self._arr = False, None
         mm, self.mm = self.mm, None
-        self._arr = None
         if mm is not None:
             mm.close()
 
