@@ -69,10 +69,13 @@ def test_pipeline_writes_llama_cpp_file(cpu_pipeline, models, tmp_path, source, 
     assert ours.read_bytes() == llama_cpp_file(models[source], tmp_path / "ref.gguf", quant, imx)
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
-def test_mapped_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monkeypatch, quant):
-    """LLMFORGE_GPU_WRITE=mmap: lanes copy into the mapped output (pages populated first), same bytes."""
+@pytest.mark.parametrize("quant,advice", [("q8_0", None), ("q4_k_m", None), ("q4_k_m", 9999)])
+def test_mapped_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monkeypatch, quant, advice):
+    """LLMFORGE_GPU_WRITE=mmap: lanes copy into the mapped output (pages populated first), same bytes; a
+    kernel that refuses the advice (EINVAL, here an unknown one) falls back to pwrite."""
     monkeypatch.setattr(gpu_pipeline, "WRITE_MODE", "mmap")
+    if advice is not None:
+        monkeypatch.setattr(gpu_pipeline, "_MADV_POPULATE_WRITE", advice)
     ours = tmp_path / "ours.gguf"
     quantize_gguf(models["f16"], ours, quant, progress=False)
     assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", quant)
