@@ -98,6 +98,8 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
     loaded = load_template_source(template_source or source)
     mf = modelfile_for_source(source, from_=f"./{gguf.name}", template_source=template_source,
                               loaded=lambda: loaded)
+    projector = getattr(converted, "mmproj", None)   # a vision model: FROM text.gguf + FROM mmproj
+    mf.projector = f"./{projector.name}" if projector is not None else None
     modelfile_path = out_dir / "Modelfile"
     with atomic_path(modelfile_path) as tmp:
         tmp.write_text(mf.text, encoding="utf-8")
@@ -106,7 +108,7 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
                         convert_lines=list(converted.summary_lines()), notes=list(mf.notes))
     try:
         report.push = push_model(gguf, name, modelfile=mf, host=host, template_source=loaded, timeouts=timeouts,
-                                 progress=progress)
+                                 progress=progress, projector=projector)
     except OllamaUnreachable as exc:
         report.warnings.append(f"not pushed: {exc.message}")
     except LlmforgeError as exc:

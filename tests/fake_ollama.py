@@ -326,7 +326,9 @@ def _handler_for(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(2)
                 return
             failure = server.take_fault("POST /api/create", "stream_error")
-            model_digest = next(iter(files.values()))
+            # as server/create.go: a GGUF whose architecture is clip becomes the projector layer
+            projectors = [d for d in files.values() if _gguf_architecture(server.blob_path(d)) == "clip"]
+            model_digest = next((d for d in files.values() if d not in projectors), next(iter(files.values())))
             if failure or server.blob_path(model_digest).read_bytes()[:4] != b"GGUF":
                 self._stream_line({"error": failure.message if failure else "unsupported content type: not GGUF"})
                 self._end_stream()
@@ -338,6 +340,7 @@ def _handler_for(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 "template": template, "system": body.get("system"), "parameters": parameters,
                 "license": body.get("license"), "files": files, "adapters": adapters,
                 "messages": body.get("messages") or [], "blob": server.blob_path(model_digest),
+                "projectors": projectors,
             }
             self._stream_line({"status": "writing manifest"})
             self._stream_line({"status": "success"})
@@ -362,7 +365,8 @@ def _handler_for(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
             self._send_json(200, {
                 "template": _gguf_jinja(model["blob"]) if native else (model["template"] or "{{ .Prompt }}"),
                 "system": model["system"] or "", "parameters": "\n".join(params),
-                "license": model["license"] or "", "modelfile": "# fake", "capabilities": ["completion"],
+                "license": model["license"] or "", "modelfile": "# fake",
+                "capabilities": ["completion"] + (["vision"] if model.get("projectors") else []),
                 "details": {"format": "gguf"}, "model_info": {},
             })
 
@@ -419,3 +423,13 @@ def _gguf_jinja(path: Path) -> str:
     except Exception:
         return ""
     return field.contents() if field is not None else ""
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    """general.architecture of a stored blob (None when it is not a readable GGUF)."""
+    from llmforge.export.gguf_header import read_header
+
+    try:
+        return read_header(path).kv.get("general.architecture")
+    except (ValueError, OSError):
+        return None

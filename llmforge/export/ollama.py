@@ -448,6 +448,8 @@ class PushReport:
     uploaded: bool
     adapter_digest: str | None = None
     adapter_uploaded: bool = False
+    projector_digest: str | None = None
+    projector_uploaded: bool = False
     statuses: list[str] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)
     render_check: str = "not run"
@@ -460,6 +462,9 @@ class PushReport:
         if self.adapter_digest:
             lines.append(f"adapter blob {self.adapter_digest[:19]}... "
                          + ("uploaded" if self.adapter_uploaded else "already on the server"))
+        if self.projector_digest:
+            lines.append(f"projector blob {self.projector_digest[:19]}... "
+                         + ("uploaded" if self.projector_uploaded else "already on the server"))
         lines += [f"verified: {', '.join(self.verified) or 'nothing'}",
                   f"render check: {self.render_check}", f"template in use: {self.template_in_use}"]
         lines += [f"note: {n}" for n in self.notes]
@@ -481,8 +486,11 @@ def _load_modelfile(modelfile: Any, gguf: Path, loaded: Any) -> tuple[Any, Path 
     return parse_modelfile(path.read_text(encoding="utf-8")), path.parent
 
 
-def _create_request(name: str, gguf: Path, digest: str, mf: Any, adapter: tuple[Path, str] | None) -> dict:
+def _create_request(name: str, gguf: Path, digest: str, mf: Any, adapter: tuple[Path, str] | None,
+                    projector: tuple[Path, str] | None = None) -> dict:
     request: dict[str, Any] = {"model": name, "files": {gguf.name: digest}}
+    if projector:   # Ollama files a clip GGUF among `files` as the model's projector layer
+        request["files"][projector[0].name if projector[0].name != gguf.name else f"mmproj-{gguf.name}"] = projector[1]
     if adapter:
         key = adapter[0].name if adapter[0].name != gguf.name else f"adapter-{adapter[0].name}"
         request["adapters"] = {key: adapter[1]}
@@ -538,8 +546,12 @@ def _require_gguf(path: Path) -> None:
 
 def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | None = None,
                host: str | None = None, *, template_source: Any = None, timeouts: Timeouts = Timeouts(),
-               progress: TextIO = sys.stderr) -> PushReport:
+               progress: TextIO = sys.stderr, projector: Path | None = None) -> PushReport:
     """Upload ``gguf`` (and ``adapter``) to Ollama and create ``name`` from it, then verify what landed.
+
+    ``projector``: a vision model's mmproj GGUF, sent as a second file (default: the Modelfile's second FROM,
+    else ``mmproj-<gguf name>`` beside ``gguf`` when there is one, as ``llmforge convert`` writes it); the
+    server must then report the vision capability.
 
     ``modelfile`` is a Modelfile path, a :class:`llmforge.templates.modelfile.Modelfile`, or None (derive
     one from the GGUF's own chat template). ``template_source`` (a ``TemplateSource``) gives the Jinja chat
@@ -576,6 +588,7 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
         raise LlmforgeError(f"adapter {adapter_path} does not exist", hint="pass a GGUF LoRA adapter file")
     if adapter_path is not None:
         _require_gguf(adapter_path)
+    projector_path = _projector_path(projector, mf, base_dir, gguf)
 
     notes = list(mf.notes)
     if base_dir is not None and modelfile is not None and mf.from_:
@@ -589,17 +602,47 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
     if adapter_path is not None:
         report.adapter_digest, report.adapter_uploaded = client.ensure_blob(adapter_path)
         adapter_blob = (adapter_path, report.adapter_digest)
-    request = _create_request(name, gguf, digest, mf, adapter_blob)
+    projector_blob = None
+    if projector_path is not None:
+        report.projector_digest, report.projector_uploaded = client.ensure_blob(projector_path)
+        projector_blob = (projector_path, report.projector_digest)
+    request = _create_request(name, gguf, digest, mf, adapter_blob, projector_blob)
     report.statuses = client.create(request)
-    _verify(client, name, request, version, report)
+    _verify(client, name, request, version, report, vision=projector_path is not None)
     _check_render(client, name, loaded, version, report, mf.template)
     return report
 
 
+def _projector_path(projector: Path | None, mf: Any, base_dir: Path | None, gguf: Path) -> Path | None:
+    """The mmproj to send: the argument, the Modelfile's second FROM, or ``mmproj-<name>`` beside the GGUF."""
+    if projector is None and mf.projector and base_dir is not None:
+        projector = Path(mf.projector) if Path(mf.projector).is_absolute() else base_dir / mf.projector
+    if projector is None:
+        beside = gguf.with_name(f"mmproj-{gguf.name}")
+        projector = beside if beside.is_file() else None
+    if projector is None:
+        return None
+    projector = Path(projector)
+    if not projector.is_file():
+        raise LlmforgeError(f"projector {projector} does not exist", hint="pass the mmproj GGUF written by convert")
+    _require_gguf(projector)
+    from .gguf_header import read_header
+
+    if read_header(projector).kv.get("general.architecture") != "clip":
+        raise LlmforgeError(f"{projector} is not a projector (general.architecture is not clip)",
+                            hint="pass the mmproj-*.gguf written by `llmforge convert` for a vision model")
+    return projector
+
+
 def _verify(client: OllamaClient, name: str, request: dict[str, Any], version: tuple[int, int, int],
-            report: PushReport) -> None:
+            report: PushReport, vision: bool = False) -> None:
     shown = client.show(name)
     problems = []
+    if vision:
+        if "vision" in (shown.get("capabilities") or []):
+            report.verified.append("projector (vision capability)")
+        else:
+            problems.append("the server did not take the projector (no vision capability)")
     if "template" in request:
         if shown.get("template") == request["template"]:
             report.verified.append("template")
