@@ -158,3 +158,216 @@ def linear_cross_entropy_reference(hidden, weight, labels, *, softcap=None, igno
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
     return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+# ------------------------------------------------------------------------------ vocabulary streaming
+# A frozen lm_head that stays in (pinned) host memory: W is streamed to the device in vocabulary chunks, once
+# per step. One pass suffices: like flash attention's online softmax, each row keeps a running max m and sum of
+# exp s, and d loss / d hidden = sum_v softmax_v * dz_v/dx_v * W_v - dz_y/dx_y * W_y is accumulated as
+# acc = acc * exp(m_old - m_new) + P_chunk @ W_chunk with P = exp(z - m_new) * dz/dx, then divided by s at the
+# end. The target term -dz_y/dx_y * W_y is written by the row that finds its label in the current chunk.
+STREAM_LOGIT_BYTES = 64 << 20  # logits of one vocabulary chunk in the compute dtype (8192 columns at 4096 rows)
+
+if triton_importable():
+    @triton.jit
+    def _stream_rows(LOGITS, stride, LABELS, RUN_MAX, RUN_SUM, TARGET, ALPHA, W, w_stride, DH, dh_stride,
+                     v0, n_cols, n_hidden, softcap, ignore_index,
+                     HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+        """One row of the vocabulary chunk [v0, v0 + n_cols): update the row's running max and sum of exp,
+        keep the target logit (and write -dz/dx * W[label] into DH) when the label falls in the chunk, then
+        overwrite the row with exp(z - new max) * dz/dx; ALPHA gets exp(old max - new max)."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = LOGITS + row * stride
+        cols = tl.arange(0, BLOCK)
+        chunk_max = tl.full([BLOCK], -float("inf"), tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            idx = start + cols
+            mask = idx < n_cols
+            x = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+            chunk_max = tl.maximum(chunk_max, tl.where(mask, x, -float("inf")))
+        old_max = tl.load(RUN_MAX + row)
+        new_max = tl.maximum(old_max, tl.max(chunk_max, axis=0))
+        label = tl.load(LABELS + row).to(tl.int64)
+        rel = label - v0
+        if (label != ignore_index) & (rel >= 0) & (rel < n_cols):
+            x = tl.load(ptr + rel).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+                z = softcap * t
+                slope = 1.0 - t * t
+            else:
+                z = x
+                slope = 1.0
+            tl.store(TARGET + row, z)
+            hcols = tl.arange(0, BLOCK_H)
+            for h0 in range(0, n_hidden, BLOCK_H):
+                hidx = h0 + hcols
+                hmask = hidx < n_hidden
+                w = tl.load(W + rel * w_stride + hidx, mask=hmask, other=0.0).to(tl.float32)
+                tl.store(DH + row * dh_stride + hidx, (-slope * w).to(DH.dtype.element_ty), mask=hmask)
+        total = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            idx = start + cols
+            mask = idx < n_cols
+            x = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+                z = softcap * t
+            else:
+                z = x
+            e = tl.where(mask, tl.exp(z - new_max), 0.0)
+            total += e
+            if HAS_SOFTCAP:
+                e = e * (1.0 - t * t)
+            tl.store(ptr + idx, e.to(LOGITS.dtype.element_ty), mask=mask)
+        alpha = tl.exp(old_max - new_max)  # 0 on the first chunk (old max -inf)
+        tl.store(RUN_SUM + row, tl.load(RUN_SUM + row) * alpha + tl.sum(total, axis=0))
+        tl.store(RUN_MAX + row, new_max)
+        tl.store(ALPHA + row, alpha)
+
+
+def _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index):
+    """Torch fallback of ``_stream_rows`` (same in-place updates); returns ALPHA."""
+    x = logits.float()
+    if softcap:
+        t = torch.tanh(x / softcap)
+        z = softcap * t
+    else:
+        z = x
+    new_max = torch.maximum(run_max, z.max(dim=1).values)
+    alpha = torch.exp(run_max - new_max)
+    e = torch.exp(z - new_max[:, None])
+    run_sum.mul_(alpha).add_(e.sum(dim=1))
+    run_max.copy_(new_max)
+    rel = labels - v0
+    hit = (labels != ignore_index) & (rel >= 0) & (rel < logits.shape[1])
+    safe = torch.where(hit, rel, 0)
+    z_target = z.gather(1, safe[:, None])[:, 0]
+    target.copy_(torch.where(hit, z_target, target))
+    slope = 1.0 - (z_target / softcap) ** 2 if softcap else torch.ones_like(z_target)  # z = softcap * t
+    term = -slope[:, None] * w_chunk.float()[safe]
+    dh.copy_(torch.where(hit[:, None], term.to(dh.dtype), dh))
+    if softcap:
+        e *= 1.0 - t * t
+    logits.copy_(e)
+    return alpha
+
+
+def _stream_update(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index):
+    if use_triton(logits):
+        alpha = torch.empty_like(run_max)
+        if logits.shape[0]:
+            block = min(next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 256)
+            block_h = min(next_power_of_2(w_chunk.shape[1]), 1024 if logits.is_cuda else 64)
+            _stream_rows[(logits.shape[0],)](logits, logits.stride(0), labels, run_max, run_sum, target, alpha,
+                                             w_chunk, w_chunk.stride(0), dh, dh.stride(0), v0, logits.shape[1],
+                                             w_chunk.shape[1], float(softcap or 0.0), ignore_index,
+                                             HAS_SOFTCAP=bool(softcap), BLOCK=block, BLOCK_H=block_h,
+                                             num_warps=8 if block >= 2048 else 4)
+        return alpha
+    return _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index)
+
+
+_COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def vocab_chunks(weight: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype):
+    """Yield ``(start, weight[start:start + chunk])`` on ``device`` in ``dtype``. A host weight headed for a
+    CUDA device is copied on a side stream into two alternating buffers, so chunk i + 1 is in flight while
+    the caller computes with chunk i (a pinned ``weight`` makes the copies truly asynchronous)."""
+    vocab = weight.shape[0]
+    if weight.device == device or device.type != "cuda":
+        for start in range(0, vocab, chunk):
+            yield start, weight[start:start + chunk].to(device=device, dtype=dtype)
+        return
+    compute = torch.cuda.current_stream(device)
+    copy = _COPY_STREAMS.get(device)
+    if copy is None:
+        copy = _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    buffers = [torch.empty((min(chunk, vocab), weight.shape[1]), dtype=weight.dtype, device=device)
+               for _ in range(2)]
+    ready: list = [None, None]
+    free: list = [None, None]
+    copy.wait_stream(compute)  # the buffers' memory may have been in use by earlier compute-stream work
+
+    def issue(i: int) -> None:
+        start, b = i * chunk, i % 2
+        n = min(chunk, vocab - start)
+        with torch.cuda.stream(copy):
+            if free[b] is not None:
+                copy.wait_event(free[b])  # the chunk that used this buffer two steps ago is done
+            buffers[b][:n].copy_(weight[start:start + n], non_blocking=True)
+            ready[b] = torch.cuda.Event()
+            ready[b].record(copy)
+
+    n_chunks = -(-vocab // chunk)
+    issue(0)
+    for i in range(n_chunks):
+        if i + 1 < n_chunks:
+            issue(i + 1)
+        b, start = i % 2, i * chunk
+        compute.wait_event(ready[b])
+        w = buffers[b][:min(chunk, vocab - start)]
+        yield start, (w if w.dtype == dtype else w.to(dtype))
+        free[b] = torch.cuda.Event()
+        free[b].record(compute)
+
+
+class _StreamedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, softcap, ignore_index, chunk_vocab, dtype):
+        h = hidden.to(dtype)
+        n_rows, device = h.shape[0], h.device
+        run_max = torch.full((n_rows,), -float("inf"), dtype=torch.float32, device=device)
+        run_sum = torch.zeros(n_rows, dtype=torch.float32, device=device)
+        target = torch.zeros(n_rows, dtype=torch.float32, device=device)
+        acc = torch.zeros(h.shape, dtype=torch.float32, device=device)
+        dh = torch.zeros(h.shape, dtype=dtype, device=device)  # the target terms, then the gradient
+        for start, w in vocab_chunks(weight, chunk_vocab, device, dtype):
+            logits = h @ w.t()
+            alpha = _stream_update(logits, labels, start, run_max, run_sum, target, w, dh, softcap, ignore_index)
+            acc.mul_(alpha[:, None]).add_(logits @ w)
+            del logits, w
+        valid = labels != ignore_index
+        loss_sum = torch.where(valid, run_max + torch.log(run_sum) - target, 0.0).sum()
+        acc.div_(run_sum[:, None]).add_(dh).mul_(valid[:, None])
+        dh.copy_(acc)
+        del acc
+        ctx.save_for_backward(dh)
+        ctx.hidden_dtype = hidden.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (dh,) = ctx.saved_tensors
+        dh = (dh * grad_loss.to(dh.dtype)).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        return dh, None, None, None, None, None, None
+
+
+def streamed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                  softcap: float | None = None, ignore_index: int = IGNORE_INDEX,
+                                  num_items_in_batch: torch.Tensor | int | None = None,
+                                  chunk_vocab: int | None = None) -> torch.Tensor:
+    """``fused_linear_cross_entropy`` for a frozen ``weight`` that may stay in (pinned) host memory.
+
+    ``weight`` (V, H) is streamed to ``hidden``'s device ``chunk_vocab`` rows at a time, once per call
+    (double-buffered on a side stream on CUDA); only (N, chunk_vocab) logits exist at a time. Only the
+    hidden states get a gradient: a ``weight`` that requires grad is refused.
+    """
+    if weight.requires_grad:
+        raise ValueError("streamed_linear_cross_entropy: the weight must be frozen (requires_grad=False)")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(hidden.device)
+    dtype = compute_dtype(hidden)
+    if chunk_vocab is None:
+        rows = max(1, hidden.shape[0]) * (torch.finfo(dtype).bits // 8)
+        chunk_vocab = min(32768, max(1024, STREAM_LOGIT_BYTES // rows // 256 * 256))
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss_sum = _StreamedLinearCE.apply(hidden, weight, labels, softcap, ignore_index, int(chunk_vocab), dtype)
+    if num_items_in_batch is None:
+        denominator = (labels != ignore_index).sum().clamp(min=1)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=loss_sum.device)
+    return loss_sum / denominator

@@ -19,8 +19,10 @@ from torch import nn
 
 from llmforge.kernels._backend import interpreting, triton_importable, use_triton
 from llmforge.kernels.activations import ACTIVATION_KINDS, gated_activation
-from llmforge.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy
+from llmforge.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy, streamed_linear_cross_entropy
 from llmforge.kernels.fast_lora import AdapterCache, LoRAWeights, lora_linear, lora_mlp, lora_qkv, new_step
+from llmforge.kernels.host_weights import is_host_weight, offload_candidates
+from llmforge.kernels.host_weights import offload_frozen_weights as _offload_frozen
 from llmforge.kernels.offload import offloaded_checkpoint
 from llmforge.kernels.rmsnorm import rms_norm
 from llmforge.kernels.rope import apply_rope_, rope_fits
@@ -48,6 +50,7 @@ class PatchReport:
     fused_cross_entropy: bool = False
     offloaded_checkpoint_layers: int = 0
     cached_adapter_casts: bool = False
+    host_weights: list[str] = field(default_factory=list)  # frozen modules kept in host memory
     not_patched: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -65,6 +68,8 @@ class PatchReport:
                  f"{self.offloaded_checkpoint_layers} offloaded checkpoint layers"]
         if self.cached_adapter_casts:
             parts.append("adapter casts cached")
+        if self.host_weights:
+            parts.append("host weights: " + ", ".join(self.host_weights))
         text = ", ".join(parts)
         if self.not_patched:
             text += f"; not patched: {len(self.not_patched)} (" + "; ".join(self.not_patched[:5]) + \
@@ -311,8 +316,12 @@ def _patch_causal_lm(lm: nn.Module) -> bool:
                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if shift_labels is None:
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        loss = fused_linear_cross_entropy(out.last_hidden_state, lm.lm_head.weight, shift_labels, softcap=softcap,
-                                          ignore_index=ignore_index, num_items_in_batch=num_items)
+        hidden, weight = out.last_hidden_state, lm.lm_head.weight
+        # a weight in host memory (host_weights.py) is streamed in vocabulary chunks
+        streamed = is_host_weight(lm.lm_head) or weight.device != hidden.device
+        cross_entropy = streamed_linear_cross_entropy if streamed else fused_linear_cross_entropy
+        loss = cross_entropy(hidden, weight, shift_labels, softcap=softcap, ignore_index=ignore_index,
+                             num_items_in_batch=num_items)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
@@ -347,7 +356,7 @@ def _patch_offload(base: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------- driver
 def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
-                cache_adapter_casts: bool | None = None) -> PatchReport:
+                cache_adapter_casts: bool | None = None, offload_frozen_weights: bool | None = None) -> PatchReport:
     """Patch ``model`` (a transformers causal LM, bare or wrapped by PEFT) in place; returns what was done.
 
     ``offload_checkpointing``: None = only on CUDA. Call it after ``get_peft_model``; enabling gradient
@@ -356,6 +365,10 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     until the weights change (one cast per step instead of one per pass, for 2 bytes per LoRA parameter
     held all the time, ~22 MB at 1B r=16); None = on unless ``LLMFORGE_ADAPTER_CACHE=0``. Either way
     backward reuses the forward's copies.
+    ``offload_frozen_weights``: keep frozen, untied input embeddings and lm_head in (pinned) host memory
+    (``host_weights.py``; the loss streams lm_head in vocabulary chunks); None = on CUDA only. Saves 2 x
+    vocab x hidden x 2 bytes of device memory (1.96 GiB at 8B) for ~2 x that in host-to-device copies per
+    step; ``host_weights.restore_frozen_weights(model)`` undoes it (e.g. before generating).
     """
     if cache_adapter_casts is None:
         cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE", "1") != "0"
@@ -363,7 +376,7 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     base = _base_model(model)
     config = base.config
     model_type = getattr(config, "model_type", "?")
-    device = next(iter(base.parameters())).device
+    device = next(iter(base.parameters())).device  # the device's, even with the embeddings on the host
     backend = ("torch" if not triton_importable() else "triton" if device.type == "cuda"
                else "triton-interpreter" if interpreting() else "torch")
     report = PatchReport(model_type=model_type, supported=model_type in SUPPORTED, backend=backend,
@@ -415,4 +428,10 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     report.fused_cross_entropy = _patch_causal_lm(base)
     if offload_checkpointing or (offload_checkpointing is None and device.type == "cuda"):
         report.offloaded_checkpoint_layers = _patch_offload(base)
+    if offload_frozen_weights or (offload_frozen_weights is None and device.type == "cuda"):
+        if report.fused_cross_entropy:  # the loss must not call lm_head.forward (a whole-W copy per call)
+            report.not_patched.extend(offload_candidates(base)[1])
+            report.host_weights = _offload_frozen(base)
+        else:
+            report.not_patched.append("host weights: no fused cross-entropy for this model")
     return report
