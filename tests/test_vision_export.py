@@ -187,3 +187,33 @@ def test_missing_processor_config_is_one_error_and_no_files(vlm_dir, tmp_path, c
     code, _, err = run_cli(["convert", str(broken), "-o", str(out)], capsys)
     assert code != 0 and err.strip().count("\n") == 0 and "error:" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no-processor"]
+
+
+@pytest.mark.parametrize("layout", ["transformers5-save", "module-names"])
+def test_checkpoint_layouts_give_the_same_tensors(layout, vlm_dir, exported, tmp_path):
+    """transformers 5's save_pretrained writes ``vision_tower.*`` (no ``vision_model``; llama.cpp's converter
+    cannot map it), state dicts use module names (``model.language_model.*``): same GGUF tensors as the published
+    layout."""
+    from safetensors.numpy import load_file, save_file
+
+    renames = {"transformers5-save": (("vision_tower.vision_model.", "vision_tower."),),
+               "module-names": (("vision_tower.vision_model.", "model.vision_tower."),
+                                ("language_model.model.", "model.language_model."),
+                                ("multi_modal_projector.", "model.multi_modal_projector."))}[layout]
+    folder = tmp_path / "tiny-vlm"
+    folder.mkdir()
+    for f in vlm_dir.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).symlink_to(f)
+    tensors = {}
+    for name, value in load_file(str(vlm_dir / "model.safetensors")).items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        tensors[name] = value
+    save_file(tensors, str(folder / "model.safetensors"))
+    ours = tmp_path / "layout.gguf"
+    convert(folder, ours, "q8_0")
+    for a, b in ((ours, exported("q8_0")[0]), (mmproj_path(ours), exported("q8_0")[1])):
+        assert gguf_contents(a)[1] == gguf_contents(b)[1]
