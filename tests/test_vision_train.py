@@ -152,3 +152,32 @@ def test_ship_sends_the_projector_and_the_modelfile_names_it(trained, tmp_path):
     assert model["projectors"] == [report.push.projector_digest]
     assert "projector (vision capability)" in report.push.verified
     assert report.push.render_check == "server render equals the chat template"
+
+
+def test_labels_with_two_images_over_two_turns(base_dir):
+    """Spans after several image expansions still land on the replies (offsets shift per image)."""
+    from transformers import AutoProcessor
+
+    from llmforge.trainer.data import normalise
+    from llmforge.trainer.vision import encode_vision_all
+
+    image = lambda colour: {"type": "image", "image": str(IMAGES_DIR / f"{colour}_0.png")}  # noqa: E731
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [image("red"), {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": "The square is red."},
+                {"role": "user", "content": [{"type": "text", "text": "And this one?"}, image("blue")]},
+                {"role": "assistant", "content": [{"type": "text", "text": "The square is blue."}]}]
+    _, examples = normalise([{"messages": messages}])
+    processor = AutoProcessor.from_pretrained(base_dir)
+    (row,), _ = encode_vision_all(examples, processor, processor.tokenizer.chat_template, 256, DATA_PATH.parent)
+    tok = processor.tokenizer
+    trained = [i if label != -100 else None for i, label in zip(row.input_ids, row.labels)]
+    runs, current = [], []
+    for i in trained + [None]:
+        if i is None and current:
+            runs.append(tok.decode(current))
+            current = []
+        elif i is not None:
+            current.append(i)
+    assert runs == ["The square is red.<end_of_turn>", "The square is blue.<end_of_turn>"]
+    assert row.pixel_values.shape == (2, 3, 32, 32) and sum(row.token_type_ids) == 32
