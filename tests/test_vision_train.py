@@ -181,3 +181,14 @@ def test_labels_with_two_images_over_two_turns(base_dir):
             current.append(i)
     assert runs == ["The square is red.<end_of_turn>", "The square is blue.<end_of_turn>"]
     assert row.pixel_values.shape == (2, 3, 32, 32) and sum(row.token_type_ids) == 32
+
+
+def test_images_for_a_text_model_are_one_error(tmp_path):
+    from llmforge.errors import LlmforgeError
+    from llmforge.trainer.example import build_base_model as build_text_model
+
+    text_model = build_text_model(tmp_path / "text-model")
+    config = load_config(CONFIG_PATH, [f"model.path={text_model}", f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(LlmforgeError, match="row 1 of .* has an image, but .* is not a vision-language model"):
+        train(config)
+    assert not (tmp_path / "out" / "adapter").exists()

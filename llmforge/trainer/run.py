@@ -103,7 +103,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         from .grpo import train_grpo
 
         return train_grpo(config, resume=resume)
-    from .vision import is_vision_model
+    from .vision import image_parts, is_vision_model
 
     if config.model.path and is_vision_model(config.model.path):   # images through the model's processor
         from .vision import train_vision
@@ -126,6 +126,11 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     started = time.perf_counter()
     print(f"[1/4] reading data {config.data.path}", file=sys.stderr)
     data_format, examples = load_examples(config.data.path, config.data.format)
+    with_images = next((e.row for e in examples if image_parts(e.messages or [])), None)
+    if with_images is not None:
+        raise LlmforgeError(f"row {with_images} of {config.data.path} has an image, but {config.model.path} is not "
+                            "a vision-language model",
+                            hint="train a Gemma3ForConditionalGeneration base, or drop the images")
     print(f"[2/4] loading model {config.model.path}", file=sys.stderr)
     model, tokenizer = load_model(config.model.path, load_in_4bit=config.model.load_in_4bit,
                                   dtype=config.model.dtype, max_seq_length=config.model.max_seq_length)
