@@ -182,6 +182,18 @@ def test_tied_or_trained_weights_stay():
     assert report.host_weights == ([] if not torch.cuda.is_available() else ["model.embed_tokens", "lm_head"])
 
 
+
+@pytest.mark.parametrize("value", ["auto", "on", "off"])
+def test_trainer_config_key(value):
+    """``train.offload_embeddings``; on/off given unquoted (YAML 1.1 booleans) still read as on/off."""
+    from llmforge.errors import LlmforgeError
+    from llmforge.trainer.config import load_config
+
+    assert load_config(None, [f"train.offload_embeddings={value}"]).train.offload_embeddings == value
+    assert load_config({"train": {"offload_embeddings": value}}).train.offload_embeddings == value
+    with pytest.raises(LlmforgeError, match="auto, on, off"):
+        load_config(None, ["train.offload_embeddings=maybe"])
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["streamed"]:
         os.environ["TRITON_INTERPRET"] = "1"

@@ -65,6 +65,8 @@ class TrainConfig:
     save_total_limit: int = 2
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"   # auto: on with CUDA
     kernels: bool = True                # llmforge's fused kernels when CUDA is present
+    offload_embeddings: Literal["auto", "on", "off"] = "auto"  # frozen untied embeddings + lm_head in host memory
+                                        # (kernels only; auto: on for SFT with CUDA, off for GRPO's generation)
     threads: int = 0                    # torch CPU threads; 0 = torch's default
     method: Literal["sft", "grpo"] = "sft"   # grpo: reinforcement learning with the `grpo:` section
 
@@ -224,6 +226,8 @@ def coerce(value: Any, kind: Any, key: str, origin: str) -> Any:
         raise wrong_type(key, "null", value, origin)
     if origin_type is Literal:
         choices = typing.get_args(kind)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:  # YAML 1.1 reads on/off as booleans
+            return "on" if value else "off"
         if value in choices:
             return value
         raise LlmforgeError(f"config key {key} must be one of {', '.join(map(str, choices))}, got {value!r}",

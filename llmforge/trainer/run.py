@@ -92,7 +92,10 @@ def maybe_patch_kernels(model: Any, config: Config) -> None:
         from ..kernels.patch import patch_model
     except ImportError:
         return
-    report = patch_model(model)
+    # host-resident lm_head: ~1 GiB of copies per call, too slow for generating (GRPO) unless asked for
+    auto = None if config.train.method == "sft" else False
+    offload = {"auto": auto, "on": True, "off": False}[config.train.offload_embeddings]
+    report = patch_model(model, offload_frozen_weights=offload)
     print(f"kernels: {report}", file=sys.stderr)
 
 
