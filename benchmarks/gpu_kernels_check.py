@@ -10,6 +10,9 @@
    7 projections (random B so every LoRA weight gets a gradient), gradient checkpointing: one step
    unpatched, then ``patch_model`` and the same step; loss and all LoRA gradients must agree within
    bf16 tolerance.
+3. ``--host-weights``: only the vocabulary-streaming cross-entropy (lm_head in pinned host memory) at the 8B
+   size against the fused CE (W on the device) and the float32 reference: loss and d hidden, time, peak
+   memory above the inputs, host-to-device bandwidth.
 
 Prints a table; exits 1 when any check fails. ``--small`` (with TRITON_INTERPRET=1 on a CPU) is a smoke test.
 """
@@ -232,6 +235,62 @@ def check_kernels(device: torch.device, small: bool) -> None:
                 [x, ga, gb, ua, ub, da, db], randn(rows // 2, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device)
 
 
+def check_host_weights(device: torch.device, small: bool) -> None:
+    """Streamed CE (W in pinned host memory) vs fused CE (W on the device) vs the float32 reference."""
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = torch.bfloat16
+    rows, hidden, vocab = (37, 200, 1000) if small else (4096, 4096, 128256)
+    h = (torch.randn(rows, hidden, generator=g, device=device)).to(bf16)
+    w = (torch.randn(vocab, hidden, generator=g, device=device) * hidden ** -0.5 * 4).to(bf16)
+    w_host = torch.empty(w.shape, dtype=bf16, pin_memory=device.type == "cuda").copy_(w)
+    labels = torch.randint(0, vocab, (rows,), generator=g, device=device)
+    labels[::5] = -100
+    labels[-max(1, rows // 16):] = -100
+    cuda = device.type == "cuda"
+    if cuda:
+        timed(lambda: w_host.to(device, non_blocking=True), device)
+        t_copy = timed(lambda: w_host.to(device, non_blocking=True), device)
+        gbs = w.numel() * 2 / t_copy / 1e6
+    for cap in (None, 30.0):
+        def run(fn, weight, hidden_dtype=bf16):
+            a = h.detach().to(hidden_dtype).clone().requires_grad_()
+            loss = fn(a, weight)
+            loss.backward()
+            return loss.detach().float(), a.grad.float()
+
+        def streamed(a, weight):
+            return cross_entropy.streamed_linear_cross_entropy(a, weight, labels, softcap=cap)
+
+        def fused(a, weight):
+            return cross_entropy.fused_linear_cross_entropy(a, weight, labels, softcap=cap)
+
+        def reference(a, weight):
+            return cross_entropy.linear_cross_entropy_reference(a, weight, labels, softcap=cap)
+
+        group = f"streamed linear+CE {rows}x{hidden}x{vocab} host W{' softcap' if cap else ''}"
+        ours = run(streamed, w_host)
+        theirs = run(fused, w)
+        ref = run(reference, w.float(), torch.float32)
+        for name, other in (("fp32 ref", ref), ("fused CE", theirs)):
+            record(group, f"loss vs {name}", abs(float(ours[0] - other[0])) / abs(float(other[0])), KERNEL_TOL,
+                   f"{float(ours[0]):.5f} vs {float(other[0]):.5f}")
+            record(group, f"dhidden vs {name}", rel(ours[1], other[1]), KERNEL_TOL)
+        record(group, "fused CE dhidden vs fp32 ref (floor)", rel(theirs[1], ref[1]), KERNEL_TOL)
+        del ref
+        if cuda:
+            torch.cuda.empty_cache()
+            extra = []
+            for name, fn, weight in (("streamed", streamed, w_host), ("fused", fused, w)):
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                ms = timed(lambda: run(fn, weight), device)
+                extra.append(f"{name} {ms:.1f} ms, peak +{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB")
+            extra.append(f"H2D of W {t_copy:.1f} ms ({gbs:.1f} GB/s); W on the device {w.numel() * 2 / 2**30:.2f} GiB")
+            ROWS.append({"group": group, "check": "time / peak above inputs", "error": 0.0, "tol": 0.0, "ok": True,
+                         "extra": "; ".join(extra)})
+
+
 def build_qlora_model(size: str, device: torch.device):
     """Random NF4-quantized llama of the given shape, LoRA r=16 on all projections, checkpointing on."""
     import bitsandbytes as bnb
@@ -397,12 +456,16 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--json", default=None)
     p.add_argument("--skip-kernels", action="store_true", help="only the training-step checks")
+    p.add_argument("--host-weights", action="store_true", help="only the streamed CE with lm_head on the host")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}",
           flush=True)
-    sections = [] if args.skip_kernels else [("kernels", lambda: check_kernels(device, args.small))]
-    sizes = args.sizes if args.sizes is not None else (["tiny"] if args.small else ["1b", "8b"])
+    sections = [] if args.skip_kernels or args.host_weights else [("kernels", lambda: check_kernels(device, args.small))]
+    if args.host_weights:
+        sections.append(("host weights", lambda: check_host_weights(device, args.small)))
+    sizes = args.sizes if args.sizes is not None else ([] if args.host_weights else ["tiny"] if args.small
+                                                        else ["1b", "8b"])
     for size in sizes:
         seq = 32 if size == "tiny" else args.seq
         sections.append((f"step {size}", lambda size=size, seq=seq: check_step(size, device, seq, 1)))

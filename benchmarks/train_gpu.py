@@ -38,7 +38,10 @@ for _size in SIZES:
     A.CONFIGS[f"llmforge-{_size}"] = ("llmforge", _size, BATCH[_size])
     # the same without offloaded checkpointing (plain non-reentrant checkpointing), to price the offload
     A.CONFIGS[f"llmforge-{_size}-nooffload"] = ("llmforge", _size, BATCH[_size])
+    # frozen untied embeddings and lm_head in pinned host memory, the loss streaming lm_head (tied 1B: no-op)
+    A.CONFIGS[f"llmforge-{_size}-hostw"] = ("llmforge", _size, BATCH[_size])
 OFFLOAD = {"value": True}
+HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
 
 _setup_hf = A.setup_hf
 
@@ -48,13 +51,24 @@ def setup_llmforge(path, args, dev):
     model, extra = _setup_hf(path, args, dev)
     from llmforge.kernels.patch import patch_model
 
-    report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False)
+    report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False,
+                         offload_frozen_weights=HOST_WEIGHTS["value"])
     A.log(report.summary())
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
-                 kernels_offloaded_layers=report.offloaded_checkpoint_layers)
+                 kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights)
     return model, extra
+
+
+STACKS = ["llmforge", "llmforge-hostw", "hf", "unsloth"]
+
+
+def stack_setup(stack: str):
+    """The setup function of a stack name (``llmforge-hostw``: llmforge with the frozen weights on the host)."""
+    HOST_WEIGHTS["value"] = stack == "llmforge-hostw"
+    return {"unsloth": A.setup_unsloth, "llmforge": setup_llmforge, "llmforge-hostw": setup_llmforge,
+            "hf": A.setup_hf}[stack]
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -76,7 +90,8 @@ def table(results: str) -> str:
              "|---|---|---|---|---|---|---|"]
     found: dict[str, dict] = {}
     for size in ("1b", "8b", "tiny"):
-        for name in (f"llmforge-{size}", f"llmforge-{size}-nooffload", f"hf-{size}", f"unsloth-{size}"):
+        for name in (f"llmforge-{size}", f"llmforge-{size}-nooffload", f"llmforge-{size}-hostw", f"hf-{size}",
+                     f"unsloth-{size}"):
             r = _load(results, name)
             if r is None:
                 continue
@@ -87,29 +102,31 @@ def table(results: str) -> str:
                          f"{_num(r.get('tokens_per_s'), 0)} | {_num(r.get('train_peak_alloc_gib'), 2)} | "
                          f"{_num(r.get('loss_first'), 3)}->{_num(r.get('loss_last'), 3)} | {note[:140]} |" if ok else
                          f"| {name} | {r.get('status')} | - | - | - | - | {str(note)[:200]} |")
+    variants = ("", "-hostw")
     for size in ("1b", "8b", "tiny"):
-        ours = found.get(f"llmforge-{size}")
-        if not ours or ours.get("status") != "ok":
-            continue
-        for ref in ("hf", "unsloth"):
-            other = found.get(f"{ref}-{size}")
-            if other and other.get("status") == "ok":
-                mem = (f"{ours['train_peak_alloc_gib'] / other['train_peak_alloc_gib']:.2f}x"
-                       if other.get("train_peak_alloc_gib") and ours.get("train_peak_alloc_gib") else "-")
-                lines.append(f"{size}: llmforge/{ref} tokens/s = {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x, "
-                             f"peak alloc = {mem}")
+        for variant in variants:
+            ours = found.get(f"llmforge-{size}{variant}")
+            if not ours or ours.get("status") != "ok":
+                continue
+            for ref in ("hf", "unsloth", "llmforge") if variant else ("hf", "unsloth"):
+                other = found.get(f"{ref}-{size}")
+                if other and other.get("status") == "ok":
+                    mem = (f"{ours['train_peak_alloc_gib'] / other['train_peak_alloc_gib']:.2f}x"
+                           if other.get("train_peak_alloc_gib") and ours.get("train_peak_alloc_gib") else "-")
+                    lines.append(f"{size}: llmforge{variant}/{ref} tokens/s = "
+                                 f"{ours['tokens_per_s'] / other['tokens_per_s']:.2f}x, peak alloc = {mem}")
     targets = {"8b": ("hf", 2.0, 0.40), "1b": ("unsloth", 1.0, 1.0)}
-    for size, (ref, speed, memory) in targets.items():
-        ours, other = found.get(f"llmforge-{size}"), found.get(f"{ref}-{size}")
+    for (size, (ref, speed, memory)), variant in ((t, v) for t in targets.items() for v in variants):
+        ours, other = found.get(f"llmforge-{size}{variant}"), found.get(f"{ref}-{size}")
         if (ours and other and ours.get("status") == other.get("status") == "ok"
                 and other.get("train_peak_alloc_gib") and ours.get("train_peak_alloc_gib")):
             s = ours["tokens_per_s"] / other["tokens_per_s"]
             m = ours["train_peak_alloc_gib"] / other["train_peak_alloc_gib"]
             verdict = "MET" if (s >= speed and m <= memory) else "NOT MET"
-            lines.append(f"target {size} vs {ref}: tokens/s >= {speed}x and memory <= {memory}x -> "
+            lines.append(f"target {size}{variant} vs {ref}: tokens/s >= {speed}x and memory <= {memory}x -> "
                          f"{s:.2f}x / {m:.2f}x {verdict}")
     for size in ("1b", "8b", "tiny"):
-        for stack in ("llmforge", "hf", "unsloth"):
+        for stack in STACKS:
             path = os.path.join(results, f"memscale-{stack}-{size}.json")
             if os.path.exists(path):
                 m = json.loads(Path(path).read_text())
@@ -129,12 +146,7 @@ def maxseq(args) -> int:
                             device="cuda", budget_s=args.budget_s)
     path = A.model_dir(args.models, args.size)
     t0 = time.time()
-    if args.stack == "unsloth":
-        model, _ = A.setup_unsloth(path, ns, "cuda")
-    elif args.stack == "llmforge":
-        model, _ = setup_llmforge(path, ns, "cuda")
-    else:
-        model, _ = A.setup_hf(path, ns, "cuda")
+    model, _ = stack_setup(args.stack)(path, ns, "cuda")
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -186,7 +198,7 @@ def memscale(args) -> int:
     ns = argparse.Namespace(seq=max(args.seqs), no_quant=args.device == "cpu", hf_attn="sdpa", hf_kbit_prep=False,
                             device=args.device, budget_s=600)
     path = A.model_dir(args.models, args.size)
-    setup = {"unsloth": A.setup_unsloth, "llmforge": setup_llmforge, "hf": A.setup_hf}[args.stack]
+    setup = stack_setup(args.stack)
     model, _ = setup(path, ns, args.device)
     import torch
 
@@ -237,7 +249,7 @@ def profile(args) -> int:
     ns = argparse.Namespace(seq=args.seq, no_quant=False, hf_attn="sdpa", hf_kbit_prep=False, device="cuda",
                             budget_s=600)
     path = A.model_dir(args.models, args.size)
-    setup = {"unsloth": A.setup_unsloth, "llmforge": setup_llmforge, "hf": A.setup_hf}[args.stack]
+    setup = stack_setup(args.stack)
     model, _ = setup(path, ns, "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -350,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         import argparse
 
         p = argparse.ArgumentParser()
-        p.add_argument("--stack", choices=["llmforge", "hf", "unsloth"], required=True)
+        p.add_argument("--stack", choices=STACKS, required=True)
         p.add_argument("--size", choices=["1b", "8b"], required=True)
         p.add_argument("--models", default="/tmp/models")
         p.add_argument("--start", type=int, default=4096)
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         import argparse
 
         p = argparse.ArgumentParser()
-        p.add_argument("--stack", choices=["llmforge", "hf", "unsloth"], required=True)
+        p.add_argument("--stack", choices=STACKS, required=True)
         p.add_argument("--size", choices=["1b", "8b", "tiny"], required=True)
         p.add_argument("--models", default="/tmp/models")
         p.add_argument("--seqs", type=int, nargs=2, default=[4096, 16384])
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         import argparse
 
         p = argparse.ArgumentParser()
-        p.add_argument("--stack", choices=["llmforge", "hf", "unsloth"], required=True)
+        p.add_argument("--stack", choices=STACKS, required=True)
         p.add_argument("--size", choices=["1b", "8b", "tiny"], required=True)
         p.add_argument("--models", default="/tmp/models")
         p.add_argument("--batch", type=int, default=4)
@@ -386,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
         OFFLOAD["value"] = not any(a.endswith("-nooffload") for a in argv)
+        HOST_WEIGHTS["value"] = any(a.endswith("-hostw") for a in argv)
     return A.main(argv)
 
 

@@ -36,6 +36,11 @@ def variants():
             yield (f"ce_rows {dtype} softcap={cap}", cross_entropy._ce_rows,
                    dict(LOGITS=dtype, stride="i32", LABELS="*i64", LOSS="*fp32", n_vocab="i32", softcap="fp32",
                         ignore_index="i32"), dict(HAS_SOFTCAP=cap, BLOCK=4096))
+            yield (f"stream_rows {dtype} softcap={cap}", cross_entropy._stream_rows,
+                   dict(LOGITS=dtype, stride="i32", LABELS="*i64", RUN_MAX="*fp32", RUN_SUM="*fp32", TARGET="*fp32",
+                        ALPHA="*fp32", W=dtype, w_stride="i32", DH=dtype, dh_stride="i32", v0="i32", n_cols="i32",
+                        n_hidden="i32", softcap="fp32", ignore_index="i32"),
+                   dict(HAS_SOFTCAP=cap, BLOCK=4096, BLOCK_H=1024))
         for double in (True, False):
             kernels = {1: nf4._nf4_dequant, 2: nf4._nf4_dequant2, 3: nf4._nf4_dequant3}
             for nseg, kernel in kernels.items():  # one weight; gate+up; Q/K/V
