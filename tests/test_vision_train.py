@@ -192,3 +192,23 @@ def test_images_for_a_text_model_are_one_error(tmp_path):
     with pytest.raises(LlmforgeError, match="row 1 of .* has an image, but .* is not a vision-language model"):
         train(config)
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(trained, tmp_path):
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    from llmforge.export.merge import merge_to_hf
+    from test_vision_export import gguf_contents
+
+    merged_dir = tmp_path / "merged"
+    merge_to_hf(trained.adapter_dir, merged_dir, dtype="f32", progress=False)
+    assert (merged_dir / "processor_config.json").is_file()
+    _, info = Gemma3ForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32,
+                                                             output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    from_merged, from_adapter = tmp_path / "m.gguf", tmp_path / "a.gguf"
+    convert(merged_dir, from_merged, "f32")
+    convert(trained.adapter_dir, from_adapter, "f32")
+    for a, b in ((from_merged, from_adapter), (mmproj_path(from_merged), mmproj_path(from_adapter))):
+        assert gguf_contents(a)[1] == gguf_contents(b)[1]

@@ -321,9 +321,12 @@ def merge_to_hf(adapter_dir: str | Path, out_dir: str | Path, base: str | Path |
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     adapter = read_adapter(adapter_dir)
     base_model = resolve_base(adapter, base)
-    merged = MergedSource(adapter, base_model)
-    names = merged.names()
-    base_dtypes = {n: merged.dtype(n) for n in names}
+    from .vision import PROCESSOR_FILES, vision_merge_view
+
+    vision = vision_merge_view(adapter, base_model)   # a VLM: merged under the published checkpoint names
+    merged, source = vision if vision is not None else (MergedSource(adapter, base_model),) * 2
+    names = source.names()
+    base_dtypes = {n: source.dtype(n) for n in names}
     if isinstance(dtype, str):
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16,
                  "float16": torch.float16, "f32": torch.float32, "float32": torch.float32}.get(dtype.lower())
@@ -335,7 +338,7 @@ def merge_to_hf(adapter_dir: str | Path, out_dir: str | Path, base: str | Path |
         if dtype == torch.float32:
             dtype = torch.bfloat16
     out_dtypes = {n: (dtype if d.is_floating_point else d) for n, d in base_dtypes.items()}
-    shapes = {n: merged.shape(n) for n in names}
+    shapes = {n: source.shape(n) for n in names}
     limit = _parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
     size = 0
@@ -354,7 +357,7 @@ def merge_to_hf(adapter_dir: str | Path, out_dir: str | Path, base: str | Path |
 
     def produce(n: str) -> torch.Tensor:
         nonlocal done
-        t = merged.load(n)
+        t = source.load(n)
         done += 1
         bar.update(done, n)
         return t
@@ -374,7 +377,7 @@ def merge_to_hf(adapter_dir: str | Path, out_dir: str | Path, base: str | Path |
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         for folder in (base_model.path, adapter_dir):  # the adapter's tokenizer / chat template win
-            for f in TOKENIZER_FILES:
+            for f in (*TOKENIZER_FILES, *PROCESSOR_FILES):
                 if (folder / f).is_file():
                     shutil.copy(folder / f, tmp / f)
         if (base_model.path / "generation_config.json").is_file():

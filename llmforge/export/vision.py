@@ -105,6 +105,7 @@ class VisionArch:
     text_prefixes: tuple[tuple[str, str], ...]  # canonical prefix -> the text model's own name
     # canonical prefix -> the name gguf's TensorNameMap(MMPROJ) knows
     vision_prefixes: tuple[tuple[str, str], ...]
+    published: tuple[tuple[str, str], ...]     # canonical prefix -> the published checkpoints' (merged folders)
     kvs: tuple[ClipKV, ...]
     skip: tuple[str, ...] = ()                 # canonical prefixes with no GGUF counterpart
     rename: tuple[tuple[str, str], ...] = ()   # regex fixes after the prefix (e.g. "_weight" -> ".weight")
@@ -121,6 +122,8 @@ GEMMA3 = VisionArch(
     text_prefixes=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
     vision_prefixes=(("model.vision_tower.", "vision_tower.vision_model."),
                      ("model.multi_modal_projector.", "multi_modal_projector.")),
+    published=(("model.vision_tower.", "vision_tower.vision_model."), ("model.language_model.", "language_model.model."),
+               ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")),
     kvs=VISION_KVS + GEMMA3_KVS,
     skip=("model.vision_tower.head.",),
     rename=((r"_weight$", ".weight"),),
@@ -451,3 +454,20 @@ def convert_vlm_adapter(adapter: Any, base_model: Any, adapter_dir: Path, output
     return convert_vlm(base_model.path, out, quant, tensor_source=merged, config=config,
                        name=name or adapter_dir.resolve().name, extra_dirs=(adapter_dir,), source_dir=adapter_dir,
                        notes=[f"adapter: {adapter.describe()}; {where}", *merged.notes], **convert_kwargs)
+
+
+def vision_merge_view(adapter: Any, base_model: Any) -> tuple[Any, RenamedSource] | None:
+    """For ``llmforge merge`` of a vision-language adapter: (the MergedSource over the base's canonical names,
+    the same tensors under the published checkpoint names); None for text bases."""
+    from .convert import read_config
+    from .merge import MergedSource
+
+    spec = find_vision_arch(read_config(base_model.path))
+    if spec is None:
+        return None
+    merged = MergedSource(adapter, base_model, inner=canonical_source(spec, base_model.path))
+    published = {}
+    for name in merged.names():
+        swapped = _swap_prefix(name, spec.published)
+        published[swapped if swapped is not None else name] = name
+    return merged, RenamedSource(merged, published)
