@@ -1,9 +1,10 @@
 """Whole-file requantization on the K-quant worker pool: each task reads a row range of one tensor from the
 input GGUF, packs it and writes it in place into the output file.
 
-The parent process only submits tasks and keeps the writer's window of them in flight, over tensor
-boundaries: while tensor i's last tasks finish, the helpers already read and pack tensor i+1, and nothing but
-a byte count travels back (no copy of the input or output through the parent). Every packed type goes this
+The parent process only submits tasks: a tensor's all at once, the next tensor's as soon as the writer (which
+resolves them in file order) has at most its window of earlier ones unfinished. So while tensor i's last tasks
+finish, the helpers already read and pack tensor i+1, and nothing but a byte count travels back (no copy of
+the input or output through the parent). Every packed type goes this
 way -- K-types, Q8_0 and Q4_0..Q5_1 (with or without importance) -- through
 :func:`llmforge.quant.api.quantize_array` in the helper, so the bytes are those of the one-process path.
 """
