@@ -111,3 +111,44 @@ def test_q8_0_matches_ggml_on_edge_inputs():
             assert np.array_equal(q8_0.quantize_q8_0(x), ggml_quantize_any(x, T.Q8_0))
     assert q8_0.quantize_q8_0(normal[0]).shape == (1024 // 32 * 34,)
     assert normal.size // 32 > 2 * q8_0.SLAB_BLOCKS
+
+
+def test_helpers_start_the_next_tensor_before_the_last_one_is_done(tmp_path, monkeypatch):
+    """The pipeline over tensor boundaries: with 2 helpers and one task per tensor, every tensor's task runs
+    while another tensor's does (the parent does not wait for a tensor before submitting the next)."""
+    import json
+    import os
+    import time
+
+    from llmforge.quant import kquants, requantize
+    from quant_oracle import synthetic_gguf
+
+    log = tmp_path / "tasks.jsonl"
+    real = file_tasks.pack_rows
+
+    def pack_rows(task, start, stop, expert):
+        began = time.monotonic()
+        n = real(task, start, stop, expert)
+        time.sleep(0.05)         # every task outlasts the parent's submit of the next tensor
+        with open(log, "a") as f:
+            f.write(json.dumps([task.name, began, time.monotonic(), os.getpid()]) + "\n")
+        return n
+
+    pack_rows.__module__, pack_rows.__qualname__ = file_tasks.__name__, "pack_rows"   # pickled by name
+    monkeypatch.setattr(file_tasks, "pack_rows", pack_rows)
+    monkeypatch.setattr(requantize, "default_workers", lambda: 2)
+    kquants.drop_worker_pool()           # the helpers are forked with the patched task
+    src = tmp_path / "f32.gguf"
+    synthetic_gguf(src, 2, 8, 2, False, 256, 256)
+    try:
+        quantize_gguf(src, tmp_path / "out.gguf", "q8_0", progress=False, backend="numpy")
+    finally:
+        kquants.drop_worker_pool()
+    tasks = [json.loads(line) for line in log.read_text().splitlines()]
+    order = [p.name for p in requantize.GGUFReader(tmp_path / "out.gguf").tensors if p.tensor_type == T.Q8_0]
+    span = {name: (began, ended) for name, began, ended, _ in tasks}
+    assert len(tasks) == len(order) > 4 and len({pid for *_, pid in tasks}) == 2
+    # one tensor at a time (the parent waiting for a tensor before submitting the next) overlaps none
+    overlapped = [a for a in order if any(b != a and span[b][0] < span[a][1] and span[a][0] < span[b][1]
+                                          for b in order)]
+    assert overlapped == order
