@@ -23,20 +23,28 @@ def linear_targets(model: Any) -> list[str]:
     return sorted(names)
 
 
-def add_lora(model: Any, config: LoraConfig, gradient_checkpointing: bool = False) -> Any:
-    """Wrap ``model`` in a PEFT LoRA model according to ``config``; returns the PEFT model."""
+def model_targets(model: Any, config: LoraConfig) -> list[str]:
+    """``lora.target_modules`` as leaf names of ``model``'s modules ("all-linear": its projections)."""
+    available = linear_targets(model)
+    if config.target_modules == "all-linear":
+        return available
+    targets = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
+    unknown = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
+    if unknown:
+        raise LlmforgeError(f"lora.target_modules {unknown[0]!r} is not a module of this model",
+                            hint=f"choose from {', '.join(available)} or 'all-linear'")
+    return targets
+
+
+def add_lora(model: Any, config: LoraConfig, gradient_checkpointing: bool = False,
+             target_modules: str | list[str] | None = None) -> Any:
+    """Wrap ``model`` in a PEFT LoRA model according to ``config``; returns the PEFT model.
+    ``target_modules`` (PEFT's form: leaf names or a regex over full names) replaces :func:`model_targets`,
+    e.g. to confine LoRA to a vision-language model's language model."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    available = linear_targets(model)
-    if config.target_modules == "all-linear":
-        targets = available
-    else:
-        targets = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
-        unknown = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
-        if unknown:
-            raise LlmforgeError(f"lora.target_modules {unknown[0]!r} is not a module of this model",
-                                hint=f"choose from {', '.join(available)} or 'all-linear'")
+    targets = model_targets(model, config) if target_modules is None else target_modules
     if config.r <= 0:
         raise LlmforgeError(f"lora.r must be positive, got {config.r}", hint="typical values: 8, 16, 32, 64")
     if getattr(model, "is_loaded_in_4bit", False):

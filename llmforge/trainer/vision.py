@@ -221,11 +221,9 @@ def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_
 LANGUAGE_MODEL = r"(?:.*\.)?language_model\..*\.({})"
 
 
-def add_vision_lora(model: Any, config: LoraConfig, gradient_checkpointing: bool = False) -> Any:
-    """PEFT LoRA on the language model's projections only (the vision tower stays frozen)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
+def language_targets(model: Any, config: LoraConfig) -> str:
+    """``lora.target_modules`` as a PEFT regex over the language model's projections only (the vision tower
+    stays frozen)."""
     from .lora import PROJECTIONS
 
     language = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
@@ -237,18 +235,14 @@ def add_vision_lora(model: Any, config: LoraConfig, gradient_checkpointing: bool
     if unknown:
         raise LlmforgeError(f"lora.target_modules {unknown[0]!r} is not a projection of the language model",
                             hint=f"choose from {', '.join(available)} or 'all-linear'")
-    if config.r <= 0:
-        raise LlmforgeError(f"lora.r must be positive, got {config.r}", hint="typical values: 8, 16, 32, 64")
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                 target_modules=LANGUAGE_MODEL.format("|".join(wanted)),
-                                 use_rslora=config.use_rslora, bias="none",
-                                 modules_to_save=list(config.modules_to_save) or None, task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_config)
+    return LANGUAGE_MODEL.format("|".join(wanted))
+
+
+def add_vision_lora(model: Any, config: LoraConfig, gradient_checkpointing: bool = False) -> Any:
+    """PEFT LoRA on the language model's projections only (the vision tower stays frozen)."""
+    from .lora import add_lora
+
+    return add_lora(model, config, gradient_checkpointing, target_modules=language_targets(model, config))
 
 
 # ----------------------------------------------------------------------------- the run
