@@ -9,9 +9,7 @@ TRL's ``per_device_train_batch_size`` does.
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import sys
 import time
 from collections.abc import Iterator
@@ -25,8 +23,7 @@ from ..errors import LlmforgeError
 from .config import Config, GrpoConfig, TrainConfig
 from .grpo_data import Prompt, encode_prompts, load_prompts
 from .rewards import Reward, build_rewards, check_columns, score
-from .sft import (LOG_NAME, batches, list_checkpoints, load_checkpoint, make_optimizer, save_checkpoint,
-                  write_log)
+from .sft import LOG_NAME, batches, save_checkpoint, start_run, write_log
 
 
 # ------------------------------------------------------------------------------------------- the objective
@@ -230,20 +227,8 @@ def grpo_loop(model: Any, tokenizer: Any, prompts: list[Prompt], rewards: list[R
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     steps = total_steps(len(prompts), config, grpo)
-    optimizer, scheduler = make_optimizer(model, config, steps)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    optimizer, scheduler, start_step, log = start_run(model, config, steps, out_dir, resume)
     log_path = out_dir / LOG_NAME
-    start_step = 0
-    if resume:
-        checkpoints = list_checkpoints(out_dir)
-        if not checkpoints:
-            raise LlmforgeError(f"--resume: no checkpoint in {out_dir}",
-                                hint="set train.save_steps to write checkpoints, or start without --resume")
-        start_step = load_checkpoint(max(checkpoints)[1], model, optimizer, scheduler)
-        print(f"resuming from checkpoint-{start_step}", file=sys.stderr)
-    previous = [json.loads(l) for l in log_path.read_text().splitlines()] if resume and log_path.exists() else []
-    log = [entry for entry in previous if entry["step"] <= start_step]
     per_micro = config.batch_size // grpo.num_generations
     stream: Iterator[list[Prompt]] = batches(prompts, per_micro, config.seed)
     for _ in range(start_step // grpo.num_iterations * config.grad_accum):

@@ -156,6 +156,27 @@ def make_optimizer(model: Any, config: TrainConfig, steps: int) -> tuple[Any, An
     return optimizer, scheduler
 
 
+def start_run(model: Any, config: TrainConfig, steps: int, out_dir: Path,
+              resume: bool) -> tuple[torch.optim.Optimizer, Any, int, list[dict]]:
+    """AdamW and its schedule over ``steps``, seeded RNGs and, with ``resume``, the latest checkpoint of
+    ``out_dir`` loaded: (optimizer, scheduler, the step run so far, the log entries up to it)."""
+    optimizer, scheduler = make_optimizer(model, config, steps)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    start_step = 0
+    if resume:
+        checkpoints = list_checkpoints(out_dir)
+        if not checkpoints:
+            raise LlmforgeError(f"--resume: no checkpoint in {out_dir}",
+                                hint="set train.save_steps to write checkpoints, or start without --resume")
+        _, path = max(checkpoints)
+        start_step = load_checkpoint(path, model, optimizer, scheduler)
+        print(f"resuming from {path.name}", file=sys.stderr)
+    log_path = out_dir / LOG_NAME
+    previous = [json.loads(l) for l in log_path.read_text().splitlines()] if resume and log_path.exists() else []
+    return optimizer, scheduler, start_step, [entry for entry in previous if entry["step"] <= start_step]
+
+
 class Progress:
     """One self-overwriting line on stderr (a plain line per log step when stderr is not a terminal)."""
 
@@ -186,22 +207,9 @@ def train_loop(model: Any, rows: list[Encoded], config: TrainConfig, out_dir: Pa
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny late-training gradients are otherwise 10-100x slower on x86
     steps = total_steps(len(rows), config)
-    optimizer, scheduler = make_optimizer(model, config, steps)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    optimizer, scheduler, start_step, log = start_run(model, config, steps, out_dir, resume)
     log_path = out_dir / LOG_NAME
-    start_step = 0
-    if resume:
-        checkpoints = list_checkpoints(out_dir)
-        if not checkpoints:
-            raise LlmforgeError(f"--resume: no checkpoint in {out_dir}",
-                                hint="set train.save_steps to write checkpoints, or start without --resume")
-        step, path = max(checkpoints)
-        start_step = load_checkpoint(path, model, optimizer, scheduler)
-        print(f"resuming from {path.name}", file=sys.stderr)
-    previous_log = [json.loads(l) for l in log_path.read_text().splitlines()] if resume and log_path.exists() else []
-    log = [entry for entry in previous_log if entry["step"] <= start_step]
     per_epoch = math.ceil(len(rows) / config.batch_size)
     consumed = start_step * config.grad_accum
     stream = batches(rows, config.batch_size, config.seed, start_epoch=consumed // per_epoch)
