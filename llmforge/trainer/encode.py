@@ -38,6 +38,23 @@ class EncodeStats:
             parts.append(f"{self.no_trainable} skipped with no trainable tokens")
         return "data: " + ", ".join(parts)
 
+    def add(self, ids: list[int], labels: list[int]) -> bool:
+        """Count one row; False (counted as skipped) when none of its labels is trained."""
+        trainable = sum(1 for x in labels[1:] if x != IGNORE_INDEX)   # the first token is never predicted
+        if trainable == 0:
+            self.no_trainable += 1
+            return False
+        self.examples += 1
+        self.tokens += len(ids)
+        self.trainable_tokens += trainable
+        return True
+
+    def check_trainable(self) -> None:
+        """One error when no row was kept."""
+        if not self.examples:
+            raise LlmforgeError("no example has trainable tokens",
+                                hint="check that rows contain assistant replies and fit model.max_seq_length")
+
 
 def resolve_chat_template(tokenizer: Any, named: str | None) -> str | None:
     """The template to train with: a named llmforge template if given, else the tokenizer's own."""
@@ -87,14 +104,8 @@ def encode_all(examples: list[Example], tokenizer: Any, chat_template: str | Non
                 continue
             stats.truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
-        trainable = sum(1 for x in labels[1:] if x != IGNORE_INDEX)   # the first token is never predicted
-        if trainable == 0:
-            stats.no_trainable += 1
-            continue
-        stats.examples += 1
-        stats.tokens += len(ids)
-        stats.trainable_tokens += trainable
-        out.append(Encoded(ids, labels, example.row))
+        if stats.add(ids, labels):
+            out.append(Encoded(ids, labels, example.row))
     if stats.truncated or stats.dropped:
         verb = "truncated" if stats.truncated else "dropped"
         print(f"warning: {stats.truncated or stats.dropped} sequences longer than {max_length} tokens were {verb}",
@@ -102,7 +113,5 @@ def encode_all(examples: list[Example], tokenizer: Any, chat_template: str | Non
     if stats.no_trainable:
         print(f"warning: {stats.no_trainable} examples have no trainable tokens (no assistant text left) and are "
               "skipped", file=sys.stderr)
-    if not out:
-        raise LlmforgeError("no example has trainable tokens",
-                            hint="check that rows contain assistant replies and fit model.max_seq_length")
+    stats.check_trainable()
     return out, stats

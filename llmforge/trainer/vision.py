@@ -142,20 +142,12 @@ def encode_vision_all(examples: list[Example], processor: Any, chat_template: st
         if len(ids) > max_length:
             stats.dropped += 1
             continue
-        trainable = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
-        if trainable == 0:
-            stats.no_trainable += 1
-            continue
-        stats.examples += 1
-        stats.tokens += len(ids)
-        stats.trainable_tokens += trainable
-        out.append(VisionEncoded(ids, labels, types, pixels, example.row))
+        if stats.add(ids, labels):
+            out.append(VisionEncoded(ids, labels, types, pixels, example.row))
     if stats.dropped:
         print(f"warning: {stats.dropped} conversations longer than {max_length} tokens (images included) were "
               "dropped", file=sys.stderr)
-    if not out:
-        raise LlmforgeError("no example has trainable tokens",
-                            hint="check that rows contain assistant replies and fit model.max_seq_length")
+    stats.check_trainable()
     return out, stats
 
 
