@@ -329,8 +329,7 @@ def train_grpo(config: Config, resume: bool = False) -> Any:
     saved as SFT saves it. Returns a :class:`llmforge.trainer.run.TrainResult`."""
     from .encode import resolve_chat_template
     from .load import load_model
-    from .lora import add_lora
-    from .run import ADAPTER_DIR, TrainResult, maybe_patch_kernels, prepare_output_dir, save_adapter
+    from .run import ADAPTER_DIR, TrainResult, maybe_patch_kernels, save_adapter, start_output, train_lora
 
     from .vision import is_vision_model
 
@@ -340,10 +339,7 @@ def train_grpo(config: Config, resume: bool = False) -> Any:
                             hint="use train.method: sft for this model, or a text-only base for GRPO")
     grpo = config.grpo
     rewards = build_rewards(grpo)                     # unknown names / unimportable functions: before any loading
-    out_dir = Path(config.train.output_dir)
-    prepare_output_dir(out_dir)
-    if config.train.threads > 0:
-        torch.set_num_threads(config.train.threads)
+    out_dir = start_output(config)
     started = time.perf_counter()
     print(f"[1/4] reading prompts {config.data.path}", file=sys.stderr)
     prompts = load_prompts(config.data.path, config.data.format)
@@ -355,9 +351,7 @@ def train_grpo(config: Config, resume: bool = False) -> Any:
     room = min(grpo.max_prompt_length, config.model.max_seq_length - grpo.max_completion_length)
     truncated = encode_prompts(prompts, tokenizer, chat_template, room)
     stops = stop_token_ids(model, tokenizer)
-    checkpointing = {"auto": torch.cuda.is_available(), "on": True, "off": False}[config.train.gradient_checkpointing]
-    torch.manual_seed(config.train.seed)
-    model = add_lora(model, config.lora, gradient_checkpointing=checkpointing)
+    model = train_lora(model, config)
     maybe_patch_kernels(model, config)
     summary = (f"data: {len(prompts)} prompts, {sum(len(p.ids) for p in prompts)} prompt tokens"
                + (f", {truncated} truncated to {room}" if truncated else ""))

@@ -84,6 +84,25 @@ def prepare_output_dir(path: Path) -> None:
         raise LlmforgeError(f"the output folder {path} is not writable", hint="set train.output_dir elsewhere")
 
 
+def start_output(config: Config) -> Path:
+    """``train.output_dir``, created (one error line when it cannot be), with ``train.threads`` applied."""
+    out_dir = Path(config.train.output_dir)
+    prepare_output_dir(out_dir)
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+    return out_dir
+
+
+def train_lora(model: Any, config: Config, target_modules: str | list[str] | None = None) -> Any:
+    """The PEFT model to train: LoRA seeded with ``train.seed``, checkpointing as ``train.gradient_checkpointing``
+    says (auto: on CUDA); ``target_modules`` as :func:`llmforge.trainer.lora.add_lora` takes it."""
+    from .lora import add_lora
+
+    checkpointing = {"auto": torch.cuda.is_available(), "on": True, "off": False}[config.train.gradient_checkpointing]
+    torch.manual_seed(config.train.seed)
+    return add_lora(model, config.lora, gradient_checkpointing=checkpointing, target_modules=target_modules)
+
+
 def maybe_patch_kernels(model: Any, config: Config) -> None:
     """llmforge's fused kernels on CUDA unless ``train.kernels: false``; tolerated when not available."""
     if not (torch.cuda.is_available() and config.train.kernels):
@@ -115,17 +134,13 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     from .data import load_examples
     from .encode import encode_all, resolve_chat_template
     from .load import load_model
-    from .lora import add_lora
     from .sft import pack, train_loop
 
     if not config.model.path:
         raise LlmforgeError("model.path is not set", hint="set it in the config or with --set model.path=DIR")
     if not config.data.path:
         raise LlmforgeError("data.path is not set", hint="set it in the config or with --set data.path=FILE")
-    out_dir = Path(config.train.output_dir)
-    prepare_output_dir(out_dir)
-    if config.train.threads > 0:
-        torch.set_num_threads(config.train.threads)
+    out_dir = start_output(config)
     started = time.perf_counter()
     print(f"[1/4] reading data {config.data.path}", file=sys.stderr)
     data_format, examples = load_examples(config.data.path, config.data.format)
@@ -142,9 +157,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                              response_only=config.data.response_only, overlong=config.data.overlong)
     if config.data.packing:
         rows = pack(rows, config.model.max_seq_length)
-    checkpointing = {"auto": torch.cuda.is_available(), "on": True, "off": False}[config.train.gradient_checkpointing]
-    torch.manual_seed(config.train.seed)
-    model = add_lora(model, config.lora, gradient_checkpointing=checkpointing)
+    model = train_lora(model, config)
     maybe_patch_kernels(model, config)
     print(f"[3/4] training ({data_format} data, {stats.summary().removeprefix('data: ')})", file=sys.stderr)
     loop = train_loop(model, rows, config.train, out_dir, tokenizer.pad_token_id, resume=resume)

@@ -230,20 +230,13 @@ def language_targets(model: Any, config: LoraConfig) -> str:
     return LANGUAGE_MODEL.format("|".join(wanted))
 
 
-def add_vision_lora(model: Any, config: LoraConfig, gradient_checkpointing: bool = False) -> Any:
-    """PEFT LoRA on the language model's projections only (the vision tower stays frozen)."""
-    from .lora import add_lora
-
-    return add_lora(model, config, gradient_checkpointing, target_modules=language_targets(model, config))
-
-
 # ----------------------------------------------------------------------------- the run
 
 
 def train_vision(config: Config, resume: bool = False):
     """``llmforge train`` for a vision-language base: the same loop, checkpoints and adapter layout as text SFT."""
     from .data import load_examples
-    from .run import ADAPTER_DIR, TrainResult, prepare_output_dir, save_adapter
+    from .run import ADAPTER_DIR, TrainResult, save_adapter, start_output, train_lora
     from .sft import train_loop
 
     if not config.data.path:
@@ -251,10 +244,7 @@ def train_vision(config: Config, resume: bool = False):
     if config.data.packing:
         raise LlmforgeError("data.packing does not apply to vision-language training",
                             hint="set data.packing: false")
-    out_dir = Path(config.train.output_dir)
-    prepare_output_dir(out_dir)
-    if config.train.threads > 0:
-        torch.set_num_threads(config.train.threads)
+    out_dir = start_output(config)
     started = time.perf_counter()
     print(f"[1/4] reading data {config.data.path}", file=sys.stderr)
     data_format, examples = load_examples(config.data.path, config.data.format)
@@ -268,9 +258,7 @@ def train_vision(config: Config, resume: bool = False):
     rows, stats = encode_vision_all(examples, processor, template, config.model.max_seq_length,
                                     Path(config.data.path).resolve().parent, config.data.response_only)
     images = sum(0 if r.pixel_values is None else len(r.pixel_values) for r in rows)
-    checkpointing = {"auto": torch.cuda.is_available(), "on": True, "off": False}[config.train.gradient_checkpointing]
-    torch.manual_seed(config.train.seed)
-    model = add_vision_lora(model, config.lora, gradient_checkpointing=checkpointing)  # no fused kernels here
+    model = train_lora(model, config, language_targets(model, config.lora))  # no fused kernels here
     summary = f"{stats.summary()}, {images} images"
     print(f"[3/4] training ({data_format} data, {summary.removeprefix('data: ')})", file=sys.stderr)
     loop = train_loop(model, rows, config.train, out_dir, processor.tokenizer.pad_token_id, resume=resume,
