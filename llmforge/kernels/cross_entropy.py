@@ -17,6 +17,18 @@ if triton_importable():
     import triton.language as tl
 
     @triton.jit
+    def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+        """(z, dz/dx) of fp32 logits x: z = softcap * tanh(x / softcap) (tanh through a sigmoid), or (x, 1)."""
+        if HAS_SOFTCAP:
+            t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+            z = softcap * t
+            slope = 1.0 - t * t
+        else:
+            z = x
+            slope = 1.0
+        return z, slope
+
+    @triton.jit
     def _ce_rows(LOGITS, stride, LABELS, LOSS, n_vocab, softcap, ignore_index,
                  HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
         """One row: loss = logsumexp(z) - z[label] with z = softcap*tanh(x/softcap); then overwrite the
@@ -30,9 +42,7 @@ if triton_importable():
         for start in range(0, n_vocab, BLOCK):
             idx = start + cols
             in_vocab = idx < n_vocab
-            x = tl.load(ptr + idx, mask=in_vocab, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+            x, _ = _softcapped(tl.load(ptr + idx, mask=in_vocab, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
             x = tl.where(in_vocab, x, -float("inf"))
             new_max = tl.maximum(run_max, x)
             safe = tl.where(new_max == -float("inf"), 0.0, new_max)
@@ -42,23 +52,14 @@ if triton_importable():
         lse = m + tl.log(tl.sum(run_sum * tl.exp(run_max - m), axis=0))
         valid = label != ignore_index
         safe_label = tl.where(valid, label, 0).to(tl.int64)
-        z_label = tl.load(ptr + safe_label).to(tl.float32)
-        if HAS_SOFTCAP:
-            z_label = softcap * (2.0 * tl.sigmoid(2.0 * z_label / softcap) - 1.0)
+        z_label, _ = _softcapped(tl.load(ptr + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
         tl.store(LOSS + row, tl.where(valid, lse - z_label, 0.0))
         scale = tl.where(valid, 1.0, 0.0)
         for start in range(0, n_vocab, BLOCK):
             idx = start + cols
             mask = idx < n_vocab
-            x = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
-                z = softcap * t
-            else:
-                z = x
-            grad = tl.exp(z - lse) - tl.where(idx == label, 1.0, 0.0)
-            if HAS_SOFTCAP:
-                grad = grad * (1.0 - t * t)
+            z, slope = _softcapped(tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+            grad = (tl.exp(z - lse) - tl.where(idx == label, 1.0, 0.0)) * slope
             tl.store(ptr + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
@@ -183,23 +184,14 @@ if triton_importable():
         for start in range(0, n_cols, BLOCK):
             idx = start + cols
             mask = idx < n_cols
-            x = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+            x, _ = _softcapped(tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
             chunk_max = tl.maximum(chunk_max, tl.where(mask, x, -float("inf")))
         old_max = tl.load(RUN_MAX + row)
         new_max = tl.maximum(old_max, tl.max(chunk_max, axis=0))
         label = tl.load(LABELS + row).to(tl.int64)
         rel = label - v0
         if (label != ignore_index) & (rel >= 0) & (rel < n_cols):
-            x = tl.load(ptr + rel).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
-                z = softcap * t
-                slope = 1.0 - t * t
-            else:
-                z = x
-                slope = 1.0
+            z, slope = _softcapped(tl.load(ptr + rel).to(tl.float32), softcap, HAS_SOFTCAP)
             tl.store(TARGET + row, z)
             hcols = tl.arange(0, BLOCK_H)
             for h0 in range(0, n_hidden, BLOCK_H):
@@ -211,17 +203,10 @@ if triton_importable():
         for start in range(0, n_cols, BLOCK):
             idx = start + cols
             mask = idx < n_cols
-            x = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
-                z = softcap * t
-            else:
-                z = x
+            z, slope = _softcapped(tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
             e = tl.where(mask, tl.exp(z - new_max), 0.0)
             total += e
-            if HAS_SOFTCAP:
-                e = e * (1.0 - t * t)
-            tl.store(ptr + idx, e.to(LOGITS.dtype.element_ty), mask=mask)
+            tl.store(ptr + idx, (e * slope).to(LOGITS.dtype.element_ty), mask=mask)
         alpha = tl.exp(old_max - new_max)  # 0 on the first chunk (old max -inf)
         tl.store(RUN_SUM + row, tl.load(RUN_SUM + row) * alpha + tl.sum(total, axis=0))
         tl.store(RUN_MAX + row, new_max)
