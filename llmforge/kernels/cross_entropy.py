@@ -63,22 +63,26 @@ if triton_importable():
             tl.store(ptr + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
+def _softcapped_torch(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Torch twin of ``_softcapped`` on fp32 logits: (z, dz/dx), dz/dx None without a softcap."""
+    x = logits.float()
+    if not softcap:
+        return x, None
+    t = torch.tanh(x / softcap)
+    return softcap * t, 1.0 - t * t
+
+
 def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, ignore_index: int):
     """Torch fallback of ``_ce_rows``: returns per-row losses and overwrites ``logits`` with the gradient."""
-    x = logits.float()
-    if softcap:
-        t = torch.tanh(x / softcap)
-        z = softcap * t
-    else:
-        z = x
+    z, dzdx = _softcapped_torch(logits, softcap)
     lse = torch.logsumexp(z, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     loss = torch.where(valid, lse - z.gather(1, safe[:, None])[:, 0], 0.0)
     grad = torch.softmax(z, dim=-1)
     grad[torch.arange(len(safe), device=grad.device), safe] -= 1.0
-    if softcap:
-        grad *= 1.0 - t * t
+    if dzdx is not None:
+        grad *= dzdx
     grad *= valid[:, None]
     logits.copy_(grad)
     return loss
@@ -126,6 +130,16 @@ class _FusedLinearCE(torch.autograd.Function):
         return dh, dw, None, None, None, None, None
 
 
+def _per_item(loss_sum: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+              num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """``loss_sum`` over ``num_items_in_batch``, or over the rows with a target (at least one)."""
+    if num_items_in_batch is None:
+        denominator = (labels != ignore_index).sum().clamp(min=1)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=loss_sum.device)
+    return loss_sum / denominator
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                softcap: float | None = None, ignore_index: int = IGNORE_INDEX,
                                num_items_in_batch: torch.Tensor | int | None = None,
@@ -143,11 +157,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         chunk_rows = max(1, CHUNK_BYTES // (weight.shape[0] * torch.finfo(dtype).bits // 8))
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum = _FusedLinearCE.apply(hidden, weight, labels, softcap, ignore_index, int(chunk_rows), dtype)
-    if num_items_in_batch is None:
-        denominator = (labels != ignore_index).sum().clamp(min=1)
-    else:
-        denominator = torch.as_tensor(num_items_in_batch, device=loss_sum.device)
-    return loss_sum / denominator
+    return _per_item(loss_sum, labels, ignore_index, num_items_in_batch)
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, *, softcap=None, ignore_index=IGNORE_INDEX,
@@ -215,12 +225,7 @@ if triton_importable():
 
 def _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index):
     """Torch fallback of ``_stream_rows`` (same in-place updates); returns ALPHA."""
-    x = logits.float()
-    if softcap:
-        t = torch.tanh(x / softcap)
-        z = softcap * t
-    else:
-        z = x
+    z, dzdx = _softcapped_torch(logits, softcap)
     new_max = torch.maximum(run_max, z.max(dim=1).values)
     alpha = torch.exp(run_max - new_max)
     e = torch.exp(z - new_max[:, None])
@@ -234,8 +239,8 @@ def _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh
     slope = 1.0 - (z_target / softcap) ** 2 if softcap else torch.ones_like(z_target)  # z = softcap * t
     term = -slope[:, None] * w_chunk.float()[safe]
     dh.copy_(torch.where(hit[:, None], term.to(dh.dtype), dh))
-    if softcap:
-        e *= 1.0 - t * t
+    if dzdx is not None:
+        e *= dzdx
     logits.copy_(e)
     return alpha
 
@@ -351,8 +356,4 @@ def streamed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, la
         chunk_vocab = min(32768, max(1024, STREAM_LOGIT_BYTES // rows // 256 * 256))
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum = _StreamedLinearCE.apply(hidden, weight, labels, softcap, ignore_index, int(chunk_vocab), dtype)
-    if num_items_in_batch is None:
-        denominator = (labels != ignore_index).sum().clamp(min=1)
-    else:
-        denominator = torch.as_tensor(num_items_in_batch, device=loss_sum.device)
-    return loss_sum / denominator
+    return _per_item(loss_sum, labels, ignore_index, num_items_in_batch)
