@@ -115,3 +115,22 @@ def synthetic_gguf(path: Path, n_layer: int, n_head: int, n_head_kv: int, tied: 
     w.write_tensors_to_file()
     w.close()
     return shapes
+
+
+def nonfinite_gguf(path: Path, rows: int, bad: dict[tuple[int, int], float]) -> Path:
+    """A one-layer llama GGUF of two f32 weights: blk.0.attn_q.weight (4 x 256 ones) and blk.0.attn_k.weight
+    (``rows`` x 256 ones with the ``bad`` values at their (row, column))."""
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
+                       ("feed_forward_length", 256), ("attention.head_count", 4)):
+        w.add_uint32(f"llama.{key}", value)
+    k = np.ones((rows, 256), dtype=np.float32)
+    for at, value in bad.items():
+        k[at] = value
+    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 256), dtype=np.float32))
+    w.add_tensor("blk.0.attn_k.weight", k)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llmforge.quant.imatrix import write_imatrix
-from quant_oracle import synthetic_gguf
+from quant_oracle import nonfinite_gguf, synthetic_gguf
 from cli_runner import run_cli as run
 
 
@@ -57,21 +57,7 @@ def test_already_quantized_input_is_refused(f32_model, tmp_path, capsys):
 
 
 def test_nan_tensor_is_refused_by_name(tmp_path, capsys):
-    import gguf
-
-    src = tmp_path / "nan.gguf"
-    w = gguf.GGUFWriter(src, "llama")
-    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
-                       ("feed_forward_length", 256), ("attention.head_count", 4)):
-        w.add_uint32(f"llama.{key}", value)
-    bad = np.ones((4, 256), dtype=np.float32)
-    bad[1, 3] = np.nan
-    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 256), dtype=np.float32))
-    w.add_tensor("blk.0.attn_k.weight", bad)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    src = nonfinite_gguf(tmp_path / "nan.gguf", 4, {(1, 3): np.nan})
     out_path = tmp_path / "out.gguf"
     code, _, err = run(["quantize", str(src), str(out_path), "-q", "q4_k_m"], capsys)
     assert_one_line_error(code, err, "blk.0.attn_k.weight", "NaN")

@@ -27,6 +27,7 @@ from llmforge.errors import LlmforgeError
 from llmforge.quant import gpu_pipeline, requantize
 from llmforge.quant.requantize import quantize_gguf
 from pipeline_cases import llama_cpp_file, llama_gguf, numpy_kernels, q8_edge_rows, random_imatrix
+from quant_oracle import nonfinite_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,22 +108,7 @@ def test_pieces_cover_every_byte_once(models):
 
 
 def test_nan_is_one_error_and_no_output(cpu_pipeline, tmp_path):
-    import gguf
-
-    src = tmp_path / "nan.gguf"
-    w = gguf.GGUFWriter(src, "llama")
-    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
-                       ("feed_forward_length", 256), ("attention.head_count", 4)):
-        w.add_uint32(f"llama.{key}", value)
-    bad = np.ones((40, 256), dtype=np.float32)
-    bad[33, 3] = np.inf
-    bad[1, 7] = np.nan
-    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 256), dtype=np.float32))
-    w.add_tensor("blk.0.attn_k.weight", bad)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    src = nonfinite_gguf(tmp_path / "nan.gguf", 40, {(33, 3): np.inf, (1, 7): np.nan})
     with pytest.raises(LlmforgeError, match=r"'blk.0.attn_k.weight' holds 2 NaN/Inf"):
         quantize_gguf(src, tmp_path / "out.gguf", "q4_k_m", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]

@@ -24,7 +24,7 @@ from llmforge.errors import LlmforgeError  # noqa: E402
 from llmforge.quant import gpu_pipeline  # noqa: E402
 from llmforge.quant.requantize import quantize_gguf  # noqa: E402
 from pipeline_cases import llama_cpp_file, llama_gguf, q8_edge_rows, random_imatrix  # noqa: E402
-from quant_oracle import ggml_quantize_any  # noqa: E402
+from quant_oracle import ggml_quantize_any, nonfinite_gguf  # noqa: E402
 
 
 def note(line: str) -> None:
@@ -106,21 +106,7 @@ def test_default_settings_on_a_wider_model(tmp_path_factory, tmp_path, quant):
 
 
 def test_nan_is_refused_by_name(tmp_path):
-    import gguf
-
-    src = tmp_path / "nan.gguf"
-    w = gguf.GGUFWriter(src, "llama")
-    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
-                       ("feed_forward_length", 256), ("attention.head_count", 4)):
-        w.add_uint32(f"llama.{key}", value)
-    bad = np.ones((64, 256), dtype=np.float32)
-    bad[40, 3] = np.nan
-    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 256), dtype=np.float32))
-    w.add_tensor("blk.0.attn_k.weight", bad)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    src = nonfinite_gguf(tmp_path / "nan.gguf", 64, {(40, 3): np.nan})
     for quant in ("q4_k_m", "q8_0"):
         with pytest.raises(LlmforgeError, match=r"'blk.0.attn_k.weight' holds 1 NaN/Inf"):
             quantize_gguf(src, tmp_path / "out.gguf", quant, progress=False, backend="cuda")
