@@ -3,7 +3,8 @@
 Triton reads ``TRITON_INTERPRET`` when it is imported, and other test modules import it (through
 bitsandbytes/transformers) during collection, so these cases run in a child process:
 ``python tests/kernels_cases.py CASE...`` sets the variable before any import and prints one JSON line
-``{case: "ok" | traceback}``. ``run_cases`` is the parent side used by the test modules.
+``{case: "ok" | traceback}``. ``run_cases`` is the parent side used by the test modules; ``run_interpreted``
+and ``report_cases`` are the two sides for other test files that run their own cases in such a child.
 """
 
 from __future__ import annotations
@@ -13,21 +14,41 @@ import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cases(names: list[str], timeout: float = 300) -> dict[str, str]:
-    """Run the named cases in one interpreted child process; returns case -> "ok" or the failure text."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+def run_interpreted(script: str | Path, names: list[str], args: tuple[str, ...] = (), timeout: float = 300,
+                    path: tuple[Path, ...] = (REPO,)) -> dict[str, str]:
+    """Run ``python script *args *names`` under Triton's interpreter (``path`` as PYTHONPATH); returns the
+    child's last JSON line, case -> "ok" or the failure text (every case: the child's stderr if it printed none)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(str(p) for p in path))
     env.pop("LLMFORGE_KERNELS", None)
-    proc = subprocess.run([sys.executable, str(Path(__file__)), *names], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), *args, *names], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {name: f"child failed rc={proc.returncode}: {proc.stderr[-3000:]}" for name in names}
     return json.loads(lines[-1])
+
+
+def report_cases(names: list[str], run: Callable[[str], None], tail: int = 3000) -> None:
+    """The child side: ``run`` each case, then print one JSON line {case: "ok" | the traceback's tail}."""
+    results = {}
+    for name in names:
+        try:
+            run(name)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test
+            results[name] = traceback.format_exc()[-tail:]
+    print(json.dumps(results), flush=True)
+
+
+def run_cases(names: list[str], timeout: float = 300) -> dict[str, str]:
+    """Run the named cases in one interpreted child process; returns case -> "ok" or the failure text."""
+    return run_interpreted(__file__, names, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------ child side
@@ -355,14 +376,7 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 
 
 def main(names: list[str]) -> None:
-    results = {}
-    for name in names:
-        try:
-            CASES[name]()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the parent test
-            results[name] = traceback.format_exc()[-4000:]
-    print(json.dumps(results), flush=True)
+    report_cases(names, lambda name: CASES[name](), tail=4000)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,14 @@ one child process: ``python tests/test_kquants_triton.py`` prints one JSON line 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from kernels_cases import report_cases, run_interpreted
+
 TYPES = ["Q4_K", "Q6_K", "Q5_K", "Q2_K", "Q3_K"]
 CASES = [f"{t}-{w}" for t in TYPES for w in ("plain", "imatrix")]
 COLS = 512
@@ -54,13 +51,7 @@ def importance(seed: int = 1) -> np.ndarray:
 @pytest.fixture(scope="module")
 def results() -> dict[str, str]:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__, *CASES], capture_output=True, text=True, env=env,
-                          timeout=1800, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        return {c: f"child failed rc={proc.returncode}: {proc.stderr[-3000:]}" for c in CASES}
-    return json.loads(lines[-1])
+    return run_interpreted(__file__, CASES, timeout=1800)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -104,14 +95,7 @@ def main(cases: list[str]) -> None:
     import warnings
 
     warnings.simplefilter("ignore")          # the interpreter warns on the C code's inf/NaN intermediates
-    out = {}
-    for case in cases:
-        try:
-            _run_case(case)
-            out[case] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the parent
-            out[case] = traceback.format_exc()[-3000:]
-    print(json.dumps(out), flush=True)
+    report_cases(cases, _run_case)
 
 
 if __name__ == "__main__":

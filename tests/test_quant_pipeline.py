@@ -11,11 +11,8 @@ The same pipeline on a GPU: tests/test_quant_pipeline_gpu.py.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import torch
 from llmforge.errors import LlmforgeError
 from llmforge.quant import gpu_pipeline, requantize
 from llmforge.quant.requantize import quantize_gguf
+from kernels_cases import report_cases, run_interpreted
 from pipeline_cases import llama_cpp_file, llama_gguf, numpy_kernels, q8_edge_rows, random_imatrix
 from quant_oracle import nonfinite_gguf
 
@@ -144,13 +142,7 @@ INTERP_CASES = ["q8_0-kernel", "legacy-kernels", "q8_0-f32", "q8_0-f16", "q8_0-b
 def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     root = tmp_path_factory.mktemp("interp")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    proc = subprocess.run([sys.executable, __file__, str(root), *INTERP_CASES], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        return {c: f"child failed rc={proc.returncode}: {proc.stderr[-3000:]}" for c in INTERP_CASES}
-    return json.loads(lines[-1])
+    return run_interpreted(__file__, INTERP_CASES, args=(str(root),), timeout=600, path=(REPO, REPO / "tests"))
 
 
 @pytest.mark.parametrize("case", INTERP_CASES)
@@ -207,14 +199,7 @@ def _child_case(case: str, root: Path) -> None:
 
 def main(root: str, cases: list[str]) -> None:
     warnings.simplefilter("ignore")          # the interpreter warns on inf/NaN intermediates
-    out = {}
-    for case in cases:
-        try:
-            _child_case(case, Path(root))
-            out[case] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the parent
-            out[case] = traceback.format_exc()[-3000:]
-    print(json.dumps(out), flush=True)
+    report_cases(cases, lambda case: _child_case(case, Path(root)))
 
 
 if __name__ == "__main__":
