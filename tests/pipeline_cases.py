@@ -64,6 +64,17 @@ def random_imatrix(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 3
     return write_imatrix(path, importance)
 
 
+def source_models(root: Path) -> dict:
+    """f32/f16/bf16 copies of one tiny llama GGUF in ``root`` ("f32" -> path, "f32-shapes" -> shapes, ...) and
+    an importance matrix for it ("imatrix")."""
+    out: dict = {}
+    for source in SOURCES:
+        out[source] = root / f"{source}.gguf"
+        out[source + "-shapes"] = llama_gguf(out[source], source)
+    out["imatrix"] = random_imatrix(root / "imatrix.gguf", out["f32-shapes"])
+    return out
+
+
 def llama_cpp_file(src: Path, dst: Path, quant: str, imatrix: Path | None = None, nthread: int = 2) -> bytes:
     llama_quantize_file(src, dst, resolve_ftype(quant).file_type,
                         importance=load_imatrix(imatrix) if imatrix else None, nthread=nthread)

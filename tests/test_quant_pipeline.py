@@ -24,7 +24,7 @@ from llmforge.errors import LlmforgeError
 from llmforge.quant import gpu_pipeline, requantize
 from llmforge.quant.requantize import quantize_gguf
 from kernels_cases import report_cases, run_interpreted
-from pipeline_cases import llama_cpp_file, llama_gguf, numpy_kernels, q8_edge_rows, random_imatrix
+from pipeline_cases import llama_cpp_file, llama_gguf, numpy_kernels, q8_edge_rows, source_models
 from quant_oracle import nonfinite_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +43,7 @@ def cpu_pipeline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    out = {}
-    for source in ("f32", "f16", "bf16"):
-        out[source] = root / f"{source}.gguf"
-        out[source + "-shapes"] = llama_gguf(out[source], source)
-    out["imatrix"] = random_imatrix(root / "imatrix.gguf", out["f32-shapes"])
-    return out
+    return source_models(tmp_path_factory.mktemp("pipeline"))
 
 
 CASES = [("f32", "q4_k_m", False), ("f32", "q6_k", False), ("f32", "q8_0", False), ("f32", "q4_0", False),

@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from llmforge.errors import LlmforgeError  # noqa: E402
 from llmforge.quant import gpu_pipeline  # noqa: E402
 from llmforge.quant.requantize import quantize_gguf  # noqa: E402
-from pipeline_cases import llama_cpp_file, llama_gguf, q8_edge_rows, random_imatrix  # noqa: E402
+from pipeline_cases import llama_cpp_file, llama_gguf, q8_edge_rows, source_models  # noqa: E402
 from quant_oracle import ggml_quantize_any, nonfinite_gguf  # noqa: E402
 
 
@@ -36,13 +36,7 @@ def note(line: str) -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline-gpu")
-    out = {}
-    for source in ("f32", "f16", "bf16"):
-        out[source] = root / f"{source}.gguf"
-        out[source + "-shapes"] = llama_gguf(out[source], source)
-    out["imatrix"] = random_imatrix(root / "imatrix.gguf", out["f32-shapes"])
-    return out
+    return source_models(tmp_path_factory.mktemp("pipeline-gpu"))
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda q: q.name)
