@@ -41,26 +41,31 @@ def write_dataset() -> None:
     (HERE / "data.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def write_tokenizer() -> None:
+def write_bpe_tokenizer(folder: Path, corpus: list[str], vocab_size: int, special: list[str], config: dict) -> None:
+    """A byte-level BPE with GPT-2's pre-tokenizer trained on ``corpus`` (``special`` tokens first), saved in
+    ``folder`` with ``config`` as its tokenizer_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [m["content"] for row in dataset_rows() for m in row["messages"]] * 4
-    corpus += ["user", "assistant", "system", "The quick brown fox jumps over the lazy dog. 0123456789"]
     tokenizer.train_from_iterator(corpus, trainer)
-    folder = HERE / "tokenizer"
     folder.mkdir(exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_tokenizer() -> None:
+    corpus = [m["content"] for row in dataset_rows() for m in row["messages"]] * 4
+    corpus += ["user", "assistant", "system", "The quick brown fox jumps over the lazy dog. 0123456789"]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False, "model_max_length": 512,
         "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_bpe_tokenizer(HERE / "tokenizer", corpus, 512, SPECIAL, config)
 
 
 if __name__ == "__main__":

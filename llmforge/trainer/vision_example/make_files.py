@@ -83,19 +83,10 @@ def write_dataset() -> None:
 
 
 def write_tokenizer() -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from ..example.make_files import write_bpe_tokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [f"The square is {c}." for c in COLOURS] * 4 + QUESTIONS * 4
     corpus += ["user", "model", "system", "The quick brown fox jumps over the lazy dog. 0123456789"]
-    tokenizer.train_from_iterator(corpus, trainer)
-    folder = HERE / "tokenizer"
-    folder.mkdir(exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
         "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": False, "model_max_length": 512,
@@ -103,7 +94,7 @@ def write_tokenizer() -> None:
         "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                  "image_token": "<image_soft_token>"},
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_bpe_tokenizer(HERE / "tokenizer", corpus, 384, SPECIAL, config)
 
 
 if __name__ == "__main__":
