@@ -124,6 +124,11 @@ GEMMA3_KVS = (
     KV(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, F32, ("final_logit_softcapping",), required=False),
     KV(Keys.Attention.SLIDING_WINDOW, U32, ("sliding_window",), required=False),
 )
+# M-RoPE (Qwen2-VL text models): rotary pairs per position axis (time, height, width), padded to 4 as llama.cpp
+QWEN2VL_KVS = (
+    KV(Keys.Rope.DIMENSION_SECTIONS, GGUFValueType.ARRAY,
+       value=lambda hp: [int(s) for s in (list(hp.rope()["mrope_section"]) + [0, 0, 0, 0])[:4]]),
+)
 PHI3_KVS = (
     KV(Keys.Rope.SCALING_ORIG_CTX_LEN, U32,
        value=lambda hp: hp.get("original_max_position_embeddings", default=hp.rope().get(
@@ -248,6 +253,9 @@ REGISTRY: tuple[ArchSpec, ...] = (
              transforms=LLAMA_TRANSFORMS, extra_tensors=_llama_extra),
     ArchSpec("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), MODEL_ARCH.QWEN2),
     ArchSpec("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), MODEL_ARCH.QWEN3),
+    # the text half of Qwen2-VL / Qwen2.5-VL (llmforge.export.vision stages it under these names)
+    ArchSpec("qwen2vl", ("Qwen2VLTextModel", "Qwen2_5_VLTextModel"), ("qwen2_vl_text", "qwen2_5_vl_text"),
+             MODEL_ARCH.QWEN2VL, kvs=QWEN2VL_KVS),
     ArchSpec("gemma2", ("Gemma2ForCausalLM",), ("gemma2",), MODEL_ARCH.GEMMA2, kvs=GEMMA2_KVS,
              norm_shift=1.0, skip=("rotary_emb.inv_freq", "lm_head.weight"), tied_default=True,
              add_bos=True),

@@ -92,6 +92,65 @@ GEMMA3_KVS: tuple[ClipKV, ...] = (
 )
 
 
+def _qwen_wa_pattern(x: VisionView) -> int:
+    """Qwen2.5-VL's window-attention period from ``fullatt_block_indexes`` (full attention every n-th block)."""
+    full = _req(x.v, "fullatt_block_indexes", "vision_config")
+    period = int(full[0]) + 1
+    if any(b - a != period for a, b in zip(full, full[1:])):
+        raise LlmforgeError(f"vision_config fullatt_block_indexes {full} is not evenly spaced",
+                            hint="llama.cpp supports only a regular window-attention pattern")
+    return period
+
+
+QWEN25VL_KVS: tuple[ClipKV, ...] = (
+    ClipKV(Keys.Clip.PROJECTOR_TYPE, STR, lambda x: gguf.VisionProjectorType.QWEN25VL),
+    ClipKV(Keys.ClipVision.USE_SILU, BOOL, lambda x: True),
+    ClipKV(Keys.ClipVision.N_WA_PATTERN, U32, _qwen_wa_pattern),
+    ClipKV(Keys.ClipVision.Attention.LAYERNORM_EPS, F32, lambda x: x.c.get("rms_norm_eps", 1e-6)),
+)
+
+
+def _qwen_vision_config(v: dict) -> dict:
+    """Qwen2-VL's vision_config under the names of the common clip keys (as llama.cpp's converter renames them;
+    Qwen2-VL's ``embed_dim`` is the width and its ``hidden_size`` the MLP's)."""
+    out = {**v, "image_size": v.get("image_size", 560), "num_attention_heads": v.get("num_heads"),
+           "num_hidden_layers": v.get("depth")}
+    if "embed_dim" in v:
+        out.update(intermediate_size=v.get("hidden_size"), hidden_size=v["embed_dim"])
+    return out
+
+
+@dataclass(frozen=True)
+class Split:
+    """One checkpoint tensor written as several mmproj tensors (as llama.cpp's converter splits it): each part
+    is (replacement of ``pattern`` in the name before mapping, suffix after the GGUF name, slice of the array)."""
+
+    pattern: str
+    parts: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray]], ...]
+
+
+def _third(i: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: a[i * (a.shape[0] // 3):(i + 1) * (a.shape[0] // 3)]
+
+
+def _frame(i: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: a[:, :, i]
+
+
+QWEN_SPLITS = (
+    # fused attention input -> q, k, v (weight rows and bias alike)
+    Split(r"\.qkv\.", tuple((f".{p}.", "", _third(i)) for i, p in enumerate("qkv"))),
+    # Conv3D over 2 frames -> two Conv2Ds (the second as ``v.patch_embd.weight.1``)
+    Split(r"patch_embed\.proj\.weight$", (("patch_embed.proj.weight", "", _frame(0)),
+                                          ("patch_embed.proj.weight", ".1", _frame(1)))),
+)
+
+
+def _f16_if_f16(base: T) -> T:
+    """llama.cpp's MmprojModel default for patch embeddings: F16 in f16 files, F32 otherwise."""
+    return T.F16 if base == T.F16 else T.F32
+
+
 @dataclass(frozen=True)
 class VisionArch:
     """Everything architecture-specific about one vision-language family."""
@@ -110,8 +169,11 @@ class VisionArch:
     skip: tuple[str, ...] = ()                 # canonical prefixes with no GGUF counterpart
     rename: tuple[tuple[str, str], ...] = ()   # regex fixes after the prefix (e.g. "_weight" -> ".weight")
     add_one: tuple[MODEL_TENSOR, ...] = ()     # Gemma RMS norms stored as w (applied as 1 + w)
-    # llama.cpp converter's per-tensor types: forced type for these kinds (before its 1-D/norm -> F32 rule)
-    force: dict[MODEL_TENSOR, T] = field(default_factory=dict)
+    # llama.cpp converter's per-tensor types: forced type for these kinds (a type, or one chosen from the base
+    # type), applied after its 1-D/norm -> F32 rule
+    force: dict[MODEL_TENSOR, T | Callable[[T], T]] = field(default_factory=dict)
+    splits: tuple[Split, ...] = ()
+    vision_config: Callable[[dict], dict] = dict   # vision_config under the common clip keys' names
 
 
 GEMMA3 = VisionArch(
@@ -132,7 +194,20 @@ GEMMA3 = VisionArch(
            MODEL_TENSOR.V_ENC_EMBD_POS: T.F32},
 )
 
-VISION_REGISTRY: tuple[VisionArch, ...] = (GEMMA3,)
+QWEN25VL = VisionArch(
+    "qwen2.5vl", ("Qwen2_5_VLForConditionalGeneration",), ("qwen2_5_vl",), "Qwen2_5_VLTextModel",
+    canonical=(("model.language_model.", "model.language_model."), ("model.visual.", "model.visual."),
+               ("visual.", "model.visual."), ("model.", "model.language_model."), ("lm_head.", "lm_head.")),
+    text_prefixes=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    vision_prefixes=(("model.visual.", "visual."),),
+    published=(("model.visual.", "visual."), ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    kvs=VISION_KVS + QWEN25VL_KVS,
+    force={MODEL_TENSOR.V_ENC_EMBD_PATCH: _f16_if_f16},
+    splits=QWEN_SPLITS,
+    vision_config=_qwen_vision_config,
+)
+
+VISION_REGISTRY: tuple[VisionArch, ...] = (GEMMA3, QWEN25VL)
 
 # the mmproj's base type per quant: llama.cpp's converter writes f32/f16/bf16/q8_0 projectors; K-quant mixtures
 # (which llama-quantize never applies to an mmproj) keep the projector in f16
@@ -289,6 +364,7 @@ class MmprojTensor:
     source_name: str       # canonical name in the source
     shape: tuple[int, ...]
     qtype: T
+    part: Callable[[np.ndarray], np.ndarray] | None = None   # the slice of a split source tensor
 
 
 def mmproj_type(spec: VisionArch, kind: MODEL_TENSOR, gguf_name: str, shape: tuple[int, ...], base: T) -> T:
@@ -298,7 +374,7 @@ def mmproj_type(spec: VisionArch, kind: MODEL_TENSOR, gguf_name: str, shape: tup
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
         return T.F32
     if qtype is not None:
-        return qtype
+        return qtype if isinstance(qtype, T) else qtype(base)
     if base == T.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
         return T.F16
     return base
@@ -314,17 +390,29 @@ def plan_mmproj(spec: VisionArch, source: TensorSource, n_blocks: int, base: T) 
             continue
         for pattern, repl in spec.rename:
             mapped_name = re.sub(pattern, repl, mapped_name)
-        found = tmap.get_type_and_name(mapped_name, try_suffixes=(".weight", ".bias"))
-        if found is None:
-            raise LlmforgeError(f"tensor {name!r} has no mmproj counterpart for {spec.name}",
-                                hint="the checkpoint does not match its config.json architecture")
-        kind, gguf_name = found
         shape = tuple(source.shape(name))
-        out.append(MmprojTensor(gguf_name, kind, name, shape, mmproj_type(spec, kind, gguf_name, shape, base)))
+        for part_name, suffix, part in _parts(spec, mapped_name):
+            found = tmap.get_type_and_name(part_name, try_suffixes=(".weight", ".bias"))
+            if found is None:
+                raise LlmforgeError(f"tensor {name!r} has no mmproj counterpart for {spec.name}",
+                                    hint="the checkpoint does not match its config.json architecture")
+            kind, gguf_name = found
+            gguf_name += suffix
+            part_shape = shape if part is None else part(np.broadcast_to(np.zeros((), np.int8), shape)).shape
+            out.append(MmprojTensor(gguf_name, kind, name, part_shape,
+                                    mmproj_type(spec, kind, gguf_name, part_shape, base), part))
     if not out:
         raise LlmforgeError(f"no vision tower tensors found for {spec.name}",
                             hint="the checkpoint holds only the text model; convert it as a text model")
     return sorted(out, key=lambda t: _block_order(t.gguf_name))
+
+
+def _parts(spec: VisionArch, mapped_name: str) -> list[tuple[str, str, Callable | None]]:
+    """(name to map, GGUF name suffix, slice) for each mmproj tensor one source tensor becomes."""
+    for split in spec.splits:
+        if re.search(split.pattern, mapped_name):
+            return [(re.sub(split.pattern, repl, mapped_name), suffix, part) for repl, suffix, part in split.parts]
+    return [(mapped_name, "", None)]
 
 
 def _block_order(gguf_name: str) -> tuple[int, str]:
@@ -354,6 +442,7 @@ def write_mmproj(spec: VisionArch, model_dir: Path, config: dict, source: Tensor
     if not vision:
         raise LlmforgeError("config.json of a vision-language model lacks 'vision_config'",
                             hint="the model folder's config is incomplete")
+    vision = spec.vision_config(vision)
     view = VisionView(vision, config, text_config(spec, config), processor_config(model_dir))
     n_blocks = int(_req(vision, "num_hidden_layers", "vision_config"))
     plans = plan_mmproj(spec, source, n_blocks, base)
@@ -371,6 +460,8 @@ def write_mmproj(spec: VisionArch, model_dir: Path, config: dict, source: Tensor
     def produce(t) -> np.ndarray:
         plan: MmprojTensor = t.source
         data = source.load_array(plan.source_name)
+        if plan.part is not None:
+            data = plan.part(data)
         if plan.kind in spec.add_one:
             data = data.astype(np.float32, copy=False) + np.float32(1.0)
         if t.qtype in (T.F32, T.F16):

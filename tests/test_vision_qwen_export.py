@@ -1,0 +1,150 @@
+"""Vision-language export, Qwen2.5-VL: ``llmforge convert`` writes the text GGUF (llama.cpp's ``qwen2vl``
+architecture, M-RoPE) and the mmproj (``clip``, projector ``qwen2.5vl_merger``).
+
+Oracles: llama.cpp's own ``convert_hf_to_gguf.py`` on the same tiny model (tensor names, shapes, types, bytes;
+``clip.*`` and ``qwen2vl.*`` keys); libmtmd running an image prompt against transformers'
+Qwen2_5_VLForConditionalGeneration on the same image and tokens -- the image's M-RoPE positions (time, row,
+column of each merged patch, text resuming after the image's largest side) are llama.cpp's on the text side.
+
+Tolerances (relative to the reference's largest magnitude): image embeddings and last-position logits < 2e-3
+for f32/f16 (f16 weights; ggml's CPU SiLU/GELU tables), < 5e-2 for q8_0; greedy tokens identical for f32/f16.
+The 32x32 image is 4x4 merged patches, inside one 112-pixel attention window, so the windowed blocks attend like
+the full one here (window reordering is still on: n_wa_pattern = 2).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmforge.export.convert import convert
+from llmforge.export.vision import mmproj_path
+from llmforge.trainer.vision_example import IMAGES_DIR
+from test_export_anchor import MEMBERS, find_sdist
+from test_vision_export import gguf_contents, rel
+from vision_qwen_model import build_qwen_vlm, image_processor
+
+QUESTION = "What colour is the square?"
+IMAGE_PAD = "<|image_pad|>"
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory) -> Path:
+    return build_qwen_vlm(tmp_path_factory.mktemp("tiny-qwen25vl") / "tiny-qwen-vlm")
+
+
+@pytest.fixture(scope="module")
+def exported(vlm_dir, tmp_path_factory):
+    """quant -> (text GGUF, mmproj GGUF), converted once per quant."""
+    out_dir, made = tmp_path_factory.mktemp("qwen-vlm-gguf"), {}
+
+    def get(quant: str) -> tuple[Path, Path]:
+        if quant not in made:
+            text = out_dir / f"tiny-qwen-vlm-{quant}.gguf"
+            convert(vlm_dir, text, quant)
+            made[quant] = (text, mmproj_path(text))
+        return made[quant]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def anchor(tmp_path_factory):
+    """llama.cpp's converter (the Qwen2 fixture vocabulary's pre-tokenizer hash is one it knows)."""
+    sdist = find_sdist()
+    if sdist is None:
+        pytest.skip("llama-cpp-python sdist not found (set LLAMA_CPP_SDIST)")
+    root = tmp_path_factory.mktemp("llama.cpp")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(root, members=[m for m in tar.getmembers() if any(p in m.name for p in MEMBERS)],
+                       filter="data")
+    script = next(root.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+
+    def run(model_dir: Path, out: Path, quant: str, mmproj: bool) -> Path:
+        env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+        args = [sys.executable, str(script), str(model_dir), "--outtype", quant, "--outfile", str(out)]
+        proc = subprocess.run(args + (["--mmproj"] if mmproj else []), env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_same_files_as_llama_cpp_converter(quant, vlm_dir, exported, anchor, tmp_path):
+    text, proj = exported(quant)
+    for ours, mmproj in ((proj, True), (text, False)):
+        theirs = anchor(vlm_dir, tmp_path / f"anchor-{ours.name}", quant, mmproj)
+        our_kvs, our_tensors = gguf_contents(ours)
+        their_kvs, their_tensors = gguf_contents(theirs)
+        assert sorted(our_tensors) == sorted(their_tensors)
+        for name, (shape, qtype, data) in their_tensors.items():
+            assert our_tensors[name][:2] == (shape, qtype), name
+            assert our_tensors[name][2] == data, f"{name}: bytes differ"
+        if mmproj:
+            keys = [k for k in their_kvs if k.startswith("clip.") or k in (
+                "general.architecture", "general.type", "general.file_type", "general.quantization_version")]
+            assert {k: our_kvs.get(k) for k in keys} == {k: their_kvs[k] for k in keys}
+            assert not {k for k in our_kvs if k.startswith("clip.")} - set(keys)
+            assert our_kvs["clip.projector_type"][1] == "qwen2.5vl_merger"
+            assert our_kvs["clip.vision.n_wa_pattern"][1] == 2
+            # the Conv3D's two frames and the split q/k/v
+            assert {"v.patch_embd.weight.1", "v.blk.2.attn_q.bias", "v.blk.2.attn_v.weight", "mm.2.weight"} <= \
+                set(our_tensors)
+        else:
+            arch_keys = [k for k in their_kvs if k.startswith("qwen2vl.")]
+            assert {k: our_kvs.get(k) for k in arch_keys} == {k: their_kvs[k] for k in arch_keys}
+            assert our_kvs["qwen2vl.rope.dimension_sections"][1] == [4, 6, 6, 0]
+
+
+def hf_reference(vlm_dir: Path, image: Path, n: int):
+    """transformers: (input ids, image features, last-position logits, n greedy ids, image token id)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from vision_mtmd import rgb_pixels
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
+    pixels = image_processor()(images=[rgb_pixels(image)], return_tensors="pt")
+    n_image = int(pixels["image_grid_thw"].prod()) // 4
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt.replace(IMAGE_PAD, IMAGE_PAD * n_image), return_tensors="pt")["input_ids"]
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
+    with torch.no_grad():
+        features = model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output[0]
+        logits = model(**inputs).logits[0, -1]
+        greedy = model.generate(**inputs, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+    return ids[0].tolist(), features.numpy(), logits.numpy(), greedy.tolist(), \
+        tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+
+@pytest.mark.parametrize("quant,tol", [("f32", 2e-3), ("f16", 2e-3), ("q8_0", 5e-2)])
+def test_llama_cpp_runs_the_image_prompt_like_transformers(quant, tol, vlm_dir, exported):
+    from llama_cpp import mtmd_cpp
+
+    from vision_mtmd import generate, image_embeddings, rgb_pixels
+
+    text, proj = exported(quant)
+    image = IMAGES_DIR / "blue_1.png"
+    ids, features, logits, greedy, image_token = hf_reference(vlm_dir, image, 8)
+    embeddings = image_embeddings(text, proj, rgb_pixels(image))
+    assert embeddings.shape == features.shape == (16, 64)
+    assert rel(embeddings, features) < tol
+    # mtmd writes <|vision_start|> and <|vision_end|> around the image itself
+    marker = mtmd_cpp.mtmd_default_marker().decode()
+    prompt = f"<|im_start|>user\n{marker}{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    text_ids, last, new = generate(text, proj, prompt, [rgb_pixels(image)], 8)
+    assert text_ids == [i for i in ids if i != image_token]
+    assert rel(last, logits) < tol
+    if quant != "q8_0":
+        assert new == greedy
