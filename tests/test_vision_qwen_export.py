@@ -27,7 +27,7 @@ from llmforge.export.convert import convert
 from llmforge.export.vision import mmproj_path
 from llmforge.trainer.vision_example import IMAGES_DIR
 from test_export_anchor import MEMBERS, find_sdist
-from test_vision_export import gguf_contents, rel
+from test_vision_export import rel
 from vision_qwen_model import build_qwen_vlm, image_processor
 
 QUESTION = "What colour is the square?"
@@ -77,31 +77,60 @@ def anchor(tmp_path_factory):
     return run
 
 
+def contents(path: Path) -> tuple[dict, dict]:
+    """test_vision_export.gguf_contents without the tokenizer's arrays (150k-entry vocabularies are slow to read back; the
+    tokenizer export has its own tests)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    kvs = {k: (f.types[0].name if f.types else None, f.contents()) for k, f in reader.fields.items()
+           if not k.startswith(("GGUF.", "tokenizer.ggml."))}
+    tensors = {t.name: (t.shape.tolist(), t.tensor_type.name, t.data.tobytes()) for t in reader.tensors}
+    return kvs, tensors
+
+
+def same_tensors(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for name, (shape, qtype, data) in theirs.items():
+        assert ours[name][:2] == (shape, qtype), name
+        assert ours[name][2] == data, f"{name}: bytes differ"
+
+
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_same_files_as_llama_cpp_converter(quant, vlm_dir, exported, anchor, tmp_path):
-    text, proj = exported(quant)
-    for ours, mmproj in ((proj, True), (text, False)):
-        theirs = anchor(vlm_dir, tmp_path / f"anchor-{ours.name}", quant, mmproj)
-        our_kvs, our_tensors = gguf_contents(ours)
-        their_kvs, their_tensors = gguf_contents(theirs)
-        assert sorted(our_tensors) == sorted(their_tensors)
-        for name, (shape, qtype, data) in their_tensors.items():
-            assert our_tensors[name][:2] == (shape, qtype), name
-            assert our_tensors[name][2] == data, f"{name}: bytes differ"
-        if mmproj:
-            keys = [k for k in their_kvs if k.startswith("clip.") or k in (
-                "general.architecture", "general.type", "general.file_type", "general.quantization_version")]
-            assert {k: our_kvs.get(k) for k in keys} == {k: their_kvs[k] for k in keys}
-            assert not {k for k in our_kvs if k.startswith("clip.")} - set(keys)
-            assert our_kvs["clip.projector_type"][1] == "qwen2.5vl_merger"
-            assert our_kvs["clip.vision.n_wa_pattern"][1] == 2
-            # the Conv3D's two frames and the split q/k/v
-            assert {"v.patch_embd.weight.1", "v.blk.2.attn_q.bias", "v.blk.2.attn_v.weight", "mm.2.weight"} <= \
-                set(our_tensors)
-        else:
-            arch_keys = [k for k in their_kvs if k.startswith("qwen2vl.")]
-            assert {k: our_kvs.get(k) for k in arch_keys} == {k: their_kvs[k] for k in arch_keys}
-            assert our_kvs["qwen2vl.rope.dimension_sections"][1] == [4, 6, 6, 0]
+def test_same_mmproj_as_llama_cpp_converter(quant, vlm_dir, exported, anchor, tmp_path):
+    """f16 and q8_0: the patch embedding is F16 in f16 files only, F32 otherwise."""
+    proj = exported(quant)[1]
+    (our_kvs, our_tensors), (their_kvs, their_tensors) = (
+        contents(proj), contents(anchor(vlm_dir, tmp_path / "anchor-mmproj.gguf", quant, True)))
+    same_tensors(our_tensors, their_tensors)
+    keys = [k for k in their_kvs if k.startswith("clip.") or k in (
+        "general.architecture", "general.type", "general.file_type", "general.quantization_version")]
+    assert {k: our_kvs.get(k) for k in keys} == {k: their_kvs[k] for k in keys}
+    assert not {k for k in our_kvs if k.startswith("clip.")} - set(keys)
+    assert our_kvs["clip.projector_type"][1] == "qwen2.5vl_merger"
+    assert our_kvs["clip.vision.n_wa_pattern"][1] == 2
+    assert our_tensors["v.patch_embd.weight"][1] == {"f16": "F16", "q8_0": "F32"}[quant]
+    # the Conv3D's second frame and the split q/k/v
+    assert {"v.patch_embd.weight.1", "v.blk.2.attn_q.bias", "v.blk.2.attn_v.weight", "mm.2.weight"} <= \
+        set(our_tensors)
+
+
+def test_same_text_model_as_llama_cpp_converter(vlm_dir, exported, anchor, tmp_path):
+    """q8_0 (the text half goes through the text converter: other quants are the text tests' business)."""
+    text = exported("q8_0")[0]
+    (our_kvs, our_tensors), (their_kvs, their_tensors) = (
+        contents(text), contents(anchor(vlm_dir, tmp_path / "anchor-text.gguf", "q8_0", False)))
+    same_tensors(our_tensors, their_tensors)
+    assert our_kvs["general.architecture"] == their_kvs["general.architecture"] == ("STRING", "qwen2vl")
+    arch_keys = [k for k in their_kvs if k.startswith("qwen2vl.")]
+    assert {k: our_kvs.get(k) for k in arch_keys} == {k: their_kvs[k] for k in arch_keys}
+    assert our_kvs["qwen2vl.rope.dimension_sections"][1] == [4, 6, 6, 0]
+
+
+@pytest.fixture(scope="module")
+def reference(vlm_dir):
+    """transformers' answer for the blue example image, computed once for every quant."""
+    return hf_reference(vlm_dir, IMAGES_DIR / "blue_1.png", 8)
 
 
 def hf_reference(vlm_dir: Path, image: Path, n: int):
@@ -129,14 +158,14 @@ def hf_reference(vlm_dir: Path, image: Path, n: int):
 
 
 @pytest.mark.parametrize("quant,tol", [("f32", 2e-3), ("f16", 2e-3), ("q8_0", 5e-2)])
-def test_llama_cpp_runs_the_image_prompt_like_transformers(quant, tol, vlm_dir, exported):
+def test_llama_cpp_runs_the_image_prompt_like_transformers(quant, tol, exported, reference):
     from llama_cpp import mtmd_cpp
 
     from vision_mtmd import generate, image_embeddings, rgb_pixels
 
     text, proj = exported(quant)
     image = IMAGES_DIR / "blue_1.png"
-    ids, features, logits, greedy, image_token = hf_reference(vlm_dir, image, 8)
+    ids, features, logits, greedy, image_token = reference
     embeddings = image_embeddings(text, proj, rgb_pixels(image))
     assert embeddings.shape == features.shape == (16, 64)
     assert rel(embeddings, features) < tol
