@@ -356,7 +356,7 @@ def _patch_offload(base: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------- driver
 def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
-                cache_adapter_casts: bool | None = None, offload_frozen_weights: bool | None = None) -> PatchReport:
+                cache_adapter_casts: bool | None = None, offload_frozen_weights: bool | None = False) -> PatchReport:
     """Patch ``model`` (a transformers causal LM, bare or wrapped by PEFT) in place; returns what was done.
 
     ``offload_checkpointing``: None = only on CUDA. Call it after ``get_peft_model``; enabling gradient
@@ -366,7 +366,8 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     held all the time, ~22 MB at 1B r=16); None = on unless ``LLMFORGE_ADAPTER_CACHE=0``. Either way
     backward reuses the forward's copies.
     ``offload_frozen_weights``: keep frozen, untied input embeddings and lm_head in (pinned) host memory
-    (``host_weights.py``; the loss streams lm_head in vocabulary chunks); None = on CUDA only. Saves 2 x
+    (``host_weights.py``; the loss streams lm_head in vocabulary chunks); None = on CUDA only; default off
+    until its speed is measured on a GPU (opt in with True or None). Saves 2 x
     vocab x hidden x 2 bytes of device memory (1.96 GiB at 8B) for ~2 x that in host-to-device copies per
     step; ``host_weights.restore_frozen_weights(model)`` undoes it (e.g. before generating).
     """

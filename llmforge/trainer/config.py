@@ -65,7 +65,8 @@ class TrainConfig:
     save_total_limit: int = 2
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"   # auto: on with CUDA
     kernels: bool = True                # llmforge's fused kernels when CUDA is present
-    offload_embeddings: Literal["auto", "on", "off"] = "auto"  # frozen untied embeddings + lm_head in host memory
+    offload_embeddings: Literal["auto", "on", "off"] = "off"  # frozen untied embeddings + lm_head in host memory
+    #   (auto: SFT on CUDA; default off until its GPU speed is measured)
                                         # (kernels only; auto: on for SFT with CUDA, off for GRPO's generation)
     threads: int = 0                    # torch CPU threads; 0 = torch's default
     method: Literal["sft", "grpo"] = "sft"   # grpo: reinforcement learning with the `grpo:` section
