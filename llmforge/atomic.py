@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -12,13 +13,21 @@ from pathlib import Path
 from .errors import LlmforgeError
 
 
-def check_output_dir(path: Path) -> None:
-    """Raise a clear error when the folder that should hold ``path`` is missing or not writable."""
+def check_output_dir(path: Path, *, file: bool = True) -> None:
+    """Raise a clear error when the folder that should hold ``path`` is missing or not writable, or when
+    ``path`` should be a file but is an existing folder."""
+    if file and path.is_dir():
+        raise LlmforgeError(f"output {path} is a folder", hint=f"pass a file path, e.g. {path}/NAME")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise LlmforgeError(f"output folder {parent} does not exist", hint="create it or pass another -o path")
     if not os.access(parent, os.W_OK):
         raise LlmforgeError(f"output folder {parent} is not writable", hint="pass another -o path")
+
+
+# write errors that mean "the output does not fit here": one line, not a traceback
+FULL_DISK = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file size limit reached"}
 
 
 @contextlib.contextmanager
@@ -37,8 +46,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise LlmforgeError(f"no space left on the device while writing {target}",
+        if exc.errno in FULL_DISK:
+            raise LlmforgeError(f"{FULL_DISK[exc.errno]} while writing {target}",
                                 hint="free some disk space or write elsewhere with -o") from exc
         raise
     except BaseException:
@@ -53,7 +62,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     An existing ``target`` folder is replaced only after the new one is complete.
     """
     target = Path(target)
-    check_output_dir(target)
+    check_output_dir(target, file=False)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."))
     try:
         yield tmp

@@ -99,3 +99,52 @@ def test_dead_worker_is_one_line_and_no_output(f32_model, tmp_path, capsys, monk
     assert len(calls) >= 3 and list(tmp_path.iterdir()) == [f32_model]
     monkeypatch.undo()
     assert run(["quantize", str(f32_model), str(out_path), "-q", "q4_k_m"], capsys)[0] == 0
+
+
+def test_output_that_is_a_folder_is_refused_before_work(f32_model, tmp_path, capsys):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code, _, err = run(["quantize", str(f32_model), str(folder), "-q", "q8_0"], capsys)
+    assert_one_line_error(code, err, f"output {folder} is a folder")
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["model-f32.gguf", "out"]
+
+
+@pytest.mark.parametrize("keep", [0, 10, 300, -1], ids=["empty", "magic only", "inside the header", "last byte"])
+def test_truncated_input_is_one_line(f32_model, tmp_path, capsys, keep):
+    data = f32_model.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:keep])
+    code, _, err = run(["quantize", str(cut), str(tmp_path / "out.gguf"), "-q", "q4_k_m"], capsys)
+    fragment = "is truncated: tensor" if keep == -1 else "is not a readable GGUF file"
+    assert_one_line_error(code, err, str(cut), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf", "model-f32.gguf"]
+
+
+def test_a_vision_projector_is_not_requantized(tmp_path, capsys):
+    import gguf
+
+    mmproj = tmp_path / "mmproj-model.gguf"
+    w = gguf.GGUFWriter(mmproj, "clip")
+    w.add_tensor("v.patch_embd.weight", np.ones((4, 256), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    code, _, err = run(["quantize", str(mmproj), str(tmp_path / "out.gguf"), "-q", "q8_0"], capsys)
+    assert_one_line_error(code, err, "is a vision projector (mmproj)")
+    assert list(tmp_path.iterdir()) == [mmproj]
+
+
+def test_output_that_does_not_fit_is_one_line_and_no_temp_file(f32_model, tmp_path):
+    """A real short write from the kernel (the file size limit stands in for a full disk: both end the
+    tensor data's write() early), through the f16 path that writes the data through the writer itself."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.gguf"
+    limit = f32_model.stat().st_size // 4
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+              "from llmforge.cli import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", script, "quantize", str(f32_model), str(out), "-q", "f16"],
+                          capture_output=True, text=True, timeout=120)
+    err = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("writing "))
+    assert_one_line_error(proc.returncode, err, f"file size limit reached while writing {out}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-f32.gguf"]

@@ -49,11 +49,14 @@ class GGUFHeader:
 def read_header(path: str | Path, max_array: int = 64) -> GGUFHeader:
     """Parse ``path``'s GGUF header (raises ``ValueError`` on a malformed file)."""
     path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("the file is empty")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         try:
-            return _parse(m, max_array, path.stat().st_size)
+            return _parse(m, max_array, size)
         except struct.error as exc:
-            raise ValueError(f"truncated GGUF header ({exc})") from exc
+            raise ValueError(f"truncated GGUF header: the file ends at byte {size}") from exc
 
 
 def _parse(m: mmap.mmap, max_array: int, size: int) -> GGUFHeader:
@@ -111,3 +114,22 @@ def _parse(m: mmap.mmap, max_array: int, size: int) -> GGUFHeader:
         tensors.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qtype, offset))
     data_start = (pos + alignment - 1) // alignment * alignment
     return GGUFHeader(version, kv, tensors, data_start, alignment, size)
+
+
+def truncated_tensor(header: GGUFHeader) -> tuple[str, int] | None:
+    """The first tensor whose data runs past the end of the file, with the file size it needs; None when
+    every tensor's data is there (a cut-off download or copy)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    for t in header.tensors:
+        sizes = GGML_QUANT_SIZES.get(t.qtype)
+        if sizes is None:
+            continue
+        block, type_size = sizes
+        count = 1
+        for d in t.shape:
+            count *= d
+        end = header.data_start + t.offset + count // block * type_size
+        if end > header.file_size:
+            return t.name, end
+    return None

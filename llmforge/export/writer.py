@@ -246,7 +246,9 @@ class StreamingGGUFWriter:
         chunk = np.ascontiguousarray(chunk)
         if sys.byteorder != "little":
             chunk = chunk.byteswap()
-        chunk.tofile(fout)
+        # through the file object, not ndarray.tofile: a full disk then raises OSError(ENOSPC), which
+        # atomic_path reports as one line (tofile's short-write error carries no errno)
+        fout.write(chunk.reshape(-1).view(np.uint8).data)
         return chunk.nbytes
 
 

@@ -18,6 +18,7 @@ from gguf import GGUFReader, GGUFValueType
 
 from ..atomic import check_output_dir
 from ..errors import LlmforgeError
+from ..export.gguf_header import read_header, truncated_tensor
 from . import mixtures
 from .api import auto_backend, quantize_array, resolve_backend, resolve_ftype  # noqa: F401 (auto_backend: API)
 from .file_tasks import POOLED_TYPES, FilePacker, TensorTask
@@ -52,6 +53,21 @@ class RequantizeReport:
 def _field(reader: GGUFReader, key: str):
     f = reader.get_field(key)
     return None if f is None else f.contents()
+
+
+def check_input(path: Path) -> None:
+    """A malformed or truncated file, or a vision projector, is one error line before the file is mapped."""
+    try:
+        header = read_header(path)
+    except (ValueError, OSError) as exc:
+        raise LlmforgeError(f"{path} is not a readable GGUF file ({exc})", hint="pass a .gguf model") from None
+    if header.kv.get("general.architecture") == "clip":
+        raise LlmforgeError(f"{path} is a vision projector (mmproj), not a language model",
+                            hint="requantize the text GGUF; `llmforge convert` writes the mmproj for the quant")
+    short = truncated_tensor(header)
+    if short is not None:
+        raise LlmforgeError(f"{path} is truncated: tensor {short[0]} needs {short[1]} bytes, the file has "
+                            f"{header.file_size}", hint="copy or download it again, or re-convert it")
 
 
 def model_facts(reader: GGUFReader, path: Path, has_imatrix: bool) -> mixtures.ModelFacts:
@@ -121,6 +137,7 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
     if in_path.resolve() == out_path.resolve():
         raise LlmforgeError(f"output {out_path} is the input file", hint="write to another path")
     check_output_dir(out_path)
+    check_input(in_path)
     try:
         reader = GGUFReader(in_path)
     except Exception as exc:
