@@ -230,6 +230,53 @@ def test_not_a_gguf_fails_clearly(tmp_path, modelfile, server):
     assert server.uploads == 0 and server.count("POST", "/api/create") == 0
 
 
+def write_clip_gguf(path: Path) -> Path:
+    """A small projector GGUF (``general.architecture = clip``), as convert writes beside a vision model."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_tensor("v.patch_embd.weight", np.ones((4, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "projector {dir}/nowhere.gguf does not exist"),
+    ("folder", "projector {dir}/sub is a folder"),
+    ("not a gguf", "{dir}/junk.gguf is not a GGUF file"),
+    ("text gguf", "{dir}/other.gguf is not a projector (general.architecture is not clip)"),
+    ("truncated", "{dir}/cut.gguf is truncated: tensor v.patch_embd.weight needs"),
+])
+def test_a_projector_that_is_not_a_clip_gguf_fails_before_uploading(tmp_path, gguf_file, modelfile, server,
+                                                                       case, message):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "junk.gguf").write_text("not a gguf")
+    write_gguf(tmp_path / "other.gguf")
+    clip = write_clip_gguf(tmp_path / "clip.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(clip[:-8])
+    name = {"missing": "nowhere.gguf", "folder": "sub", "not a gguf": "junk.gguf", "text gguf": "other.gguf",
+            "truncated": "cut.gguf"}[case]
+    path = tmp_path / "Modelfile"
+    path.write_text(modelfile.text + f"FROM ./{name}\n")   # a second FROM: the projector
+    with pytest.raises(LlmforgeError) as info:
+        push(gguf_file, path, server)
+    assert message.format(dir=tmp_path) in str(info.value)
+    assert server.uploads == 0 and server.count("POST", "/api/create") == 0
+
+
+def test_a_projector_or_a_truncated_file_pushed_as_the_model_fails_before_uploading(tmp_path, modelfile, server):
+    with pytest.raises(LlmforgeError, match="is a vision projector \\(mmproj\\), not a model"):
+        push(write_clip_gguf(tmp_path / "mmproj-tiny.gguf"), modelfile, server)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(write_gguf(tmp_path / "tiny.gguf").read_bytes()[:-100])
+    with pytest.raises(LlmforgeError, match="cut.gguf is truncated: tensor token_embd.weight"):
+        push(cut, modelfile, server)
+    assert server.uploads == 0 and server.count("POST", "/api/create") == 0
+
+
 @pytest.mark.parametrize("route,seconds,message", [
     ("POST /api/show", 1.5, r"did not answer show tiny:latest within 1 s"),
     ("POST /api/create", 2.5, r"did not answer create within 2 s"),

@@ -538,10 +538,22 @@ def _check_render(client: OllamaClient, name: str, loaded: Any, version: tuple[i
                                        "OLLAMA_GO_TEMPLATE=0)")
 
 
-def _require_gguf(path: Path) -> None:
+def _require_gguf(path: Path) -> Any:
+    """``path``'s GGUF header; a file that is not a GGUF, or is cut short, is one error line (before uploading)."""
+    from .gguf_header import read_header, truncated_tensor
+
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise LlmforgeError(f"{path} is not a GGUF file", hint="pass the .gguf written by `llmforge convert`")
+    try:
+        header = read_header(path)
+    except ValueError as exc:
+        raise LlmforgeError(f"{path} is not a readable GGUF file ({exc})", hint="re-create it") from None
+    short = truncated_tensor(header)
+    if short is not None:
+        raise LlmforgeError(f"{path} is truncated: tensor {short[0]} needs {short[1]} bytes, the file has "
+                            f"{header.file_size}", hint="copy or download it again, or re-convert it")
+    return header
 
 
 def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | None = None,
@@ -562,7 +574,9 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
     gguf = Path(gguf)
     if not gguf.is_file():
         raise LlmforgeError(f"{gguf} does not exist", hint="pass the .gguf written by `llmforge convert`")
-    _require_gguf(gguf)
+    if _require_gguf(gguf).kv.get("general.architecture") == "clip":
+        raise LlmforgeError(f"{gguf} is a vision projector (mmproj), not a model",
+                            hint="push the text GGUF; its mmproj-*.gguf goes with it")
     if not endpoint.is_loopback:
         print(f"warning: sending {gguf.name} to {endpoint.url}, which is not this machine", file=progress)
     client = OllamaClient(endpoint, timeouts=timeouts, progress=progress)
@@ -624,11 +638,9 @@ def _projector_path(projector: Path | None, mf: Any, base_dir: Path | None, gguf
         return None
     projector = Path(projector)
     if not projector.is_file():
-        raise LlmforgeError(f"projector {projector} does not exist", hint="pass the mmproj GGUF written by convert")
-    _require_gguf(projector)
-    from .gguf_header import read_header
-
-    if read_header(projector).kv.get("general.architecture") != "clip":
+        raise LlmforgeError(f"projector {projector} {'is a folder' if projector.is_dir() else 'does not exist'}",
+                            hint="pass the mmproj GGUF written by convert")
+    if _require_gguf(projector).kv.get("general.architecture") != "clip":
         raise LlmforgeError(f"{projector} is not a projector (general.architecture is not clip)",
                             hint="pass the mmproj-*.gguf written by `llmforge convert` for a vision model")
     return projector
