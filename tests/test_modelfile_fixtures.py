@@ -87,9 +87,17 @@ def test_small_context_is_kept_and_cli_writes_the_file(tmp_path, capsys):
 def test_cli_mistakes_are_one_line(tmp_path, capsys):
     from llmforge.cli import main
 
+    import gguf
+    import numpy as np
+
     folder = model_folder(tmp_path, "qwen2", context=2048)
+    mmproj = tmp_path / "mmproj-model.gguf"   # a vision model's projector, not a model of its own
+    writer = gguf.GGUFWriter(str(mmproj), "clip")
+    writer.add_tensor("v.patch_embd.weight", np.ones((4, 16), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     for argv, message in ((["modelfile", str(tmp_path / "missing")], "does not exist"),
-                          (["modelfile", str(folder), "--param", "bogus=1"], "unknown Modelfile parameter 'bogus'")):
+                          (["modelfile", str(folder), "--param", "bogus=1"], "unknown Modelfile parameter 'bogus'"),
+                          (["modelfile", str(mmproj)], "is a vision projector (mmproj), not a model")):
         with pytest.raises(SystemExit) as info:
             main(argv)
         err = capsys.readouterr().err
