@@ -60,6 +60,8 @@ CASES = {
     "missing module": ({"rewards": [{"python": "no_such_module_xyz:score"}]}, ["cannot import 'no_such_module_xyz'"]),
     "missing function": ({"rewards": [{"python": "rewards_ok.py:nope"}]}, ["has no function 'nope'"]),
     "broken module": ({"rewards": [{"python": "rewards_broken.py:score"}]}, ["importing", "ZeroDivisionError"]),
+    "syntax error": ({"rewards": [{"python": "rewards_syntax.py:score"}]},
+                     ["grpo.rewards[0]", "rewards_syntax.py failed: SyntaxError", "line 1"]),
     "not MODULE:FUNCTION": ({"rewards": [{"python": "rewards_ok.py"}]}, ["is not MODULE:FUNCTION"]),
     "key that does not apply": ({"rewards": [{"name": "length", "pattern": "x"}]},
                                 ["'pattern' does not apply to the length reward"]),
@@ -83,6 +85,7 @@ CASES = {
 def test_config_mistakes_are_one_line(case: str, base: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "rewards_ok.py").write_text("def score(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
     (tmp_path / "rewards_broken.py").write_text("x = 1 / 0\n")
+    (tmp_path / "rewards_syntax.py").write_text("def score(prompts, completions, **kw)\n    return []\n")
     grpo, needles = CASES[case]
     code, _, err = run_cli(["train", str(write_config(tmp_path, base, **grpo))], capsys)
     assert_one_line_error(tmp_path, code, err, *needles)
@@ -93,7 +96,11 @@ def test_config_mistakes_are_one_line(case: str, base: Path, tmp_path: Path, cap
      ["reward score failed: KeyError", "'difficulty'"]),
     ("def score(prompts, completions, **kw):\n    return [1.0]\n", ["reward score must return 4 numbers"]),
     ("def score(prompts, completions, **kw):\n    return ['high'] * len(prompts)\n", ["must return 4 numbers"]),
-], ids=["reads a missing column", "too few values", "not numbers"])
+    ("def score(prompts, completions, **kw):\n    return ['1.0'] * len(prompts)\n", ["4 numbers", "got text"]),
+    ("def score(prompts, completions, **kw):\n    return '1111'\n", ["4 numbers", "got str"]),
+    ("def score(prompts, completions, **kw):\n    return [float('inf')] * len(prompts)\n",
+     ["reward score returned an infinite value"]),
+], ids=["reads a missing column", "too few values", "not numbers", "numbers as text", "a string", "infinite"])
 def test_a_failing_reward_function_is_one_line(body: str, needles: list[str], base: Path, tmp_path: Path,
                                                capsys) -> None:
     (tmp_path / "mine.py").write_text(body)
@@ -106,6 +113,14 @@ def test_text_rows_have_no_prompts(base: Path, tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path, base, rows=[{"text": "just text"}])
     code, _, err = run_cli(["train", str(config)], capsys)
     assert_one_line_error(tmp_path, code, err, "GRPO needs prompts")
+
+
+def test_rows_with_images_are_refused(base: Path, tmp_path: Path, capsys) -> None:
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                       {"type": "text", "text": "Colour?"}]},
+                          {"role": "assistant", "content": "red"}]}] * 4
+    code, _, err = run_cli(["train", str(write_config(tmp_path, base, rows=rows))], capsys)
+    assert_one_line_error(tmp_path, code, err, "row 1 has an image", "GRPO trains on text prompts only")
 
 
 def test_unknown_method(base: Path, tmp_path: Path, capsys) -> None:

@@ -41,7 +41,19 @@ def from_prompt_column(row: dict, n: int, where: str) -> Prompt:
 
 
 def load_prompts(path: str, format: str = "auto") -> list[Prompt]:
-    """The prompts of a dataset file or folder (see the module docstring)."""
+    """The prompts of a dataset file or folder (see the module docstring); images are refused (GRPO is
+    text-only)."""
+    prompts = _read_prompts(path, format)
+    from .vision import image_parts
+
+    with_image = next((p.row for p in prompts if image_parts(p.messages)), None)
+    if with_image is not None:
+        raise LlmforgeError(f"{path} row {with_image} has an image, and GRPO trains on text prompts only",
+                            hint="drop the image parts, or train on images with train.method: sft")
+    return prompts
+
+
+def _read_prompts(path: str, format: str) -> list[Prompt]:
     rows = read_rows(path)
     if format == "auto" and "prompt" in rows[0]:
         return [from_prompt_column(row, n, str(path)) for n, row in enumerate(rows, 1)]

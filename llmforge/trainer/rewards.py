@@ -203,13 +203,21 @@ def score(rewards: list[Reward], kwargs: dict[str, Any], n: int) -> list[list[fl
         except Exception as exc:
             hint = f"dataset columns: {', '.join(k for k in kwargs if k not in ('prompts', 'completions', 'completion_ids'))}"
             raise LlmforgeError(f"reward {reward.label} failed: {type(exc).__name__}: {exc}", hint=hint) from None
+        got = type(values).__name__
         try:
-            values = [math.nan if v is None else float(v) for v in values]
-        except (TypeError, ValueError):
+            values = list(values) if not isinstance(values, (str, bytes)) else None
+            if values is not None and any(isinstance(v, (str, bytes)) for v in values):
+                got, values = "text", None   # float("1") would hide a function that returns text
+            values = None if values is None else [math.nan if v is None else float(v) for v in values]
+        except Exception:   # not numbers, or a generator that raised
             values = None
         if values is None or len(values) != n:
-            raise LlmforgeError(f"reward {reward.label} must return {n} numbers (one per completion)",
+            got = f"{len(values)} values" if values is not None else got
+            raise LlmforgeError(f"reward {reward.label} must return {n} numbers (one per completion), got {got}",
                                 hint="return a list of floats (or None) as long as completions")
+        if any(math.isinf(v) for v in values):
+            raise LlmforgeError(f"reward {reward.label} returned an infinite value",
+                                hint="return finite floats (None or NaN: the reward does not apply)")
         table.append(values)
     return table
 
