@@ -94,6 +94,9 @@ READERS: dict[str, Callable[[Path], list[dict]]] = {
 }
 
 
+CONTENT_PARTS = ("text", "image")   # the HF processor chat format's part types that llmforge trains on
+
+
 def from_messages(row: dict, n: int) -> Example:
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
@@ -101,6 +104,12 @@ def from_messages(row: dict, n: int) -> Example:
     for m in messages:
         if not isinstance(m, dict) or "role" not in m:
             raise LlmforgeError(f"row {n}: each message needs a 'role'", hint="[{role, content}, ...]")
+        for part in m["content"] if isinstance(m.get("content"), list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in CONTENT_PARTS:   # anything else would be dropped silently by the chat template
+                raise LlmforgeError(f"row {n}: a {m['role']} message has a content part of type {kind!r}",
+                                    hint='parts are {"type": "text", "text": ...} or {"type": "image", '
+                                         '"image": PATH}')
     return Example(messages=[dict(m) for m in messages], tools=row.get("tools"), row=n)
 
 
