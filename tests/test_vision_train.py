@@ -10,6 +10,7 @@ learned answers through llama.cpp (the colour of every training image).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,35 @@ def test_missing_image_is_one_error_naming_the_row(base_dir, tmp_path):
     config = load_config(CONFIG_PATH, [f"model.path={base_dir}", f"data.path={data}",
                                        f"train.output_dir={tmp_path / 'out'}"])
     with pytest.raises(LlmforgeError, match=r"row 2: cannot read image .*nope\.png"):
+        train(config)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + b"cut" * 8, b"just text", None],
+                         ids=["corrupt png", "not an image", "a folder"])
+def test_unreadable_image_is_one_error_naming_the_row(base_dir, tmp_path, content):
+    from llmforge.errors import LlmforgeError
+    from llmforge.trainer.vision_example import example_rows
+
+    bad = tmp_path / "bad.png"
+    bad.mkdir() if content is None else bad.write_bytes(content)
+    rows = example_rows()[:2]
+    rows[1]["messages"][0]["content"][0]["image"] = "bad.png"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(CONFIG_PATH, [f"model.path={base_dir}", f"data.path={data}",
+                                       f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(LlmforgeError, match=r"row 2: cannot read image .*bad\.png"):
+        train(config)
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_base_without_its_processor_config_is_one_error(base_dir, tmp_path):
+    from llmforge.errors import LlmforgeError
+
+    base = tmp_path / "base"
+    shutil.copytree(base_dir, base, ignore=shutil.ignore_patterns("processor_config.json", "preprocessor_config.json"))
+    config = load_config(CONFIG_PATH, [f"model.path={base}", f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(LlmforgeError, match="no preprocessor_config.json or processor_config.json in"):
         train(config)
 
 

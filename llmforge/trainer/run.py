@@ -128,7 +128,10 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     from .vision import image_parts, is_vision_model
 
     if config.model.path and is_vision_model(config.model.path):   # images through the model's processor
+        from ..export.vision import processor_config
         from .vision import train_vision
+
+        processor_config(Path(config.model.path))   # a folder without its processor: one line, before loading
 
         return train_vision(config, resume=resume)
     from .data import load_examples
