@@ -175,6 +175,20 @@ def test_cli_writes_text_and_projector(vlm_dir, tmp_path, capsys):
     assert "mmproj: wrote" in err + _
 
 
+def test_a_failed_conversion_keeps_the_earlier_pair_whole(vlm_dir, tmp_path, capsys):
+    """The text GGUF fails after the mmproj is written (here: an imatrix that is not one): the previous run's
+    text GGUF and mmproj stay as they were, byte for byte, and nothing else is left in the folder."""
+    out = tmp_path / "vlm.gguf"
+    assert run_cli(["convert", str(vlm_dir), "-q", "q8_0", "-o", str(out)], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "imatrix.dat").write_bytes(b"")
+    code, _, err = run_cli(["convert", str(vlm_dir), "-q", "q4_k_m", "-o", str(out),
+                            "--imatrix", str(tmp_path / "imatrix.dat")], capsys)
+    assert code != 0 and err.startswith("error:") and err.strip().count("\n") == 0, err
+    (tmp_path / "imatrix.dat").unlink()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_missing_processor_config_is_one_error_and_no_files(vlm_dir, tmp_path, capsys):
     broken = tmp_path / "no-processor"
     broken.mkdir()

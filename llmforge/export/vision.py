@@ -10,6 +10,7 @@ tensor names come from ``gguf.TensorNameMap`` (MODEL_ARCH.MMPROJ), like the text
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -504,15 +505,18 @@ def convert_vlm(model_dir: Path, output: Path, quant: str, *, tensor_source: Ten
                             hint="supported: " + ", ".join(a for s in VISION_REGISTRY for a in s.hf_architectures))
     source = tensor_source if tensor_source is not None else canonical_source(spec, model_dir)
     name = name or model_dir.resolve().name
-    projector = mmproj_path(output)
-    proj_path, proj_counts, proj_checks = write_mmproj(spec, model_dir, config, source, projector, quant, name)
+    proj_path = mmproj_path(output)
+    # under a hidden name until the text GGUF is written: a failed run leaves an earlier pair whole, no new half
+    pending = proj_path.with_name(f".{proj_path.name}.pending")
+    _, proj_counts, proj_checks = write_mmproj(spec, model_dir, config, source, pending, quant, name)
     try:
         with staged_text_folder(spec, model_dir, config, extra_dirs) as staged:
             report = convert_model(staged, output, quant, tensor_source=text_source(spec, source), name=name,
                                    source_dir=source_dir if source_dir is not None else model_dir,
                                    **convert_kwargs)
+        os.replace(pending, proj_path)
     except BaseException:
-        proj_path.unlink(missing_ok=True)   # no half-written pair
+        pending.unlink(missing_ok=True)
         raise
     types = ", ".join(f"{n} {t}" for t, n in sorted(proj_counts.items()))
     report.checks[0:0] = list(notes or [])
