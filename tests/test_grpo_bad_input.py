@@ -115,6 +115,13 @@ def test_text_rows_have_no_prompts(base: Path, tmp_path: Path, capsys) -> None:
     assert_one_line_error(tmp_path, code, err, "GRPO needs prompts")
 
 
+def test_a_row_without_the_prompt_column_is_one_line(base: Path, tmp_path: Path, capsys) -> None:
+    rows = [{"prompt": "1 + 1?", "answer": "2"}, QA[0], {"prompt": "2 + 2?", "answer": "4"},
+            {"prompt": "x", "answer": "y"}]
+    code, _, err = run_cli(["train", str(write_config(tmp_path, base, rows=rows))], capsys)
+    assert_one_line_error(tmp_path, code, err, "row 2 has no 'prompt', but row 1 has one")
+
+
 def test_rows_with_images_are_refused(base: Path, tmp_path: Path, capsys) -> None:
     rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
                                                        {"type": "text", "text": "Colour?"}]},

@@ -30,6 +30,9 @@ class Prompt:
 
 
 def from_prompt_column(row: dict, n: int, where: str) -> Prompt:
+    if "prompt" not in row:
+        raise LlmforgeError(f"{where} row {n} has no 'prompt', but row 1 has one",
+                            hint="give every row a 'prompt' (one dataset shape per file)")
     value = row["prompt"]
     columns = {k: v for k, v in row.items() if k != "prompt"}
     if isinstance(value, str) and value:
