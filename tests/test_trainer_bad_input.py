@@ -71,6 +71,23 @@ def test_content_parts_other_than_text_and_image(tmp_path: Path, base: Path, cap
     assert_one_line_error(code, err, "row 2", f"a user message has a content part of type {kind}")
 
 
+def test_data_that_is_not_utf8_names_the_line(tmp_path: Path, base: Path, capsys) -> None:
+    data = tmp_path / "d.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    data.write_bytes(good.encode() + b"\n" + good.replace("yo", "caf\u00e9").encode("latin-1") + b"\n")
+    code, err = run_cli(["train", str(write_config(tmp_path, base, data))], capsys)
+    assert_one_line_error(code, err, "d.jsonl line 2 is not UTF-8 text (byte 0xe9)", "re-save the file as UTF-8")
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    from llmforge.trainer.data import load_examples
+
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    for name, text in (("d.jsonl", json.dumps(row) + "\n"), ("d.json", json.dumps([row]))):
+        (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+        assert load_examples(str(tmp_path / name), "auto")[1][0].messages == row["messages"]
+
+
 def test_empty_dataset(tmp_path: Path, base: Path, capsys) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("\n")

@@ -43,9 +43,19 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def read_text(path: Path) -> str:
+    """A dataset file's text: UTF-8, a leading byte-order mark (Windows editors) dropped."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise LlmforgeError(f"{path} line {line} is not UTF-8 text (byte {exc.object[exc.start]:#04x})",
+                            hint="re-save the file as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -60,7 +70,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise LlmforgeError(f"{path} is not valid JSON (line {exc.lineno})", hint=exc.msg) from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
