@@ -186,6 +186,18 @@ def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_config_file_encoding(tmp_path: Path) -> None:
+    """Latin-1 bytes are one error naming the line; a UTF-8 byte-order mark is read past."""
+    from llmforge.errors import LlmforgeError
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"lora:\n  r: 8\nship:\n  name: caf\xe9\n")
+    with pytest.raises(LlmforgeError, match=r"c.yaml line 4 is not UTF-8 text \(byte 0xe9\)"):
+        load_config(path)
+    path.write_bytes(b"\xef\xbb\xbflora:\n  r: 8\n")
+    assert load_config(path).lora.r == 8
+
+
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  path: d.jsonl\nlora:\n  target_modules: [q_proj, v_proj]\n")

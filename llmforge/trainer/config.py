@@ -142,7 +142,13 @@ def load_config(source: str | Path | dict | None, overrides: typing.Iterable[str
         if not path.is_file():
             raise LlmforgeError(f"config file {path} not found", hint="pass the path of a YAML training config")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = exc.object[:exc.start].count(b"\n") + 1
+            raise LlmforgeError(f"config file {path} line {line} is not UTF-8 text (byte {exc.object[exc.start]:#04x})",
+                                hint="re-save it as UTF-8") from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
