@@ -65,6 +65,11 @@ def test_model_mismatches_are_clear_errors(tmp_path):
     (tmp_path / "junk.dat").write_bytes(b"\x05\x00\x00\x00abc")
     with pytest.raises(LlmforgeError, match="not a llama.cpp imatrix"):
         read_imatrix(tmp_path / "junk.dat")
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:-64])   # a cut-off copy: tensor data missing
+    with pytest.raises(LlmforgeError, match=r"imatrix file .*cut.gguf is truncated: tensor blk.0.attn_q.weight"):
+        read_imatrix(tmp_path / "cut.gguf")
+    with pytest.raises(LlmforgeError, match="is a folder"):
+        read_imatrix(tmp_path)
 
 
 @pytest.mark.parametrize("quant", ["q4_k_m", "q2_k", "q3_k_s", "q5_k_s", "q6_k", "q4_0", "q5_1"])

@@ -65,7 +65,8 @@ def read_imatrix(path: str | Path) -> Imatrix:
     """Read either format (GGUF detected by its magic)."""
     path = Path(path)
     if not path.is_file():
-        raise LlmforgeError(f"imatrix file {path} does not exist", hint="check the --imatrix path")
+        raise LlmforgeError(f"imatrix file {path} {'is a folder' if path.is_dir() else 'does not exist'}",
+                            hint="check the --imatrix path")
     with open(path, "rb") as f:
         magic = f.read(4)
     return _read_gguf(path) if magic == GGUF_MAGIC else _read_legacy(path)
@@ -74,6 +75,15 @@ def read_imatrix(path: str | Path) -> Imatrix:
 def _read_gguf(path: Path) -> Imatrix:
     from gguf import GGUFReader
 
+    from ..export.gguf_header import read_header, truncated_tensor
+
+    try:
+        short = truncated_tensor(read_header(path))
+    except ValueError as exc:
+        raise _bad(path, f"unreadable GGUF: {exc}") from None
+    if short is not None:   # gguf-py's reader would fail on it with a numpy reshape message
+        raise LlmforgeError(f"imatrix file {path} is truncated: tensor {short[0]} needs {short[1]} bytes, the file "
+                            f"has {path.stat().st_size}", hint="copy it again, or re-run llama-imatrix")
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # gguf-py raises bare ValueErrors on damaged files
