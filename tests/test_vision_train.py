@@ -149,6 +149,20 @@ def test_unreadable_image_is_one_error_naming_the_row(base_dir, tmp_path, conten
     assert not (tmp_path / "out" / "adapter").exists()
 
 
+def test_an_image_url_is_one_error(base_dir, tmp_path):
+    from llmforge.errors import LlmforgeError
+    from llmforge.trainer.vision_example import example_rows
+
+    rows = example_rows()[:2]
+    rows[0]["messages"][0]["content"][0]["image"] = "https://example.com/red.png"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(CONFIG_PATH, [f"model.path={base_dir}", f"data.path={data}",
+                                       f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(LlmforgeError, match=r"row 1: image https://example.com/red.png is a URL"):
+        train(config)
+
+
 def test_a_base_without_its_processor_config_is_one_error(base_dir, tmp_path):
     from llmforge.errors import LlmforgeError
 

@@ -71,12 +71,15 @@ def load_images(example: Example, base_dir: Path) -> list[Any]:
         if not isinstance(ref, str) or not ref:
             raise LlmforgeError(f"row {example.row}: an image part has no file path",
                                 hint='write {"type": "image", "image": "path/to/file.png"}')
+        if "://" in ref and not ref.startswith("file://"):
+            raise LlmforgeError(f"row {example.row}: image {ref} is a URL; training reads local files",
+                                hint="download it and give its path (relative to the dataset file)")
         path = Path(ref.removeprefix("file://"))
         path = path if path.is_absolute() else base_dir / path
         try:
             with Image.open(path) as img:
                 images.append(img.convert("RGB"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise LlmforgeError(f"row {example.row}: cannot read image {path} ({exc.__class__.__name__})",
                                 hint="fix the path (relative to the dataset file) or the file") from None
     return images
