@@ -15,9 +15,11 @@ from .errors import LlmforgeError
 
 def check_output_dir(path: Path, *, file: bool = True) -> None:
     """Raise a clear error when the folder that should hold ``path`` is missing or not writable, or when
-    ``path`` should be a file but is an existing folder."""
+    ``path`` is an existing folder where a file should go (``file``) or an existing file where a folder should."""
     if file and path.is_dir():
         raise LlmforgeError(f"output {path} is a folder", hint=f"pass a file path, e.g. {path}/NAME")
+    if not file and path.exists() and not path.is_dir():
+        raise LlmforgeError(f"output {path} is a file, not a folder", hint="pass a folder path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise LlmforgeError(f"output folder {parent} does not exist", hint="create it or pass another -o path")

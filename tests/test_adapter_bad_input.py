@@ -145,3 +145,18 @@ def test_other_quantized_bases_refused(good_adapter, tiny_model_dir, tmp_path, c
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (base / "config.json").write_text(json.dumps(config))
     check_convert_fails(good_adapter, tmp_path, capsys, "quantized (gptq)", extra=["--base", str(base)])
+
+
+def test_outputs_of_the_wrong_kind_are_refused_and_left_alone(good_adapter, tmp_path, capsys):
+    """merge -o onto an existing file, convert -o onto an existing folder: one line, the file or folder
+    untouched (merge had replaced the file with the merged folder, leaving .NAME.old beside it)."""
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    code, err = run_cli(["merge", str(good_adapter), "-o", str(existing)], capsys)
+    assert_one_line_error(code, err, f"output {existing} is a file, not a folder")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    code, err = run_cli(["convert", str(good_adapter), "-q", "f16", "-o", str(folder)], capsys)
+    assert_one_line_error(code, err, f"output {folder} is a folder")
+    assert existing.read_text() == "keep me" and list(folder.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notes.txt"]

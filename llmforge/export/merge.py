@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, check_output_dir
 from ..errors import LlmforgeError
 from .adapter import (TOKENIZER_FILES, BaseModel, PeftAdapter, check_against_base, read_adapter, resolve_base)
 from .source import SafetensorsSource, TensorSource, dtype_name_of, torch_dtype
@@ -319,6 +319,7 @@ def merge_to_hf(adapter_dir: str | Path, out_dir: str | Path, base: str | Path |
     from .writer import Progress
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    check_output_dir(out_dir, file=False)   # before the merge's work
     adapter = read_adapter(adapter_dir)
     base_model = resolve_base(adapter, base)
     from .vision import PROCESSOR_FILES, vision_merge_view
