@@ -199,3 +199,29 @@ def main(root: str, cases: list[str]) -> None:
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (the child needs TRITON_INTERPRET=1)"
     main(sys.argv[1], sys.argv[2:])
+
+
+def test_ctrl_c_stops_the_lanes_before_the_files_close(cpu_pipeline, models, tmp_path, monkeypatch):
+    """SIGINT while the lanes run: KeyboardInterrupt out of quantize_gguf only once every lane has stopped
+    (they had kept reading and writing through closed descriptors), and no output or temp file is left."""
+    import signal
+    import threading
+    import time
+
+    types, run = numpy_kernels()
+    calls = []
+
+    def slow(qtype, x, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        time.sleep(0.05)
+        return run(qtype, x, *args)
+
+    monkeypatch.setattr(gpu_pipeline, "KERNELS", lambda: (types, slow))
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        quantize_gguf(models["f32"], tmp_path / "out.gguf", "q6_k", progress=False)
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert list(tmp_path.iterdir()) == []
+    assert len(calls) < 12   # the lanes stopped taking pieces

@@ -408,8 +408,15 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
                 t0 = time.perf_counter()
                 for th in threads:
                     th.start()
-                for th in threads:
-                    th.join()
+                try:
+                    for th in threads:
+                        th.join()
+                except BaseException as exc:   # Ctrl-C: lanes stop after their piece, before the files close
+                    with run.lock:
+                        run.errors.append(exc)
+                    for th in threads:
+                        th.join()
+                    raise
                 LAST_STATS.clear()
                 LAST_STATS.update(wall=time.perf_counter() - t0, lanes=len(ring), pieces=len(pieces))
                 for stage in STAGES:
