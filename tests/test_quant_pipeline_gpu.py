@@ -105,3 +105,33 @@ def test_nan_is_refused_by_name(tmp_path):
         with pytest.raises(LlmforgeError, match=r"'blk.0.attn_k.weight' holds 1 NaN/Inf"):
             quantize_gguf(src, tmp_path / "out.gguf", quant, progress=False, backend="cuda")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]
+
+
+def test_ctrl_c_stops_the_lanes_and_the_next_file_is_whole(models, tmp_path, monkeypatch):
+    """SIGINT on the kernel's third piece: KeyboardInterrupt once every lane has stopped, nothing left in the
+    output folder; the kept lanes then write the next file byte for byte."""
+    import signal
+    import threading
+
+    types, kernel = gpu_pipeline.KERNELS()
+    calls = []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return kernel(*args)
+
+    monkeypatch.setattr(gpu_pipeline, "LANES", 4)
+    monkeypatch.setattr(gpu_pipeline, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(gpu_pipeline, "KERNELS", lambda: (types, interrupting))
+    out = tmp_path / "out"
+    out.mkdir()
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        quantize_gguf(models["f32"], out / "x.gguf", "q4_k_m", progress=False, backend="cuda")
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(gpu_pipeline, "KERNELS", lambda: (types, kernel))
+    quantize_gguf(models["f32"], out / "x.gguf", "q4_k_m", progress=False, backend="cuda")
+    assert (out / "x.gguf").read_bytes() == llama_cpp_file(models["f32"], tmp_path / "ref.gguf", "q4_k_m")
