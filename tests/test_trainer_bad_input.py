@@ -206,6 +206,14 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert config.lora.target_modules == ["q_proj", "v_proj"] and config.train.lr == 1e-4
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the note is for runs without CUDA")
+def test_offload_on_without_cuda_says_it_is_not_applied(tmp_path: Path, base: Path, capsys) -> None:
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 2
+    config = write_config(tmp_path, base, jsonl(tmp_path / "d.jsonl", rows), train={"offload_embeddings": "on"})
+    main(["train", str(config)])
+    assert "note: train.offload_embeddings: on is not applied (no CUDA device" in capsys.readouterr().err
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, base: Path, monkeypatch) -> None:
     import torch
 

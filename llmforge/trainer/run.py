@@ -106,6 +106,10 @@ def train_lora(model: Any, config: Config, target_modules: str | list[str] | Non
 def maybe_patch_kernels(model: Any, config: Config) -> None:
     """llmforge's fused kernels on CUDA unless ``train.kernels: false``; tolerated when not available."""
     if not (torch.cuda.is_available() and config.train.kernels):
+        if config.train.offload_embeddings == "on":   # asked for by name: say why nothing moved
+            why = "no CUDA device" if config.train.kernels else "train.kernels is false"
+            print(f"note: train.offload_embeddings: on is not applied ({why}; it comes with the CUDA kernels)",
+                  file=sys.stderr)
         return
     try:
         from ..kernels.patch import patch_model
@@ -132,6 +136,8 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         from .vision import train_vision
 
         processor_config(Path(config.model.path))   # a folder without its processor: one line, before loading
+        if config.train.offload_embeddings == "on":
+            print("note: train.offload_embeddings: on is not applied to vision-language models", file=sys.stderr)
 
         return train_vision(config, resume=resume)
     from .data import load_examples
