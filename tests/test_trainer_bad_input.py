@@ -62,13 +62,16 @@ def test_missing_column(tmp_path: Path, base: Path, capsys) -> None:
 
 @pytest.mark.parametrize("part,kind", [({"type": "image_url", "image_url": {"url": "a.png"}}, "'image_url'"),
                                        ({"type": "video", "video": "a.mp4"}, "'video'"),
-                                       ("just text", "None")], ids=["openai image_url", "video", "not a dict"])
+                                       ("just text", "None"), ({"type": "text"}, None),
+                                       ({"type": "text", "text": 5}, None)],
+                         ids=["openai image_url", "video", "not a dict", "text part without text", "text not a string"])
 def test_content_parts_other_than_text_and_image(tmp_path: Path, base: Path, capsys, part, kind) -> None:
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "look"}, part]},
                           {"role": "assistant", "content": "ok"}]}]
     code, err = run_cli(["train", str(write_config(tmp_path, base, jsonl(tmp_path / "d.jsonl", rows)))], capsys)
-    assert_one_line_error(code, err, "row 2", f"a user message has a content part of type {kind}")
+    assert_one_line_error(code, err, "row 2", f"a user message has a content part of type {kind}" if kind
+                          else "a text part of a user message has no 'text' string")
 
 
 def test_data_that_is_not_utf8_names_the_line(tmp_path: Path, base: Path, capsys) -> None:

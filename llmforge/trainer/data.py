@@ -120,6 +120,9 @@ def from_messages(row: dict, n: int) -> Example:
                 raise LlmforgeError(f"row {n}: a {m['role']} message has a content part of type {kind!r}",
                                     hint='parts are {"type": "text", "text": ...} or {"type": "image", '
                                          '"image": PATH}')
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise LlmforgeError(f"row {n}: a text part of a {m['role']} message has no 'text' string",
+                                    hint='write {"type": "text", "text": "..."}')
     return Example(messages=[dict(m) for m in messages], tools=row.get("tools"), row=n)
 
 
