@@ -28,8 +28,9 @@ def check_output_dir(path: Path, *, file: bool = True) -> None:
 
 
 # write errors that mean "the output does not fit here": one line, not a traceback
-FULL_DISK = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EFBIG: "file size limit reached"}
+FULL_DISK = {errno.ENOSPC: ("no space left on the device", "free some disk space or write elsewhere with -o"),
+             errno.EDQUOT: ("disk quota exceeded", "free some disk space or write elsewhere with -o"),
+             errno.EFBIG: ("file size limit reached", "raise the limit (ulimit -f) or write elsewhere with -o")}
 
 
 @contextlib.contextmanager
@@ -49,8 +50,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in FULL_DISK:
-            raise LlmforgeError(f"{FULL_DISK[exc.errno]} while writing {target}",
-                                hint="free some disk space or write elsewhere with -o") from exc
+            what, hint = FULL_DISK[exc.errno]
+            raise LlmforgeError(f"{what} while writing {target}", hint=hint) from exc
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
