@@ -32,7 +32,7 @@ def model_config():
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]})
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, window_size=112, out_hidden_size=64,
-                  fullatt_block_indexes=[1], in_channels=3)
+                  fullatt_block_indexes=[1], in_channels=3, initializer_range=0.1)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                             vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
                             initializer_range=0.05)
@@ -59,7 +59,7 @@ def save_processor(out_dir: Path) -> None:
     image_processor().save_pretrained(str(out_dir))
 
 
-def build_qwen_vlm(out_dir: str | Path, seed: int = 0) -> Path:
+def build_qwen_vlm(out_dir: str | Path, seed: int = 0, embed_std: float = 0.2) -> Path:
     """Write the random-initialised tiny Qwen2.5-VL, tokenizer and processor to ``out_dir``."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -72,7 +72,27 @@ def build_qwen_vlm(out_dir: str | Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():   # norms and biases random, so their handling is exercised
             if p.ndim == 1:
                 p.copy_((0.0 if name.endswith("bias") else 1.0) + 0.1 * torch.randn_like(p))
-        model.get_input_embeddings().weight.normal_(0.0, 0.4)
+        model.get_input_embeddings().weight.normal_(0.0, embed_std)
     model.save_pretrained(out_dir)
     save_processor(out_dir)
     return out_dir
+
+
+def processor(model_dir: str | Path):
+    """The model's Qwen2_5_VLProcessor. transformers 5 constructs Qwen2-VL processors only with torchvision (its
+    video half); without it (this CPU environment) the same class is put together without the video processor
+    -- image and text processing are transformers' own code either way."""
+    import importlib.util
+
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return AutoProcessor.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    made = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
+    made.image_processor, made.tokenizer, made.video_processor = image_processor(), tokenizer, None
+    made.chat_template = tokenizer.chat_template
+    made.image_token, made.video_token = "<|image_pad|>", "<|video_pad|>"
+    made.image_token_id, made.video_token_id = (tokenizer.convert_tokens_to_ids(t) for t in
+                                                (made.image_token, made.video_token))
+    return made

@@ -175,6 +175,11 @@ class VisionArch:
     force: dict[MODEL_TENSOR, T | Callable[[T], T]] = field(default_factory=dict)
     splits: tuple[Split, ...] = ()
     vision_config: Callable[[dict], dict] = dict   # vision_config under the common clip keys' names
+    # training (llmforge.trainer.vision): the processor's per-token image mask the model takes, the processor's
+    # per-image inputs (concatenated over a batch), the modules kept 16-bit under 4-bit loading
+    token_types: str = "token_type_ids"
+    image_inputs: tuple[str, ...] = ("pixel_values",)
+    keep_16bit: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
 
 
 GEMMA3 = VisionArch(
@@ -206,6 +211,9 @@ QWEN25VL = VisionArch(
     force={MODEL_TENSOR.V_ENC_EMBD_PATCH: _f16_if_f16},
     splits=QWEN_SPLITS,
     vision_config=_qwen_vision_config,
+    token_types="mm_token_type_ids",
+    image_inputs=("pixel_values", "image_grid_thw"),
+    keep_16bit=("visual",),
 )
 
 VISION_REGISTRY: tuple[VisionArch, ...] = (GEMMA3, QWEN25VL)

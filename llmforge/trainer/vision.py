@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import LlmforgeError
+from ..export.vision import GEMMA3, VisionArch, find_vision_arch
 from .config import Config, LoraConfig
 from .data import Example
 from .encode import EncodeStats
@@ -31,13 +32,16 @@ from .masking import IGNORE_INDEX, assistant_spans, make_renderer, special_token
 
 @dataclass
 class VisionEncoded:
-    """One training row: token ids, labels, Gemma-style token types (1 on image tokens) and its images."""
+    """One training row: token ids, labels, token types (1 on image tokens) and its images."""
 
     input_ids: list[int]
     labels: list[int]
     token_type_ids: list[int]
-    pixel_values: torch.Tensor | None    # (images, channels, height, width) or None
+    pixel_values: torch.Tensor | None    # Gemma 3: (images, channels, height, width); Qwen2-VL: (patches, dim)
     row: int
+    types_key: str = "token_type_ids"    # the name the model takes the token types under
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)   # other per-image inputs (grid sizes)
+    n_images: int = 0
 
 
 def is_vision_model(path: str | Path) -> bool:
@@ -97,9 +101,9 @@ def _shift(pos: int, replacements: list[dict]) -> int:
     return pos + shift
 
 
-def encode_vision_example(example: Example, processor: Any, render: Any, response_only: bool,
-                          base_dir: Path) -> tuple[list[int], list[int], list[int], torch.Tensor | None]:
-    """(ids, labels, token types, pixel values) of one conversation."""
+def encode_vision_example(example: Example, processor: Any, render: Any, response_only: bool, base_dir: Path,
+                          spec: VisionArch = GEMMA3) -> tuple[list[int], list[int], list[int], dict[str, torch.Tensor]]:
+    """(ids, labels, token types, the processor's per-image inputs) of one conversation."""
     if example.messages is None:
         raise LlmforgeError(f"row {example.row}: vision training takes conversations (messages)",
                             hint="write rows as {\"messages\": [...]} with image parts in user turns")
@@ -118,7 +122,7 @@ def encode_vision_example(example: Example, processor: Any, render: Any, respons
                     return_offsets_mapping=True, return_text_replacement_offsets=True)
     ids = list(out["input_ids"][0])
     replacements = out.get("text_replacement_offsets", [[]])[0] if images else []
-    types = list(out["token_type_ids"][0]) if "token_type_ids" in out else [0] * len(ids)
+    types = list(out[spec.token_types][0]) if spec.token_types in out else [0] * len(ids)
     if response_only:
         spans = [(_shift(a, replacements), _shift(b, replacements)) for a, b in rendered.spans]
         labels = token_labels(ids, [tuple(o) for o in out["offset_mapping"][0]], spans)
@@ -129,24 +133,28 @@ def encode_vision_example(example: Example, processor: Any, render: Any, respons
         for i, (a, b) in enumerate(out["offset_mapping"][0]):
             if a < hi and b > lo:
                 labels[i] = IGNORE_INDEX
-    pixels = torch.as_tensor(np.stack(out["pixel_values"])) if images else None
-    return ids, labels, types, pixels
+    inputs = {k: torch.as_tensor(np.stack(out[k])) for k in spec.image_inputs} if images else {}
+    return ids, labels, types, inputs
 
 
 def encode_vision_all(examples: list[Example], processor: Any, chat_template: str, max_length: int,
-                      base_dir: Path, response_only: bool = True) -> tuple[list[VisionEncoded], EncodeStats]:
+                      base_dir: Path, response_only: bool = True,
+                      spec: VisionArch = GEMMA3) -> tuple[list[VisionEncoded], EncodeStats]:
     """Encode every conversation; rows longer than ``max_length`` are dropped (cutting would split images)."""
     tokenizer = processor.tokenizer
     render = make_renderer(chat_template, special_tokens_of(tokenizer))
     stats = EncodeStats()
     out: list[VisionEncoded] = []
     for example in examples:
-        ids, labels, types, pixels = encode_vision_example(example, processor, render, response_only, base_dir)
+        ids, labels, types, inputs = encode_vision_example(example, processor, render, response_only, base_dir,
+                                                           spec)
         if len(ids) > max_length:
             stats.dropped += 1
             continue
         if stats.add(ids, labels):
-            out.append(VisionEncoded(ids, labels, types, pixels, example.row))
+            pixels = inputs.pop("pixel_values", None)
+            out.append(VisionEncoded(ids, labels, types, pixels, example.row, spec.token_types, inputs,
+                                     len(image_parts(example.messages))))
     if stats.dropped:
         print(f"warning: {stats.dropped} conversations longer than {max_length} tokens (images included) were "
               "dropped", file=sys.stderr)
@@ -165,10 +173,12 @@ def collate_vision(rows: list[VisionEncoded], pad_id: int, device: torch.device)
         n = len(r.input_ids)
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r.input_ids), torch.tensor(r.labels), 1
         types[i, :n] = torch.tensor(r.token_type_ids)
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "token_type_ids": types}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, rows[0].types_key: types}
     pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
+    for key in rows[0].image_inputs:
+        batch[key] = torch.cat([r.image_inputs[key] for r in rows if key in r.image_inputs])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -176,7 +186,7 @@ def collate_vision(rows: list[VisionEncoded], pad_id: int, device: torch.device)
 
 
 def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_length: int,
-                      chat_template: str | None = None) -> tuple[Any, Any]:
+                      chat_template: str | None = None, spec: VisionArch = GEMMA3) -> tuple[Any, Any]:
     """(model, processor) for LoRA training; 4-bit NF4 on CUDA keeps the vision tower and projector in 16-bit."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -193,12 +203,15 @@ def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+            llm_int8_skip_modules=[*spec.keep_16bit, "lm_head"])
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         processor = AutoProcessor.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as exc:
         raise LlmforgeError(f"cannot load the processor of {path}", hint=str(exc).splitlines()[0]) from None
+    except (ImportError, AttributeError) as exc:   # transformers 5 builds Qwen2-VL processors only with torchvision
+        hint = "install torchvision (matching torch)" if _lacks_torchvision() else str(exc).splitlines()[0]
+        raise LlmforgeError(f"cannot load the processor of {path}", hint=hint) from None
     model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
     if cuda and not load_in_4bit:
         model = model.to("cuda")
@@ -211,6 +224,12 @@ def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_
     if chat_template:
         tokenizer.chat_template = processor.chat_template = chat_template
     return model, processor
+
+
+def _lacks_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is None
 
 
 LANGUAGE_MODEL = r"(?:.*\.)?language_model\..*\.({})"
@@ -252,15 +271,16 @@ def train_vision(config: Config, resume: bool = False):
     print(f"[1/4] reading data {config.data.path}", file=sys.stderr)
     data_format, examples = load_examples(config.data.path, config.data.format)
     print(f"[2/4] loading vision-language model {config.model.path}", file=sys.stderr)
+    spec = find_vision_arch(json.loads((Path(config.model.path) / "config.json").read_text(encoding="utf-8")))
     model, processor = load_vision_model(config.model.path, config.model.load_in_4bit, config.model.dtype,
-                                         config.model.max_seq_length, config.model.chat_template)
+                                         config.model.max_seq_length, config.model.chat_template, spec)
     template = processor.tokenizer.chat_template
     if not isinstance(template, str):
         raise LlmforgeError(f"the processor of {config.model.path} has no chat template",
                             hint="set model.chat_template")
     rows, stats = encode_vision_all(examples, processor, template, config.model.max_seq_length,
-                                    Path(config.data.path).resolve().parent, config.data.response_only)
-    images = sum(0 if r.pixel_values is None else len(r.pixel_values) for r in rows)
+                                    Path(config.data.path).resolve().parent, config.data.response_only, spec)
+    images = sum(r.n_images for r in rows)
     model = train_lora(model, config, language_targets(model, config.lora))  # no fused kernels here
     summary = f"{stats.summary()}, {images} images"
     print(f"[3/4] training ({data_format} data, {summary.removeprefix('data: ')})", file=sys.stderr)
