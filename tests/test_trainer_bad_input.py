@@ -168,16 +168,25 @@ def test_output_folder_under_a_file(tmp_path: Path, base: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("override,needles", [
-    ("train.lrr=0.1", ("unknown config key", "train.lr")),
-    ("train.lr=fast", ("train.lr must be a number",)),
-    ("train.max_steps=1.5", ("train.max_steps must be an integer",)),
-    ("data.overlong=cut", ("must be one of truncate, drop",)),
+    ("train.lrr=0.1", ("unknown config key", "train.lr", "(from --set)")),
+    ("train.lr=fast", ("train.lr must be a number", "(from --set train.lr)")),
+    ("train.max_steps=1.5", ("train.max_steps must be an integer", "(from --set train.max_steps)")),
+    ("data.overlong=cut", ("must be one of truncate, drop", "(from --set data.overlong)")),
+    ("train.offload_embeddings=maybe", ("must be one of auto, on, off", "(from --set train.offload_embeddings)")),
     ("nosection=1", ("section.key",)),
 ])
 def test_config_mistakes(tmp_path: Path, base: Path, capsys, override: str, needles: tuple[str, ...]) -> None:
     data = jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
     code, err = run_cli(["train", str(write_config(tmp_path, base, data)), "--set", override], capsys)
     assert_one_line_error(code, err, *needles)
+    assert "train.yaml" not in err   # the value came from --set, not from the file
+
+
+def test_a_bad_value_in_the_file_names_the_file(tmp_path: Path, base: Path, capsys) -> None:
+    data = jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    path = write_config(tmp_path, base, data, train={"offload_embeddings": "maybe"})
+    code, err = run_cli(["train", str(path), "--set", "train.lr=1e-4"], capsys)
+    assert_one_line_error(code, err, "must be one of auto, on, off", f"(in {path})")
 
 
 def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,7 +170,15 @@ def load_config(source: str | Path | dict | None, overrides: typing.Iterable[str
         target[leaf] = value
         if key in PATH_KEYS and isinstance(value, str) and value:  # paths on the command line: from the cwd
             target[leaf] = str(Path(value).resolve())
-    config = build(Config, raw, "", origin)
+    try:
+        config = build(Config, raw, "", origin)
+    except LlmforgeError as exc:   # a value given with --set: say so, not "in <the YAML file>"
+        keys = [parse_override(item)[0] for item in overrides]
+        key = next((k for k in keys if re.search(rf"config key '?{re.escape(k)}[' .\[]", exc.message)), None)
+        if key is None:
+            raise
+        hint = f"from --set {key}" if exc.hint == f"in {origin}" else exc.hint
+        raise LlmforgeError(exc.message.replace(f" in {origin}", " (from --set)"), hint=hint) from None
     for key in PATH_KEYS:
         section, leaf = key.split(".")
         value = getattr(getattr(config, section), leaf)
