@@ -96,6 +96,27 @@ def test_not_a_gguf_is_one_line(tmp_path, capsys):
     assert code != 0 and "not a GGUF" in err
 
 
+def test_a_projector_or_a_truncated_gguf_is_one_line(tmp_path, capsys):
+    """An mmproj has no chat template because it is not a model (not: pass --chat-template); a cut-off GGUF
+    names the tensor that runs past its end (not gguf-py's numpy reshape message)."""
+    import gguf
+    import numpy as np
+
+    for arch, name in (("clip", "mmproj-model.gguf"), ("llama", "model.gguf")):
+        writer = gguf.GGUFWriter(str(tmp_path / name), arch)
+        writer.add_chat_template("{{ messages[0].content }}")
+        writer.add_tensor("v.patch_embd.weight", np.ones((4, 16), dtype=np.float32))
+        writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+        writer.close()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tmp_path / "model.gguf").read_bytes()[:-64])
+    for path, message in ((tmp_path / "mmproj-model.gguf", "is a vision projector (mmproj), not a model"),
+                          (cut, "cut.gguf is truncated: tensor v.patch_embd.weight needs")):
+        for command in ("template", "modelfile"):
+            code, _, err = run_cli([command, str(path)], capsys)
+            assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
 @pytest.mark.parametrize("template, construct", [
     ("{% for m in messages %}{{ m.content | frobnicate }}{% endfor %}", "No filter named 'frobnicate'"),
     # jinja2 defers unknown names inside conditional blocks to render time; the translator names them too

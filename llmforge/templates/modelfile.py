@@ -422,16 +422,6 @@ def added_tokens(path: Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _is_projector(path: Path) -> bool:
-    """Whether ``path`` is a GGUF whose architecture is ``clip`` (a vision model's mmproj)."""
-    from ..export.gguf_header import read_header
-
-    try:
-        return read_header(path).kv.get("general.architecture") == "clip"
-    except (ValueError, OSError):
-        return False   # not a GGUF at all: load_template_source says so
-
-
 def run_modelfile_command(source: Path, *, from_: str | None, adapter: Path | None, system: str | None,
                           params: Sequence[str], output: Path | None) -> None:
     """``llmforge modelfile``: print (or atomically write) the Modelfile for SOURCE; notes go to stderr."""
@@ -440,9 +430,6 @@ def run_modelfile_command(source: Path, *, from_: str | None, adapter: Path | No
     source = Path(source)
     if not source.exists():
         raise LlmforgeError(f"{source} does not exist", hint="pass a model folder, an adapter folder or a .gguf")
-    if source.is_file() and _is_projector(source):
-        raise LlmforgeError(f"{source} is a vision projector (mmproj), not a model",
-                            hint="pass the text GGUF written beside it")
     # Ollama resolves relative paths against the Modelfile's folder: write existing files as absolute paths
     adapter_line = str(Path(adapter).resolve()) if adapter and Path(adapter).is_file() else (
         str(adapter) if adapter else None)

@@ -132,6 +132,19 @@ def _from_folder(folder: Path) -> TemplateSource:
 def _from_gguf(path: Path) -> TemplateSource:
     import gguf
 
+    from ..export.gguf_header import read_header, truncated_tensor
+
+    try:
+        header = read_header(path)
+    except ValueError as exc:
+        raise LlmforgeError(f"cannot read GGUF {path}: {exc}", hint="is it a complete .gguf file?") from None
+    if header.kv.get("general.architecture") == "clip":   # "no chat template" would send the user elsewhere
+        raise LlmforgeError(f"{path} is a vision projector (mmproj), not a model",
+                            hint="pass the text GGUF written beside it")
+    short = truncated_tensor(header)
+    if short is not None:
+        raise LlmforgeError(f"{path} is truncated: tensor {short[0]} needs {short[1]} bytes, the file has "
+                            f"{header.file_size}", hint="copy or download it again, or re-convert it")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # a broken or non-GGUF file
