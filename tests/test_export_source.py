@@ -91,7 +91,20 @@ def test_inspect_json(mistral_gguf, capsys):
         hist[t.tensor_type.name] = hist.get(t.tensor_type.name, 0) + 1
     assert info["tensor_types"] == hist
     assert info["tokenizer"]["n_tokens"] == 32000 and info["tokenizer"]["bos_id"] == 1
-    assert info["chat_template"] is True
+    assert info["chat_template"] is True and info["truncated"] is None
+
+
+def test_inspect_flags_a_truncated_file(mistral_gguf, tmp_path, capsys):
+    """The header of a cut-off copy still reads; inspect shows it and says which tensor is missing bytes."""
+    from llmforge.export.gguf_header import read_header
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(mistral_gguf.read_bytes()[:-4096])
+    last = max(read_header(mistral_gguf).tensors, key=lambda t: t.offset).name
+    main(["inspect", str(cut)])
+    assert f"TRUNCATED:     tensor {last} needs {mistral_gguf.stat().st_size:,} bytes" in capsys.readouterr().out
+    main(["inspect", "--json", str(cut)])
+    assert json.loads(capsys.readouterr().out)["truncated"] == [last, mistral_gguf.stat().st_size]
 
 
 def test_inspect_bad_file(tmp_path, capsys):

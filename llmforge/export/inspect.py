@@ -10,7 +10,7 @@ from typing import Any
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from ..errors import LlmforgeError
-from .gguf_header import LongArray, read_header
+from .gguf_header import LongArray, read_header, truncated_tensor
 
 TOKENIZER_IDS = ("bos", "eos", "eot", "unknown", "padding")
 
@@ -78,6 +78,7 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
         "chat_template": template is not None,
         "chat_template_chars": len(template) if isinstance(template, str) else 0,
         "named_chat_templates": named_templates,
+        "truncated": truncated_tensor(header),   # (tensor, bytes it needs) when the file is cut short
     }
 
 
@@ -110,4 +111,8 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["named_chat_templates"]:
         chat += "; named: " + ", ".join(info["named_chat_templates"])
     lines.append(f"chat template: {chat}")
+    if info.get("truncated"):
+        name, needed = info["truncated"]
+        lines.append(f"TRUNCATED:     tensor {name} needs {needed:,} bytes, the file has {info['file_size']:,} "
+                     "(copy or download it again, or re-convert it)")
     return "\n".join(lines)
