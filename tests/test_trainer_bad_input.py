@@ -91,6 +91,20 @@ def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
         assert load_examples(str(tmp_path / name), "auto")[1][0].messages == row["messages"]
 
 
+def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path: Path, base: Path, capsys) -> None:
+    import shutil
+
+    broken = tmp_path / "base"
+    shutil.copytree(base, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (broken / "config.json").write_text(json.dumps(config))
+    data = jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    path = write_config(tmp_path, base, data, model={"path": str(broken)})
+    code, err = run_cli(["train", str(path)], capsys)
+    assert_one_line_error(code, err, f"the weights in {broken} do not fit its config.json")
+
+
 def test_empty_dataset(tmp_path: Path, base: Path, capsys) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("\n")

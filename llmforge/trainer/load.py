@@ -41,6 +41,18 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
+def from_pretrained(loader: Any, path: Path, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(path)``; weights whose shapes do not fit config.json are one error line
+    (transformers prints its report of the mismatched tensors above it, then raises a bare RuntimeError)."""
+    try:
+        return loader.from_pretrained(str(path), **kwargs)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise LlmforgeError(f"the weights in {path} do not fit its config.json (see the tensors listed above)",
+                            hint="fix config.json or re-save the model") from None
+
+
 def load_model(path: str | Path, load_in_4bit: bool = True, dtype: str | torch.dtype = "auto",
                max_seq_length: int = 2048, chat_template: str | None = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a Hugging Face folder for LoRA/QLoRA training.
@@ -71,7 +83,7 @@ def load_model(path: str | Path, load_in_4bit: bool = True, dtype: str | torch.d
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, path, **kwargs)
     if cuda and not load_in_4bit:
         model = model.to("cuda")
     model.config.use_cache = False
