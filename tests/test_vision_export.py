@@ -203,6 +203,19 @@ def test_missing_processor_config_is_one_error_and_no_files(vlm_dir, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no-processor"]
 
 
+def test_missing_tokenizer_names_the_model_folder_and_writes_nothing(vlm_dir, tmp_path, capsys):
+    broken = tmp_path / "no-tokenizer"
+    broken.mkdir()
+    for f in vlm_dir.iterdir():
+        if f.name not in ("tokenizer.json", "tokenizer.model"):
+            (broken / f.name).symlink_to(f)
+    out = tmp_path / "out.gguf"
+    code, _, err = run_cli(["convert", str(broken), "-q", "q8_0", "-o", str(out)], capsys)
+    assert code != 0 and err.strip().count("\n") == 0, err
+    assert f"error: no tokenizer in {broken} " in err   # the user's folder, not the staged copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-tokenizer"]
+
+
 @pytest.mark.parametrize("layout", ["transformers5-save", "module-names"])
 def test_checkpoint_layouts_give_the_same_tensors(layout, vlm_dir, exported, tmp_path):
     """transformers 5's save_pretrained writes ``vision_tower.*`` (no ``vision_model``; llama.cpp's converter

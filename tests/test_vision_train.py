@@ -163,13 +163,17 @@ def test_an_image_url_is_one_error(base_dir, tmp_path):
         train(config)
 
 
-def test_a_base_without_its_processor_config_is_one_error(base_dir, tmp_path):
+def test_a_base_without_its_processor_config_or_tokenizer_is_one_error(base_dir, tmp_path):
     from llmforge.errors import LlmforgeError
 
     base = tmp_path / "base"
     shutil.copytree(base_dir, base, ignore=shutil.ignore_patterns("processor_config.json", "preprocessor_config.json"))
     config = load_config(CONFIG_PATH, [f"model.path={base}", f"train.output_dir={tmp_path / 'out'}"])
     with pytest.raises(LlmforgeError, match="no preprocessor_config.json or processor_config.json in"):
+        train(config)
+    shutil.rmtree(base)
+    shutil.copytree(base_dir, base, ignore=shutil.ignore_patterns("tokenizer.json", "tokenizer.model"))
+    with pytest.raises(LlmforgeError, match=f"no tokenizer in {base} "):   # not: install torchvision
         train(config)
 
 

@@ -511,6 +511,9 @@ def convert_vlm(model_dir: Path, output: Path, quant: str, *, tensor_source: Ten
     if spec is None:
         raise LlmforgeError(f"{model_dir} is not a supported vision-language model",
                             hint="supported: " + ", ".join(a for s in VISION_REGISTRY for a in s.hf_architectures))
+    if not any((d / f).is_file() for d in (model_dir, *extra_dirs) for f in ("tokenizer.json", "tokenizer.model")):
+        raise LlmforgeError(f"no tokenizer in {model_dir} (tokenizer.json or tokenizer.model)",   # not the staged copy
+                            hint="copy the model's tokenizer files into the folder")
     source = tensor_source if tensor_source is not None else canonical_source(spec, model_dir)
     name = name or model_dir.resolve().name
     proj_path = mmproj_path(output)

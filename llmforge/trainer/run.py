@@ -136,6 +136,9 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         from .vision import train_vision
 
         processor_config(Path(config.model.path))   # a folder without its processor: one line, before loading
+        if not any((Path(config.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            raise LlmforgeError(f"no tokenizer in {config.model.path} (tokenizer.json or tokenizer.model)",
+                                hint="copy the model's tokenizer files into the folder")
         if config.train.offload_embeddings == "on":
             print("note: train.offload_embeddings: on is not applied to vision-language models", file=sys.stderr)
 
