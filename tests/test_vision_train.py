@@ -163,7 +163,7 @@ def test_an_image_url_is_one_error(base_dir, tmp_path):
         train(config)
 
 
-def test_a_base_without_its_processor_config_or_tokenizer_is_one_error(base_dir, tmp_path):
+def test_a_base_without_its_processor_config_or_tokenizer_or_misfit_is_one_error(base_dir, tmp_path):
     from llmforge.errors import LlmforgeError
 
     base = tmp_path / "base"
@@ -174,6 +174,13 @@ def test_a_base_without_its_processor_config_or_tokenizer_is_one_error(base_dir,
     shutil.rmtree(base)
     shutil.copytree(base_dir, base, ignore=shutil.ignore_patterns("tokenizer.json", "tokenizer.model"))
     with pytest.raises(LlmforgeError, match=f"no tokenizer in {base} "):   # not: install torchvision
+        train(config)
+    shutil.rmtree(base)
+    shutil.copytree(base_dir, base)
+    hf_config = json.loads((base / "config.json").read_text())
+    del hf_config["vision_config"]["patch_size"]   # transformers' default then misfits the patch embedding
+    (base / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(LlmforgeError, match=f"the weights in {base} do not fit its config.json"):
         train(config)
 
 

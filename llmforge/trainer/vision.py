@@ -190,7 +190,7 @@ def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_
     """(model, processor) for LoRA training; 4-bit NF4 on CUDA keeps the vision tower and projector in 16-bit."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .load import pick_dtype
+    from .load import from_pretrained, pick_dtype
 
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype, cuda)}
@@ -212,7 +212,7 @@ def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_
     except (ImportError, AttributeError) as exc:   # transformers 5 builds Qwen2-VL processors only with torchvision
         hint = "install torchvision (matching torch)" if _lacks_torchvision() else str(exc).splitlines()[0]
         raise LlmforgeError(f"cannot load the processor of {path}", hint=hint) from None
-    model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+    model = from_pretrained(AutoModelForImageTextToText, Path(path), **kwargs)   # misfit weights: one line
     if cuda and not load_in_4bit:
         model = model.to("cuda")
     model.config.use_cache = False
