@@ -134,27 +134,29 @@ def reference(vlm_dir):
 
 
 def hf_reference(vlm_dir: Path, image: Path, n: int):
-    """transformers: (input ids, image features, last-position logits, n greedy ids, image token id)."""
+    """transformers (Qwen2.5-VL or Qwen2-VL): (input ids, image features, last-position logits, n greedy ids,
+    image token id)."""
     import torch
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from vision_mtmd import rgb_pixels
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32,
-                                                               attn_implementation="eager").eval()
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
     pixels = image_processor()(images=[rgb_pixels(image)], return_tensors="pt")
     n_image = int(pixels["image_grid_thw"].prod()) // 4
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt.replace(IMAGE_PAD, IMAGE_PAD * n_image), return_tensors="pt")["input_ids"]
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token).long(),
+                  **pixels)
     with torch.no_grad():
         features = model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output[0]
         logits = model(**inputs).logits[0, -1]
         greedy = model.generate(**inputs, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
-    return ids[0].tolist(), features.numpy(), logits.numpy(), greedy.tolist(), \
-        tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    return ids[0].tolist(), features.numpy(), logits.numpy(), greedy.tolist(), image_token
 
 
 @pytest.mark.parametrize("quant,tol", [("f32", 2e-3), ("f16", 2e-3), ("q8_0", 5e-2)])

@@ -22,9 +22,9 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def model_config():
-    """The tiny Qwen2_5_VLConfig (transformers)."""
-    from transformers import Qwen2_5_VLConfig
+def model_config(version: str = "2.5"):
+    """The tiny Qwen2_5_VLConfig (or, for ``version="2"``, Qwen2VLConfig: LayerNorm/GELU blocks without windows)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, vocab_size=151936, max_position_embeddings=512, rms_norm_eps=1e-6,
@@ -33,9 +33,14 @@ def model_config():
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, window_size=112, out_hidden_size=64,
                   fullatt_block_indexes=[1], in_channels=3, initializer_range=0.1)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                            vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
-                            initializer_range=0.05)
+    config_class = Qwen2_5_VLConfig
+    if version == "2":
+        config_class = Qwen2VLConfig
+        vision = dict(depth=3, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=PATCH,
+                      spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3, initializer_range=0.1)
+    return config_class(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
+                        initializer_range=0.05)
 
 
 def image_processor():
@@ -59,15 +64,16 @@ def save_processor(out_dir: Path) -> None:
     image_processor().save_pretrained(str(out_dir))
 
 
-def build_qwen_vlm(out_dir: str | Path, seed: int = 0, embed_std: float = 0.2) -> Path:
-    """Write the random-initialised tiny Qwen2.5-VL, tokenizer and processor to ``out_dir``."""
+def build_qwen_vlm(out_dir: str | Path, seed: int = 0, embed_std: float = 0.2, version: str = "2.5") -> Path:
+    """Write the random-initialised tiny Qwen2.5-VL (or Qwen2-VL), tokenizer and processor to ``out_dir``."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(model_config()).to(torch.float32)
+    model_class = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
+    model = model_class(model_config(version)).to(torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():   # norms and biases random, so their handling is exercised
             if p.ndim == 1:

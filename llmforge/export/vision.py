@@ -15,7 +15,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,11 @@ def _qwen_wa_pattern(x: VisionView) -> int:
                             hint="llama.cpp supports only a regular window-attention pattern")
     return period
 
+
+QWEN2VL_KVS: tuple[ClipKV, ...] = (
+    ClipKV(Keys.Clip.PROJECTOR_TYPE, STR, lambda x: gguf.VisionProjectorType.QWEN2VL),
+    ClipKV(Keys.ClipVision.Attention.LAYERNORM_EPS, F32, lambda x: x.c.get("rms_norm_eps", 1e-6)),
+)
 
 QWEN25VL_KVS: tuple[ClipKV, ...] = (
     ClipKV(Keys.Clip.PROJECTOR_TYPE, STR, lambda x: gguf.VisionProjectorType.QWEN25VL),
@@ -216,7 +221,11 @@ QWEN25VL = VisionArch(
     keep_16bit=("visual",),
 )
 
-VISION_REGISTRY: tuple[VisionArch, ...] = (GEMMA3, QWEN25VL)
+# Qwen2-VL: the same layout and splits; LayerNorm + GELU blocks, no window attention
+QWEN2VL = replace(QWEN25VL, name="qwen2vl", hf_architectures=("Qwen2VLForConditionalGeneration",),
+                  model_types=("qwen2_vl",), text_architecture="Qwen2VLTextModel", kvs=VISION_KVS + QWEN2VL_KVS)
+
+VISION_REGISTRY: tuple[VisionArch, ...] = (GEMMA3, QWEN25VL, QWEN2VL)
 
 # the mmproj's base type per quant: llama.cpp's converter writes f32/f16/bf16/q8_0 projectors; K-quant mixtures
 # (which llama-quantize never applies to an mmproj) keep the projector in f16
