@@ -8,8 +8,8 @@ column of each merged patch, text resuming after the image's largest side) are l
 
 Tolerances (relative to the reference's largest magnitude): image embeddings and last-position logits < 2e-3
 for f32/f16 (f16 weights; ggml's CPU SiLU/GELU tables), < 5e-2 for q8_0; greedy tokens identical for f32/f16.
-The 32x32 image is 4x4 merged patches, inside one 112-pixel attention window, so the windowed blocks attend like
-the full one here (window reordering is still on: n_wa_pattern = 2).
+The 32x32 example image is 4x4 merged patches, inside one 112-pixel attention window; a 128x128 image (16x16
+merged patches, four uneven windows) checks llama.cpp's window attention against transformers' (f32, < 2e-3).
 """
 
 from __future__ import annotations
@@ -179,3 +179,26 @@ def test_llama_cpp_runs_the_image_prompt_like_transformers(quant, tol, exported,
     assert rel(last, logits) < tol
     if quant != "q8_0":
         assert new == greedy
+
+
+def test_window_attention_matches_transformers(vlm_dir, exported):
+    """A 128x128 image: 16x16 merged patches in 112-pixel windows (14x14, 14x2, 2x14, 2x2 merged patches), so
+    blocks 0 and 2 attend within windows and block 1 over the image; libmtmd's embeddings vs transformers', f32."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vision_mtmd import image_embeddings
+
+    pixels = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).eval()
+    inputs = image_processor()(images=[pixels], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        # the windows matter here: the same tower with full attention in every block answers differently
+        model.model.visual.fullatt_block_indexes = [0, 1, 2]
+        full = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+    assert rel(full.numpy(), features.numpy()) > 1e-2
+    embeddings = image_embeddings(*exported("f32"), pixels)
+    assert embeddings.shape == features.shape == (256, 64)
+    assert rel(embeddings, features.numpy()) < 2e-3
