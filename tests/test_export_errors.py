@@ -134,6 +134,18 @@ def test_disk_full_while_writing(good_model, tmp_path, capsys, monkeypatch):
     assert calls["n"] == 3
 
 
+def test_config_from_another_model_is_refused(good_model, tmp_path, capsys):
+    """intermediate_size that the weights do not have: the GGUF would convert but never load in llama.cpp."""
+    import json
+
+    model = copy_model(good_model, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] += 32
+    (model / "config.json").write_text(json.dumps(config))
+    line = run_convert(capsys, model, tmp_path / "out.gguf")
+    assert f"intermediate_size = {config['intermediate_size']}, but blk.0.ffn_down.weight has rows of" in line
+
+
 def test_unknown_quant(good_model, tmp_path, capsys):
     line = run_convert(capsys, good_model, tmp_path / "out.gguf", "--quant", "q9_9")
     assert "unknown quant type" in line

@@ -117,6 +117,23 @@ def plan_tensors(spec: ArchSpec, hp: HParams, source: TensorSource) -> list[tupl
     return out
 
 
+# (GGUF tensor name pattern, config.json key): the key's value must be the tensor's row length, as llama.cpp's
+# loader requires (embedding_length, feed_forward_length); a config from another model otherwise gives a GGUF that
+# converts but never loads
+SIZE_CHECKS = ((re.compile(r"token_embd\.weight"), "hidden_size"),
+               (re.compile(r"blk\.\d+\.ffn_down\.weight"), "intermediate_size"))
+
+
+def check_sizes(hp: HParams, plans: list[tuple[str, tuple[int, ...], Any]]) -> None:
+    """config.json's sizes against the checkpoint's tensors: one error line when they disagree."""
+    for name, shape, _ in plans:
+        for pattern, key in SIZE_CHECKS:
+            want = hp.get(key)
+            if pattern.fullmatch(name) and isinstance(want, int) and shape[-1] != want:
+                raise LlmforgeError(f"config.json says {key} = {want}, but {name} has rows of {shape[-1]}",
+                                    hint="the config does not belong to these weights; fix or re-save the model")
+
+
 def _layer_order(hf_name: str) -> tuple[int, str]:
     """Non-layer tensors first, then layers numerically: the same file whatever the sharding."""
     match = re.search(r"\.layers\.(\d+)\.", hf_name)
@@ -162,6 +179,7 @@ def convert_model(model_dir: Path, output: Path, quant: str, *, tensor_source: T
     source = tensor_source if tensor_source is not None else SafetensorsSource(model_dir)
     vocab_size = int(hp.require("vocab_size"))
     plans = plan_tensors(spec, hp, source)
+    check_sizes(hp, plans)
     importance = _load_importance(imatrix, {n: shape for n, shape, _ in plans})
     names = {n for n, _, _ in plans}
     has_output = "output.weight" in names
