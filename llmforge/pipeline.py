@@ -80,6 +80,8 @@ def ship(source: Path, *, name: str, quant: str = "q4_k_m", output_dir: Path | N
     out_dir = Path(output_dir) if output_dir else source.parent / f"{source.name}-ollama"
     if not out_dir.parent.is_dir():
         raise LlmforgeError(f"the folder {out_dir.parent} does not exist", hint="create it or pass another -o")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlmforgeError(f"output {out_dir} is a file, not a folder", hint="pass a folder path with -o")
     created_dir = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
     try:

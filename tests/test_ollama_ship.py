@@ -112,6 +112,13 @@ def test_ship_checks_name_and_host_before_converting(tiny_model_dir, tmp_path, c
         err = capsys.readouterr().err
         assert info.value.code != 0 and message in err and err.count("\n") == 1
         assert time.monotonic() - started < 5 and not (tmp_path / "x").exists()
+    (tmp_path / "notes.txt").write_text("keep me")   # -o naming a file: refused, the file kept
+    with pytest.raises(SystemExit) as info:
+        main(["ship", str(tiny_model_dir(ARCH)), "-o", str(tmp_path / "notes.txt"), "--name", "ok",
+              "--host", "127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert info.value.code != 0 and "is a file, not a folder" in err and err.count("\n") == 1, err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
 def test_ship_push_failure_names_the_written_files(tiny_model_dir, tmp_path):
