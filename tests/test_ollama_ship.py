@@ -103,18 +103,20 @@ def test_ship_without_a_server_writes_files_and_prints_the_command(tiny_model_di
 def test_ship_checks_name_and_host_before_converting(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from llmforge.cli import main
 
+    model = tiny_model_dir(ARCH)
+    capsys.readouterr()   # the fixture's progress bars, when it builds the model here
     for argv, message in ((["--name", "Bad Name"], "invalid Ollama model name"),
                           (["--name", "ok"], "OLLAMA_HOST points at http://10.1.2.3:11434")):
         monkeypatch.setenv("OLLAMA_HOST", "10.1.2.3")
         started = time.monotonic()
         with pytest.raises(SystemExit) as info:
-            main(["ship", str(tiny_model_dir(ARCH)), "-o", str(tmp_path / "x"), *argv])
+            main(["ship", str(model), "-o", str(tmp_path / "x"), *argv])
         err = capsys.readouterr().err
         assert info.value.code != 0 and message in err and err.count("\n") == 1
         assert time.monotonic() - started < 5 and not (tmp_path / "x").exists()
     (tmp_path / "notes.txt").write_text("keep me")   # -o naming a file: refused, the file kept
     with pytest.raises(SystemExit) as info:
-        main(["ship", str(tiny_model_dir(ARCH)), "-o", str(tmp_path / "notes.txt"), "--name", "ok",
+        main(["ship", str(model), "-o", str(tmp_path / "notes.txt"), "--name", "ok",
               "--host", "127.0.0.1:9"])
     err = capsys.readouterr().err
     assert info.value.code != 0 and "is a file, not a folder" in err and err.count("\n") == 1, err
