@@ -268,6 +268,8 @@ def test_a_projector_that_is_not_a_clip_gguf_fails_before_uploading(tmp_path, gg
 
 
 def test_a_projector_or_a_truncated_file_pushed_as_the_model_fails_before_uploading(tmp_path, modelfile, server):
+    with pytest.raises(LlmforgeError, match="is a folder"):
+        push(tmp_path, modelfile, server)
     with pytest.raises(LlmforgeError, match="is a vision projector \\(mmproj\\), not a model"):
         push(write_clip_gguf(tmp_path / "mmproj-tiny.gguf"), modelfile, server)
     cut = tmp_path / "cut.gguf"

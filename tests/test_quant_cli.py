@@ -120,6 +120,15 @@ def test_truncated_input_is_one_line(f32_model, tmp_path, capsys, keep):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf", "model-f32.gguf"]
 
 
+def test_inputs_of_the_wrong_kind_say_what_they_are(f32_model, tmp_path, capsys):
+    """quantize of a folder, convert of a GGUF: one line that names the other command."""
+    code, _, err = run(["quantize", str(tmp_path), str(tmp_path / "out.gguf"), "-q", "q8_0"], capsys)
+    assert_one_line_error(code, err, f"input GGUF {tmp_path} is a folder", "llmforge convert")
+    code, _, err = run(["convert", str(f32_model), "-q", "q8_0", "-o", str(tmp_path / "out.gguf")], capsys)
+    assert_one_line_error(code, err, f"{f32_model} is a file, not a model folder", "llmforge quantize")
+    assert list(tmp_path.iterdir()) == [f32_model]
+
+
 def test_a_vision_projector_is_not_requantized(tmp_path, capsys):
     import gguf
 

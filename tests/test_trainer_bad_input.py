@@ -212,6 +212,13 @@ def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_config_path_that_is_a_folder(tmp_path: Path) -> None:
+    from llmforge.errors import LlmforgeError
+
+    with pytest.raises(LlmforgeError, match="is a folder"):
+        load_config(tmp_path)
+
+
 def test_config_file_encoding(tmp_path: Path) -> None:
     """Latin-1 bytes are one error naming the line; a UTF-8 byte-order mark is read past."""
     from llmforge.errors import LlmforgeError

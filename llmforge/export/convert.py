@@ -67,6 +67,10 @@ class ConvertReport:
 
 def read_config(model_dir: Path) -> dict:
     """config.json as a dict, with one-line errors for a missing folder/file or bad JSON."""
+    if model_dir.is_file():   # most often a GGUF given to convert
+        hint = ("requantize a GGUF with `llmforge quantize IN.gguf OUT.gguf -q QUANT`" if model_dir.suffix == ".gguf"
+                else "pass a Hugging Face model folder")
+        raise LlmforgeError(f"{model_dir} is a file, not a model folder", hint=hint)
     if not model_dir.is_dir():
         raise LlmforgeError(f"model folder {model_dir} does not exist", hint="pass a Hugging Face model folder")
     path = model_dir / "config.json"

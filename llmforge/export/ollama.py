@@ -573,7 +573,8 @@ def push_model(gguf: Path, name: str, modelfile: Any = None, adapter: Path | Non
     endpoint = resolve_host(host)
     gguf = Path(gguf)
     if not gguf.is_file():
-        raise LlmforgeError(f"{gguf} does not exist", hint="pass the .gguf written by `llmforge convert`")
+        raise LlmforgeError(f"{gguf} {'is a folder' if gguf.is_dir() else 'does not exist'}",
+                            hint="pass the .gguf written by `llmforge convert` (a folder: `llmforge ship`)")
     if _require_gguf(gguf).kv.get("general.architecture") == "clip":
         raise LlmforgeError(f"{gguf} is a vision projector (mmproj), not a model",
                             hint="push the text GGUF; its mmproj-*.gguf goes with it")

@@ -133,7 +133,9 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, imatrix
     if overrides is not None:
         mixtures.check_overrides(overrides, mixture)
     if not in_path.is_file():
-        raise LlmforgeError(f"input GGUF {in_path} does not exist", hint="check the path")
+        folder = in_path.is_dir()
+        raise LlmforgeError(f"input GGUF {in_path} {'is a folder' if folder else 'does not exist'}",
+                            hint="to convert a model folder: llmforge convert" if folder else "check the path")
     if in_path.resolve() == out_path.resolve():
         raise LlmforgeError(f"output {out_path} is the input file", hint="write to another path")
     check_output_dir(out_path)

@@ -141,7 +141,8 @@ def load_config(source: str | Path | dict | None, overrides: typing.Iterable[str
         path = Path(source)
         origin = str(path)
         if not path.is_file():
-            raise LlmforgeError(f"config file {path} not found", hint="pass the path of a YAML training config")
+            raise LlmforgeError(f"config file {path} {'is a folder' if path.is_dir() else 'not found'}",
+                                hint="pass the path of a YAML training config")
         try:
             text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
