@@ -29,6 +29,17 @@ from ..errors import LlmforgeError
 # end-of-turn tokens of the chat formats we know (first present wins)
 EOT_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<turn|>", "<|END_OF_TURN_TOKEN|>")
 PAD_SCORE = -1000.0
+SPM_UNUSED_SCORE = -10000.0   # llama.cpp's converter: SentencePiece slots no piece fills
+# Added tokens llama.cpp's converter types CONTROL even when the tokenizer does not mark them special
+# (convert_hf_to_gguf's does_token_look_special: command-r, deepseek-coder, gemma{,-2}, Qwen's FIM tokens).
+LOOKS_SPECIAL = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+LOOKS_SPECIAL_WRAPS = (("<|", "|>"), ("<｜", "｜>"), ("<unused", ">"))
+
+
+def added_token_type(text: str, special: bool) -> TokenType:
+    """The GGUF type of an added token, as llama.cpp's converter gives it."""
+    looks_special = text in LOOKS_SPECIAL or any(text.startswith(a) and text.endswith(b) for a, b in LOOKS_SPECIAL_WRAPS)
+    return TokenType.CONTROL if special or looks_special else TokenType.USER_DEFINED
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -143,7 +154,7 @@ def _bpe_vocab(tj: dict, tok, vocab_size: int, where: Path) -> VocabData:
             tokens[i] = f"[PAD{i}]"
             types.append(TokenType.UNUSED)
         elif i in added:
-            types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+            types.append(added_token_type(text, bool(added[i].get("special"))))
         else:
             types.append(TokenType.NORMAL)
     _pad(tokens, None, types, vocab_size, where)
@@ -197,21 +208,28 @@ def _spm_vocab(tok_dir: Path, tj: dict | None, vocab_size: int) -> VocabData:
         kind = (TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
                 else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i) else TokenType.NORMAL)
         types.append(kind)
+    # as llama.cpp's converter: added tokens (tokenizer.json's list, else added_tokens.json) override the
+    # SentencePiece pieces too, with score -1000; slots no one fills are UNUSED [PADi] at -10000
     added: dict[int, dict] = _added_tokens(tj) if tj else {}
     added_json = tok_dir / "added_tokens.json"
     if not added and added_json.is_file():
         added = {int(i): {"content": t, "special": False} for t, i in json.loads(added_json.read_text()).items()}
     for i in sorted(added):
-        info = added[i]
-        if i < len(tokens):
-            continue  # SentencePiece's own pieces keep their type and score
         if i >= vocab_size:
             continue
-        while len(tokens) < i:
-            _pad(tokens, scores, types, len(tokens) + 1, tok_dir)
-        tokens.append(info["content"])
-        scores.append(PAD_SCORE)
-        types.append(TokenType.CONTROL if info.get("special") else TokenType.USER_DEFINED)
+        while len(tokens) <= i:
+            tokens.append(f"[PAD{len(tokens)}]")
+            scores.append(SPM_UNUSED_SCORE)
+            types.append(TokenType.UNUSED)
+        text = added[i]["content"]
+        kind = added_token_type(text, bool(added[i].get("special")))
+        tokens[i] = text if kind == TokenType.CONTROL else text.replace("\u2581", " ")
+        scores[i] = PAD_SCORE
+        types[i] = kind
+    while len(tokens) < vocab_size:
+        tokens.append(f"[PAD{len(tokens)}]")
+        scores.append(SPM_UNUSED_SCORE)
+        types.append(TokenType.UNUSED)
     _pad(tokens, scores, types, vocab_size, tok_dir)
     return VocabData("llama", tokens, scores, types)
 
