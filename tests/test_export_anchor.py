@@ -33,17 +33,21 @@ def find_sdist() -> Path | None:
     return Path(env) if env and Path(env).is_file() else None
 
 
-@pytest.fixture(scope="module")
-def anchor_converter(tmp_path_factory) -> Path:
+def extract_converter(root: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ and gguf-py/) from the sdist, under ``root``;
+    skips the test when the sdist is missing."""
     sdist = find_sdist()
     if sdist is None:
         pytest.skip(f"llama-cpp-python sdist not found at {SDIST} (set LLAMA_CPP_SDIST)")
-    root = tmp_path_factory.mktemp("llama.cpp")
     with tarfile.open(sdist) as tar:
         wanted = [m for m in tar.getmembers() if any(p in m.name for p in MEMBERS)]
         tar.extractall(root, members=wanted, filter="data")
-    script = next(root.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    return script
+    return next(root.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+
+
+@pytest.fixture(scope="module")
+def anchor_converter(tmp_path_factory) -> Path:
+    return extract_converter(tmp_path_factory.mktemp("llama.cpp"))
 
 
 def run_anchor(script: Path, model_dir: Path, out: Path) -> subprocess.CompletedProcess:

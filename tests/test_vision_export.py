@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from llmforge.export.convert import convert
 from llmforge.export.vision import mmproj_path
 from llmforge.trainer.vision_example import IMAGES_DIR, build_base_model
 from cli_runner import run_cli
-from test_export_anchor import MEMBERS, find_sdist
+from test_export_anchor import extract_converter
 
 QUESTION = "What colour is the square?"
 # llama.cpp's converter recognises BPE pre-tokenizers by a hash of known vocabularies; the example's own small
@@ -63,14 +62,8 @@ def exported(vlm_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def anchor(tmp_path_factory):
-    sdist = find_sdist()
-    if sdist is None:
-        pytest.skip("llama-cpp-python sdist not found (set LLAMA_CPP_SDIST)")
     root = tmp_path_factory.mktemp("llama.cpp")
-    with tarfile.open(sdist) as tar:
-        tar.extractall(root, members=[m for m in tar.getmembers() if any(p in m.name for p in MEMBERS)],
-                       filter="data")
-    script = next(root.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    script = extract_converter(root)
     runner = root / "run_anchor.py"
     runner.write_text(ANCHOR_RUNNER)
 

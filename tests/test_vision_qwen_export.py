@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pytest
 from llmforge.export.convert import convert
 from llmforge.export.vision import mmproj_path
 from llmforge.trainer.vision_example import IMAGES_DIR
-from test_export_anchor import MEMBERS, find_sdist
+from test_export_anchor import extract_converter
 from test_vision_export import rel
 from vision_qwen_model import build_qwen_vlm, image_processor
 
@@ -57,14 +56,8 @@ def exported(vlm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def anchor(tmp_path_factory):
     """llama.cpp's converter (the Qwen2 fixture vocabulary's pre-tokenizer hash is one it knows)."""
-    sdist = find_sdist()
-    if sdist is None:
-        pytest.skip("llama-cpp-python sdist not found (set LLAMA_CPP_SDIST)")
     root = tmp_path_factory.mktemp("llama.cpp")
-    with tarfile.open(sdist) as tar:
-        tar.extractall(root, members=[m for m in tar.getmembers() if any(p in m.name for p in MEMBERS)],
-                       filter="data")
-    script = next(root.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    script = extract_converter(root)
 
     def run(model_dir: Path, out: Path, quant: str, mmproj: bool) -> Path:
         env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
