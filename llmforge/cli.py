@@ -179,12 +179,15 @@ def template(source: Path, check: bool, named: str | None) -> None:
 @click.option("--system", help="Default SYSTEM prompt.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Extra PARAMETER lines.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+@click.option("--projector", type=click.Path(path_type=Path),
+              help="Vision projector GGUF for a second FROM line (default: mmproj-<name>.gguf beside a GGUF).")
 def modelfile(source: Path, from_: str | None, adapter: Path | None, system: str | None,
-              params: tuple[str, ...], output: Path | None) -> None:
-    """Generate an Ollama Modelfile (TEMPLATE, stops, num_ctx, SYSTEM, ADAPTER, LICENSE) for SOURCE."""
+              params: tuple[str, ...], output: Path | None, projector: Path | None) -> None:
+    """Generate an Ollama Modelfile (TEMPLATE, stops, num_ctx, SYSTEM, ADAPTER, projector, LICENSE) for SOURCE."""
     from .templates.modelfile import run_modelfile_command
 
-    run_modelfile_command(source, from_=from_, adapter=adapter, system=system, params=params, output=output)
+    run_modelfile_command(source, from_=from_, adapter=adapter, system=system, params=params, output=output,
+                          projector=projector)
 
 
 # ---------------------------------------------------------------- Ollama

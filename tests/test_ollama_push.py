@@ -279,6 +279,41 @@ def test_a_projector_or_a_truncated_file_pushed_as_the_model_fails_before_upload
     assert server.uploads == 0 and server.count("POST", "/api/create") == 0
 
 
+def test_modelfile_command_adds_the_projector_beside_a_vision_gguf_and_push_takes_it(tmp_path, gguf_file, server,
+                                                                                      capsys):
+    """`llmforge modelfile tiny.gguf` finds mmproj-tiny.gguf beside it (as convert writes it) and writes the second
+    FROM line; pushing that Modelfile sends the projector, and the server reports the vision capability."""
+    from llmforge.cli import main
+
+    def modelfile_cli(*args: str) -> tuple[int, str, str]:
+        try:
+            main(["modelfile", str(gguf_file), *args])
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, text, _ = modelfile_cli()
+    assert code == 0 and parse_modelfile(text).projector is None   # no mmproj beside it: one FROM
+    projector = write_clip_gguf(tmp_path / "mmproj-tiny.gguf")
+    code, text, err = modelfile_cli()
+    mf = parse_modelfile(text)
+    assert code == 0 and mf.from_ == str(gguf_file.resolve()) and mf.projector == str(projector.resolve())
+    assert "projector: FROM" in err
+    report = push(gguf_file, mf, server)
+    assert "projector (vision capability)" in report.verified and report.projector_uploaded
+
+    (tmp_path / "sub").mkdir()
+    other = write_clip_gguf(tmp_path / "sub" / "vision.gguf")
+    code, text, _ = modelfile_cli("--projector", str(other))
+    assert code == 0 and parse_modelfile(text).projector == str(other.resolve())
+    for bad, message in ((gguf_file, "is not a vision projector (general.architecture is 'llama', not 'clip')"),
+                         (tmp_path / "nowhere.gguf", "nowhere.gguf does not exist")):
+        code, out, err = modelfile_cli("--projector", str(bad))
+        assert code != 0 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
 @pytest.mark.parametrize("route,seconds,message", [
     ("POST /api/show", 1.5, r"did not answer show tiny:latest within 1 s"),
     ("POST /api/create", 2.5, r"did not answer create within 2 s"),

@@ -422,20 +422,51 @@ def added_tokens(path: Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def projector_beside(source: Path, projector: Path | None = None) -> Path | None:
+    """A vision model's mmproj for SOURCE: ``projector`` (checked), else ``mmproj-<name>.gguf`` beside a GGUF."""
+    from ..export.gguf_header import read_header
+
+    if projector is None:
+        beside = source.with_name(f"mmproj-{source.name}")
+        if source.suffix != ".gguf" or not beside.is_file():
+            return None
+        projector = beside
+    projector = Path(projector)
+    if not projector.is_file():
+        raise LlmforgeError(f"projector {projector} {'is a folder' if projector.is_dir() else 'does not exist'}",
+                            hint="pass the mmproj-*.gguf written by `llmforge convert` for a vision model")
+    try:
+        arch = read_header(projector).kv.get("general.architecture")
+    except (OSError, ValueError) as exc:
+        raise LlmforgeError(f"{projector} is not a readable GGUF file ({exc})",
+                            hint="pass the mmproj-*.gguf written by `llmforge convert`") from None
+    if arch != "clip":
+        raise LlmforgeError(f"{projector} is not a vision projector (general.architecture is {arch!r}, not 'clip')",
+                            hint="pass the mmproj-*.gguf written by `llmforge convert` for a vision model")
+    return projector
+
+
 def run_modelfile_command(source: Path, *, from_: str | None, adapter: Path | None, system: str | None,
-                          params: Sequence[str], output: Path | None) -> None:
-    """``llmforge modelfile``: print (or atomically write) the Modelfile for SOURCE; notes go to stderr."""
+                          params: Sequence[str], output: Path | None, projector: Path | None = None) -> None:
+    """``llmforge modelfile``: print (or atomically write) the Modelfile for SOURCE; notes go to stderr.
+
+    A vision GGUF gets a second FROM line for its projector (``projector``, or ``mmproj-<name>`` beside it).
+    """
     from ..atomic import atomic_path
 
     source = Path(source)
     if not source.exists():
         raise LlmforgeError(f"{source} does not exist", hint="pass a model folder, an adapter folder or a .gguf")
+    projector = projector_beside(source, projector)
     # Ollama resolves relative paths against the Modelfile's folder: write existing files as absolute paths
     adapter_line = str(Path(adapter).resolve()) if adapter and Path(adapter).is_file() else (
         str(adapter) if adapter else None)
     mf = modelfile_for_source(source, from_=from_ or (str(source.resolve()) if source.suffix == ".gguf" else None),
                               adapter=adapter_line, system=system,
                               extra_parameters=parse_param_options(params))
+    if projector is not None:
+        mf.projector = str(projector.resolve())
+        mf.notes.append(f"projector: FROM {mf.projector} (vision)")
     for note in mf.notes:
         print(f"note: {note}", file=sys.stderr)
     if output is None:
