@@ -35,7 +35,7 @@ def variants():
         for cap in (False, True):
             yield (f"ce_rows {dtype} softcap={cap}", cross_entropy._ce_rows,
                    dict(LOGITS=dtype, stride="i32", LABELS="*i64", LOSS="*fp32", n_vocab="i32", softcap="fp32",
-                        ignore_index="i32"), dict(HAS_SOFTCAP=cap, BLOCK=4096))
+                        scale="fp32", ignore_index="i32"), dict(HAS_SOFTCAP=cap, BLOCK=4096))
             yield (f"stream_rows {dtype} softcap={cap}", cross_entropy._stream_rows,
                    dict(LOGITS=dtype, stride="i32", LABELS="*i64", RUN_MAX="*fp32", RUN_SUM="*fp32", TARGET="*fp32",
                         ALPHA="*fp32", W=dtype, w_stride="i32", DH=dtype, dh_stride="i32", v0="i32", n_cols="i32",

@@ -29,10 +29,10 @@ if triton_importable():
         return z, slope
 
     @triton.jit
-    def _ce_rows(LOGITS, stride, LABELS, LOSS, n_vocab, softcap, ignore_index,
+    def _ce_rows(LOGITS, stride, LABELS, LOSS, n_vocab, softcap, scale, ignore_index,
                  HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: loss = logsumexp(z) - z[label] with z = softcap*tanh(x/softcap); then overwrite the
-        row with d loss / d x (zero for ignored rows)."""
+        """One row: loss = logsumexp(z) - z[label] with z = scale * softcap*tanh(x/softcap) (``scale``:
+        1 / temperature, 1.0 for plain CE); then overwrite the row with d loss / d x (zero for ignored rows)."""
         row = tl.program_id(0).to(tl.int64)
         ptr = LOGITS + row * stride
         label = tl.load(LABELS + row)
@@ -43,7 +43,7 @@ if triton_importable():
             idx = start + cols
             in_vocab = idx < n_vocab
             x, _ = _softcapped(tl.load(ptr + idx, mask=in_vocab, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-            x = tl.where(in_vocab, x, -float("inf"))
+            x = tl.where(in_vocab, x * scale, -float("inf"))
             new_max = tl.maximum(run_max, x)
             safe = tl.where(new_max == -float("inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(x - safe)
@@ -53,14 +53,14 @@ if triton_importable():
         valid = label != ignore_index
         safe_label = tl.where(valid, label, 0).to(tl.int64)
         z_label, _ = _softcapped(tl.load(ptr + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
-        tl.store(LOSS + row, tl.where(valid, lse - z_label, 0.0))
-        scale = tl.where(valid, 1.0, 0.0)
+        tl.store(LOSS + row, tl.where(valid, lse - z_label * scale, 0.0))
+        keep = tl.where(valid, 1.0, 0.0)
         for start in range(0, n_vocab, BLOCK):
             idx = start + cols
             mask = idx < n_vocab
             z, slope = _softcapped(tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-            grad = (tl.exp(z - lse) - tl.where(idx == label, 1.0, 0.0)) * slope
-            tl.store(ptr + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
+            grad = (tl.exp(z * scale - lse) - tl.where(idx == label, 1.0, 0.0)) * (slope * scale)
+            tl.store(ptr + idx, (grad * keep).to(LOGITS.dtype.element_ty), mask=mask)
 
 
 def _softcapped_torch(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -72,9 +72,13 @@ def _softcapped_torch(logits: torch.Tensor, softcap: float | None) -> tuple[torc
     return softcap * t, 1.0 - t * t
 
 
-def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, ignore_index: int):
+def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, ignore_index: int,
+                scale: float = 1.0):
     """Torch fallback of ``_ce_rows``: returns per-row losses and overwrites ``logits`` with the gradient."""
     z, dzdx = _softcapped_torch(logits, softcap)
+    if scale != 1.0:
+        z = z * scale
+        dzdx = scale if dzdx is None else dzdx * scale
     lse = torch.logsumexp(z, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
@@ -88,16 +92,17 @@ def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, softcap: float | Non
     return loss
 
 
-def _rows(logits, labels, softcap, ignore_index):
+def _rows(logits, labels, softcap, ignore_index, scale: float = 1.0):
+    """Per-row CE of ``scale * softcap(logits)``; ``logits`` is overwritten with d loss / d logits."""
     if use_triton(logits):
         loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         if logits.shape[0]:
             block = min(next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 256)
             _ce_rows[(logits.shape[0],)](logits, logits.stride(0), labels, loss, logits.shape[1],
-                                         float(softcap or 0.0), ignore_index, HAS_SOFTCAP=bool(softcap),
-                                         BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                         float(softcap or 0.0), float(scale), ignore_index,
+                                         HAS_SOFTCAP=bool(softcap), BLOCK=block, num_warps=8 if block >= 2048 else 4)
         return loss
-    return _rows_torch(logits, labels, softcap, ignore_index)
+    return _rows_torch(logits, labels, softcap, ignore_index, scale)
 
 
 class _FusedLinearCE(torch.autograd.Function):
