@@ -39,13 +39,14 @@ def test_qlora_grpo_with_kernels_raises_the_reward(tmp_path: Path, capfd) -> Non
     result = train(config)
     err = capfd.readouterr().err
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    report = [line for line in err.splitlines() if line.startswith(("kernels:", "grpo ", "trained"))]
+    report = [line for line in err.splitlines() if line.startswith(("kernels:", "log-probs:", "grpo ", "trained"))]
     report.append(f"{torch.cuda.get_device_name()}: {result.seconds:.1f} s for {result.steps} steps, "
                   f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "grpo_gpu.txt").write_text("\n".join(report) + "\n")
     print("\n".join(report))
     assert any(line.startswith("kernels:") for line in report), err[-2000:]
+    assert "log-probs: fused linear + log-softmax" in report, err[-2000:]
     assert abs(log[0]["kl"]) < 1e-3, log[0]      # B = 0 at step 1: policy == adapter-disabled base (bf16 noise)
     first, last = sum(result.rewards[:3]) / 3, sum(result.rewards[-3:]) / 3
     assert last > first + 0.3, result.rewards

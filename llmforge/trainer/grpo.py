@@ -22,6 +22,7 @@ import torch
 from ..errors import LlmforgeError
 from .config import Config, GrpoConfig, TrainConfig
 from .grpo_data import Prompt, encode_prompts, load_prompts
+from .grpo_logprobs import fused_head, token_logprobs, use_fused_logprobs
 from .rewards import Reward, build_rewards, check_columns, score
 from .sft import LOG_NAME, batches, save_checkpoint, start_run, write_log
 
@@ -66,20 +67,6 @@ AGGREGATE = {
     "dr_grpo": lambda loss, m, length, n, k: (loss * m).sum() / (loss.size(0) * length) / k,
     "dapo": lambda loss, m, length, n, k: (loss * m).sum() / max(n, 1),
 }
-
-
-def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
-                   temperature: float) -> torch.Tensor:
-    """log p(token) of the last ``n`` tokens of each row, from logits scaled by ``temperature`` (as sampled).
-    Positions follow the attention mask, so left-padded prompts see the positions generation gave them."""
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
-    targets = input_ids[:, -n:]
-    # one row at a time: a float32 copy of the whole (batch, n, vocab) block is what runs out of memory
-    rows = [(row.float() / temperature).log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-            for row, t in zip(logits, targets)]
-    return torch.stack(rows)
 
 
 # ------------------------------------------------------------------------------------------- rollouts
@@ -175,8 +162,9 @@ def rollout(model: Any, tokenizer: Any, chunk: list[Prompt], grpo: GrpoConfig, r
     return Rollout(torch.cat([prompt_ids, completions], 1), attention_mask, completion_mask, total, per_reward)
 
 
-def prepare(model: Any, rollouts: list[Rollout], grpo: GrpoConfig) -> None:
-    """Advantages over the step's groups; the sampling policy's and the base model's log-probs when needed."""
+def prepare(model: Any, rollouts: list[Rollout], grpo: GrpoConfig, fused: bool = False) -> None:
+    """Advantages over the step's groups; the sampling policy's and the base model's log-probs when needed
+    (``fused``: through the fused log-prob kernel, see ``grpo_logprobs``)."""
     rewards = torch.cat([r.rewards for r in rollouts])
     advantages = group_advantages(rewards, grpo.num_generations, grpo.scale_rewards)
     device = rollouts[0].input_ids.device
@@ -185,11 +173,11 @@ def prepare(model: Any, rollouts: list[Rollout], grpo: GrpoConfig) -> None:
         with torch.no_grad():
             if grpo.num_iterations > 1:
                 r.old_logp = token_logprobs(model, r.input_ids, r.attention_mask, r.completion_length,
-                                            grpo.temperature)
+                                            grpo.temperature, fused)
             if grpo.beta != 0.0:
                 with model.disable_adapter():
                     r.ref_logp = token_logprobs(model, r.input_ids, r.attention_mask, r.completion_length,
-                                                grpo.temperature)
+                                                grpo.temperature, fused)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -221,9 +209,12 @@ def progress_line(step: int, total: int, entry: dict) -> str:
 
 
 def grpo_loop(model: Any, tokenizer: Any, prompts: list[Prompt], rewards: list[Reward], config: TrainConfig,
-              grpo: GrpoConfig, out_dir: Path, stops: list[int], resume: bool = False) -> GrpoLoopResult:
-    """Run GRPO; checkpoints (at multiples of num_iterations) and ``train_log.jsonl`` in ``out_dir``."""
+              grpo: GrpoConfig, out_dir: Path, stops: list[int], resume: bool = False,
+              fused_logprobs: bool | None = None) -> GrpoLoopResult:
+    """Run GRPO; checkpoints (at multiples of num_iterations) and ``train_log.jsonl`` in ``out_dir``.
+    ``fused_logprobs``: log-probs through the fused kernel; None: as :func:`use_fused_logprobs` decides."""
     device = next(model.parameters()).device
+    fused = use_fused_logprobs(model, config.kernels) if fused_logprobs is None else fused_logprobs
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     steps = total_steps(len(prompts), config, grpo)
@@ -241,12 +232,13 @@ def grpo_loop(model: Any, tokenizer: Any, prompts: list[Prompt], rewards: list[R
     for step in range(start_step + 1, steps + 1):
         if (step - 1) % grpo.num_iterations == 0:
             rollouts = [rollout(model, tokenizer, next(stream), grpo, rewards, stops) for _ in range(config.grad_accum)]
-            prepare(model, rollouts, grpo)
+            prepare(model, rollouts, grpo, fused)
             result.tokens += sum(int(r.attention_mask.sum()) for r in rollouts)
         step_tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
         loss_total, kl_sum, clipped = 0.0, 0.0, 0.0
         for r in rollouts:
-            logp = token_logprobs(model, r.input_ids, r.attention_mask, r.completion_length, grpo.temperature)
+            logp = token_logprobs(model, r.input_ids, r.attention_mask, r.completion_length, grpo.temperature,
+                                  fused)
             old = r.old_logp if r.old_logp is not None else logp.detach()
             losses, kl, cut = per_token_loss(logp, old, r.ref_logp, r.advantages, grpo.beta, grpo.epsilon,
                                              grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon,
@@ -353,11 +345,16 @@ def train_grpo(config: Config, resume: bool = False) -> Any:
     stops = stop_token_ids(model, tokenizer)
     model = train_lora(model, config)
     maybe_patch_kernels(model, config)
+    fused = use_fused_logprobs(model, config.train.kernels)
+    if torch.cuda.is_available() and config.train.kernels:
+        print(f"log-probs: {'fused linear + log-softmax' if fused else 'full logits (' + fused_head(model)[1] + ')'}",
+              file=sys.stderr)
     summary = (f"data: {len(prompts)} prompts, {sum(len(p.ids) for p in prompts)} prompt tokens"
                + (f", {truncated} truncated to {room}" if truncated else ""))
     print(f"[3/4] GRPO ({summary.removeprefix('data: ')}; {grpo.num_generations} completions each; rewards: "
           f"{', '.join(f'{r.label} x{r.weight:g}' for r in rewards)})", file=sys.stderr)
-    loop = grpo_loop(model, tokenizer, prompts, rewards, config.train, grpo, out_dir, stops, resume=resume)
+    loop = grpo_loop(model, tokenizer, prompts, rewards, config.train, grpo, out_dir, stops, resume=resume,
+                     fused_logprobs=fused)
     print(f"[4/4] saving the adapter to {out_dir / ADAPTER_DIR}", file=sys.stderr)
     adapter_dir = save_adapter(model, tokenizer, config, out_dir / ADAPTER_DIR)
     losses = loop.losses or [float("nan")]
