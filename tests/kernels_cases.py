@@ -372,6 +372,21 @@ def case_patched_models():
         kernels_models.check_patched_matches(arch, expect_backend="triton-interpreter")
 
 
+def case_patched_vlms():
+    """The tiny Gemma 3, Qwen2.5-VL and Qwen2-VL of the vision tests, patched (language model only), give the
+    unpatched loss and gradients on an image+text batch, kernels interpreted (Qwen: vocabulary cut to the batch)."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import kernels_vlm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in kernels_vlm.VLMS:
+            model_dir = kernels_vlm.build_vlm(arch, Path(tmp) / arch)
+            kernels_vlm.check_vlm_patched_matches(arch, model_dir, expect_backend="triton-interpreter",
+                                                  compact=arch != "gemma3")
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -1,10 +1,12 @@
-"""Swap llmforge's kernels into the Hugging Face modules of a supported causal LM (optionally PEFT-wrapped).
+"""Swap llmforge's kernels into the Hugging Face modules of a supported causal LM, or of the language model of a
+supported vision-language model (optionally PEFT-wrapped); ``archs.ARCHS`` says which parts each gets.
 
 ``patch_model(model) -> PatchReport``. Per-module patches replace instance ``forward``s (other models in
 the process are untouched), except RoPE: HF attention calls its modeling module's
 ``apply_rotary_pos_emb``, which is replaced module-wide by a version that runs the in-place kernel when it
-applies and the original function otherwise. Every kernel picks its torch fallback itself when Triton
-cannot run (CPU without ``TRITON_INTERPRET=1``).
+applies and the original function otherwise (the Qwen-VL vision towers call ``apply_rotary_pos_emb_vision``,
+which stays). Every kernel picks its torch fallback itself when Triton cannot run (CPU without
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from llmforge.kernels._backend import interpreting, triton_importable, use_triton
 from llmforge.kernels.activations import ACTIVATION_KINDS, gated_activation
+from llmforge.kernels.archs import ARCHS, ArchKernels, find_text_model, left_as_is, rope_unpatchable
 from llmforge.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy, streamed_linear_cross_entropy
 from llmforge.kernels.fast_lora import AdapterCache, LoRAWeights, lora_linear, lora_mlp, lora_qkv, new_step
 from llmforge.kernels.host_weights import is_host_weight, offload_candidates
@@ -27,40 +30,64 @@ from llmforge.kernels.offload import offloaded_checkpoint
 from llmforge.kernels.rmsnorm import rms_norm
 from llmforge.kernels.rope import apply_rope_, rope_fits
 
-# transformers model_type -> gated MLP layout ("split": gate_proj/up_proj, "fused": gate_up_proj)
-SUPPORTED = {
-    "llama": "split", "mistral": "split", "qwen2": "split", "qwen3": "split",
-    "gemma2": "split", "gemma3_text": "split", "gemma3": "split", "phi3": "fused",
-}
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+# report part -> what the summary calls it
+PARTS = {"rms_norm": "RMSNorm", "mlp_fused_lora": "fused LoRA MLP", "mlp_activation_only": "MLP activation-only",
+         "qkv_fused_lora": "fused LoRA QKV", "lora_linear": "fused LoRA linear",
+         "offloaded_checkpoint": "offloaded checkpoint layers"}
 
 
 @dataclass
 class PatchReport:
-    """What ``patch_model`` swapped in, and what it left alone and why."""
+    """What ``patch_model`` swapped in (module names per part), and what it left alone and why."""
     model_type: str
     supported: bool
     backend: str  # "triton" (CUDA) or "torch" (fallbacks) for this model's device
-    rms_norm: int = 0
+    text_model: str = ""  # path of the patched language model in a VLM ("" = the whole model)
+    patched: dict[str, list[str]] = field(default_factory=lambda: {part: [] for part in PARTS})
     rope: bool = False
-    mlp_fused_lora: int = 0
-    mlp_activation_only: int = 0
-    qkv_fused_lora: int = 0  # attention layers whose Q/K/V LoRA projections run as one node
-    lora_linear: int = 0  # other LoRA projections on the fused single-projection path
     fused_cross_entropy: bool = False
-    offloaded_checkpoint_layers: int = 0
     cached_adapter_casts: bool = False
     host_weights: list[str] = field(default_factory=list)  # frozen modules kept in host memory
-    not_patched: list[str] = field(default_factory=list)
+    not_patched: list[str] = field(default_factory=list)  # in the patched model, with the reason
+    left_as_is: list[str] = field(default_factory=list)  # beside a VLM's language model (vision tower, projector)
+    reason: str = ""  # why nothing was patched
+
+    @property
+    def rms_norm(self) -> int:
+        return len(self.patched["rms_norm"])
+
+    @property
+    def mlp_fused_lora(self) -> int:
+        return len(self.patched["mlp_fused_lora"])
+
+    @property
+    def mlp_activation_only(self) -> int:
+        return len(self.patched["mlp_activation_only"])
+
+    @property
+    def qkv_fused_lora(self) -> int:
+        """Attention layers whose Q/K/V LoRA projections run as one node."""
+        return len(self.patched["qkv_fused_lora"])
+
+    @property
+    def lora_linear(self) -> int:
+        """Other LoRA projections on the fused single-projection path."""
+        return len(self.patched["lora_linear"])
+
+    @property
+    def offloaded_checkpoint_layers(self) -> int:
+        return len(self.patched["offloaded_checkpoint"])
 
     def __str__(self) -> str:
         return self.summary()
 
     def summary(self) -> str:
-        """One line: what was patched, how many of each, and the first reasons for what was not."""
+        """One line: what was patched, how many of each, what was left as is, and the first reasons why."""
         if not self.supported:
-            return f"kernels: {self.model_type} not supported, nothing patched"
-        parts = [f"kernels ({self.backend}) on {self.model_type}: {self.rms_norm} RMSNorm",
+            return f"kernels: {self.model_type} not supported ({self.reason or 'no row in the table'}), nothing patched"
+        where = f" (language model {self.text_model})" if self.text_model else ""
+        parts = [f"kernels ({self.backend}) on {self.model_type}{where}: {self.rms_norm} RMSNorm",
                  f"RoPE {'yes' if self.rope else 'no'}", f"{self.mlp_fused_lora} fused LoRA MLP",
                  f"{self.mlp_activation_only} MLP activation-only", f"{self.qkv_fused_lora} fused LoRA QKV",
                  f"{self.lora_linear} fused LoRA linear",
@@ -71,10 +98,21 @@ class PatchReport:
         if self.host_weights:
             parts.append("host weights: " + ", ".join(self.host_weights))
         text = ", ".join(parts)
+        if self.left_as_is:
+            text += "; left as is: " + ", ".join(self.left_as_is)
         if self.not_patched:
             text += f"; not patched: {len(self.not_patched)} (" + "; ".join(self.not_patched[:5]) + \
                     (" ..." if len(self.not_patched) > 5 else "") + ")"
         return text
+
+    def modules(self) -> list[str]:
+        """Every patched module as ``name: part`` (RoPE and the loss as their functions)."""
+        out = [f"{name}: {PARTS[part]}" for part, names in self.patched.items() for name in names]
+        if self.rope:
+            out.append("apply_rotary_pos_emb: RoPE")
+        if self.fused_cross_entropy:
+            out.append("lm_head: fused linear cross-entropy")
+        return out
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -254,12 +292,12 @@ def _patch_fused_mlp(mlp: nn.Module, kind: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- RMSNorm
-def _patch_rms_norm(norm: nn.Module) -> bool:
+def _patch_rms_norm(norm: nn.Module, gemma: bool) -> bool:
+    """``gemma``: the module scales by ``1 + weight`` (the table's ``norm: "1+w"``)."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     weight = getattr(norm, "weight", None)
     if eps is None or not isinstance(weight, torch.Tensor):
         return False
-    gemma = type(norm).__name__.startswith("Gemma")
     norm.forward = lambda x: rms_norm(x, norm.weight, eps, gemma)
     return True
 
@@ -292,13 +330,16 @@ def unpatch_rope(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------- cross-entropy
-def _patch_causal_lm(lm: nn.Module) -> bool:
+def _patch_causal_lm(lm: nn.Module, logit_softcap: bool = True) -> bool:
+    """``lm`` (a causal LM, or a VLM whose ``model`` takes the images through ``**kwargs``) computes its training
+    loss from the hidden states and ``lm_head`` in chunks; ``logit_softcap``: as its HF forward, apply the text
+    config's ``final_logit_softcapping``."""
     head = getattr(lm, "lm_head", None)
     if not (type(head) is nn.Linear and head.bias is None and hasattr(lm, "model")):
         return False
     original = lm.forward
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = getattr(config, "final_logit_softcapping", None) if logit_softcap else None
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
@@ -330,34 +371,77 @@ def _patch_causal_lm(lm: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------ gradient checkpointing
-def _apply_offload(base: nn.Module) -> int:
+def _apply_offload(scope: nn.Module, prefix: str = "") -> list[str]:
+    """Offload the checkpointed layers of ``scope`` (names returned with ``prefix``)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)
+    layers = [(name, m) for name, m in scope.named_modules() if isinstance(m, GradientCheckpointingLayer)
               and getattr(m, "gradient_checkpointing", False)]
     # the last layer is recomputed right away in backward: offloading it only adds copies
-    for layer in layers[:-1]:
+    for _, layer in layers[:-1]:
         layer._gradient_checkpointing_func = offloaded_checkpoint
-    return max(0, len(layers) - 1)
+    return [prefix + name for name, _ in layers[:-1]]
 
 
-def _patch_offload(base: nn.Module) -> int:
-    """Offload checkpointed layer inputs now, and again whenever checkpointing is (re-)enabled later."""
+def _patch_offload(base: nn.Module, scope: nn.Module, prefix: str = "") -> list[str]:
+    """Offload the checkpointed layer inputs of ``scope`` (``base`` or its language model) now, and again whenever
+    checkpointing of ``base`` is (re-)enabled later."""
     setter = getattr(base, "_set_gradient_checkpointing", None)
     if callable(setter) and not getattr(setter, "_llmforge", False):
         def set_gradient_checkpointing(*args, **kwargs):
             result = setter(*args, **kwargs)
-            _apply_offload(base)
+            _apply_offload(scope)
             return result
         set_gradient_checkpointing._llmforge = True
         base._set_gradient_checkpointing = set_gradient_checkpointing
-    return _apply_offload(base)
+    return _apply_offload(scope, prefix)
 
 
 # ------------------------------------------------------------------------------------------- driver
+def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | None, act_name: str,
+                   cache_casts: bool, report: PatchReport) -> None:
+    """RMSNorms, gated MLPs, Q/K/V and the other LoRA projections of ``text`` (the whole model, or a VLM's
+    language model at ``prefix``)."""
+    mlp_projection_ids = set()
+    for name, module in text.named_modules(prefix=prefix.rstrip(".")):
+        if type(module).__name__.endswith("RMSNorm"):
+            if _patch_rms_norm(module, gemma=arch.norm == "1+w"):
+                report.patched["rms_norm"].append(name)
+        elif type(module).__name__.endswith("MLP"):
+            if kind is None:
+                report.not_patched.append(f"{name}: activation {act_name}")
+            elif arch.mlp == "split" and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+                fused = _patch_split_mlp(module, kind, cache_casts)
+                report.patched["mlp_fused_lora" if fused else "mlp_activation_only"].append(name)
+                if fused:
+                    mlp_projection_ids.update(id(p) for p in (module.gate_proj, module.up_proj, module.down_proj))
+            elif arch.mlp == "fused" and hasattr(module, "gate_up_proj"):
+                _patch_fused_mlp(module, kind)
+                report.patched["mlp_activation_only"].append(name)
+
+    fused_ids = set(mlp_projection_ids)
+    for name, module in text.named_modules(prefix=prefix.rstrip(".")):
+        if type(module).__name__.endswith("Attention") and _fusable_qkv(module):
+            _patch_qkv(module, cache_casts)
+            report.patched["qkv_fused_lora"].append(name)
+            fused_ids.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
+
+    for name, module in text.named_modules(prefix=prefix.rstrip(".")):
+        if not _is_lora(module) or id(module) in fused_ids:
+            continue
+        reason = lora_unfusable_reason(module)
+        if reason is None:
+            _patch_lora_linear(module, cache_casts)
+            report.patched["lora_linear"].append(name)
+        elif not isinstance(getattr(module, "base_layer", None), nn.Embedding):
+            report.not_patched.append(f"{name}: {reason}")
+
+
 def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
                 cache_adapter_casts: bool | None = None, offload_frozen_weights: bool | None = False) -> PatchReport:
-    """Patch ``model`` (a transformers causal LM, bare or wrapped by PEFT) in place; returns what was done.
+    """Patch ``model`` (a transformers causal LM or a supported VLM, bare or wrapped by PEFT) in place; returns
+    what was done. ``archs.ARCHS`` says which parts each architecture gets; of a VLM only the language model
+    and the loss are patched (the vision tower and projector are listed as left as is).
 
     ``offload_checkpointing``: None = only on CUDA. Call it after ``get_peft_model``; enabling gradient
     checkpointing before or after is both fine. Unsupported architectures are reported, not patched.
@@ -369,7 +453,7 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     (``host_weights.py``; the loss streams lm_head in vocabulary chunks); None = on CUDA only; default off
     until its speed is measured on a GPU (opt in with True or None). Saves 2 x
     vocab x hidden x 2 bytes of device memory (1.96 GiB at 8B) for ~2 x that in host-to-device copies per
-    step; ``host_weights.restore_frozen_weights(model)`` undoes it (e.g. before generating).
+    step; ``host_weights.restore_frozen_weights(model)`` undoes it (e.g. before generating). Not for VLMs.
     """
     if cache_adapter_casts is None:
         cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE", "1") != "0"
@@ -380,57 +464,40 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     device = next(iter(base.parameters())).device  # the device's, even with the embeddings on the host
     backend = ("torch" if not triton_importable() else "triton" if device.type == "cuda"
                else "triton-interpreter" if interpreting() else "torch")
-    report = PatchReport(model_type=model_type, supported=model_type in SUPPORTED, backend=backend,
+    arch = ARCHS.get(model_type)
+    report = PatchReport(model_type=model_type, supported=arch is not None, backend=backend,
                          cached_adapter_casts=cache_casts)
-    if not report.supported:
+    if arch is None:
         return report
+    text, text_path = find_text_model(base, arch)
+    if text is None:
+        report.supported, report.reason = False, f"no language model at {' or '.join(arch.text_model)}"
+        return report
+    report.text_model, report.left_as_is = text_path, left_as_is(base, text_path)
+    prefix = f"{text_path}." if text_path else ""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kind = _activation_kind(text_config)
-    layout = SUPPORTED[model_type]
-
-    mlp_projection_ids = set()
-    for name, module in base.named_modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            report.rms_norm += _patch_rms_norm(module)
-        elif type(module).__name__.endswith("MLP"):
-            if kind is None:
-                report.not_patched.append(f"{name}: activation {getattr(text_config, 'hidden_act', '?')}")
-            elif layout == "split" and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-                if _patch_split_mlp(module, kind, cache_casts):
-                    report.mlp_fused_lora += 1
-                    mlp_projection_ids.update(id(p) for p in (module.gate_proj, module.up_proj, module.down_proj))
-                else:
-                    report.mlp_activation_only += 1
-            elif layout == "fused" and hasattr(module, "gate_up_proj"):
-                _patch_fused_mlp(module, kind)
-                report.mlp_activation_only += 1
-
-    fused_ids = set(mlp_projection_ids)
-    for name, module in base.named_modules():
-        if type(module).__name__.endswith("Attention") and _fusable_qkv(module):
-            _patch_qkv(module, cache_casts)
-            report.qkv_fused_lora += 1
-            fused_ids.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
-
-    for name, module in base.named_modules():
-        if not _is_lora(module) or id(module) in fused_ids:
-            continue
-        reason = lora_unfusable_reason(module)
-        if reason is None:
-            _patch_lora_linear(module, cache_casts)
-            report.lora_linear += 1
-        elif not isinstance(getattr(module, "base_layer", None), nn.Embedding):
-            report.not_patched.append(f"{name}: {reason}")
+    act_name = getattr(text_config, "hidden_activation", None) or getattr(text_config, "hidden_act", "?")
+    _patch_modules(text, prefix, arch, _activation_kind(text_config), act_name, cache_casts, report)
+    if text_path:  # LoRA layers of the vision tower / projector keep PEFT's forward
+        report.not_patched.extend(f"{name}: outside the language model" for name, m in base.named_modules()
+                                  if _is_lora(m) and not name.startswith(prefix))
 
     if not getattr(base, "_llmforge_step_hook", False):  # a new step: cached adapter casts are rebuilt
         base.register_forward_pre_hook(lambda module, args: new_step())
         base._llmforge_step_hook = True
-    report.rope = _patch_rope(sys.modules[type(base).__module__])
-    report.fused_cross_entropy = _patch_causal_lm(base)
+    rope_reason = rope_unpatchable(text, arch)
+    if rope_reason is None:
+        report.rope = _patch_rope(sys.modules[type(base).__module__])
+    else:
+        report.not_patched.insert(0, f"RoPE: {rope_reason}")
+    report.fused_cross_entropy = _patch_causal_lm(base, arch.logit_softcap)
     if offload_checkpointing or (offload_checkpointing is None and device.type == "cuda"):
-        report.offloaded_checkpoint_layers = _patch_offload(base)
+        report.patched["offloaded_checkpoint"] = _patch_offload(base, text, prefix)
     if offload_frozen_weights or (offload_frozen_weights is None and device.type == "cuda"):
-        if report.fused_cross_entropy:  # the loss must not call lm_head.forward (a whole-W copy per call)
+        if not arch.host_weights:
+            if offload_frozen_weights:  # asked for by name: say why not
+                report.not_patched.append(f"host weights: not for {model_type}")
+        elif report.fused_cross_entropy:  # the loss must not call lm_head.forward (a whole-W copy per call)
             report.not_patched.extend(offload_candidates(base)[1])
             report.host_weights = _offload_frozen(base)
         else:
