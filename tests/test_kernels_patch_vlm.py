@@ -1,7 +1,8 @@
 """``patch_model`` on the vision tests' tiny VLMs (Gemma 3, Qwen2.5-VL, Qwen2-VL): only the language model is
 patched; on an image+text batch of the bundled vision example the patched model's loss and LoRA / projector
 gradients equal the unpatched model's, with the torch fallbacks (in process) and with the Triton kernels
-(interpreted, in a child process); the report lists the patched modules and what was left as is."""
+(interpreted, in a child process); the report lists the patched modules and what was left as is; the vision
+trainer applies the kernels under the text trainer's rule and reports them in its summary."""
 
 from __future__ import annotations
 
@@ -65,3 +66,23 @@ def test_mrope_applied_inside_attention_leaves_rope_unpatched(vlm_dirs, monkeypa
     finally:
         unpatch_rope(model)
 
+
+def test_vision_trainer_applies_kernels_under_the_sft_rule(vlm_dirs, monkeypatch):
+    """``maybe_patch_kernels`` as ``train_vision`` calls it: off without CUDA or with ``train.kernels: false``;
+    with CUDA (faked here; the model stays on the CPU) the language model is patched, host weights never."""
+    from llmforge.trainer.config import load_config
+    from llmforge.trainer.run import maybe_patch_kernels
+
+    model = tiny_lora_vlm("gemma3", vlm_dirs["gemma3"], checkpointing=False)
+    config = load_config(None, ["train.offload_embeddings=on"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert maybe_patch_kernels(model, config, host_weights=False) == "off (no CUDA device)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert maybe_patch_kernels(model, load_config(None, ["train.kernels=false"]), host_weights=False) == \
+        "off (train.kernels is false)"
+    try:
+        summary = maybe_patch_kernels(model, config, host_weights=False)
+    finally:
+        unpatch_rope(model)
+    assert summary.startswith("kernels (") and "on gemma3 (language model model.language_model): 13 RMSNorm" in summary
+    assert "left as is: model.vision_tower, model.multi_modal_projector" in summary and "host weights" not in summary

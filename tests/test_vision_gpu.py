@@ -74,6 +74,7 @@ def test_vision_lora_on_cuda(four_bit, base, tmp_path):
            f"{result.first_loss:.3f} -> {result.last_loss:.3f} in {result.steps} steps, {seconds:.1f} s, peak "
            f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB; colours through llama.cpp {correct}/12")
     assert result.last_loss < result.first_loss / 10, result.losses
+    assert "on gemma3 (language model model.language_model)" in result.kernels, result.kernels
     assert correct >= 9
 
 

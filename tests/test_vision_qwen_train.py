@@ -75,6 +75,7 @@ def test_labels_cover_only_the_reply(base_dir):
 
 def test_loss_falls_and_only_the_language_model_is_adapted(trained):
     assert trained.steps == STEPS
+    assert trained.kernels and f"kernels: {trained.kernels}" in trained.summary_lines()  # asked for, as in SFT
     assert trained.last_loss < trained.first_loss / 4, trained.losses
     from safetensors import safe_open
 

@@ -37,6 +37,7 @@ class TrainResult:
     tokens: int
     resumed_from: int = 0
     rewards: list[float] = field(default_factory=list)   # GRPO: mean reward per step
+    kernels: str = ""                                     # what maybe_patch_kernels did ("" = not asked)
 
     def summary_lines(self) -> list[str]:
         resumed = f" (resumed at step {self.resumed_from})" if self.resumed_from else ""
@@ -45,6 +46,7 @@ class TrainResult:
         return [self.data_summary,
                 f"trained {self.steps} steps{resumed} in {self.seconds:.1f} s: {progress}, "
                 f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s",
+                *([f"kernels: {self.kernels}"] if self.kernels else []),
                 f"adapter: {self.adapter_dir} ({dir_size(self.adapter_dir) / 1e6:.1f} MB; base {self.base_model})"]
 
 
@@ -103,23 +105,26 @@ def train_lora(model: Any, config: Config, target_modules: str | list[str] | Non
     return add_lora(model, config.lora, gradient_checkpointing=checkpointing, target_modules=target_modules)
 
 
-def maybe_patch_kernels(model: Any, config: Config) -> None:
-    """llmforge's fused kernels on CUDA unless ``train.kernels: false``; tolerated when not available."""
+def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True) -> str:
+    """llmforge's fused kernels on CUDA unless ``train.kernels: false``; tolerated when not available. Returns
+    what was done, for the run's summary. ``host_weights=False`` (vision-language models): the embeddings and
+    lm_head stay on the device whatever ``train.offload_embeddings`` says (the caller notes it)."""
     if not (torch.cuda.is_available() and config.train.kernels):
-        if config.train.offload_embeddings == "on":   # asked for by name: say why nothing moved
-            why = "no CUDA device" if config.train.kernels else "train.kernels is false"
+        why = "no CUDA device" if config.train.kernels else "train.kernels is false"
+        if config.train.offload_embeddings == "on" and host_weights:   # asked for by name: say why nothing moved
             print(f"note: train.offload_embeddings: on is not applied ({why}; it comes with the CUDA kernels)",
                   file=sys.stderr)
-        return
+        return f"off ({why})"
     try:
         from ..kernels.patch import patch_model
-    except ImportError:
-        return
+    except ImportError as exc:
+        return f"off (cannot import them: {exc})"
     # host-resident lm_head: ~1 GiB of copies per call, too slow for generating (GRPO) unless asked for
     auto = None if config.train.method == "sft" else False
-    offload = {"auto": auto, "on": True, "off": False}[config.train.offload_embeddings]
+    offload = {"auto": auto, "on": True, "off": False}[config.train.offload_embeddings] if host_weights else False
     report = patch_model(model, offload_frozen_weights=offload)
     print(f"kernels: {report}", file=sys.stderr)
+    return report.summary()
 
 
 def train(config: Config, resume: bool = False) -> TrainResult:
@@ -170,7 +175,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     if config.data.packing:
         rows = pack(rows, config.model.max_seq_length)
     model = train_lora(model, config)
-    maybe_patch_kernels(model, config)
+    kernels = maybe_patch_kernels(model, config)
     print(f"[3/4] training ({data_format} data, {stats.summary().removeprefix('data: ')})", file=sys.stderr)
     loop = train_loop(model, rows, config.train, out_dir, tokenizer.pad_token_id, resume=resume)
     print(f"[4/4] saving the adapter to {out_dir / ADAPTER_DIR}", file=sys.stderr)
@@ -178,7 +183,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     return TrainResult(adapter_dir=adapter_dir, output_dir=out_dir, base_model=Path(config.model.path),
                        steps=loop.steps, first_loss=loop.first_loss, last_loss=loop.last_loss, losses=loop.losses,
                        data_summary=stats.summary(), seconds=time.perf_counter() - started, tokens=loop.tokens,
-                       resumed_from=loop.resumed_from)
+                       resumed_from=loop.resumed_from, kernels=kernels)
 
 
 def save_adapter(model: Any, tokenizer: Any, config: Config, target: Path) -> Path:

@@ -258,7 +258,7 @@ def language_targets(model: Any, config: LoraConfig) -> str:
 def train_vision(config: Config, resume: bool = False):
     """``llmforge train`` for a vision-language base: the same loop, checkpoints and adapter layout as text SFT."""
     from .data import load_examples
-    from .run import ADAPTER_DIR, TrainResult, save_adapter, start_output, train_lora
+    from .run import ADAPTER_DIR, TrainResult, maybe_patch_kernels, save_adapter, start_output, train_lora
     from .sft import train_loop
 
     if not config.data.path:
@@ -281,7 +281,8 @@ def train_vision(config: Config, resume: bool = False):
     rows, stats = encode_vision_all(examples, processor, template, config.model.max_seq_length,
                                     Path(config.data.path).resolve().parent, config.data.response_only, spec)
     images = sum(r.n_images for r in rows)
-    model = train_lora(model, config, language_targets(model, config.lora))  # no fused kernels here
+    model = train_lora(model, config, language_targets(model, config.lora))
+    kernels = maybe_patch_kernels(model, config, host_weights=False)   # the language model's; as for text SFT
     summary = f"{stats.summary()}, {images} images"
     print(f"[3/4] training ({data_format} data, {summary.removeprefix('data: ')})", file=sys.stderr)
     loop = train_loop(model, rows, config.train, out_dir, processor.tokenizer.pad_token_id, resume=resume,
@@ -291,4 +292,4 @@ def train_vision(config: Config, resume: bool = False):
     return TrainResult(adapter_dir=adapter_dir, output_dir=out_dir, base_model=Path(config.model.path),
                        steps=loop.steps, first_loss=loop.first_loss, last_loss=loop.last_loss, losses=loop.losses,
                        data_summary=summary, seconds=time.perf_counter() - started, tokens=loop.tokens,
-                       resumed_from=loop.resumed_from)
+                       resumed_from=loop.resumed_from, kernels=kernels)
