@@ -4,25 +4,45 @@
 #   convert --device cuda == cpu bytes, host-resident frozen weights at the 8B shape, GRPO and vision on CUDA.
 # Run from the repo root with the device tool, carrying ".wheels" (gguf, diskcache, llama-cpp-python wheels; Pillow
 # under .wheels/vision) and ".anchors" (../shared/anchors/gpu-train):   DEADLINE_S=560 bash benchmarks/gpu_verify.sh
-# Every step gets min(its own limit, what is left of DEADLINE_S); outputs go to $OUT.
+# Every step gets min(its own limit, what is left of DEADLINE_S); outputs go to $OUT. VERIFY_STEPS picks and orders
+# the steps (default: all, in the order below), e.g. VERIFY_STEPS="quantize_cuda bench8b quantize_numpy".
 T0=$(date +%s); END=$((T0 + ${DEADLINE_S:-575}))
 lim() { local l=$(( END - $(date +%s) )); [ "$l" -gt "$1" ] && l=$1; echo $l; }
 python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader | tee $OUT/gpu.txt
 export PYTHONPATH=/tmp/site:$PWD
 step() { echo "== $1 rc=$2 at $(( $(date +%s) - T0 ))s"; }
-uptime; timeout $(lim 150) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,16x64xmmap --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
-step quantize_cuda $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_gpu.txt
-timeout $(lim 110) python3 benchmarks/quantize.py --layers 22 --backends numpy --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 1 --out $OUT/quantize_numpy.txt > $OUT/quantize_numpy.log 2>&1; uptime
-step quantize_numpy $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_numpy.txt
-timeout $(lim 160) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings "tests/test_convert_device.py::test_cuda_writes_the_cpu_bytes" > $OUT/convert_pytest.txt 2>&1
-step convert_bytes $?; tail -8 $OUT/convert_pytest.txt; cat $OUT/convert_gpu.txt 2>/dev/null
-timeout $(lim 60) python3 benchmarks/gpu_kernels_check.py --host-weights --json $OUT/host_weights_check.json > $OUT/host_weights_check.log 2>&1
-step host_weights_check $?; grep -a -E '^\||^(PASS|FAIL)|Error' $OUT/host_weights_check.log | tail -16
-B=$(lim 230); OUT_SAVE=$OUT; OUT=$OUT/gpu_run GPU_BUDGET_S=$B GPU_RUN="bench-8b" GPU_CONFIGS_8B="llmforge-8b-hostw llmforge-8b" bash benchmarks/gpu_run.sh > $OUT_SAVE/gpu_run_stdout.txt 2>&1; OUT=$OUT_SAVE
-step bench8b $?; tail -12 $OUT/gpu_run_stdout.txt
-timeout $(lim 130) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_grpo_gpu.py > $OUT/grpo_pytest.txt 2>&1
-step grpo $?; tail -4 $OUT/grpo_pytest.txt; cat $OUT/grpo_gpu.txt 2>/dev/null | tail -5
-(python3 -c "import PIL" 2>/dev/null || python3 -m pip install -q --no-deps --target /tmp/site --no-index --find-links .wheels/vision pillow)
-timeout $(lim 200) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_vision_gpu.py > $OUT/vision_pytest.txt 2>&1
-step vision $?; grep -E "passed|failed|error" $OUT/vision_pytest.txt | tail -3; cat $OUT/vision_gpu.txt 2>/dev/null
+quantize_cuda() {
+  uptime; timeout $(lim 150) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,16x64xmmap --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
+  step quantize_cuda $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_gpu.txt
+}
+quantize_numpy() {
+  timeout $(lim 110) python3 benchmarks/quantize.py --layers 22 --backends numpy --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 1 --out $OUT/quantize_numpy.txt > $OUT/quantize_numpy.log 2>&1; uptime
+  step quantize_numpy $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_numpy.txt
+}
+convert_bytes() {
+  timeout $(lim 160) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings "tests/test_convert_device.py::test_cuda_writes_the_cpu_bytes" > $OUT/convert_pytest.txt 2>&1
+  step convert_bytes $?; tail -8 $OUT/convert_pytest.txt; cat $OUT/convert_gpu.txt 2>/dev/null
+}
+host_weights_check() {
+  timeout $(lim 60) python3 benchmarks/gpu_kernels_check.py --host-weights --json $OUT/host_weights_check.json > $OUT/host_weights_check.log 2>&1
+  step host_weights_check $?; grep -a -E '^\||^(PASS|FAIL)|Error' $OUT/host_weights_check.log | tail -16
+}
+bench8b() {
+  local B=$(lim 230) OUT_SAVE=$OUT
+  OUT=$OUT/gpu_run GPU_BUDGET_S=$B GPU_RUN="bench-8b" GPU_CONFIGS_8B="${GPU_CONFIGS_8B:-llmforge-8b-hostw llmforge-8b}" bash benchmarks/gpu_run.sh > $OUT_SAVE/gpu_run_stdout.txt 2>&1
+  local rc=$?; OUT=$OUT_SAVE; step bench8b $rc; tail -12 $OUT/gpu_run_stdout.txt
+}
+grpo() {
+  timeout $(lim 130) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_grpo_gpu.py > $OUT/grpo_pytest.txt 2>&1
+  step grpo $?; tail -4 $OUT/grpo_pytest.txt; cat $OUT/grpo_gpu.txt 2>/dev/null | tail -5
+}
+vision() {
+  (python3 -c "import PIL" 2>/dev/null || python3 -m pip install -q --no-deps --target /tmp/site --no-index --find-links .wheels/vision pillow)
+  timeout $(lim 200) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_vision_gpu.py > $OUT/vision_pytest.txt 2>&1
+  step vision $?; grep -E "passed|failed|error" $OUT/vision_pytest.txt | tail -3; cat $OUT/vision_gpu.txt 2>/dev/null
+}
+for s in ${VERIFY_STEPS:-quantize_cuda quantize_numpy convert_bytes host_weights_check bench8b grpo vision}; do
+  [ "$(lim 100000)" -lt 20 ] && { echo "== $s skipped (no time left)"; continue; }
+  $s
+done
