@@ -5,7 +5,7 @@
 # Run from the repo root with the device tool, carrying ".wheels" (gguf, diskcache, llama-cpp-python wheels; Pillow
 # under .wheels/vision) and ".anchors" (../shared/anchors/gpu-train):   DEADLINE_S=560 bash benchmarks/gpu_verify.sh
 # Every step gets min(its own limit, what is left of DEADLINE_S); outputs go to $OUT. VERIFY_STEPS picks and orders
-# the steps (default: all, in the order below), e.g. VERIFY_STEPS="quantize_cuda bench8b quantize_numpy".
+# the steps (default: all, in the order below), e.g. VERIFY_STEPS="quantize_both bench8b" (quantize_both: cuda + numpy in one run).
 T0=$(date +%s); END=$((T0 + ${DEADLINE_S:-575}))
 lim() { local l=$(( END - $(date +%s) )); [ "$l" -gt "$1" ] && l=$1; echo $l; }
 python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl
@@ -15,6 +15,10 @@ step() { echo "== $1 rc=$2 at $(( $(date +%s) - T0 ))s"; }
 quantize_cuda() {
   uptime; timeout $(lim 150) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,16x64xmmap --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
   step quantize_cuda $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_gpu.txt
+}
+quantize_both() {   # one f32 build and one llama.cpp run per mixture for the CUDA pipeline and the numpy pool
+  uptime; timeout $(lim 230) python3 benchmarks/quantize.py --layers 22 --backends cuda,numpy --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,16x64xmmap --out $OUT/quantize_both.txt > $OUT/quantize_both.log 2>&1
+  step quantize_both $?; uptime; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_both.txt
 }
 quantize_numpy() {
   timeout $(lim 110) python3 benchmarks/quantize.py --layers 22 --backends numpy --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 1 --out $OUT/quantize_numpy.txt > $OUT/quantize_numpy.log 2>&1; uptime
