@@ -185,6 +185,15 @@ def collate_vision(rows: list[VisionEncoded], pad_id: int, device: torch.device)
 # ----------------------------------------------------------------------------- model and LoRA
 
 
+def int8_skip_patterns(spec: Any) -> list[str]:
+    """bitsandbytes' skip list for ``spec``'s 16-bit parts and lm_head, wherever the architecture nests them.
+
+    transformers matches each pattern from the start of a module's full name (or as its suffix), so a bare
+    ``vision_tower`` would not keep ``model.vision_tower.encoder...`` in 16 bits: allow any prefix.
+    """
+    return [rf"(?:.*\.)?{part}" for part in spec.keep_16bit] + ["lm_head"]
+
+
 def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_length: int,
                       chat_template: str | None = None, spec: VisionArch = GEMMA3) -> tuple[Any, Any]:
     """(model, processor) for LoRA training; 4-bit NF4 on CUDA keeps the vision tower and projector in 16-bit."""
@@ -203,7 +212,7 @@ def load_vision_model(path: str | Path, load_in_4bit: bool, dtype: str, max_seq_
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
-            llm_int8_skip_modules=[*spec.keep_16bit, "lm_head"])
+            llm_int8_skip_modules=int8_skip_patterns(spec))
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         processor = AutoProcessor.from_pretrained(str(path))
