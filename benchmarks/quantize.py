@@ -201,8 +201,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per llmforge backend (the best is the ratio)")
     ap.add_argument("--gpu-settings", default="",
-                    help="cuda pipeline settings to try, LANESxCHUNK_MB[xmmap], e.g. 12x32,16x64,12x32xmmap "
-                         "(mmap: LLMFORGE_GPU_WRITE=mmap; default: the defaults)")
+                    help="cuda pipeline settings to try, LANESxCHUNK_MB[xmmap][xnoalloc], e.g. 12x32,12x32xnoalloc,"
+                         "12x32xmmap (mmap: LLMFORGE_GPU_WRITE=mmap; noalloc: LLMFORGE_GPU_PREALLOCATE=0)")
     ap.add_argument("--probe", action="store_true", help="also measure the GPU pipeline's host-side limits")
     ap.add_argument("--out", default=None, help="also write the lines printed to this file")
     args = ap.parse_args()
@@ -221,7 +221,7 @@ def main() -> None:
     backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + cuda)
     if args.backends:
         backends = [b for b in args.backends.split(",") if b in backends]
-    settings = [(int(s.split("x")[0]), int(s.split("x")[1]), "mmap" if s.endswith("xmmap") else "pwrite")
+    settings = [(int(s.split("x")[0]), int(s.split("x")[1]), "mmap" if "xmmap" in s else "pwrite", "xnoalloc" not in s)
                 for s in args.gpu_settings.split(",") if s] or [None]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = Path(tmp) / "model-f32.gguf"
@@ -256,12 +256,13 @@ def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setti
     out = tmp / f"ours-{quant}-{backend}.gguf"
     label = {"numpy": "numpy", "cpu": "torch CPU", "cuda": "CUDA Triton", "cuda-eager": "CUDA eager"}[backend]
     if backend == "cuda":
-        lanes, chunk_mb, mode = setting or (gpu_pipeline.default_lanes(), gpu_pipeline.CHUNK_BYTES >> 20,
-                                            gpu_pipeline.WRITE_MODE)
-        label += f" {lanes:2} lanes x {chunk_mb:3} MiB {mode:6}"
-    saved = gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE
+        lanes, chunk_mb, mode, prealloc = setting or (gpu_pipeline.default_lanes(), gpu_pipeline.CHUNK_BYTES >> 20,
+                                                      gpu_pipeline.WRITE_MODE, gpu_pipeline.PREALLOCATE)
+        label += f" {lanes:2} lanes x {chunk_mb:3} MiB {mode:6}{'' if prealloc else ' no fallocate'}"
+    saved = gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE, gpu_pipeline.PREALLOCATE
     if setting:
-        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE = setting[0], setting[1] << 20, setting[2]
+        (gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE,
+         gpu_pipeline.PREALLOCATE) = setting[0], setting[1] << 20, setting[2], setting[3]
     if backend == "cuda-eager":
         os.environ["LLMFORGE_KQUANT_GPU"] = "eager"    # A/B: TorchOps instead of the Triton kernels
     times = []
@@ -278,7 +279,7 @@ def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setti
                 break
     finally:
         os.environ.pop("LLMFORGE_KQUANT_GPU", None)
-        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE = saved
+        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE, gpu_pipeline.PREALLOCATE = saved
     runs = " ".join(f"{mb / t:.0f}" for t in times)
     say(f"{quant:7} llmforge {label:10} {mb / min(times):8.1f} MB/s   ratio {t_ref / min(times):5.2f}   "
         f"identical to llama.cpp: {same}   (runs, MB/s: {runs})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,34 @@ def test_mapped_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monk
     ours = tmp_path / "ours.gguf"
     quantize_gguf(models["f16"], ours, quant, progress=False)
     assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", quant)
+
+
+@pytest.mark.parametrize("mode,available", [("pwrite", True), ("mmap", True), ("pwrite", False)])
+def test_preallocating_the_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monkeypatch, mode, available):
+    """The output's blocks are allocated by a thread in small steps while the lanes write (racing them on
+    purpose); without fallocate the lanes just write. Same bytes as llama.cpp either way."""
+    monkeypatch.setattr(gpu_pipeline, "WRITE_MODE", mode)
+    monkeypatch.setattr(gpu_pipeline, "PREALLOCATE", True)
+    monkeypatch.setattr(gpu_pipeline, "PREALLOCATE_STEP", 4096)
+    if not available:
+        monkeypatch.setattr(gpu_pipeline, "_FALLOCATE", None)
+    ours = tmp_path / "ours.gguf"
+    quantize_gguf(models["f16"], ours, "q8_0", progress=False)
+    assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", "q8_0")
+
+
+def test_fallocate_allocates_blocks_and_keeps_the_size(tmp_path):
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    fd, name = tempfile.mkstemp(dir=folder)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        assert os.fstat(fd).st_blocks * 512 < 1 << 20          # sparse
+        assert gpu_pipeline.fallocate(fd, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 1 << 20 and os.fstat(fd).st_blocks * 512 >= 1 << 20
+        assert os.pread(fd, 16, 12345) == bytes(16)
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 def test_pieces_cover_every_byte_once(models):

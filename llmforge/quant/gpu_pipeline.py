@@ -47,6 +47,8 @@ SOURCE_DTYPES: dict[T, torch.dtype] = {T.F32: torch.float32, T.F16: torch.float1
 CHUNK_BYTES = int(float(os.environ.get("LLMFORGE_GPU_CHUNK_MB", "32")) * 2**20)
 LANES = int(os.environ.get("LLMFORGE_GPU_LANES", "0"))       # 0: min(12, cores)
 WRITE_MODE = os.environ.get("LLMFORGE_GPU_WRITE", "pwrite")   # or "mmap" (see _Output)
+PREALLOCATE = os.environ.get("LLMFORGE_GPU_PREALLOCATE", "1") != "0"   # see _Output
+PREALLOCATE_STEP = 256 << 20
 _MADV_POPULATE_WRITE = 23                                    # Linux 5.14+
 
 
@@ -143,19 +145,45 @@ def pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_FALLOCATE = getattr(_LIBC, "fallocate", None)
+if _FALLOCATE is not None:
+    _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, offset: int, length: int) -> bool:
+    """Allocate ``fd``'s blocks in [offset, offset + length) (Linux fallocate(2), mode 0: the size stays);
+    False where the system or file system cannot (the caller just goes on without)."""
+    return _FALLOCATE is not None and _FALLOCATE(fd, 0, offset, length) == 0
+
+
 class _Output:
     """Where the lanes put packed bytes. "pwrite": each call holds the file's inode lock, so writes to one
     file are serial whatever the number of threads. "mmap": the output mapped shared; a lane populates the
     pages of its range (MADV_POPULATE_WRITE: a full disk is then an ENOSPC error, not a SIGBUS) and copies
-    into them, in parallel with the other lanes. A kernel without MADV_POPULATE_WRITE falls back to pwrite."""
+    into them, in parallel with the other lanes. A kernel without MADV_POPULATE_WRITE falls back to pwrite.
+
+    With :data:`PREALLOCATE`, a thread allocates the file's blocks (fallocate(2), in steps, from the start)
+    while the lanes read their first pieces: page allocation then leaves the writes' critical path (on tmpfs
+    it costs more than the copy). Best effort: a file system without fallocate just skips it (never glibc's
+    zero-writing emulation, which could race with the lanes)."""
 
     def __init__(self, fd: int, mode: str):
         self.fd, self.mm, self.mapped, self.base, self._arr = fd, None, False, 0, None
         size = os.fstat(fd).st_size
+        self._stop, self._allocator = threading.Event(), None
+        if PREALLOCATE and size:
+            self._allocator = threading.Thread(target=self._preallocate, args=(size,), daemon=True)
+            self._allocator.start()
         if mode == "mmap" and size:
             self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             self._arr = np.frombuffer(self.mm, dtype=np.uint8)
             self.base, self.mapped = self._arr.ctypes.data, True
+
+    def _preallocate(self, size: int) -> None:
+        for offset in range(0, size, PREALLOCATE_STEP):
+            if self._stop.is_set() or not fallocate(self.fd, offset, min(PREALLOCATE_STEP, size - offset)):
+                return
 
     def write(self, buf: np.ndarray, offset: int) -> None:
         if not self.mapped:
@@ -173,6 +201,9 @@ class _Output:
         ctypes.memmove(self.base + offset, buf.ctypes.data, buf.nbytes)    # ctypes releases the GIL
 
     def close(self) -> None:
+        self._stop.set()
+        if self._allocator is not None:    # before the caller closes the fd (its number could be reused)
+            self._allocator.join()
         self.mapped, self._arr = False, None
         mm, self.mm = self.mm, None
         if mm is not None:
