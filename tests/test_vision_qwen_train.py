@@ -12,10 +12,15 @@ embedding std 0.05-0.4.
 
 The patch merger trains too (``lora.modules_to_save: [merger]``, the example's projector setting for this
 architecture), so the merged mmproj carries trained weights.
+
+The same adapter then goes through ``llmforge merge`` (a folder under the names transformers saves Qwen2.5-VL
+with, converting to the same text GGUF and mmproj tensor bytes as the adapter) and ``ship`` to the fake Ollama
+server (the projector is sent and the Modelfile's second FROM names it).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -124,3 +129,75 @@ def test_adapter_gguf_runs_like_the_peft_merge(trained, base_dir, tmp_path):
     # the reply's form is learned (which colour is not: see the module docstring)
     replies = {image.stem: proc.tokenizer.decode(new) for image, (_, _, new) in answers.items()}
     assert sum(r.startswith("The square is ") for r in replies.values()) >= 8, replies
+
+
+def tensor_bytes(path: Path) -> dict[str, tuple[tuple[int, ...], int, bytes]]:
+    """{tensor: (shape, type, bytes)} of a GGUF file, from llmforge's header reader (``gguf.GGUFReader`` takes
+    seconds per file decoding the 151,936-token vocabulary)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from llmforge.export.gguf_header import read_header
+
+    header = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for t in header.tensors:
+            block, type_size = GGML_QUANT_SIZES[t.qtype]
+            f.seek(header.data_start + t.offset)
+            out[t.name] = (t.shape, t.qtype, f.read(math.prod(t.shape) // block * type_size))
+    return out
+
+
+def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(trained, base_dir, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from llmforge.export.merge import merge_to_hf
+
+    merged_dir = tmp_path / "merged"
+    merge_to_hf(trained.adapter_dir, merged_dir, dtype="f32", progress=False)
+    assert (merged_dir / "preprocessor_config.json").is_file()
+    # the names transformers saves a Qwen2.5-VL under (visual.*, model.*; tied: no lm_head), as in the base folder
+    names, merger = {}, {}
+    for folder in (merged_dir, base_dir):
+        with safe_open(folder / "model.safetensors", "np") as f:
+            names[folder], merger[folder] = set(f.keys()), f.get_tensor("visual.merger.mlp.0.weight")
+    assert names[merged_dir] == names[base_dir]
+    assert {n.split(".")[0] for n in names[merged_dir]} == {"model", "visual"}
+    assert not any(n.startswith(("model.visual.", "model.language_model.")) for n in names[merged_dir])
+    assert not (merger[merged_dir] == merger[base_dir]).all()   # the trained merger (modules_to_save)
+    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32,
+                                                                 output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    from_merged, from_adapter = tmp_path / "m.gguf", tmp_path / "a.gguf"
+    convert(merged_dir, from_merged, "f32")
+    convert(trained.adapter_dir, from_adapter, "f32")
+    for a, b in ((from_merged, from_adapter), (mmproj_path(from_merged), mmproj_path(from_adapter))):
+        ours, theirs = tensor_bytes(a), tensor_bytes(b)
+        assert ours and ours == theirs
+
+
+def test_ship_sends_the_projector_and_the_modelfile_names_it(trained, tmp_path):
+    import io
+
+    from fake_ollama import FakeOllama
+    from test_ollama_ship import FAST, go_renderer
+
+    from llmforge.export.ollama import file_sha256
+    from llmforge.pipeline import ship
+    from llmforge.templates.modelfile import parse_modelfile
+
+    out = tmp_path / "ship"
+    with FakeOllama(renderer=go_renderer) as server:
+        report = ship(trained.adapter_dir, name="tiny-qwen-vision:q8", quant="q8_0", output_dir=out,
+                      host=server.url, timeouts=FAST, progress=io.StringIO())
+        model = server.models["tiny-qwen-vision:q8"]
+        assert model["blob"].read_bytes() == report.gguf.read_bytes()   # the text model is the model layer
+    projector = mmproj_path(report.gguf)
+    mf = parse_modelfile(report.modelfile.read_text())
+    assert (mf.from_, mf.projector) == (f"./{report.gguf.name}", f"./{projector.name}")
+    assert report.push.projector_digest == file_sha256(projector)
+    assert model["projectors"] == [report.push.projector_digest]
+    assert "projector (vision capability)" in report.push.verified
+    assert report.push.render_check == "server render equals the chat template"
