@@ -146,6 +146,7 @@ def pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _FALLOCATE = getattr(_LIBC, "fallocate", None)
 if _FALLOCATE is not None:
     _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -190,14 +191,16 @@ class _Output:
             pwrite_all(self.fd, buf, offset)
             return
         start = offset - offset % mmap.PAGESIZE
-        try:
-            self.mm.madvise(_MADV_POPULATE_WRITE, start, offset + buf.nbytes - start)
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:       # an older kernel: pwrite from now on (same page cache)
+        # through ctypes, which releases the GIL (mmap.madvise holds it while the pages are populated, stalling
+        # the other lanes' Python)
+        if _LIBC.madvise(ctypes.c_void_p(self.base + start), ctypes.c_size_t(offset + buf.nbytes - start),
+                         _MADV_POPULATE_WRITE) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:             # an older kernel: pwrite from now on (same page cache)
                 self.mapped = False
                 pwrite_all(self.fd, buf, offset)
                 return
-            raise OSError(errno.ENOSPC, f"could not allocate output pages ({exc.strerror})") from exc
+            raise OSError(errno.ENOSPC, f"could not allocate output pages ({os.strerror(err)})")
         ctypes.memmove(self.base + offset, buf.ctypes.data, buf.nbytes)    # ctypes releases the GIL
 
     def close(self) -> None:
