@@ -13,11 +13,11 @@ nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width
 export PYTHONPATH=/tmp/site:$PWD
 step() { echo "== $1 rc=$2 at $(( $(date +%s) - T0 ))s"; }
 quantize_cuda() {
-  uptime; timeout $(lim 150) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,16x64xmmap --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
+  uptime; timeout $(lim 150) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,12x32xnoalloc,12x32xmmap --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
   step quantize_cuda $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_gpu.txt
 }
 quantize_both() {   # one f32 build and one llama.cpp run per mixture for the CUDA pipeline and the numpy pool
-  uptime; timeout $(lim 230) python3 benchmarks/quantize.py --layers 22 --backends cuda,numpy --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,16x64xmmap --out $OUT/quantize_both.txt > $OUT/quantize_both.log 2>&1
+  uptime; timeout $(lim 230) python3 benchmarks/quantize.py --layers 22 --backends cuda,numpy --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,12x32xnoalloc,12x32xmmap --out $OUT/quantize_both.txt > $OUT/quantize_both.log 2>&1
   step quantize_both $?; uptime; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_both.txt
 }
 quantize_numpy() {
