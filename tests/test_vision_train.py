@@ -186,28 +186,9 @@ def test_a_base_without_its_processor_config_or_tokenizer_or_misfit_is_one_error
 
 
 def test_ship_sends_the_projector_and_the_modelfile_names_it(trained, tmp_path):
-    import io
+    from vision_ship import assert_ship_sends_the_projector
 
-    from fake_ollama import FakeOllama
-    from test_ollama_ship import FAST, go_renderer
-
-    from llmforge.export.ollama import file_sha256
-    from llmforge.pipeline import ship
-    from llmforge.templates.modelfile import parse_modelfile
-
-    out = tmp_path / "ship"
-    with FakeOllama(renderer=go_renderer) as server:
-        report = ship(trained.adapter_dir, name="tiny-vision:q8", quant="q8_0", output_dir=out, host=server.url,
-                      timeouts=FAST, progress=io.StringIO())
-        model = server.models["tiny-vision:q8"]
-        assert model["blob"].read_bytes() == report.gguf.read_bytes()   # the text model is the model layer
-    projector = mmproj_path(report.gguf)
-    mf = parse_modelfile(report.modelfile.read_text())
-    assert (mf.from_, mf.projector) == (f"./{report.gguf.name}", f"./{projector.name}")
-    assert report.push.projector_digest == file_sha256(projector)
-    assert model["projectors"] == [report.push.projector_digest]
-    assert "projector (vision capability)" in report.push.verified
-    assert report.push.render_check == "server render equals the chat template"
+    assert_ship_sends_the_projector(trained.adapter_dir, "tiny-vision:q8", tmp_path)
 
 
 def test_labels_with_two_images_over_two_turns(base_dir):
