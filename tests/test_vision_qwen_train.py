@@ -20,7 +20,6 @@ server (the projector is sent and the Modelfile's second FROM names it).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -131,27 +130,12 @@ def test_adapter_gguf_runs_like_the_peft_merge(trained, base_dir, tmp_path):
     assert sum(r.startswith("The square is ") for r in replies.values()) >= 8, replies
 
 
-def tensor_bytes(path: Path) -> dict[str, tuple[tuple[int, ...], int, bytes]]:
-    """{tensor: (shape, type, bytes)} of a GGUF file, from llmforge's header reader (``gguf.GGUFReader`` takes
-    seconds per file decoding the 151,936-token vocabulary)."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    from llmforge.export.gguf_header import read_header
-
-    header = read_header(path)
-    out = {}
-    with open(path, "rb") as f:
-        for t in header.tensors:
-            block, type_size = GGML_QUANT_SIZES[t.qtype]
-            f.seek(header.data_start + t.offset)
-            out[t.name] = (t.shape, t.qtype, f.read(math.prod(t.shape) // block * type_size))
-    return out
-
-
 def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(trained, base_dir, tmp_path):
     import torch
     from safetensors import safe_open
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vision_checks import assert_merge_converts_like_the_adapter
 
     from llmforge.export.merge import merge_to_hf
 
@@ -170,15 +154,10 @@ def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(t
     _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32,
                                                                  output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    from_merged, from_adapter = tmp_path / "m.gguf", tmp_path / "a.gguf"
-    convert(merged_dir, from_merged, "f32")
-    convert(trained.adapter_dir, from_adapter, "f32")
-    for a, b in ((from_merged, from_adapter), (mmproj_path(from_merged), mmproj_path(from_adapter))):
-        ours, theirs = tensor_bytes(a), tensor_bytes(b)
-        assert ours and ours == theirs
+    assert_merge_converts_like_the_adapter(merged_dir, trained.adapter_dir, tmp_path)
 
 
 def test_ship_sends_the_projector_and_the_modelfile_names_it(trained, tmp_path):
-    from vision_ship import assert_ship_sends_the_projector
+    from vision_checks import assert_ship_sends_the_projector
 
     assert_ship_sends_the_projector(trained.adapter_dir, "tiny-qwen-vision:q8", tmp_path)

@@ -186,7 +186,7 @@ def test_a_base_without_its_processor_config_or_tokenizer_or_misfit_is_one_error
 
 
 def test_ship_sends_the_projector_and_the_modelfile_names_it(trained, tmp_path):
-    from vision_ship import assert_ship_sends_the_projector
+    from vision_checks import assert_ship_sends_the_projector
 
     assert_ship_sends_the_projector(trained.adapter_dir, "tiny-vision:q8", tmp_path)
 
@@ -236,7 +236,7 @@ def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(t
     from transformers import Gemma3ForConditionalGeneration
 
     from llmforge.export.merge import merge_to_hf
-    from test_vision_export import gguf_contents
+    from vision_checks import assert_merge_converts_like_the_adapter
 
     merged_dir = tmp_path / "merged"
     merge_to_hf(trained.adapter_dir, merged_dir, dtype="f32", progress=False)
@@ -244,8 +244,4 @@ def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(t
     _, info = Gemma3ForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32,
                                                              output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    from_merged, from_adapter = tmp_path / "m.gguf", tmp_path / "a.gguf"
-    convert(merged_dir, from_merged, "f32")
-    convert(trained.adapter_dir, from_adapter, "f32")
-    for a, b in ((from_merged, from_adapter), (mmproj_path(from_merged), mmproj_path(from_adapter))):
-        assert gguf_contents(a)[1] == gguf_contents(b)[1]
+    assert_merge_converts_like_the_adapter(merged_dir, trained.adapter_dir, tmp_path)
