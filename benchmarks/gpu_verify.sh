@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width
 export PYTHONPATH=/tmp/site:$PWD
 step() { echo "== $1 rc=$2 at $(( $(date +%s) - T0 ))s"; }
 quantize_cuda() {
-  uptime; timeout $(lim 150) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings 12x32,12x32xnoalloc,12x32xmmap --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
+  uptime; timeout $(lim 200) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings ${GPU_SETTINGS:-12x32,12x32xnoalloc,12x32xmmap,16x32xmmap} --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
   step quantize_cuda $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_gpu.txt
 }
 quantize_both() {   # one f32 build and one llama.cpp run per mixture for the CUDA pipeline and the numpy pool
