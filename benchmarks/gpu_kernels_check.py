@@ -37,6 +37,7 @@ from llmforge.kernels import activations, cross_entropy, fast_lora, nf4, rmsnorm
 
 ROWS: list[dict] = []
 KERNEL_TOL = 2e-2   # relative L2 error of a bf16 kernel vs the float32 reference
+FP8_TOL = 0.1       # the same with e4m3 base-matmul operands (about 5% expected)
 STEP_LOSS_TOL = 2e-2  # absolute, on a loss of about 12
 
 # name -> (hidden, ffn, layers, heads, kv heads, vocab, tied)
@@ -233,6 +234,83 @@ def check_kernels(device: torch.device, small: bool) -> None:
 
         compare(f"LoRA MLP NF4 {hidden}->{ffn} {kind}", mlp, lambda *t: mlp(*t, ref=True),
                 [x, ga, gb, ua, ub, da, db], randn(rows // 2, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device)
+
+
+def check_fp8(device: torch.device, small: bool) -> None:
+    """FP8 base matmuls (``train.fp8``): the e4m3 row quantizer and NF4 -> e4m3 write the torch fallback's bytes on
+    the device; the fp8 LoRA nodes vs the float32 reference (FP8's error, not bf16's) and their time vs the exact
+    fused nodes."""
+    import bitsandbytes.functional as bnbf
+
+    from llmforge.kernels import fp8
+
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = torch.bfloat16
+    rows, hidden, ffn, r = (32, 64, 160, 4) if small else (4096, 4096, 14336, 16)
+
+    def randn(*shape, scale=1.0, dtype=bf16):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    blocks = [randn(rows, ffn), randn(rows, ffn, scale=1e-3), randn(rows, hidden // 4, scale=30.0)]
+    for n in (1, 3):
+        q, s = fp8.quantize_rows(*blocks[:n])
+        qr, sr = fp8._quantize_rows_torch(blocks[:n])
+        differ = float((q.view(torch.uint8) != qr.view(torch.uint8)).float().mean()) + float((s != sr).float().mean())
+        record("fp8", f"quantize_rows {n} block(s) {rows}x{q.shape[1]}: differing bytes", differ, 0.0)
+    weights = [bnbf.quantize_4bit(randn(out_f, in_f, scale=0.02), compress_statistics=True, quant_type="nf4",
+                                  blocksize=64) for out_f, in_f in ((ffn, hidden), (ffn, hidden))]
+    fw = nf4.dequantize_nf4_fp8(weights)
+    dense = torch.cat([nf4.dequantize_nf4_reference(p, q, torch.float32) for p, q in weights])
+    want = (dense * (1.0 / fw.scale)).to(fp8.E4M3)
+    record("fp8", f"NF4 -> e4m3 gate+up {2 * ffn}x{hidden}: differing bytes",
+           float((fw.buffer.view(torch.uint8) != want.view(torch.uint8)).float().mean()), 0.0)
+
+    def quant(out_f, in_f):
+        return bnbf.quantize_4bit(randn(out_f, in_f, scale=0.02), compress_statistics=True, quant_type="nf4",
+                                  blocksize=64)
+
+    def adapter(out_f, in_f):
+        return (randn(r, in_f, scale=in_f ** -0.5, dtype=torch.float32).requires_grad_(),
+                randn(out_f, r, scale=0.02, dtype=torch.float32).requires_grad_())
+
+    x = randn(rows, hidden).requires_grad_()
+    gate, up, down = quant(ffn, hidden), quant(ffn, hidden), quant(hidden, ffn)
+    mlp_ab = [*adapter(ffn, hidden), *adapter(ffn, hidden), *adapter(hidden, ffn)]
+
+    def mlp(xx, *ab, use_fp8=True, ref=False):
+        ws = [fast_lora.LoRAWeights(p, q, aa.float() if ref else aa, bb.float() if ref else bb, 2.0)
+              for (p, q), aa, bb in zip((gate, up, down), ab[0::2], ab[1::2])]
+        if not ref:
+            return fast_lora.lora_mlp(xx, *ws, "silu", None, use_fp8)
+        xx = xx.float()
+        hmid = activations.gated_reference(fast_lora.lora_reference(xx, ws[0]), fast_lora.lora_reference(xx, ws[1]),
+                                           "silu")
+        return fast_lora.lora_reference(hmid, ws[2])
+
+    compare(f"fp8 LoRA MLP NF4 {hidden}->{ffn} (FP8 tolerance)", mlp, lambda *t: mlp(*t, ref=True),
+            [x, *mlp_ab], randn(rows, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device,
+            speed_ref=lambda *t: mlp(*t, use_fp8=False))
+    ROWS[-1]["extra"] = ROWS[-1]["extra"].replace("torch bf16", "the exact fused MLP")
+    for row in ROWS[-8:]:
+        row["tol"], row["ok"] = FP8_TOL, row["error"] <= FP8_TOL
+
+    kv = hidden // 4
+    qkv_bases = [quant(hidden, hidden), quant(kv, hidden), quant(kv, hidden)]
+    qkv_ab = [t for out_f in (hidden, kv, kv) for t in adapter(out_f, hidden)]
+
+    def qkv(xx, *ab, use_fp8=True, ref=False):
+        ws = [fast_lora.LoRAWeights(p, q, aa.float() if ref else aa, bb.float() if ref else bb, 2.0)
+              for (p, q), aa, bb in zip(qkv_bases, ab[0::2], ab[1::2])]
+        if ref:
+            return torch.cat([fast_lora.lora_reference(xx.float(), w).reshape(-1) for w in ws])
+        return torch.cat([t.reshape(-1) for t in fast_lora.lora_qkv(xx, *ws, None, use_fp8)])
+
+    compare(f"fp8 LoRA QKV NF4 {hidden}->{hidden}+2x{kv} (FP8 tolerance)", qkv, lambda *t: qkv(*t, ref=True),
+            [x, *qkv_ab], randn(rows * (hidden + 2 * kv)), ["x", "qA", "qB", "kA", "kB", "vA", "vB"], device,
+            speed_ref=lambda *t: qkv(*t, use_fp8=False))
+    ROWS[-1]["extra"] = ROWS[-1]["extra"].replace("torch bf16", "the exact fused QKV")
+    for row in ROWS[-8:]:
+        row["tol"], row["ok"] = FP8_TOL, row["error"] <= FP8_TOL
 
 
 def check_host_weights(device: torch.device, small: bool) -> None:
@@ -457,14 +535,18 @@ def main() -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--skip-kernels", action="store_true", help="only the training-step checks")
     p.add_argument("--host-weights", action="store_true", help="only the streamed CE with lm_head on the host")
+    p.add_argument("--fp8", action="store_true", help="only the FP8 base-matmul checks and their speed")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}",
           flush=True)
-    sections = [] if args.skip_kernels or args.host_weights else [("kernels", lambda: check_kernels(device, args.small))]
+    only = args.host_weights or args.fp8
+    sections = [] if args.skip_kernels or only else [("kernels", lambda: check_kernels(device, args.small))]
     if args.host_weights:
         sections.append(("host weights", lambda: check_host_weights(device, args.small)))
-    sizes = args.sizes if args.sizes is not None else ([] if args.host_weights else ["tiny"] if args.small
+    if args.fp8:
+        sections.append(("fp8", lambda: check_fp8(device, args.small)))
+    sizes = args.sizes if args.sizes is not None else ([] if only else ["tiny"] if args.small
                                                         else ["1b", "8b"])
     for size in sizes:
         seq = 32 if size == "tiny" else args.seq

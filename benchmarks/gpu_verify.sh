@@ -6,6 +6,7 @@
 # under .wheels/vision) and ".anchors" (../shared/anchors/gpu-train):   DEADLINE_S=560 bash benchmarks/gpu_verify.sh
 # Every step gets min(its own limit, what is left of DEADLINE_S); outputs go to $OUT. VERIFY_STEPS picks and orders
 # the steps (default: all, in the order below), e.g. VERIFY_STEPS="quantize_both bench8b" (quantize_both: cuda + numpy in one run).
+# fp8_check: the FP8 base-matmul kernels' bytes and error at real sizes, and their speed vs the exact fused nodes.
 T0=$(date +%s); END=$((T0 + ${DEADLINE_S:-575}))
 lim() { local l=$(( END - $(date +%s) )); [ "$l" -gt "$1" ] && l=$1; echo $l; }
 python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl
@@ -32,8 +33,17 @@ host_weights_check() {
   timeout $(lim 60) python3 benchmarks/gpu_kernels_check.py --host-weights --json $OUT/host_weights_check.json > $OUT/host_weights_check.log 2>&1
   step host_weights_check $?; grep -a -E '^\||^(PASS|FAIL)|Error' $OUT/host_weights_check.log | tail -16
 }
+anchor_wheels() {   # bitsandbytes & co. from the anchor kit, as gpu_run.sh installs them (once per machine)
+  [ -f /tmp/site/.llmforge_installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+    --target /tmp/site .anchors/gpu-train/whl/*.whl && touch /tmp/site/.llmforge_installed; }
+}
+fp8_check() {
+  anchor_wheels
+  timeout $(lim 120) python3 benchmarks/gpu_kernels_check.py --fp8 --json $OUT/fp8_check.json > $OUT/fp8_check.log 2>&1
+  step fp8_check $?; grep -a -E '^\||^(PASS|FAIL)|Error' $OUT/fp8_check.log | tail -24
+}
 bench8b() {
-  local B=$(lim 230) OUT_SAVE=$OUT
+  local B=$(lim ${BENCH_S:-230}) OUT_SAVE=$OUT
   OUT=$OUT/gpu_run GPU_BUDGET_S=$B GPU_RUN="bench-8b" GPU_CONFIGS_8B="${GPU_CONFIGS_8B:-llmforge-8b-hostw llmforge-8b}" bash benchmarks/gpu_run.sh > $OUT_SAVE/gpu_run_stdout.txt 2>&1
   local rc=$?; OUT=$OUT_SAVE; step bench8b $rc; tail -12 $OUT/gpu_run_stdout.txt
 }

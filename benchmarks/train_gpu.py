@@ -40,8 +40,13 @@ for _size in SIZES:
     A.CONFIGS[f"llmforge-{_size}-nooffload"] = ("llmforge", _size, BATCH[_size])
     # frozen untied embeddings and lm_head in pinned host memory, the loss streaming lm_head (tied 1B: no-op)
     A.CONFIGS[f"llmforge-{_size}-hostw"] = ("llmforge", _size, BATCH[_size])
+    # the frozen base matmuls on e4m3 operands (train.fp8; changes the numbers), alone and with host weights
+    A.CONFIGS[f"llmforge-{_size}-fp8"] = ("llmforge", _size, BATCH[_size])
+    A.CONFIGS[f"llmforge-{_size}-hostw-fp8"] = ("llmforge", _size, BATCH[_size])
 OFFLOAD = {"value": True}
 HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
+FP8 = {"value": False}
+VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8")
 
 _setup_hf = A.setup_hf
 
@@ -52,23 +57,25 @@ def setup_llmforge(path, args, dev):
     from llmforge.kernels.patch import patch_model
 
     report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False,
-                         offload_frozen_weights=HOST_WEIGHTS["value"])
+                         offload_frozen_weights=HOST_WEIGHTS["value"], fp8_base=FP8["value"])
     A.log(report.summary())
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
-                 kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights)
+                 kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights,
+                 kernels_fp8_base=report.fp8_base)
     return model, extra
 
 
-STACKS = ["llmforge", "llmforge-hostw", "hf", "unsloth"]
+STACKS = ["llmforge", "llmforge-hostw", "llmforge-fp8", "hf", "unsloth"]
 
 
 def stack_setup(stack: str):
     """The setup function of a stack name (``llmforge-hostw``: llmforge with the frozen weights on the host)."""
     HOST_WEIGHTS["value"] = stack == "llmforge-hostw"
+    FP8["value"] = stack == "llmforge-fp8"
     return {"unsloth": A.setup_unsloth, "llmforge": setup_llmforge, "llmforge-hostw": setup_llmforge,
-            "hf": A.setup_hf}[stack]
+            "llmforge-fp8": setup_llmforge, "hf": A.setup_hf}[stack]
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -90,7 +97,7 @@ def table(results: str) -> str:
              "|---|---|---|---|---|---|---|"]
     found: dict[str, dict] = {}
     for size in ("1b", "8b", "tiny"):
-        for name in (f"llmforge-{size}", f"llmforge-{size}-nooffload", f"llmforge-{size}-hostw", f"hf-{size}",
+        for name in (*(f"llmforge-{size}{v}" for v in VARIANTS), f"llmforge-{size}-nooffload", f"hf-{size}",
                      f"unsloth-{size}"):
             r = _load(results, name)
             if r is None:
@@ -102,7 +109,7 @@ def table(results: str) -> str:
                          f"{_num(r.get('tokens_per_s'), 0)} | {_num(r.get('train_peak_alloc_gib'), 2)} | "
                          f"{_num(r.get('loss_first'), 3)}->{_num(r.get('loss_last'), 3)} | {note[:140]} |" if ok else
                          f"| {name} | {r.get('status')} | - | - | - | - | {str(note)[:200]} |")
-    variants = ("", "-hostw")
+    variants = VARIANTS
     for size in ("1b", "8b", "tiny"):
         for variant in variants:
             ours = found.get(f"llmforge-{size}{variant}")
@@ -398,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
         OFFLOAD["value"] = not any(a.endswith("-nooffload") for a in argv)
-        HOST_WEIGHTS["value"] = any(a.endswith("-hostw") for a in argv)
+        HOST_WEIGHTS["value"] = any(a.endswith(("-hostw", "-hostw-fp8")) for a in argv)
+        FP8["value"] = any(a.endswith("-fp8") for a in argv)
     return A.main(argv)
 
 

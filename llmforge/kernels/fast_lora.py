@@ -25,7 +25,8 @@ import torch
 from llmforge.kernels._backend import compute_dtype, use_triton
 from llmforge.kernels.activations import (ACTIVATION_KINDS, gated_backward_raw, gated_forward_raw,
                                           gated_reference)
-from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_many
+from llmforge.kernels.fp8 import Fp8Weights, dense_fp8, fp8_mm, fp8_shapes_ok, quantize_rows
+from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_fp8, dequantize_nf4_many
 
 _STEP = [0]
 
@@ -54,6 +55,47 @@ def dense_weights(bases: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
     if len(bases) > 1 and all(qs is not None for _, qs in bases):
         return dequantize_nf4_many(bases, dtype)
     return [w.to(dtype) if qs is None else dequantize_nf4(w, qs, dtype) for w, qs in bases]
+
+
+def fp8_weights(bases: tuple) -> Fp8Weights:
+    """``((base, quant_state), ...)`` (one group: same input) as e4m3 with one scale; NF4 straight to e4m3."""
+    if all(qs is not None for _, qs in bases):
+        return dequantize_nf4_fp8(bases)
+    return dense_fp8([w if qs is None else dequantize_nf4(w, qs, torch.float32) for w, qs in bases])
+
+
+def out_features(base: torch.Tensor, quant_state) -> int:
+    return base.shape[0] if quant_state is None else quant_state.shape[0]
+
+
+def use_fp8(fp8: bool, x2: torch.Tensor, bases: tuple) -> bool:
+    """FP8 base matmuls when asked for and the shapes allow them (else this call takes the compute dtype)."""
+    return fp8 and fp8_shapes_ok(x2.shape[1], *(out_features(w, qs) for w, qs in bases))
+
+
+def base_outputs(x2: torch.Tensor, bases: tuple, dtype: torch.dtype, fp8: bool,
+                 outs: list | None = None) -> list[torch.Tensor]:
+    """``x2 @ W_i.T`` for each frozen base of the group (into ``outs[i]`` when given); ``fp8``: e4m3 operands."""
+    if fp8:
+        xq, x_scale = quantize_rows(x2)
+        fw = fp8_weights(bases)
+        return [fp8_mm(xq, x_scale, w.t(), fw.scale, dtype, out=None if outs is None else outs[i])
+                for i, w in enumerate(fw.views)]
+    return [torch.mm(x2, w.t(), out=None if outs is None else outs[i])
+            for i, w in enumerate(dense_weights(bases, dtype))]
+
+
+def base_input_grad(dys: list, bases: tuple, dtype: torch.dtype, fp8: bool) -> torch.Tensor:
+    """``sum_i dys[i] @ W_i`` over the frozen bases of the group; ``fp8``: one e4m3 matmul of the concatenations."""
+    if fp8:
+        fw = fp8_weights(bases)
+        dq, dy_scale = quantize_rows(*dys)
+        return fp8_mm(dq, dy_scale, fw.column_major(), fw.scale, dtype)
+    ws = dense_weights(bases, dtype)
+    dx = torch.mm(dys[0], ws[0])
+    for dy, w in zip(dys[1:], ws[1:]):
+        dx.addmm_(dy, w)
+    return dx
 
 
 class Adapters:
@@ -117,13 +159,6 @@ def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _lora_forward(x2: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 @ w.T + xa @ b.T`` (b already scaled); writes into ``out`` (2-D) when given."""
-    out = torch.mm(x2, w.t(), out=out)
-    return out.addmm_(xa, b.t())
-
-
 def _output(x: torch.Tensor, n_out: int, dtype: torch.dtype) -> torch.Tensor:
     """A fresh (non-view) output tensor: callers may rotate views of it in place (RoPE)."""
     return torch.empty(*x.shape[:-1], n_out, dtype=dtype, device=x.device)
@@ -149,29 +184,30 @@ class _SharedInputLoRA(torch.autograd.Function):
     """LoRA projections of one input: ``x @ [A_1; ...; A_n].T`` once, then per projection the base matmul
     and the LoRA update; backward accumulates dx of all of them into one buffer.
 
-    ``spec`` = (((base, quant_state), ...), (scale, ...), AdapterCache or None); ``adapters`` = A_1, B_1, ...
+    ``spec`` = (((base, quant_state), ...), (scale, ...), AdapterCache or None, fp8); ``adapters`` = A_1, B_1, ...
     """
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        bases, scales, cache = spec
+        bases, scales, cache, fp8 = spec
         dtype = compute_dtype(x)
         x2 = _rows(x, dtype)
+        fp8 = use_fp8(fp8, x2, bases)
         ad = _adapters(cache, adapters, scales, dtype)
         xa = torch.mm(x2, ad.a.t())
-        outs = []
-        for i, w in enumerate(dense_weights(bases, dtype)):
-            out = _output(x, w.shape[0], dtype)
-            _lora_forward(x2, w, ad.columns(xa, i), ad.bs[i], out=out.view(-1, w.shape[0]))
-            outs.append(out)
+        outs = [_output(x, out_features(w, qs), dtype) for w, qs in bases]
+        outs2 = [out.view(-1, out.shape[-1]) for out in outs]
+        base_outputs(x2, bases, dtype, fp8, outs2)
+        for i, out2 in enumerate(outs2):
+            out2.addmm_(ad.columns(xa, i), ad.bs[i].t())
         ctx.save_for_backward(x2, xa, ad.a, *ad.bs)
-        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales), ad.offsets, dtype
+        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, fp8), ad.offsets, dtype
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         x2, xa, a, *bs = ctx.saved_tensors
-        bases, scales = ctx.spec
+        bases, scales, fp8 = ctx.spec
         ad = Adapters.saved(a, tuple(bs), ctx.offsets)
         dy2 = [_rows(dy, ctx.dtype) for dy in dys]
         dyb = [torch.mm(dy, b) for dy, b in zip(dy2, bs)]
@@ -179,11 +215,7 @@ class _SharedInputLoRA(torch.autograd.Function):
         grads = _adapter_grads(ad, dyb, dy2, x2, xa, scales, ctx.needs_input_grad[2:])
         dx = None
         if ctx.needs_input_grad[0]:
-            ws = dense_weights(bases, ctx.dtype)
-            dx = torch.mm(dy2[0], ws[0])
-            for dy, w in zip(dy2[1:], ws[1:]):
-                dx.addmm_(dy, w)
-            dx.addmm_(dyb, a)
+            dx = base_input_grad(dy2, bases, ctx.dtype, fp8).addmm_(dyb, a)
             dx = dx.view(*dys[0].shape[:-1], x2.shape[-1])
         return (dx, None, *grads)
 
@@ -196,16 +228,18 @@ class LoRAQKVFunction(_SharedInputLoRA):
     """The Q, K and V LoRA projections of an attention layer (one input), three outputs."""
 
 
-def lora_linear(x: torch.Tensor, p: LoRAWeights, cache: AdapterCache | None = None) -> torch.Tensor:
-    """``x @ W.T + s * (x @ A.T) @ B.T`` with W dequantized on the fly."""
-    return LoRALinearFunction.apply(x, (((p.base, p.quant_state),), (p.scale,), cache), p.lora_a, p.lora_b)
+def lora_linear(x: torch.Tensor, p: LoRAWeights, cache: AdapterCache | None = None,
+                fp8: bool = False) -> torch.Tensor:
+    """``x @ W.T + s * (x @ A.T) @ B.T`` with W dequantized on the fly; ``fp8``: the base matmuls on e4m3
+    operands (``fp8.py``)."""
+    return LoRALinearFunction.apply(x, (((p.base, p.quant_state),), (p.scale,), cache, fp8), p.lora_a, p.lora_b)
 
 
 def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights,
-             cache: AdapterCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             cache: AdapterCache | None = None, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three LoRA projections of the same ``x`` in one autograd node: (q, k, v)."""
     spec = (((q.base, q.quant_state), (k.base, k.quant_state), (v.base, v.quant_state)),
-            (q.scale, k.scale, v.scale), cache)
+            (q.scale, k.scale, v.scale), cache, fp8)
     return LoRAQKVFunction.apply(x, spec, q.lora_a, q.lora_b, k.lora_a, k.lora_b, v.lora_a, v.lora_b)
 
 
@@ -239,56 +273,54 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        bases, scales, kind, caches = spec
+        bases, scales, kind, caches, fp8 = spec
         dtype = compute_dtype(x)
         x2 = _rows(x, dtype)
+        fp8 = use_fp8(fp8, x2, bases)     # the down projection's input size is gate's output size
         gu = _adapters(caches and caches[0], adapters[:4], scales[:2], dtype)
         dn = _adapters(caches and caches[1], adapters[4:], scales[2:], dtype)
         xa = torch.mm(x2, gu.a.t())
-        wg, wu = dense_weights(bases[:2], dtype)
-        e = _lora_forward(x2, wg, gu.columns(xa, 0), gu.bs[0])
-        g = _lora_forward(x2, wu, gu.columns(xa, 1), gu.bs[1])
-        del wg, wu
+        e, g = base_outputs(x2, bases[:2], dtype, fp8)     # the dense weights are dropped here
+        e.addmm_(gu.columns(xa, 0), gu.bs[0].t())
+        g.addmm_(gu.columns(xa, 1), gu.bs[1].t())
         h = _gated(e, g, kind)
         xa_d = torch.mm(h, dn.a.t())
-        wd = dense_weights(bases[2:], dtype)[0]
-        out = _output(x, wd.shape[0], dtype)
-        _lora_forward(h, wd, xa_d, dn.bs[0], out=out.view(-1, wd.shape[0]))
+        out = _output(x, out_features(*bases[2]), dtype)
+        out2 = out.view(-1, out.shape[-1])
+        base_outputs(h, bases[2:], dtype, fp8, [out2])
+        out2.addmm_(xa_d, dn.bs[0].t())
         ctx.save_for_backward(x2, xa, e, g, h, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
-        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind), gu.offsets, dtype
+        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind, fp8), gu.offsets, dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
         x2, xa, e, g, h, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
-        bases, scales, kind = ctx.spec
+        bases, scales, kind, fp8 = ctx.spec
         need = ctx.needs_input_grad[2:]
         dtype = ctx.dtype
         gu, dn = Adapters.saved(a_gu, (bg, bu), ctx.offsets), Adapters.saved(a_d, (bd,), (0, a_d.shape[0]))
         dy2 = _rows(dy, dtype)
         dyb_d = torch.mm(dy2, bd)
         d_down = _adapter_grads(dn, dyb_d, [dy2], h, xa_d, scales[2:], need[4:])
-        dh = torch.mm(dy2, dense_weights(bases[2:], dtype)[0]).addmm_(dyb_d, a_d)
+        dh = base_input_grad([dy2], bases[2:], dtype, fp8).addmm_(dyb_d, a_d)
         de, dg = _gated_grad(dh, e, g, kind)  # reuses e's and g's memory
         del dh, e, g
         dyb = torch.cat([torch.mm(de, bg), torch.mm(dg, bu)], dim=1)
         d_gate_up = _adapter_grads(gu, dyb, [de, dg], x2, xa, scales[:2], need[:4])
         dx = None
         if ctx.needs_input_grad[0]:
-            wg, wu = dense_weights(bases[:2], dtype)
-            dx = torch.mm(de, wg)
-            dx.addmm_(dg, wu)
-            dx.addmm_(dyb, a_gu)
+            dx = base_input_grad([de, dg], bases[:2], dtype, fp8).addmm_(dyb, a_gu)
             dx = dx.view(*dy.shape[:-1], x2.shape[-1])
         return (dx, None, *d_gate_up, *d_down)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, kind: str,
-             caches: tuple[AdapterCache, AdapterCache] | None = None) -> torch.Tensor:
+             caches: tuple[AdapterCache, AdapterCache] | None = None, fp8: bool = False) -> torch.Tensor:
     """Gated LoRA MLP; ``kind`` is ``silu`` (SwiGLU) or ``gelu_pytorch_tanh`` (GeGLU); ``caches`` for the
-    gate/up group and for down."""
+    gate/up group and for down; ``fp8``: the base matmuls on e4m3 operands."""
     spec = (((gate.base, gate.quant_state), (up.base, up.quant_state), (down.base, down.quant_state)),
-            (gate.scale, up.scale, down.scale), kind, caches)
+            (gate.scale, up.scale, down.scale), kind, caches, fp8)
     return LoRAMLPFunction.apply(x, spec, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
 
 

@@ -29,11 +29,15 @@ if triton_importable():
     import triton
     import triton.language as tl
 
+    from llmforge.kernels.fp8 import round_to_e4m3
+
     @triton.jit
-    def _nf4_segment(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, NF4, OUT, pid, n_bytes,
-                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+    def _nf4_segment(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, NF4, OUT, pid, n_bytes, INV,
+                     blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr,
+                     FP8: tl.constexpr):
         """``ROWS`` quantization blocks of one weight as a (ROWS, blocksize / 2) tile of bytes: one absmax per
-        row, and the two nibbles of each byte interleaved into contiguous output rows."""
+        row, and the two nibbles of each byte interleaved into contiguous output rows. ``FP8``: the values
+        times the device scalar ``INV`` (a power of two), rounded to e4m3."""
         half: tl.constexpr = blocksize // 2
         rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         idx = rows[:, None] * half + tl.arange(0, half)[None, :]
@@ -48,37 +52,43 @@ if triton_importable():
             scale = tl.load(ABSMAX + rows, mask=row_mask, other=0.0)
         hi = tl.load(NF4 + (byte >> 4)) * scale[:, None]  # codes are always in [0, 16)
         lo = tl.load(NF4 + (byte & 15)) * scale[:, None]
+        if FP8:
+            inv = tl.load(INV)
+            hi = round_to_e4m3(hi * inv)
+            lo = round_to_e4m3(lo * inv)
         out_idx = rows[:, None] * blocksize + tl.arange(0, blocksize)[None, :]
         tl.store(OUT + out_idx, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=out_idx < 2 * n_bytes)
 
     # one kernel per segment count: a launch's host cost grows with its argument count
     @triton.jit
-    def _nf4_dequant(P0, A0, C0, M0, F0, Q0, O0, n0, blocksize: tl.constexpr, blocksize2: tl.constexpr,
-                     DOUBLE: tl.constexpr, ROWS: tl.constexpr):
-        _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, tl.program_id(0), n0, blocksize, blocksize2, DOUBLE, ROWS)
+    def _nf4_dequant(P0, A0, C0, M0, F0, Q0, O0, n0, INV, blocksize: tl.constexpr, blocksize2: tl.constexpr,
+                     DOUBLE: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr):
+        _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, tl.program_id(0), n0, INV, blocksize, blocksize2, DOUBLE, ROWS, FP8)
 
     @triton.jit
-    def _nf4_dequant2(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1,
-                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+    def _nf4_dequant2(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1, INV,
+                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr,
+                      FP8: tl.constexpr):
         """Two weights: programs [0, start1) dequantize the first, the rest the second."""
         pid = tl.program_id(0)
         if pid < start1:
-            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, ROWS)
+            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, INV, blocksize, blocksize2, DOUBLE, ROWS, FP8)
         else:
-            _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, ROWS)
+            _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, INV, blocksize, blocksize2, DOUBLE, ROWS, FP8)
 
     @triton.jit
     def _nf4_dequant3(P0, A0, C0, M0, F0, Q0, O0, n0, P1, A1, C1, M1, F1, Q1, O1, n1, start1,
-                      P2, A2, C2, M2, F2, Q2, O2, n2, start2,
-                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+                      P2, A2, C2, M2, F2, Q2, O2, n2, start2, INV,
+                      blocksize: tl.constexpr, blocksize2: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr,
+                      FP8: tl.constexpr):
         """Three weights: programs [0, start1), [start1, start2) and the rest."""
         pid = tl.program_id(0)
         if pid < start1:
-            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, blocksize, blocksize2, DOUBLE, ROWS)
+            _nf4_segment(P0, A0, C0, M0, F0, Q0, O0, pid, n0, INV, blocksize, blocksize2, DOUBLE, ROWS, FP8)
         elif pid < start2:
-            _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, blocksize, blocksize2, DOUBLE, ROWS)
+            _nf4_segment(P1, A1, C1, M1, F1, Q1, O1, pid - start1, n1, INV, blocksize, blocksize2, DOUBLE, ROWS, FP8)
         else:
-            _nf4_segment(P2, A2, C2, M2, F2, Q2, O2, pid - start2, n2, blocksize, blocksize2, DOUBLE, ROWS)
+            _nf4_segment(P2, A2, C2, M2, F2, Q2, O2, pid - start2, n2, INV, blocksize, blocksize2, DOUBLE, ROWS, FP8)
 
 
 def _absmax_fp32(quant_state) -> torch.Tensor:
@@ -138,7 +148,9 @@ def _launchable(weights: Sequence[tuple[torch.Tensor, object]]) -> bool:
     return True
 
 
-def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtype: torch.dtype) -> list[torch.Tensor]:
+def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtype: torch.dtype,
+                            inv_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``inv_scale`` (a device scalar, with ``dtype`` e4m3): the values times it, rounded to e4m3."""
     device = weights[0][0].device
     blocksize = weights[0][1].blocksize
     rows = _rows_per_program(blocksize)
@@ -155,14 +167,15 @@ def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtyp
         programs.append(programs[-1] + triton.cdiv(triton.cdiv(n_bytes, blocksize // 2), rows))
     n_seg = len(segments)
     if programs[-1]:
-        meta = dict(blocksize=blocksize, blocksize2=blocksize2, DOUBLE=nested, ROWS=rows)
+        meta = dict(blocksize=blocksize, blocksize2=blocksize2, DOUBLE=nested, ROWS=rows, FP8=inv_scale is not None)
         grid = (programs[-1],)
+        inv = out if inv_scale is None else inv_scale       # unused pointer without FP8
         if n_seg == 1:
-            _nf4_dequant[grid](*segments[0], **meta)
+            _nf4_dequant[grid](*segments[0], inv, **meta)
         elif n_seg == 2:
-            _nf4_dequant2[grid](*segments[0], *segments[1], programs[1], **meta)
+            _nf4_dequant2[grid](*segments[0], *segments[1], programs[1], inv, **meta)
         else:
-            _nf4_dequant3[grid](*segments[0], *segments[1], programs[1], *segments[2], programs[2], **meta)
+            _nf4_dequant3[grid](*segments[0], *segments[1], programs[1], *segments[2], programs[2], inv, **meta)
     return views
 
 
@@ -194,3 +207,42 @@ def dequantize_nf4_many(weights: Sequence[tuple[torch.Tensor, object]], dtype: t
         return _dequantize_triton_many([(packed if packed.is_contiguous() else packed.reshape(-1), qs)
                                         for packed, qs in weights], dtype)
     return [dequantize_nf4(packed, qs, dtype) for packed, qs in weights]
+
+
+# --------------------------------------------------------------------------------------------- FP8
+def nf4_amax(quant_state) -> torch.Tensor:
+    """A device scalar bounding the weight's largest magnitude: largest block absmax x largest code (exact for
+    NF4, whose codes reach +-1). Cached on the quant state: the frozen base never changes."""
+    cached = getattr(quant_state, "_llmforge_amax", None)
+    if cached is not None and cached[0] is quant_state.absmax:
+        return cached[1]
+    amax = _absmax_fp32(quant_state).abs().max() * quant_state.code.float().abs().max().to(quant_state.absmax.device)
+    try:
+        quant_state._llmforge_amax = (quant_state.absmax, amax)
+    except AttributeError:
+        pass
+    return amax
+
+
+def dequantize_nf4_fp8(weights: Sequence[tuple[torch.Tensor, object]]):
+    """The weights of ``weights`` (1-3 (packed, QuantState) pairs with the same input size) as one e4m3 buffer
+    with one power-of-two scale for the group (``fp8.Fp8Weights``), dequantized straight to e4m3."""
+    from llmforge.kernels.fp8 import E4M3, Fp8Weights, pow2, pow2_scale_exponent
+
+    for _, qs in weights:
+        _check(qs)
+    amax = torch.stack([nf4_amax(qs) for _, qs in weights]).max() if len(weights) > 1 else nf4_amax(weights[0][1])
+    exponent = pow2_scale_exponent(amax.reshape(1))
+    scale, inv = pow2(exponent)[0], pow2(-exponent)
+    flat = [(packed if packed.is_contiguous() else packed.reshape(-1), qs) for packed, qs in weights]
+    if _launchable(flat) and all(qs.shape.numel() % 2 == 0 for _, qs in flat):
+        views = _dequantize_triton_many(flat, E4M3, inv_scale=inv)
+        # even sizes: the views are consecutive rows of the kernel's one output buffer
+        buffer = views[0].as_strided((sum(v.shape[0] for v in views), views[0].shape[1]), views[0].stride())
+    else:
+        buffer = torch.cat([(dequantize_nf4_reference(p, qs, torch.float32) * inv).to(E4M3) for p, qs in flat])
+        views, start = [], 0
+        for _, qs in flat:
+            views.append(buffer[start:start + qs.shape[0]])
+            start += qs.shape[0]
+    return Fp8Weights(buffer, tuple(views), scale)

@@ -23,6 +23,7 @@ from llmforge.kernels._backend import interpreting, triton_importable, use_trito
 from llmforge.kernels.activations import ACTIVATION_KINDS, gated_activation
 from llmforge.kernels.archs import ARCHS, ArchKernels, find_text_model, left_as_is, rope_unpatchable
 from llmforge.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy, streamed_linear_cross_entropy
+from llmforge.kernels.fp8 import fp8_supported
 from llmforge.kernels.fast_lora import AdapterCache, LoRAWeights, lora_linear, lora_mlp, lora_qkv, new_step
 from llmforge.kernels.host_weights import is_host_weight, offload_candidates
 from llmforge.kernels.host_weights import offload_frozen_weights as _offload_frozen
@@ -48,6 +49,7 @@ class PatchReport:
     rope: bool = False
     fused_cross_entropy: bool = False
     cached_adapter_casts: bool = False
+    fp8_base: bool = False  # the fused LoRA nodes' frozen base matmuls run on e4m3 operands
     host_weights: list[str] = field(default_factory=list)  # frozen modules kept in host memory
     not_patched: list[str] = field(default_factory=list)  # in the patched model, with the reason
     left_as_is: list[str] = field(default_factory=list)  # beside a VLM's language model (vision tower, projector)
@@ -95,6 +97,8 @@ class PatchReport:
                  f"{self.offloaded_checkpoint_layers} offloaded checkpoint layers"]
         if self.cached_adapter_casts:
             parts.append("adapter casts cached")
+        if self.fp8_base:
+            parts.append("FP8 base matmuls")
         if self.host_weights:
             parts.append("host weights: " + ", ".join(self.host_weights))
         text = ", ".join(parts)
@@ -201,13 +205,13 @@ def _cache(enabled: bool) -> AdapterCache | None:
     return AdapterCache() if enabled else None
 
 
-def _patch_lora_linear(module: nn.Module, cache_casts: bool) -> None:
+def _patch_lora_linear(module: nn.Module, cache_casts: bool, fp8: bool = False) -> None:
     original = module.forward
     projection, cache = _Projection(module), _cache(cache_casts)
 
     def forward(x, *args, **kwargs):
         p = None if args or kwargs else projection.weights()
-        return original(x, *args, **kwargs) if p is None else lora_linear(x, p, cache)
+        return original(x, *args, **kwargs) if p is None else lora_linear(x, p, cache, fp8)
 
     module.forward = forward
 
@@ -218,7 +222,7 @@ def _fusable_qkv(attn: nn.Module) -> bool:
     return all(p is not None and _is_lora(p) and lora_unfusable_reason(p) is None for p in projections)
 
 
-def _patch_qkv(attn: nn.Module, cache_casts: bool) -> None:
+def _patch_qkv(attn: nn.Module, cache_casts: bool, fp8: bool = False) -> None:
     """Q, K and V in one autograd node. HF attention calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in
     turn on the same tensor: q_proj computes all three and hands K and V to the next k_proj / v_proj call
     on that very tensor object (each is taken once, then dropped). Any other call order or input takes the
@@ -236,8 +240,8 @@ def _patch_qkv(attn: nn.Module, cache_casts: bool) -> None:
             return originals[0](x, *args, **kwargs)
         ws = [p.weights() for p in projections]
         if any(w is None for w in ws):
-            return originals[0](x) if ws[0] is None else lora_linear(x, ws[0], single[0])
-        q, k, v = lora_qkv(x, *ws, cache)
+            return originals[0](x) if ws[0] is None else lora_linear(x, ws[0], single[0], fp8)
+        q, k, v = lora_qkv(x, *ws, cache, fp8)
         pending[:] = (x, k, v)
         return q
 
@@ -250,7 +254,7 @@ def _patch_qkv(attn: nn.Module, cache_casts: bool) -> None:
                     pending[0] = None
                 return out
             p = None if args or kwargs else projections[i].weights()
-            return originals[i](x, *args, **kwargs) if p is None else lora_linear(x, p, single[i])
+            return originals[i](x, *args, **kwargs) if p is None else lora_linear(x, p, single[i], fp8)
         return forward
 
     modules[0].forward = q_forward
@@ -264,7 +268,7 @@ def _activation_kind(config) -> str | None:
     return act if act in ACTIVATION_KINDS else None
 
 
-def _patch_split_mlp(mlp: nn.Module, kind: str, cache_casts: bool) -> bool:
+def _patch_split_mlp(mlp: nn.Module, kind: str, cache_casts: bool, fp8: bool = False) -> bool:
     """Llama-style MLP. Returns True when all three projections take the fused LoRA path."""
     modules = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     fusable = all(_is_lora(p) and lora_unfusable_reason(p) is None for p in modules)
@@ -274,7 +278,7 @@ def _patch_split_mlp(mlp: nn.Module, kind: str, cache_casts: bool) -> bool:
     def forward(x):
         ws = [p.weights() for p in projections]
         if fusable and all(w is not None for w in ws):
-            return lora_mlp(x, *ws, kind, caches)
+            return lora_mlp(x, *ws, kind, caches, fp8)
         return mlp.down_proj(gated_activation(mlp.gate_proj(x), mlp.up_proj(x), kind))
 
     mlp.forward = forward
@@ -399,7 +403,7 @@ def _patch_offload(base: nn.Module, scope: nn.Module, prefix: str = "") -> list[
 
 # ------------------------------------------------------------------------------------------- driver
 def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | None, act_name: str,
-                   cache_casts: bool, report: PatchReport) -> None:
+                   cache_casts: bool, report: PatchReport, fp8: bool = False) -> None:
     """RMSNorms, gated MLPs, Q/K/V and the other LoRA projections of ``text`` (the whole model, or a VLM's
     language model at ``prefix``)."""
     mlp_projection_ids = set()
@@ -411,7 +415,7 @@ def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | 
             if kind is None:
                 report.not_patched.append(f"{name}: activation {act_name}")
             elif arch.mlp == "split" and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-                fused = _patch_split_mlp(module, kind, cache_casts)
+                fused = _patch_split_mlp(module, kind, cache_casts, fp8)
                 report.patched["mlp_fused_lora" if fused else "mlp_activation_only"].append(name)
                 if fused:
                     mlp_projection_ids.update(id(p) for p in (module.gate_proj, module.up_proj, module.down_proj))
@@ -422,7 +426,7 @@ def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | 
     fused_ids = set(mlp_projection_ids)
     for name, module in text.named_modules(prefix=prefix.rstrip(".")):
         if type(module).__name__.endswith("Attention") and _fusable_qkv(module):
-            _patch_qkv(module, cache_casts)
+            _patch_qkv(module, cache_casts, fp8)
             report.patched["qkv_fused_lora"].append(name)
             fused_ids.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
 
@@ -431,14 +435,15 @@ def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | 
             continue
         reason = lora_unfusable_reason(module)
         if reason is None:
-            _patch_lora_linear(module, cache_casts)
+            _patch_lora_linear(module, cache_casts, fp8)
             report.patched["lora_linear"].append(name)
         elif not isinstance(getattr(module, "base_layer", None), nn.Embedding):
             report.not_patched.append(f"{name}: {reason}")
 
 
 def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
-                cache_adapter_casts: bool | None = None, offload_frozen_weights: bool | None = False) -> PatchReport:
+                cache_adapter_casts: bool | None = None, offload_frozen_weights: bool | None = False,
+                fp8_base: bool = False) -> PatchReport:
     """Patch ``model`` (a transformers causal LM or a supported VLM, bare or wrapped by PEFT) in place; returns
     what was done. ``archs.ARCHS`` says which parts each architecture gets; of a VLM only the language model
     and the loss are patched (the vision tower and projector are listed as left as is).
@@ -454,6 +459,8 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     until its speed is measured on a GPU (opt in with True or None). Saves 2 x
     vocab x hidden x 2 bytes of device memory (1.96 GiB at 8B) for ~2 x that in host-to-device copies per
     step; ``host_weights.restore_frozen_weights(model)`` undoes it (e.g. before generating). Not for VLMs.
+    ``fp8_base``: the frozen base matmuls of the fused LoRA nodes on e4m3 operands (``fp8.py``: about twice the
+    matmul rate on Hopper/Ada, less exact); ignored, with the reason in ``not_patched``, where FP8 cannot run.
     """
     if cache_adapter_casts is None:
         cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE", "1") != "0"
@@ -477,7 +484,13 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     prefix = f"{text_path}." if text_path else ""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     act_name = getattr(text_config, "hidden_activation", None) or getattr(text_config, "hidden_act", "?")
-    _patch_modules(text, prefix, arch, _activation_kind(text_config), act_name, cache_casts, report)
+    fp8 = False
+    if fp8_base:
+        fp8, why = fp8_supported(device)
+        if not fp8:
+            report.not_patched.append(f"fp8 base matmuls: {why}")
+    report.fp8_base = fp8
+    _patch_modules(text, prefix, arch, _activation_kind(text_config), act_name, cache_casts, report, fp8)
     if text_path:  # LoRA layers of the vision tower / projector keep PEFT's forward
         report.not_patched.extend(f"{name}: outside the language model" for name, m in base.named_modules()
                                   if _is_lora(m) and not name.startswith(prefix))

@@ -114,6 +114,8 @@ def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True) -
         if config.train.offload_embeddings == "on" and host_weights:   # asked for by name: say why nothing moved
             print(f"note: train.offload_embeddings: on is not applied ({why}; it comes with the CUDA kernels)",
                   file=sys.stderr)
+        if config.train.fp8:
+            print(f"note: train.fp8 is not applied ({why}; it comes with the CUDA kernels)", file=sys.stderr)
         return f"off ({why})"
     try:
         from ..kernels.patch import patch_model
@@ -122,7 +124,7 @@ def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True) -
     # host-resident lm_head: ~1 GiB of copies per call, too slow for generating (GRPO) unless asked for
     auto = None if config.train.method == "sft" else False
     offload = {"auto": auto, "on": True, "off": False}[config.train.offload_embeddings] if host_weights else False
-    report = patch_model(model, offload_frozen_weights=offload)
+    report = patch_model(model, offload_frozen_weights=offload, fp8_base=config.train.fp8)
     print(f"kernels: {report}", file=sys.stderr)
     return report.summary()
 
