@@ -95,6 +95,7 @@ def check_nf4_fp8() -> None:
             assert fw.buffer.dtype == E4M3 and fw.buffer.shape == want.shape
             assert torch.equal(fw.buffer.view(torch.uint8), want.view(torch.uint8)), (shapes, nested)
             assert float(fw.scale) == float(pow2(exponent)[0])
+            assert dequantize_nf4_fp8(weights).group is fw.group, "the frozen group's scale is computed once"
             for view, d in zip(fw.views, dense):
                 assert view.shape == d.shape and rel(view.float() * fw.scale, d) < 0.05
             assert torch.equal(fw.column_major().float(), fw.buffer.float())

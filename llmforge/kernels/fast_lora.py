@@ -79,7 +79,7 @@ def base_outputs(x2: torch.Tensor, bases: tuple, dtype: torch.dtype, fp8: bool,
     if fp8:
         xq, x_scale = quantize_rows(x2)
         fw = fp8_weights(bases)
-        return [fp8_mm(xq, x_scale, w.t(), fw.scale, dtype, out=None if outs is None else outs[i])
+        return [fp8_mm(xq, x_scale, w.t(), fw.group, dtype, out=None if outs is None else outs[i])
                 for i, w in enumerate(fw.views)]
     return [torch.mm(x2, w.t(), out=None if outs is None else outs[i])
             for i, w in enumerate(dense_weights(bases, dtype))]
@@ -90,7 +90,7 @@ def base_input_grad(dys: list, bases: tuple, dtype: torch.dtype, fp8: bool) -> t
     if fp8:
         fw = fp8_weights(bases)
         dq, dy_scale = quantize_rows(*dys)
-        return fp8_mm(dq, dy_scale, fw.column_major(), fw.scale, dtype)
+        return fp8_mm(dq, dy_scale, fw.column_major(), fw.group, dtype)
     ws = dense_weights(bases, dtype)
     dx = torch.mm(dys[0], ws[0])
     for dy, w in zip(dys[1:], ws[1:]):

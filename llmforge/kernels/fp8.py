@@ -143,23 +143,43 @@ def quantize_rows(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, scale
 
 
+class GroupScale:
+    """A weight group's power-of-two scale (device scalars: no host sync) and the (1, n) rows of it that
+    ``_scaled_mm`` takes, kept per n (frozen weights: callers cache one per group)."""
+    __slots__ = ("scale", "inv", "_rows")
+
+    def __init__(self, amax: torch.Tensor):
+        exponent = pow2_scale_exponent(amax.reshape(1))
+        self.scale, self.inv = pow2(exponent)[0], pow2(-exponent)
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def row(self, n: int) -> torch.Tensor:
+        row = self._rows.get(n)
+        if row is None:
+            row = self._rows[n] = self.scale.reshape(1, 1).expand(1, n).contiguous()
+        return row
+
+
 class Fp8Weights(NamedTuple):
     """A group of frozen weights (rows of one e4m3 buffer, ``views`` per weight) and their shared scale."""
     buffer: torch.Tensor         # (sum out, in) e4m3, row-major
     views: tuple                 # each weight's (out_i, in) rows of ``buffer``
-    scale: torch.Tensor          # fp32 scalar tensor: weight ~= e4m3 * scale
+    group: GroupScale            # weight ~= e4m3 * group.scale
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.group.scale
 
     def column_major(self) -> torch.Tensor:
         """The whole group as ``_scaled_mm``'s second operand for ``dy_cat @ W_cat``: (sum out, in), column-major."""
         return self.buffer.t().contiguous().t()
 
 
-def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: GroupScale,
            out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(a * a_scale) @ (b * b_scale)`` for e4m3 ``a`` (M, K), row-major with row scales (M, 1), and ``b`` (K, N),
-    column-major with one scalar scale; in ``out_dtype`` (into ``out`` when given)."""
-    n = b.shape[1]
-    b_scales = b_scale.reshape(1, 1).expand(1, n).contiguous()
+    column-major with one scale; in ``out_dtype`` (into ``out`` when given)."""
+    b_scales = b_scale.row(b.shape[1])
     if a.is_cuda and out_dtype != torch.bfloat16:     # cuBLAS's row-scaled FP8 matmul writes bf16 only
         result = fp8_mm(a, a_scale, b, b_scale, torch.bfloat16).to(out_dtype)
         return result if out is None else out.copy_(result)
@@ -177,10 +197,10 @@ def dense_fp8(weights: Sequence[torch.Tensor]) -> Fp8Weights:
     """A group of dense frozen weights (same input size) as e4m3 with one power-of-two scale (torch ops; the
     NF4 bases go through ``nf4.dequantize_nf4_fp8`` instead)."""
     w = weights[0].float() if len(weights) == 1 else torch.cat([t.float() for t in weights])
-    exponent = pow2_scale_exponent(w.abs().amax().reshape(1))
-    buffer = (w * pow2(-exponent)).to(E4M3)
+    group = GroupScale(w.abs().amax())
+    buffer = (w * group.inv).to(E4M3)
     views, start = [], 0
     for t in weights:
         views.append(buffer[start:start + t.shape[0]])
         start += t.shape[0]
-    return Fp8Weights(buffer, tuple(views), pow2(exponent)[0])
+    return Fp8Weights(buffer, tuple(views), group)

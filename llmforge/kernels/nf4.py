@@ -212,37 +212,45 @@ def dequantize_nf4_many(weights: Sequence[tuple[torch.Tensor, object]], dtype: t
 # --------------------------------------------------------------------------------------------- FP8
 def nf4_amax(quant_state) -> torch.Tensor:
     """A device scalar bounding the weight's largest magnitude: largest block absmax x largest code (exact for
-    NF4, whose codes reach +-1). Cached on the quant state: the frozen base never changes."""
-    cached = getattr(quant_state, "_llmforge_amax", None)
-    if cached is not None and cached[0] is quant_state.absmax:
+    NF4, whose codes reach +-1)."""
+    return _absmax_fp32(quant_state).abs().max() * quant_state.code.float().abs().max().to(quant_state.absmax.device)
+
+
+def nf4_group_scale(quant_states: Sequence[object]):
+    """The e4m3 scale (``fp8.GroupScale``) of a group of NF4 weights, cached on the first quant state: the frozen
+    base never changes, so the amax reductions run once, not at every pass."""
+    from llmforge.kernels.fp8 import GroupScale
+
+    key = tuple(qs.absmax for qs in quant_states)
+    cached = getattr(quant_states[0], "_llmforge_fp8", None)
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]
-    amax = _absmax_fp32(quant_state).abs().max() * quant_state.code.float().abs().max().to(quant_state.absmax.device)
+    amaxes = [nf4_amax(qs) for qs in quant_states]
+    group = GroupScale(torch.stack(amaxes).max() if len(amaxes) > 1 else amaxes[0])
     try:
-        quant_state._llmforge_amax = (quant_state.absmax, amax)
-    except AttributeError:
+        quant_states[0]._llmforge_fp8 = (key, group)
+    except AttributeError:  # a quant state with __slots__: no caching
         pass
-    return amax
+    return group
 
 
 def dequantize_nf4_fp8(weights: Sequence[tuple[torch.Tensor, object]]):
     """The weights of ``weights`` (1-3 (packed, QuantState) pairs with the same input size) as one e4m3 buffer
     with one power-of-two scale for the group (``fp8.Fp8Weights``), dequantized straight to e4m3."""
-    from llmforge.kernels.fp8 import E4M3, Fp8Weights, pow2, pow2_scale_exponent
+    from llmforge.kernels.fp8 import E4M3, Fp8Weights
 
     for _, qs in weights:
         _check(qs)
-    amax = torch.stack([nf4_amax(qs) for _, qs in weights]).max() if len(weights) > 1 else nf4_amax(weights[0][1])
-    exponent = pow2_scale_exponent(amax.reshape(1))
-    scale, inv = pow2(exponent)[0], pow2(-exponent)
+    group = nf4_group_scale([qs for _, qs in weights])
     flat = [(packed if packed.is_contiguous() else packed.reshape(-1), qs) for packed, qs in weights]
     if _launchable(flat) and all(qs.shape.numel() % 2 == 0 for _, qs in flat):
-        views = _dequantize_triton_many(flat, E4M3, inv_scale=inv)
+        views = _dequantize_triton_many(flat, E4M3, inv_scale=group.inv)
         # even sizes: the views are consecutive rows of the kernel's one output buffer
         buffer = views[0].as_strided((sum(v.shape[0] for v in views), views[0].shape[1]), views[0].stride())
     else:
-        buffer = torch.cat([(dequantize_nf4_reference(p, qs, torch.float32) * inv).to(E4M3) for p, qs in flat])
+        buffer = torch.cat([(dequantize_nf4_reference(p, qs, torch.float32) * group.inv).to(E4M3) for p, qs in flat])
         views, start = [], 0
         for _, qs in flat:
             views.append(buffer[start:start + qs.shape[0]])
             start += qs.shape[0]
-    return Fp8Weights(buffer, tuple(views), scale)
+    return Fp8Weights(buffer, tuple(views), group)
