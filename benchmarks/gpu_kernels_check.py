@@ -291,6 +291,12 @@ def check_fp8(device: torch.device, small: bool) -> None:
             [x, *mlp_ab], randn(rows, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device,
             speed_ref=lambda *t: mlp(*t, use_fp8=False))
     ROWS[-1]["extra"] = ROWS[-1]["extra"].replace("torch bf16", "the exact fused MLP")
+    mlp_inputs, mlp_dy = [x, *mlp_ab], randn(rows, hidden)
+    fast_lora.FP8_FAST_ACCUM = False
+    slow = timed(lambda: grads_of(mlp, mlp_inputs, mlp_dy), device)
+    fast_lora.FP8_FAST_ACCUM = True
+    fast = timed(lambda: grads_of(mlp, mlp_inputs, mlp_dy), device)
+    ROWS[-1]["extra"] += f"; forward fast accumulation on {fast:.2f} ms, off {slow:.2f} ms"
     for row in ROWS[-8:]:
         row["tol"], row["ok"] = FP8_TOL, row["error"] <= FP8_TOL
 

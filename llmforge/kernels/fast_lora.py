@@ -18,6 +18,7 @@ checkpointed forward and its recompute): it rebuilds them only when a parameter'
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,8 @@ from llmforge.kernels.fp8 import Fp8Weights, dense_fp8, fp8_mm, fp8_shapes_ok, q
 from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_fp8, dequantize_nf4_many
 
 _STEP = [0]
+# cuBLAS's fast FP8 accumulation in the forward base matmuls (torchao's default; LLMFORGE_FP8_FAST_ACCUM=0: off)
+FP8_FAST_ACCUM = os.environ.get("LLMFORGE_FP8_FAST_ACCUM", "1") != "0"
 
 
 def new_step() -> None:
@@ -79,7 +82,8 @@ def base_outputs(x2: torch.Tensor, bases: tuple, dtype: torch.dtype, fp8: bool,
     if fp8:
         xq, x_scale = quantize_rows(x2)
         fw = fp8_weights(bases)
-        return [fp8_mm(xq, x_scale, w.t(), fw.group, dtype, out=None if outs is None else outs[i])
+        return [fp8_mm(xq, x_scale, w.t(), fw.group, dtype, out=None if outs is None else outs[i],
+                       fast_accum=FP8_FAST_ACCUM)
                 for i, w in enumerate(fw.views)]
     return [torch.mm(x2, w.t(), out=None if outs is None else outs[i])
             for i, w in enumerate(dense_weights(bases, dtype))]

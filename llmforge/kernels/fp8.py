@@ -176,16 +176,18 @@ class Fp8Weights(NamedTuple):
 
 
 def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: GroupScale,
-           out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype, out: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
     """``(a * a_scale) @ (b * b_scale)`` for e4m3 ``a`` (M, K), row-major with row scales (M, 1), and ``b`` (K, N),
-    column-major with one scale; in ``out_dtype`` (into ``out`` when given)."""
+    column-major with one scale; in ``out_dtype`` (into ``out`` when given). ``fast_accum``: cuBLAS's faster,
+    less precise accumulation (torchao's choice for the forward matmul, not for the gradients')."""
     b_scales = b_scale.row(b.shape[1])
     if a.is_cuda and out_dtype != torch.bfloat16:     # cuBLAS's row-scaled FP8 matmul writes bf16 only
-        result = fp8_mm(a, a_scale, b, b_scale, torch.bfloat16).to(out_dtype)
+        result = fp8_mm(a, a_scale, b, b_scale, torch.bfloat16, fast_accum=fast_accum).to(out_dtype)
         return result if out is None else out.copy_(result)
+    kwargs = dict(scale_a=a_scale, scale_b=b_scales, out_dtype=out_dtype, use_fast_accum=fast_accum and a.is_cuda)
     if out is not None:
-        return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scales, out_dtype=out_dtype, out=out)
-    return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scales, out_dtype=out_dtype)
+        return torch._scaled_mm(a, b, **kwargs, out=out)
+    return torch._scaled_mm(a, b, **kwargs)
 
 
 def fp8_shapes_ok(*dims: int) -> bool:
