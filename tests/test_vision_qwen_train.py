@@ -1,4 +1,5 @@
-"""Vision-language LoRA SFT, Qwen2.5-VL: the bundled colour example on a tiny Qwen2.5-VL, then adapter -> GGUF.
+"""Vision-language LoRA SFT, Qwen2.5-VL and Qwen2-VL: the bundled colour example on a tiny model of each, then
+adapter -> GGUF (every test runs for both versions).
 
 Oracles: the labels (only the assistant reply; never an image token); the loss on the bundled example (falls
 by > 4x in 40 CPU steps: ~14 -> ~2); PEFT's ``merge_and_unload()`` in transformers against llama.cpp's multimodal
@@ -34,9 +35,27 @@ PROMPT = "<|im_start|>user\n{marker}What colour is the square?<|im_end|>\n<|im_s
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    return build_qwen_vlm(tmp_path_factory.mktemp("qwen-vlm-base") / "tiny-qwen-vlm")
+# version -> (transformers class name, llmforge's vision spec name)
+VERSIONS = {"2.5": ("Qwen2_5_VLForConditionalGeneration", "QWEN25VL"), "2": ("Qwen2VLForConditionalGeneration", "QWEN2VL")}
+
+
+@pytest.fixture(scope="module", params=list(VERSIONS), ids=lambda v: f"qwen{v}-vl")
+def base_dir(request, tmp_path_factory) -> Path:
+    path = build_qwen_vlm(tmp_path_factory.mktemp("qwen-vlm-base") / "tiny-qwen-vlm", version=request.param)
+    path.joinpath(".version").write_text(request.param)
+    return path
+
+
+def model_class(base_dir: Path):
+    import transformers
+
+    return getattr(transformers, VERSIONS[base_dir.joinpath(".version").read_text()][0])
+
+
+def vision_spec(base_dir: Path):
+    from llmforge.export import vision
+
+    return getattr(vision, VERSIONS[base_dir.joinpath(".version").read_text()][1])
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +73,14 @@ def trained(base_dir, tmp_path_factory):
 
 
 def test_labels_cover_only_the_reply(base_dir):
-    from llmforge.export.vision import QWEN25VL
     from llmforge.trainer.data import load_examples
     from llmforge.trainer.vision import collate_vision, encode_vision_all
 
     proc = processor(base_dir)
     tok = proc.tokenizer
     _, examples = load_examples(DATA_PATH)
-    rows, stats = encode_vision_all(examples, proc, tok.chat_template, 128, DATA_PATH.parent, spec=QWEN25VL)
+    rows, stats = encode_vision_all(examples, proc, tok.chat_template, 128, DATA_PATH.parent,
+                                      spec=vision_spec(base_dir))
     assert stats.examples == len(examples) == 12
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     for row, example in zip(rows, examples):
@@ -95,8 +114,6 @@ def test_adapter_gguf_runs_like_the_peft_merge(trained, base_dir, tmp_path):
     import torch
     from llama_cpp import mtmd_cpp
     from peft import PeftModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from vision_mtmd import generate_in, mtmd_session, rgb_pixels
 
     text = tmp_path / "tuned-f32.gguf"
@@ -104,8 +121,7 @@ def test_adapter_gguf_runs_like_the_peft_merge(trained, base_dir, tmp_path):
     proj = mmproj_path(text)
     assert proj.is_file() and any("mmproj: wrote" in c for c in report.checks)
 
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32,
-                                                              attn_implementation="eager")
+    base = model_class(base_dir).from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
     merged = PeftModel.from_pretrained(base, trained.adapter_dir).merge_and_unload().eval()
     proc = processor(base_dir)
     marker = mtmd_cpp.mtmd_default_marker().decode()
@@ -124,16 +140,18 @@ def test_adapter_gguf_runs_like_the_peft_merge(trained, base_dir, tmp_path):
             reference = merged(**inputs).logits[0, -1].numpy()
             greedy = merged.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         assert np.abs(last - reference).max() / np.abs(reference).max() < 2e-3
-        assert new == greedy.tolist()
+        greedy = greedy.tolist()   # transformers stops at the end-of-turn token; llama.cpp's loop runs 6 tokens
+        stops = merged.generation_config.eos_token_id
+        stops = set(stops) if isinstance(stops, list) else {stops}
+        assert new[:len(greedy)] == greedy and (len(greedy) == len(new) or greedy[-1] in stops), (new, greedy)
     # the reply's form is learned (which colour is not: see the module docstring)
     replies = {image.stem: proc.tokenizer.decode(new) for image, (_, _, new) in answers.items()}
-    assert sum(r.startswith("The square is ") for r in replies.values()) >= 8, replies
+    assert sum(r.startswith("The square is") for r in replies.values()) >= 8, replies
 
 
 def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(trained, base_dir, tmp_path):
     import torch
     from safetensors import safe_open
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vision_checks import assert_merge_converts_like_the_adapter
 
@@ -151,8 +169,7 @@ def test_merge_writes_a_published_layout_folder_that_converts_like_the_adapter(t
     assert {n.split(".")[0] for n in names[merged_dir]} == {"model", "visual"}
     assert not any(n.startswith(("model.visual.", "model.language_model.")) for n in names[merged_dir])
     assert not (merger[merged_dir] == merger[base_dir]).all()   # the trained merger (modules_to_save)
-    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32,
-                                                                 output_loading_info=True)
+    _, info = model_class(base_dir).from_pretrained(merged_dir, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert_merge_converts_like_the_adapter(merged_dir, trained.adapter_dir, tmp_path)
 
