@@ -264,6 +264,14 @@ def check_fp8(device: torch.device, small: bool) -> None:
     want = (dense * (1.0 / fw.scale)).to(fp8.E4M3)
     record("fp8", f"NF4 -> e4m3 gate+up {2 * ffn}x{hidden}: differing bytes",
            float((fw.buffer.view(torch.uint8) != want.view(torch.uint8)).float().mean()), 0.0)
+    t_nf4 = timed(lambda: nf4.dequantize_nf4_fp8(weights), device)
+    t_bf16 = timed(lambda: nf4.dequantize_nf4_many(weights, bf16), device)
+    ROWS[-1]["extra"] = f"{t_nf4:.3f} ms (to bf16: {t_bf16:.3f} ms)"
+    moved = fp8.transposed(fw.buffer)
+    record("fp8", "transposed e4m3 gate+up: differing bytes",
+           float((moved.view(torch.uint8) != fw.buffer.view(torch.uint8).t()).float().mean()), 0.0,
+           f"Triton {timed(lambda: fp8.transposed(fw.buffer), device):.3f} ms, "
+           f"torch .t().contiguous() {timed(lambda: fw.buffer.t().contiguous(), device):.3f} ms")
 
     def quant(out_f, in_f):
         return bnbf.quantize_4bit(randn(out_f, in_f, scale=0.02), compress_statistics=True, quant_type="nf4",

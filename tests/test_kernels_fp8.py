@@ -71,6 +71,13 @@ def check_rows() -> None:
         err = (q.float() * scale - x).abs()
         assert bool((err <= torch.maximum(x.abs() * 2 ** -4, scale * 2 ** -10) * (1 + 1e-6)).all())
     assert int(pow2_scale_exponent(torch.tensor([0.0, 1.0, 255.0, 256.0, 3e38, 1e-40]))[0]) == 0
+    from llmforge.kernels.fp8 import transposed
+
+    for shape in ((130, 70), (64, 64), (1, 5), (200, 1)):     # ragged tiles
+        q = torch.randint(0, 255, shape, dtype=torch.uint8, generator=g).view(E4M3)
+        t = transposed(q)
+        assert t.is_contiguous() and t.shape == shape[::-1]
+        assert torch.equal(t.view(torch.uint8), q.view(torch.uint8).t())
 
 
 def check_nf4_fp8() -> None:

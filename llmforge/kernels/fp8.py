@@ -120,6 +120,29 @@ if triton_importable():
             _row_store(X2, row, S2, W2, OUT, out_row, W0 + W1, inv, BLOCK)
 
 
+if triton_importable():
+    @triton.jit
+    def _transpose_kernel(SRC, DST, rows, cols, TILE: tl.constexpr):
+        r = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        c = tl.program_id(1) * TILE + tl.arange(0, TILE)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        tile = tl.load(SRC + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask, other=0)
+        tl.store(DST + c[:, None].to(tl.int64) * rows + r[None, :], tl.trans(tile), mask=tl.trans(mask))
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the transpose of the contiguous 2-D ``t``: a tiled Triton kernel (torch's strided copy
+    reads a 1-byte transpose uncoalesced), or torch's copy."""
+    if not (use_triton(t) and t.dim() == 2 and t.is_contiguous() and t.numel()):
+        return t.t().contiguous()
+    rows, cols = t.shape
+    raw = t.view(torch.uint8) if t.element_size() == 1 else t
+    out = torch.empty(cols, rows, dtype=raw.dtype, device=t.device)
+    tile = 64
+    _transpose_kernel[(triton.cdiv(rows, tile), triton.cdiv(cols, tile))](raw, out, rows, cols, TILE=tile)
+    return out.view(t.dtype)
+
+
 def quantize_rows(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 rows of ``torch.cat(blocks, dim=1)`` (1-3 2-D blocks, same rows) and their fp32 scales, shape (M, 1):
     ``out.float() * scale`` approximates the input. The concatenation is never built in the compute dtype."""
@@ -172,7 +195,7 @@ class Fp8Weights(NamedTuple):
 
     def column_major(self) -> torch.Tensor:
         """The whole group as ``_scaled_mm``'s second operand for ``dy_cat @ W_cat``: (sum out, in), column-major."""
-        return self.buffer.t().contiguous().t()
+        return transposed(self.buffer).t()
 
 
 def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: GroupScale,
