@@ -96,18 +96,20 @@ def check_kernel() -> None:
         upstream = torch.randn(rows)
         for softcap in (None, 2.0):
             for scale in (1.0, 1 / 0.7):
-                for chunk in (4, 13, None):
+                # row chunks, then vocabulary-streamed (the host-weight path) with ragged vocabulary chunks
+                for chunk, streamed in ((4, False), (13, False), (None, False), (16, True), (None, True)):
+                    kw = dict(chunk_vocab=chunk, streamed=True) if streamed else dict(chunk_rows=chunk)
                     a, b = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
-                    ours = linear_target_logprobs(a, w, targets, softcap=softcap, scale=scale, chunk_rows=chunk)
+                    ours = linear_target_logprobs(a, w, targets, softcap=softcap, scale=scale, **kw)
                     ref = linear_target_logprobs_reference(b, w, targets, softcap=softcap, scale=scale)
-                    what = f"vocab {vocab} softcap {softcap} scale {scale:.3f} chunk {chunk}"
+                    what = f"vocab {vocab} softcap {softcap} scale {scale:.3f} chunk {chunk} streamed {streamed}"
                     assert_close(ours.detach(), ref.detach(), 2e-5, what)
                     (ours * upstream).sum().backward()
                     (ref * upstream).sum().backward()
                     assert_close(a.grad, b.grad, 2e-5 * max(1.0, float(b.grad.abs().max())), what + " dhidden")
                     with torch.no_grad():
-                        assert_close(linear_target_logprobs(h, w, targets, softcap=softcap, scale=scale,
-                                                            chunk_rows=chunk), ref.detach(), 2e-5, what + " no_grad")
+                        assert_close(linear_target_logprobs(h, w, targets, softcap=softcap, scale=scale, **kw),
+                                     ref.detach(), 2e-5, what + " no_grad")
     # (B, n, H) hidden states keep their (B, n) shape
     h3 = torch.randn(2, 3, hidden)
     t3 = torch.randint(0, 37, (2, 3))
@@ -274,7 +276,7 @@ def test_which_path_is_taken(monkeypatch) -> None:
     assert fused_head(model) == (None, "lm_head is trained") and not use_fused_logprobs(model, kernels=True)
     head.weight.requires_grad_(False)
     head._llmforge_host_weight = True                           # host_weights.offload_frozen_weights' flag
-    assert "host weights" in fused_head(model)[1]
+    assert fused_head(model)[0].streamed and "streamed from host memory" in fused_head(model)[1]
     del head._llmforge_host_weight
 
     wrapped = tiny_policy("llama", modules_to_save=["lm_head"])  # PEFT wraps lm_head: not a plain Linear
@@ -291,6 +293,34 @@ def test_which_path_is_taken(monkeypatch) -> None:
 
     custom = CustomLM(model.get_base_model().config)
     assert "not one of the known causal LMs" in fused_head(custom)[1]
+
+
+def test_host_resident_lm_head_streams_and_matches_the_full_path() -> None:
+    """With lm_head (and the embeddings) in host memory, the fused log-probs stream W in vocabulary chunks: same
+    values and LoRA gradients as the full logits, and no (rows, vocabulary) block beyond one chunk."""
+    from llmforge.kernels.host_weights import offload_frozen_weights
+    from llmforge.trainer.grpo_logprobs import full_logprobs, fused_head, fused_logprobs
+
+    model = tiny_policy("llama")
+    reference = tiny_policy("llama")
+    assert "lm_head" in offload_frozen_weights(model)
+    head, why = fused_head(model)
+    assert head is not None and head.streamed, why
+    ids, mask, _ = rollout_batch()
+    upstream = torch.randn(B, N, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for name, m, fn in (("full", reference, full_logprobs),
+                        ("streamed", model, lambda *a: fused_logprobs(*a, chunk_vocab=128))):
+        logp = fn(m, ids, mask, N, 0.8)
+        (logp * upstream).sum().backward()
+        results[name] = (logp.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert_close(results["streamed"][0], results["full"][0], 2e-5, "streamed log-probs")
+    for n, g in results["full"][1].items():
+        err = float((results["streamed"][1][n] - g).abs().max())
+        assert err <= 2e-5 * max(1.0, float(g.abs().max())), f"{n}: {err:.3g}"
+    with VocabAllocations(VOCAB) as seen:      # 128 + 128 + 44 columns at a time: nothing vocabulary-wide
+        (fused_logprobs(model, ids, mask, N, 0.8, chunk_vocab=128) * upstream).sum().backward()
+    assert seen.largest() == 0, seen.shapes
 
 
 def test_a_grpo_run_through_the_fused_path_matches_the_full_one(tmp_path: Path, monkeypatch) -> None:

@@ -187,11 +187,11 @@ STREAM_LOGIT_BYTES = 64 << 20  # logits of one vocabulary chunk in the compute d
 if triton_importable():
     @triton.jit
     def _stream_rows(LOGITS, stride, LABELS, RUN_MAX, RUN_SUM, TARGET, ALPHA, W, w_stride, DH, dh_stride,
-                     v0, n_cols, n_hidden, softcap, ignore_index,
+                     v0, n_cols, n_hidden, softcap, scale, ignore_index,
                      HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
-        """One row of the vocabulary chunk [v0, v0 + n_cols): update the row's running max and sum of exp,
-        keep the target logit (and write -dz/dx * W[label] into DH) when the label falls in the chunk, then
-        overwrite the row with exp(z - new max) * dz/dx; ALPHA gets exp(old max - new max)."""
+        """One row of the vocabulary chunk [v0, v0 + n_cols) with z = scale * softcap(x): update the row's running
+        max and sum of exp, keep the target logit (and write -dz/dx * W[label] into DH) when the label falls in
+        the chunk, then overwrite the row with exp(z - new max) * dz/dx; ALPHA gets exp(old max - new max)."""
         row = tl.program_id(0).to(tl.int64)
         ptr = LOGITS + row * stride
         cols = tl.arange(0, BLOCK)
@@ -200,13 +200,15 @@ if triton_importable():
             idx = start + cols
             mask = idx < n_cols
             x, _ = _softcapped(tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-            chunk_max = tl.maximum(chunk_max, tl.where(mask, x, -float("inf")))
+            chunk_max = tl.maximum(chunk_max, tl.where(mask, x * scale, -float("inf")))
         old_max = tl.load(RUN_MAX + row)
         new_max = tl.maximum(old_max, tl.max(chunk_max, axis=0))
         label = tl.load(LABELS + row).to(tl.int64)
         rel = label - v0
         if (label != ignore_index) & (rel >= 0) & (rel < n_cols):
             z, slope = _softcapped(tl.load(ptr + rel).to(tl.float32), softcap, HAS_SOFTCAP)
+            z = z * scale
+            slope = slope * scale
             tl.store(TARGET + row, z)
             hcols = tl.arange(0, BLOCK_H)
             for h0 in range(0, n_hidden, BLOCK_H):
@@ -219,18 +221,21 @@ if triton_importable():
             idx = start + cols
             mask = idx < n_cols
             z, slope = _softcapped(tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-            e = tl.where(mask, tl.exp(z - new_max), 0.0)
+            e = tl.where(mask, tl.exp(z * scale - new_max), 0.0)
             total += e
-            tl.store(ptr + idx, (e * slope).to(LOGITS.dtype.element_ty), mask=mask)
+            tl.store(ptr + idx, (e * (slope * scale)).to(LOGITS.dtype.element_ty), mask=mask)
         alpha = tl.exp(old_max - new_max)  # 0 on the first chunk (old max -inf)
         tl.store(RUN_SUM + row, tl.load(RUN_SUM + row) * alpha + tl.sum(total, axis=0))
         tl.store(RUN_MAX + row, new_max)
         tl.store(ALPHA + row, alpha)
 
 
-def _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index):
+def _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index, scale=1.0):
     """Torch fallback of ``_stream_rows`` (same in-place updates); returns ALPHA."""
     z, dzdx = _softcapped_torch(logits, softcap)
+    if scale != 1.0:
+        z = z * scale
+        dzdx = (dzdx if dzdx is not None else torch.ones_like(z)) * scale
     new_max = torch.maximum(run_max, z.max(dim=1).values)
     alpha = torch.exp(run_max - new_max)
     e = torch.exp(z - new_max[:, None])
@@ -241,7 +246,8 @@ def _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh
     safe = torch.where(hit, rel, 0)
     z_target = z.gather(1, safe[:, None])[:, 0]
     target.copy_(torch.where(hit, z_target, target))
-    slope = 1.0 - (z_target / softcap) ** 2 if softcap else torch.ones_like(z_target)  # z = softcap * t
+    # z = scale * softcap * t
+    slope = (1.0 - (z_target / scale / softcap) ** 2 if softcap else torch.ones_like(z_target)) * scale
     term = -slope[:, None] * w_chunk.float()[safe]
     dh.copy_(torch.where(hit[:, None], term.to(dh.dtype), dh))
     if dzdx is not None:
@@ -250,7 +256,7 @@ def _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh
     return alpha
 
 
-def _stream_update(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index):
+def _stream_update(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index, scale=1.0):
     if use_triton(logits):
         alpha = torch.empty_like(run_max)
         if logits.shape[0]:
@@ -258,11 +264,12 @@ def _stream_update(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, so
             block_h = min(next_power_of_2(w_chunk.shape[1]), 1024 if logits.is_cuda else 64)
             _stream_rows[(logits.shape[0],)](logits, logits.stride(0), labels, run_max, run_sum, target, alpha,
                                              w_chunk, w_chunk.stride(0), dh, dh.stride(0), v0, logits.shape[1],
-                                             w_chunk.shape[1], float(softcap or 0.0), ignore_index,
+                                             w_chunk.shape[1], float(softcap or 0.0), float(scale), ignore_index,
                                              HAS_SOFTCAP=bool(softcap), BLOCK=block, BLOCK_H=block_h,
                                              num_warps=8 if block >= 2048 else 4)
         return alpha
-    return _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index)
+    return _stream_rows_torch(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, softcap, ignore_index,
+                              scale)
 
 
 _COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
@@ -310,26 +317,44 @@ def vocab_chunks(weight: torch.Tensor, chunk: int, device: torch.device, dtype: 
         free[b].record(compute)
 
 
+def streamed_row_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,
+                        ignore_index: int, chunk_vocab: int, dtype: torch.dtype, scale: float = 1.0,
+                        want_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-row loss ``logsumexp(z) - z[label]`` in float32, 0 for ignored rows; d loss_i / d hidden_i per row
+    in ``dtype``, or None) with z = scale * softcap(hidden @ W.T), ``weight`` streamed in vocabulary chunks."""
+    h = hidden.to(dtype)
+    n_rows, device = h.shape[0], h.device
+    run_max = torch.full((n_rows,), -float("inf"), dtype=torch.float32, device=device)
+    run_sum = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    target = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    acc = torch.zeros(h.shape, dtype=torch.float32, device=device) if want_grad else None
+    dh = torch.zeros(h.shape, dtype=dtype, device=device)  # the target terms, then the gradient
+    for start, w in vocab_chunks(weight, chunk_vocab, device, dtype):
+        logits = h @ w.t()
+        alpha = _stream_update(logits, labels, start, run_max, run_sum, target, w, dh, softcap, ignore_index, scale)
+        if acc is not None:
+            acc.mul_(alpha[:, None]).add_(logits @ w)
+        del logits, w
+    valid = labels != ignore_index
+    losses = torch.where(valid, run_max + torch.log(run_sum) - target, 0.0)
+    if acc is None:
+        return losses, None
+    acc.div_(run_sum[:, None]).add_(dh).mul_(valid[:, None])
+    dh.copy_(acc)
+    return losses, dh
+
+
+def default_chunk_vocab(n_rows: int, dtype: torch.dtype) -> int:
+    """Vocabulary columns per streamed chunk: ``STREAM_LOGIT_BYTES`` of logits, 1024..32768, a multiple of 256."""
+    row_bytes = max(1, n_rows) * (torch.finfo(dtype).bits // 8)
+    return min(32768, max(1024, STREAM_LOGIT_BYTES // row_bytes // 256 * 256))
+
+
 class _StreamedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap, ignore_index, chunk_vocab, dtype):
-        h = hidden.to(dtype)
-        n_rows, device = h.shape[0], h.device
-        run_max = torch.full((n_rows,), -float("inf"), dtype=torch.float32, device=device)
-        run_sum = torch.zeros(n_rows, dtype=torch.float32, device=device)
-        target = torch.zeros(n_rows, dtype=torch.float32, device=device)
-        acc = torch.zeros(h.shape, dtype=torch.float32, device=device)
-        dh = torch.zeros(h.shape, dtype=dtype, device=device)  # the target terms, then the gradient
-        for start, w in vocab_chunks(weight, chunk_vocab, device, dtype):
-            logits = h @ w.t()
-            alpha = _stream_update(logits, labels, start, run_max, run_sum, target, w, dh, softcap, ignore_index)
-            acc.mul_(alpha[:, None]).add_(logits @ w)
-            del logits, w
-        valid = labels != ignore_index
-        loss_sum = torch.where(valid, run_max + torch.log(run_sum) - target, 0.0).sum()
-        acc.div_(run_sum[:, None]).add_(dh).mul_(valid[:, None])
-        dh.copy_(acc)
-        del acc
+        losses, dh = streamed_row_losses(hidden, weight, labels, softcap, ignore_index, chunk_vocab, dtype)
+        loss_sum = losses.sum()
         ctx.save_for_backward(dh)
         ctx.hidden_dtype = hidden.dtype
         return loss_sum
@@ -357,8 +382,7 @@ def streamed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, la
     labels = labels.reshape(-1).to(hidden.device)
     dtype = compute_dtype(hidden)
     if chunk_vocab is None:
-        rows = max(1, hidden.shape[0]) * (torch.finfo(dtype).bits // 8)
-        chunk_vocab = min(32768, max(1024, STREAM_LOGIT_BYTES // rows // 256 * 256))
+        chunk_vocab = default_chunk_vocab(hidden.shape[0], dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum = _StreamedLinearCE.apply(hidden, weight, labels, softcap, ignore_index, int(chunk_vocab), dtype)
     return _per_item(loss_sum, labels, ignore_index, num_items_in_batch)

@@ -2,14 +2,17 @@
 per row, chunked over rows with the cross-entropy kernel of ``cross_entropy.py`` (per-row loss = -log p), so
 the (rows, vocabulary) logits never exist at once. ``scale`` is 1 / temperature, applied after the softcap as
 ``logits / temperature`` is. Each row's log-prob depends on its own hidden state only, so d log p_i / d h_i
-is computed during the forward and backward just scales it by each row's incoming gradient."""
+is computed during the forward and backward just scales it by each row's incoming gradient.
+
+A ``weight`` on another device than ``hidden`` (a frozen lm_head kept in host memory, ``host_weights.py``) is
+streamed in vocabulary chunks instead (``cross_entropy.streamed_row_losses``: online softmax, W crosses once)."""
 
 from __future__ import annotations
 
 import torch
 
 from llmforge.kernels._backend import compute_dtype
-from llmforge.kernels.cross_entropy import CHUNK_BYTES, IGNORE_INDEX, _rows
+from llmforge.kernels.cross_entropy import CHUNK_BYTES, IGNORE_INDEX, _rows, default_chunk_vocab, streamed_row_losses
 
 
 def _row_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
@@ -29,10 +32,16 @@ def _row_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return losses, dh
 
 
+def _losses(hidden, weight, targets, softcap, scale, chunk, dtype, want_grad, streamed):
+    if streamed:   # chunk: vocabulary columns
+        return streamed_row_losses(hidden, weight, targets, softcap, IGNORE_INDEX, chunk, dtype, scale, want_grad)
+    return _row_losses(hidden, weight, targets, softcap, scale, chunk, dtype, want_grad)
+
+
 class _LinearTargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, scale, chunk_rows, dtype):
-        losses, dh = _row_losses(hidden, weight, targets, softcap, scale, chunk_rows, dtype, want_grad=True)
+    def forward(ctx, hidden, weight, targets, softcap, scale, chunk, dtype, streamed):
+        losses, dh = _losses(hidden, weight, targets, softcap, scale, chunk, dtype, True, streamed)
         ctx.save_for_backward(dh)
         ctx.hidden_dtype = hidden.dtype
         return -losses
@@ -41,7 +50,7 @@ class _LinearTargetLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp):
         (dh,) = ctx.saved_tensors
         grad = -(dh.float() * grad_logp[:, None].float()) if ctx.needs_input_grad[0] else None
-        return (grad.to(ctx.hidden_dtype) if grad is not None else None), None, None, None, None, None, None
+        return (grad.to(ctx.hidden_dtype) if grad is not None else None), None, None, None, None, None, None, None
 
 
 def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
@@ -50,11 +59,12 @@ def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
 
 
 def linear_target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                           softcap: float | None = None, scale: float = 1.0,
-                           chunk_rows: int | None = None) -> torch.Tensor:
+                           softcap: float | None = None, scale: float = 1.0, chunk_rows: int | None = None,
+                           streamed: bool | None = None, chunk_vocab: int | None = None) -> torch.Tensor:
     """log p(target) per row, float32, shaped like ``targets``; gradients reach ``hidden`` only.
 
-    ``hidden``: (..., H), ``weight``: (V, H) frozen, ``targets``: (...) token ids in [0, V).
+    ``hidden``: (..., H), ``weight``: (V, H) frozen, ``targets``: (...) token ids in [0, V). ``streamed``: stream
+    ``weight`` in vocabulary chunks of ``chunk_vocab`` columns (None: when it is not on ``hidden``'s device).
     """
     if weight.requires_grad:
         raise ValueError("linear_target_logprobs: the weight must be frozen (requires_grad=False)")
@@ -62,12 +72,17 @@ def linear_target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
     dtype = compute_dtype(hidden)
-    rows = int(chunk_rows) if chunk_rows is not None else default_chunk_rows(weight.shape[0], dtype)
+    if streamed is None:
+        streamed = weight.device != hidden.device
+    if streamed:
+        chunk = int(chunk_vocab) if chunk_vocab is not None else default_chunk_vocab(hidden.shape[0], dtype)
+    else:
+        chunk = int(chunk_rows) if chunk_rows is not None else default_chunk_rows(weight.shape[0], dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         if torch.is_grad_enabled() and hidden.requires_grad:
-            logp = _LinearTargetLogprobs.apply(hidden, weight, targets, softcap, float(scale), rows, dtype)
+            logp = _LinearTargetLogprobs.apply(hidden, weight, targets, softcap, float(scale), chunk, dtype, streamed)
         else:  # no graph: skip the hidden-state gradients
-            logp = -_row_losses(hidden, weight, targets, softcap, float(scale), rows, dtype, want_grad=False)[0]
+            logp = -_losses(hidden, weight, targets, softcap, float(scale), chunk, dtype, False, streamed)[0]
     return logp.view(shape)
 
 

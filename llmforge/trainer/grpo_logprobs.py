@@ -27,10 +27,12 @@ FUSED_CLASSES = {
 
 @dataclass
 class FusedHead:
-    """What the fused path calls: the decoder (final norm included), lm_head's weight, the logit softcap."""
+    """What the fused path calls: the decoder (final norm included), lm_head's weight, the logit softcap, and
+    whether the weight is streamed in vocabulary chunks (kept in host memory: ``kernels/host_weights.py``)."""
     decoder: nn.Module
     weight: torch.Tensor
     softcap: float | None
+    streamed: bool = False
 
 
 def _base_model(model: Any) -> Any:
@@ -51,10 +53,11 @@ def fused_head(model: Any) -> tuple[FusedHead | None, str]:
         return None, f"lm_head is {type(head).__name__}, not a bias-free nn.Linear (trained or wrapped)"
     if head.weight.requires_grad:
         return None, "lm_head is trained"
-    if getattr(head, "_llmforge_host_weight", False) or head.weight.device != next(decoder.parameters()).device:
-        return None, "lm_head is not on the decoder's device (host weights)"
+    streamed = bool(getattr(head, "_llmforge_host_weight", False)) or \
+        head.weight.device != next(decoder.parameters()).device
     softcap = getattr(lm.config, "final_logit_softcapping", None) if FUSED_CLASSES[name] else None
-    return FusedHead(decoder, head.weight, float(softcap) if softcap else None), "fused"
+    return FusedHead(decoder, head.weight, float(softcap) if softcap else None, streamed), \
+        "fused, lm_head streamed from host memory" if streamed else "fused"
 
 
 def use_fused_logprobs(model: Any, kernels: bool) -> bool:
@@ -80,7 +83,7 @@ def full_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def fused_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, temperature: float,
-                   chunk_rows: int | None = None) -> torch.Tensor:
+                   chunk_rows: int | None = None, chunk_vocab: int | None = None) -> torch.Tensor:
     """``full_logprobs`` from the decoder's hidden states through the row-chunked fused kernel (see the module
     docstring); the LoRA adapter, disabled or not, acts as in the full forward."""
     from ..kernels.logprobs import linear_target_logprobs
@@ -91,7 +94,8 @@ def fused_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     hidden = head.decoder(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=_positions(attention_mask), use_cache=False).last_hidden_state
     return linear_target_logprobs(hidden[:, -n - 1:-1], head.weight, input_ids[:, -n:], softcap=head.softcap,
-                                  scale=1.0 / temperature, chunk_rows=chunk_rows)
+                                  scale=1.0 / temperature, chunk_rows=chunk_rows, streamed=head.streamed,
+                                  chunk_vocab=chunk_vocab)
 
 
 def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
