@@ -10,7 +10,7 @@ import traceback
 
 
 def variants():
-    from llmforge.kernels import activations, cross_entropy, nf4, rmsnorm, rope
+    from llmforge.kernels import activations, cross_entropy, fp8, nf4, rmsnorm, rope
 
     bf = "*bf16"
     for dtype in (bf, "*fp32"):
@@ -39,21 +39,29 @@ def variants():
             yield (f"stream_rows {dtype} softcap={cap}", cross_entropy._stream_rows,
                    dict(LOGITS=dtype, stride="i32", LABELS="*i64", RUN_MAX="*fp32", RUN_SUM="*fp32", TARGET="*fp32",
                         ALPHA="*fp32", W=dtype, w_stride="i32", DH=dtype, dh_stride="i32", v0="i32", n_cols="i32",
-                        n_hidden="i32", softcap="fp32", ignore_index="i32"),
+                        n_hidden="i32", softcap="fp32", scale="fp32", ignore_index="i32"),
                    dict(HAS_SOFTCAP=cap, BLOCK=4096, BLOCK_H=1024))
-        for double in (True, False):
+        for double, to_fp8 in ((True, False), (False, False), (True, True)):
             kernels = {1: nf4._nf4_dequant, 2: nf4._nf4_dequant2, 3: nf4._nf4_dequant3}
             for nseg, kernel in kernels.items():  # one weight; gate+up; Q/K/V
                 seg = dict(P="*u8", A="*u8" if double else "*fp32", C="*fp32", M="*fp32", F="*fp32", Q="*fp32",
-                           O=dtype)
+                           O="*u8" if to_fp8 else dtype)
                 sig = {}
                 for i in range(nseg):
                     sig.update({f"{k}{i}": v for k, v in seg.items()})
                     sig[f"n{i}"] = "i32"
                     if i:
                         sig[f"start{i}"] = "i32"
-                yield (f"nf4_dequant {dtype} double={double} segments={nseg}", kernel, sig,
-                       dict(blocksize=64, blocksize2=256, DOUBLE=double, ROWS=nf4._rows_per_program(64)))
+                sig["INV"] = "*fp32"
+                yield (f"nf4_dequant {dtype} double={double} fp8={to_fp8} segments={nseg}", kernel, sig,
+                       dict(blocksize=64, blocksize2=256, DOUBLE=double, ROWS=nf4._rows_per_program(64), FP8=to_fp8))
+        for n_in in (1, 2, 3):   # FP8 rows of x, of [de, dg], of [dq, dk, dv]
+            sig = {**{f"X{i}": dtype for i in range(3)}, **{f"S{i}": "i32" for i in range(3)},
+                   **{f"W{i}": "i32" for i in range(3)}, "OUT": "*u8", "SCALE": "*fp32", "out_stride": "i32"}
+            yield (f"fp8 quantize_rows {dtype} inputs={n_in}", fp8._quantize_rows_kernel, sig,
+                   dict(N_IN=n_in, BLOCK=2048))
+    yield ("fp8 transpose *u8", fp8._transpose_kernel, dict(SRC="*u8", DST="*u8", rows="i32", cols="i32"),
+           dict(TILE=64))
 
 
 def main() -> None:

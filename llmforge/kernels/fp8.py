@@ -70,17 +70,21 @@ if triton_importable():
     import triton.language as tl
 
     @triton.jit
-    def round_to_e4m3(y):
-        """fp32 ``y`` (|y| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32: the cast to e4m3 is
-        then exact everywhere (the interpreter's own fp8 conversion mishandles mantissa carries)."""
+    def e4m3_bits(y):
+        """The e4m3fn byte (as int32) of fp32 ``y`` (|y| <= 448), rounded to nearest, ties to even; NaN/Inf -> NaN.
+        Built with integer ops: the GPU's own fp32 -> e4m3 conversion flushes subnormal results (seen on an
+        H100), and the interpreter's carries mantissa overflow wrongly."""
         bits = y.to(tl.int32, bitcast=True)
         exponent = ((bits >> 23) & 0xFF) - 127
         ulp_exponent = tl.maximum(exponent, -6) - 3           # e4m3: 3 mantissa bits, subnormals below 2**-6
         inv_ulp = ((127 - ulp_exponent) << 23).to(tl.float32, bitcast=True)
-        ulp = ((127 + ulp_exponent) << 23).to(tl.float32, bitcast=True)
         t = tl.abs(y) * inv_ulp                                # < 16: the magic number rounds half to even
-        r = ((t + 12582912.0) - 12582912.0) * ulp
-        return tl.where(bits < 0, -r, r)
+        q = ((t + 12582912.0) - 12582912.0).to(tl.int32)      # the value in units of its ulp, 0..16
+        carry = (q >= 16).to(tl.int32)                        # rounded up into the next binade
+        normal = q >= 8
+        field = tl.where(normal, ((ulp_exponent + 10 + carry) << 3) | ((q >> carry) - 8), q)
+        field = tl.where(exponent == 128, 0x7F, field)         # NaN and Inf
+        return tl.where(bits < 0, field | 0x80, field)
 
     @triton.jit
     def _row_amax(X, row, stride, width, amax, BLOCK: tl.constexpr):
@@ -95,14 +99,14 @@ if triton_importable():
         for start in range(0, width, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             v = tl.load(X + row * stride + cols, mask=cols < width, other=0.0).to(tl.float32)
-            q = round_to_e4m3(v * inv)
-            tl.store(OUT + out_row + col0 + cols, q.to(OUT.dtype.element_ty), mask=cols < width)
+            q = e4m3_bits(v * inv)
+            tl.store(OUT + out_row + col0 + cols, q.to(tl.uint8), mask=cols < width)
 
     @triton.jit
     def _quantize_rows_kernel(X0, X1, X2, S0, S1, S2, W0, W1, W2, OUT, SCALE, out_stride,
                               N_IN: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        amax = _row_amax(X0, row, S0, W0, 0.0, BLOCK)
+        amax = _row_amax(X0, row, S0, W0, tl.max(tl.zeros([BLOCK], tl.float32), axis=0), BLOCK)   # a tensor, not a constexpr
         if N_IN > 1:
             amax = _row_amax(X1, row, S1, W1, amax, BLOCK)
         if N_IN > 2:
@@ -161,7 +165,7 @@ def quantize_rows(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     strides = [b.stride(0) for b in padded]
     widths_padded = widths + [0] * (MAX_INPUTS - len(blocks))
     block = min(next_power_of_2(max(widths)), 2048)
-    _quantize_rows_kernel[(rows,)](*padded, *strides, *widths_padded, out, scale, out.stride(0),
+    _quantize_rows_kernel[(rows,)](*padded, *strides, *widths_padded, out.view(torch.uint8), scale, out.stride(0),
                                    N_IN=len(blocks), BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return out, scale
 

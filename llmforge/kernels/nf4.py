@@ -29,7 +29,7 @@ if triton_importable():
     import triton
     import triton.language as tl
 
-    from llmforge.kernels.fp8 import round_to_e4m3
+    from llmforge.kernels.fp8 import e4m3_bits
 
     @triton.jit
     def _nf4_segment(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, NF4, OUT, pid, n_bytes, INV,
@@ -52,12 +52,13 @@ if triton_importable():
             scale = tl.load(ABSMAX + rows, mask=row_mask, other=0.0)
         hi = tl.load(NF4 + (byte >> 4)) * scale[:, None]  # codes are always in [0, 16)
         lo = tl.load(NF4 + (byte & 15)) * scale[:, None]
-        if FP8:
-            inv = tl.load(INV)
-            hi = round_to_e4m3(hi * inv)
-            lo = round_to_e4m3(lo * inv)
         out_idx = rows[:, None] * blocksize + tl.arange(0, blocksize)[None, :]
-        tl.store(OUT + out_idx, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=out_idx < 2 * n_bytes)
+        if FP8:   # OUT is the e4m3 buffer viewed as bytes
+            inv = tl.load(INV)
+            tl.store(OUT + out_idx, tl.interleave(e4m3_bits(hi * inv), e4m3_bits(lo * inv)).to(tl.uint8),
+                     mask=out_idx < 2 * n_bytes)
+        else:
+            tl.store(OUT + out_idx, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=out_idx < 2 * n_bytes)
 
     # one kernel per segment count: a launch's host cost grows with its argument count
     @triton.jit
@@ -160,7 +161,8 @@ def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtyp
     for (packed, qs), n_bytes in zip(weights, sizes):
         absmax, code2, absmax2, offset, code, blocksize2, nested = _kernel_args(packed, qs)
         seg_out = out[start: start + 2 * n_bytes]  # two elements per byte: an odd count leaves one pad element
-        segments.append((packed, absmax, code2, absmax2, offset, code, seg_out, n_bytes))
+        target = seg_out.view(torch.uint8) if inv_scale is not None else seg_out
+        segments.append((packed, absmax, code2, absmax2, offset, code, target, n_bytes))
         n = qs.shape.numel()
         views.append(seg_out.view(qs.shape) if n == 2 * n_bytes else seg_out[:n].view(qs.shape))
         start += 2 * n_bytes
