@@ -72,7 +72,24 @@ def test_mapped_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monk
         monkeypatch.setattr(gpu_pipeline, "_MADV_POPULATE_WRITE", advice)
     ours = tmp_path / "ours.gguf"
     quantize_gguf(models["f16"], ours, quant, progress=False)
-    assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", quant)
+    assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", quant)  # while still mapped
+    gpu_pipeline.wait_unmapped()
+
+
+def test_the_output_is_unmapped_in_the_background(tmp_path):
+    """close() hands the mapping to a thread: the file is whole at once, and the mapping does get closed."""
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        out = gpu_pipeline._Output(fd, "mmap")
+        mm = out.mm
+        out.write(np.full(4096, 7, dtype=np.uint8), 8192)
+        out.close()
+        assert out.mm is None and os.pread(fd, 4096, 8192) == bytes([7]) * 4096
+        gpu_pipeline.wait_unmapped()
+        assert mm.closed
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("mode,available", [("pwrite", True), ("mmap", True), ("pwrite", False)])
