@@ -49,7 +49,7 @@ class PatchReport:
     rope: bool = False
     fused_cross_entropy: bool = False
     cached_adapter_casts: bool = False
-    fp8_base: bool = False  # the fused LoRA nodes' frozen base matmuls run on e4m3 operands
+    fp8_base: bool = False  # the fused LoRA MLP nodes' frozen base matmuls run on e4m3 operands
     host_weights: list[str] = field(default_factory=list)  # frozen modules kept in host memory
     not_patched: list[str] = field(default_factory=list)  # in the patched model, with the reason
     left_as_is: list[str] = field(default_factory=list)  # beside a VLM's language model (vision tower, projector)
@@ -98,7 +98,7 @@ class PatchReport:
         if self.cached_adapter_casts:
             parts.append("adapter casts cached")
         if self.fp8_base:
-            parts.append("FP8 base matmuls")
+            parts.append("FP8 base matmuls in the MLP")
         if self.host_weights:
             parts.append("host weights: " + ", ".join(self.host_weights))
         text = ", ".join(parts)
@@ -205,13 +205,13 @@ def _cache(enabled: bool) -> AdapterCache | None:
     return AdapterCache() if enabled else None
 
 
-def _patch_lora_linear(module: nn.Module, cache_casts: bool, fp8: bool = False) -> None:
+def _patch_lora_linear(module: nn.Module, cache_casts: bool) -> None:
     original = module.forward
     projection, cache = _Projection(module), _cache(cache_casts)
 
     def forward(x, *args, **kwargs):
         p = None if args or kwargs else projection.weights()
-        return original(x, *args, **kwargs) if p is None else lora_linear(x, p, cache, fp8)
+        return original(x, *args, **kwargs) if p is None else lora_linear(x, p, cache)
 
     module.forward = forward
 
@@ -222,7 +222,7 @@ def _fusable_qkv(attn: nn.Module) -> bool:
     return all(p is not None and _is_lora(p) and lora_unfusable_reason(p) is None for p in projections)
 
 
-def _patch_qkv(attn: nn.Module, cache_casts: bool, fp8: bool = False) -> None:
+def _patch_qkv(attn: nn.Module, cache_casts: bool) -> None:
     """Q, K and V in one autograd node. HF attention calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in
     turn on the same tensor: q_proj computes all three and hands K and V to the next k_proj / v_proj call
     on that very tensor object (each is taken once, then dropped). Any other call order or input takes the
@@ -240,8 +240,8 @@ def _patch_qkv(attn: nn.Module, cache_casts: bool, fp8: bool = False) -> None:
             return originals[0](x, *args, **kwargs)
         ws = [p.weights() for p in projections]
         if any(w is None for w in ws):
-            return originals[0](x) if ws[0] is None else lora_linear(x, ws[0], single[0], fp8)
-        q, k, v = lora_qkv(x, *ws, cache, fp8)
+            return originals[0](x) if ws[0] is None else lora_linear(x, ws[0], single[0])
+        q, k, v = lora_qkv(x, *ws, cache)
         pending[:] = (x, k, v)
         return q
 
@@ -254,7 +254,7 @@ def _patch_qkv(attn: nn.Module, cache_casts: bool, fp8: bool = False) -> None:
                     pending[0] = None
                 return out
             p = None if args or kwargs else projections[i].weights()
-            return originals[i](x, *args, **kwargs) if p is None else lora_linear(x, p, single[i], fp8)
+            return originals[i](x, *args, **kwargs) if p is None else lora_linear(x, p, single[i])
         return forward
 
     modules[0].forward = q_forward
@@ -426,7 +426,7 @@ def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | 
     fused_ids = set(mlp_projection_ids)
     for name, module in text.named_modules(prefix=prefix.rstrip(".")):
         if type(module).__name__.endswith("Attention") and _fusable_qkv(module):
-            _patch_qkv(module, cache_casts)   # FP8 measured slower than bf16 here (H100: 0.81x at 8B's sizes)
+            _patch_qkv(module, cache_casts)   # no FP8 here: measured 0.81x of bf16 on an H100 at 8B's sizes
             report.patched["qkv_fused_lora"].append(name)
             fused_ids.update(id(p) for p in (module.q_proj, module.k_proj, module.v_proj))
 
@@ -459,8 +459,9 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     until its speed is measured on a GPU (opt in with True or None). Saves 2 x
     vocab x hidden x 2 bytes of device memory (1.96 GiB at 8B) for ~2 x that in host-to-device copies per
     step; ``host_weights.restore_frozen_weights(model)`` undoes it (e.g. before generating). Not for VLMs.
-    ``fp8_base``: the frozen base matmuls of the fused LoRA nodes on e4m3 operands (``fp8.py``: about twice the
-    matmul rate on Hopper/Ada, less exact); ignored, with the reason in ``not_patched``, where FP8 cannot run.
+    ``fp8_base``: the frozen base matmuls of the fused LoRA MLP nodes on e4m3 operands (``fp8.py``: about twice
+    the matmul rate on Hopper/Ada, less exact; Q/K/V and O stay in the compute dtype, where FP8 measured slower);
+    ignored, with the reason in ``not_patched``, where FP8 cannot run.
     """
     if cache_adapter_casts is None:
         cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE", "1") != "0"
