@@ -1,8 +1,8 @@
 """FP8 (e4m3) operands for the frozen base matmuls of LoRA training (opt-in: ``patch_model(fp8_base=True)``).
 
-H100/Ada tensor cores run e4m3 matmuls at twice the bf16 rate. With ``fp8_base`` the fused LoRA functions
-(``fast_lora.py``) compute every ``x @ W.T`` (forward and recompute) and ``dy @ W`` (input gradient) of the
-frozen base weights as ``torch._scaled_mm`` on e4m3 operands; the LoRA matmuls, the adapters' gradients and
+Hopper tensor cores run e4m3 matmuls at twice the bf16 rate. With ``fp8_base`` the fused LoRA functions
+(``fast_lora.py``; ``patch_model`` asks it of the MLP node only) compute every ``x @ W.T`` (forward and recompute)
+and ``dy @ W`` (input gradient) of the frozen base weights as ``torch._scaled_mm`` on e4m3 operands; the LoRA matmuls, the adapters' gradients and
 everything else stay in the compute dtype. This changes the numbers (3 mantissa bits per operand), unlike the
 default path, which matches Hugging Face + PEFT within bf16 rounding.
 
@@ -35,9 +35,11 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
     if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
         return False, f"torch {torch.__version__} has no FP8 matmul"
     if device.type == "cuda":
+        # row-scaled FP8 matmuls (scale per token) run on Hopper's kernels in torch; Ada has tensor-wise scaling
+        # only, and Blackwell's cuBLAS has no row-wise mode
         major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            return False, f"FP8 matmuls need compute capability 8.9+ (Ada, Hopper); this GPU is {major}.{minor}"
+        if major != 9:
+            return False, f"row-scaled FP8 matmuls need a Hopper GPU (compute capability 9.x); this one is {major}.{minor}"
     elif device.type != "cpu":
         return False, f"no FP8 matmul on {device.type}"
     return True, ""

@@ -67,7 +67,7 @@ class TrainConfig:
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"   # auto: on with CUDA
     kernels: bool = True                # llmforge's fused kernels when CUDA is present
     offload_embeddings: Literal["auto", "on", "off"] = "off"  # frozen untied embeddings + lm_head in host memory
-    fp8: bool = False                   # frozen base matmuls on FP8 (e4m3) operands: faster on H100/Ada, less exact
+    fp8: bool = False                   # the MLP's frozen base matmuls on FP8 (e4m3) operands (Hopper GPUs; less exact)
     #   (auto: SFT on CUDA; default off until its GPU speed is measured)
                                         # (kernels only; auto: on for SFT with CUDA, off for GRPO's generation)
     threads: int = 0                    # torch CPU threads; 0 = torch's default
