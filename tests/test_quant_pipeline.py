@@ -76,6 +76,24 @@ def test_mapped_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monk
     gpu_pipeline.wait_unmapped()
 
 
+def test_an_output_that_cannot_be_mapped_is_written_with_pwrite(tmp_path, monkeypatch):
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 1 << 16)
+
+        def refuse(*args, **kwargs):
+            raise OSError(19, "No such device")
+
+        monkeypatch.setattr(gpu_pipeline.mmap, "mmap", refuse)
+        out = gpu_pipeline._Output(fd, "mmap")
+        assert not out.mapped and out.mm is None
+        out.write(np.full(100, 3, dtype=np.uint8), 500)
+        out.close()
+        assert os.pread(fd, 100, 500) == bytes([3]) * 100
+    finally:
+        os.close(fd)
+
+
 def test_the_output_is_unmapped_in_the_background(tmp_path):
     """close() hands the mapping to a thread: the file is whole at once, and the mapping does get closed."""
     fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)

@@ -179,7 +179,10 @@ class _Output:
             self._allocator = threading.Thread(target=self._preallocate, args=(size,), daemon=True)
             self._allocator.start()
         if mode == "mmap" and size:
-            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError:     # a file system that cannot map the output: pwrite (same bytes)
+                return
             self._arr = np.frombuffer(self.mm, dtype=np.uint8)
             self.base, self.mapped = self._arr.ctypes.data, True
 
