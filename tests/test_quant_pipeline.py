@@ -102,9 +102,13 @@ def test_the_output_is_unmapped_in_the_background(tmp_path):
         out = gpu_pipeline._Output(fd, "mmap")
         mm = out.mm
         out.write(np.full(4096, 7, dtype=np.uint8), 8192)
-        out.close()
+        out.close(background=True)
         assert out.mm is None and os.pread(fd, 4096, 8192) == bytes([7]) * 4096
         gpu_pipeline.wait_unmapped()
+        assert mm.closed
+        failed = gpu_pipeline._Output(fd, "mmap")     # a failed write unmaps at once
+        mm = failed.mm
+        failed.close()
         assert mm.closed
     finally:
         os.close(fd)

@@ -208,15 +208,19 @@ class _Output:
             raise OSError(errno.ENOSPC, f"could not allocate output pages ({os.strerror(err)})")
         ctypes.memmove(self.base + offset, buf.ctypes.data, buf.nbytes)    # ctypes releases the GIL
 
-    def close(self) -> None:
-        """Stop the allocator; unmap the output on a background thread (see :func:`unmap_later`)."""
+    def close(self, background: bool = False) -> None:
+        """Stop the allocator and unmap the output, on a background thread with ``background`` (a finished
+        file: see :func:`unmap_later`), else now (a failed or interrupted write leaves no thread behind)."""
         self._stop.set()
         if self._allocator is not None:    # before the caller closes the fd (its number could be reused)
             self._allocator.join()
         self.mapped, self._arr = False, None
         mm, self.mm = self.mm, None
         if mm is not None:
-            unmap_later(mm)
+            if background:
+                unmap_later(mm)
+            else:
+                mm.close()
 
 
 _UNMAPPING: list[threading.Thread] = []
@@ -458,6 +462,7 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
         cap_out = max(max((p.dst_bytes for p in pieces if p.kind == "gpu"), default=0), cap_in * 17 // 32)
         fd_in = os.open(in_path, os.O_RDONLY)
         out = _Output(fd_out, write_mode or WRITE_MODE)
+        finished = False
         try:
             with _PIPELINE_LOCK:
                 ring = _lanes(dev, n_lanes, cap_in, cap_out)
@@ -481,8 +486,9 @@ def write_pipelined(writer: StreamingGGUFWriter, out_path: str | Path, in_path: 
                 LAST_STATS.update(wall=time.perf_counter() - t0, lanes=len(ring), pieces=len(pieces))
                 for stage in STAGES:
                     LAST_STATS[stage] = sum(lane.clock.seconds[stage] for lane in ring)
+                finished = not run.errors and not any(run.bad)   # the file will be kept
         finally:
-            out.close()
+            out.close(background=finished)
             os.close(fd_in)
         if run.errors:
             raise run.errors[0]
