@@ -38,6 +38,11 @@ PARTS = {"rms_norm": "RMSNorm", "mlp_fused_lora": "fused LoRA MLP", "mlp_activat
          "offloaded_checkpoint": "offloaded checkpoint layers"}
 
 
+def _count(part: str) -> property:
+    """A read-only count of the modules listed under ``part`` in ``PatchReport.patched``."""
+    return property(lambda report: len(report.patched[part]), doc=f"modules patched with {PARTS[part]}")
+
+
 @dataclass
 class PatchReport:
     """What ``patch_model`` swapped in (module names per part), and what it left alone and why."""
@@ -55,31 +60,14 @@ class PatchReport:
     left_as_is: list[str] = field(default_factory=list)  # beside a VLM's language model (vision tower, projector)
     reason: str = ""  # why nothing was patched
 
-    @property
-    def rms_norm(self) -> int:
-        return len(self.patched["rms_norm"])
-
-    @property
-    def mlp_fused_lora(self) -> int:
-        return len(self.patched["mlp_fused_lora"])
-
-    @property
-    def mlp_activation_only(self) -> int:
-        return len(self.patched["mlp_activation_only"])
-
-    @property
-    def qkv_fused_lora(self) -> int:
-        """Attention layers whose Q/K/V LoRA projections run as one node."""
-        return len(self.patched["qkv_fused_lora"])
-
-    @property
-    def lora_linear(self) -> int:
-        """Other LoRA projections on the fused single-projection path."""
-        return len(self.patched["lora_linear"])
-
-    @property
-    def offloaded_checkpoint_layers(self) -> int:
-        return len(self.patched["offloaded_checkpoint"])
+    # how many modules got each part (qkv_fused_lora: attention layers whose Q/K/V run as one node; lora_linear:
+    # other LoRA projections on the fused single-projection path)
+    rms_norm = _count("rms_norm")
+    mlp_fused_lora = _count("mlp_fused_lora")
+    mlp_activation_only = _count("mlp_activation_only")
+    qkv_fused_lora = _count("qkv_fused_lora")
+    lora_linear = _count("lora_linear")
+    offloaded_checkpoint_layers = _count("offloaded_checkpoint")
 
     def __str__(self) -> str:
         return self.summary()
