@@ -236,6 +236,12 @@ def check_kernels(device: torch.device, small: bool) -> None:
                 [x, ga, gb, ua, ub, da, db], randn(rows // 2, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device)
 
 
+def fp8_tolerance(n: int) -> None:
+    """The last ``n`` rows are judged at FP8's tolerance (``compare`` records them at bf16's)."""
+    for row in ROWS[-n:]:
+        row["tol"], row["ok"] = FP8_TOL, row["error"] <= FP8_TOL
+
+
 def check_fp8(device: torch.device, small: bool) -> None:
     """FP8 base matmuls (``train.fp8``): the e4m3 row quantizer and NF4 -> e4m3 write the torch fallback's bytes on
     the device; the fp8 LoRA nodes vs the float32 reference (FP8's error, not bf16's) and their time vs the exact
@@ -305,8 +311,7 @@ def check_fp8(device: torch.device, small: bool) -> None:
     fast_lora.FP8_FAST_ACCUM = True
     fast = timed(lambda: grads_of(mlp, mlp_inputs, mlp_dy), device)
     ROWS[-1]["extra"] += f"; forward fast accumulation on {fast:.2f} ms, off {slow:.2f} ms"
-    for row in ROWS[-8:]:
-        row["tol"], row["ok"] = FP8_TOL, row["error"] <= FP8_TOL
+    fp8_tolerance(8)
 
     kv = hidden // 4
     qkv_bases = [quant(hidden, hidden), quant(kv, hidden), quant(kv, hidden)]
@@ -323,8 +328,7 @@ def check_fp8(device: torch.device, small: bool) -> None:
             [x, *qkv_ab], randn(rows * (hidden + 2 * kv)), ["x", "qA", "qB", "kA", "kB", "vA", "vB"], device,
             speed_ref=lambda *t: qkv(*t, use_fp8=False))
     ROWS[-1]["extra"] = ROWS[-1]["extra"].replace("torch bf16", "the exact fused QKV")
-    for row in ROWS[-8:]:
-        row["tol"], row["ok"] = FP8_TOL, row["error"] <= FP8_TOL
+    fp8_tolerance(8)
 
 
 def check_host_weights(device: torch.device, small: bool) -> None:

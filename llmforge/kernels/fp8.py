@@ -105,6 +105,14 @@ if triton_importable():
             tl.store(OUT + out_row + col0 + cols, q.to(tl.uint8), mask=cols < width)
 
     @triton.jit
+    def _transpose_kernel(SRC, DST, rows, cols, TILE: tl.constexpr):
+        r = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        c = tl.program_id(1) * TILE + tl.arange(0, TILE)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        tile = tl.load(SRC + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask, other=0)
+        tl.store(DST + c[:, None].to(tl.int64) * rows + r[None, :], tl.trans(tile), mask=tl.trans(mask))
+
+    @triton.jit
     def _quantize_rows_kernel(X0, X1, X2, S0, S1, S2, W0, W1, W2, OUT, SCALE, out_stride,
                               N_IN: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -124,16 +132,6 @@ if triton_importable():
             _row_store(X1, row, S1, W1, OUT, out_row, W0, inv, BLOCK)
         if N_IN > 2:
             _row_store(X2, row, S2, W2, OUT, out_row, W0 + W1, inv, BLOCK)
-
-
-if triton_importable():
-    @triton.jit
-    def _transpose_kernel(SRC, DST, rows, cols, TILE: tl.constexpr):
-        r = tl.program_id(0) * TILE + tl.arange(0, TILE)
-        c = tl.program_id(1) * TILE + tl.arange(0, TILE)
-        mask = (r[:, None] < rows) & (c[None, :] < cols)
-        tile = tl.load(SRC + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask, other=0)
-        tl.store(DST + c[:, None].to(tl.int64) * rows + r[None, :], tl.trans(tile), mask=tl.trans(mask))
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:
@@ -199,6 +197,15 @@ class Fp8Weights(NamedTuple):
     def scale(self) -> torch.Tensor:
         return self.group.scale
 
+    @classmethod
+    def stacked(cls, buffer: torch.Tensor, out_sizes: Sequence[int], group: GroupScale) -> "Fp8Weights":
+        """The group whose weights are ``out_sizes`` consecutive rows of ``buffer``."""
+        views, start = [], 0
+        for rows in out_sizes:
+            views.append(buffer[start:start + rows])
+            start += rows
+        return cls(buffer, tuple(views), group)
+
     def column_major(self) -> torch.Tensor:
         """The whole group as ``_scaled_mm``'s second operand for ``dy_cat @ W_cat``: (sum out, in), column-major."""
         return transposed(self.buffer).t()
@@ -229,9 +236,4 @@ def dense_fp8(weights: Sequence[torch.Tensor]) -> Fp8Weights:
     NF4 bases go through ``nf4.dequantize_nf4_fp8`` instead)."""
     w = weights[0].float() if len(weights) == 1 else torch.cat([t.float() for t in weights])
     group = GroupScale(w.abs().amax())
-    buffer = (w * group.inv).to(E4M3)
-    views, start = [], 0
-    for t in weights:
-        views.append(buffer[start:start + t.shape[0]])
-        start += t.shape[0]
-    return Fp8Weights(buffer, tuple(views), group)
+    return Fp8Weights.stacked((w * group.inv).to(E4M3), [t.shape[0] for t in weights], group)
