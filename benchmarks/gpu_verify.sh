@@ -6,6 +6,7 @@
 # under .wheels/vision) and ".anchors" (../shared/anchors/gpu-train):   DEADLINE_S=560 bash benchmarks/gpu_verify.sh
 # Every step gets min(its own limit, what is left of DEADLINE_S); outputs go to $OUT. VERIFY_STEPS picks and orders
 # the steps (default: all, in the order below), e.g. VERIFY_STEPS="quantize_both bench8b" (quantize_both: cuda + numpy in one run).
+# QUANTS picks quantize_cuda's mixtures; GPU_RUN_8B the gpu_run.sh steps of bench8b (e.g. "bench-8b profile-8b").
 # fp8_check: the FP8 base-matmul kernels' bytes and error at real sizes, and their speed vs the exact fused nodes.
 T0=$(date +%s); END=$((T0 + ${DEADLINE_S:-575}))
 lim() { local l=$(( END - $(date +%s) )); [ "$l" -gt "$1" ] && l=$1; echo $l; }
@@ -14,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width
 export PYTHONPATH=/tmp/site:$PWD
 step() { echo "== $1 rc=$2 at $(( $(date +%s) - T0 ))s"; }
 quantize_cuda() {
-  uptime; timeout $(lim 200) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants q4_k_m,q6_k,q8_0 --dir /dev/shm --repeat 2 --probe --gpu-settings ${GPU_SETTINGS:-12x32,12x32xnoalloc,12x32xmmap,16x32xmmap} --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
+  uptime; timeout $(lim 200) python3 benchmarks/quantize.py --layers 22 --backends cuda --quants ${QUANTS:-q4_k_m,q6_k,q8_0} --dir /dev/shm --repeat 2 --probe --gpu-settings ${GPU_SETTINGS:-12x32,12x32xnoalloc,12x32xmmap,16x32xmmap} --out $OUT/quantize_gpu.txt > $OUT/quantize_gpu.log 2>&1
   step quantize_cuda $?; rm -rf /dev/shm/tmp* 2>/dev/null; cat $OUT/quantize_gpu.txt
 }
 quantize_both() {   # one f32 build and one llama.cpp run per mixture for the CUDA pipeline and the numpy pool
@@ -44,7 +45,7 @@ fp8_check() {
 }
 bench8b() {
   local B=$(lim ${BENCH_S:-230}) OUT_SAVE=$OUT
-  OUT=$OUT/gpu_run GPU_BUDGET_S=$B GPU_RUN="bench-8b" GPU_CONFIGS_8B="${GPU_CONFIGS_8B:-llmforge-8b-hostw llmforge-8b}" bash benchmarks/gpu_run.sh > $OUT_SAVE/gpu_run_stdout.txt 2>&1
+  OUT=$OUT/gpu_run GPU_BUDGET_S=$B GPU_RUN="${GPU_RUN_8B:-bench-8b}" GPU_CONFIGS_8B="${GPU_CONFIGS_8B:-llmforge-8b-hostw llmforge-8b}" bash benchmarks/gpu_run.sh > $OUT_SAVE/gpu_run_stdout.txt 2>&1
   local rc=$?; OUT=$OUT_SAVE; step bench8b $rc; tail -12 $OUT/gpu_run_stdout.txt
 }
 grpo() {
