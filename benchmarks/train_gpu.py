@@ -67,15 +67,16 @@ def setup_llmforge(path, args, dev):
     return model, extra
 
 
-STACKS = ["llmforge", "llmforge-hostw", "llmforge-fp8", "hf", "unsloth"]
+STACKS = ["llmforge", "llmforge-hostw", "llmforge-fp8", "llmforge-hostw-fp8", "hf", "unsloth"]
 
 
 def stack_setup(stack: str):
-    """The setup function of a stack name (``llmforge-hostw``: llmforge with the frozen weights on the host)."""
-    HOST_WEIGHTS["value"] = stack == "llmforge-hostw"
-    FP8["value"] = stack == "llmforge-fp8"
-    return {"unsloth": A.setup_unsloth, "llmforge": setup_llmforge, "llmforge-hostw": setup_llmforge,
-            "llmforge-fp8": setup_llmforge, "hf": A.setup_hf}[stack]
+    """The setup function of a stack name (``llmforge-hostw``: llmforge with the frozen weights on the host,
+    ``-fp8``: the FP8 base matmuls)."""
+    if stack.startswith("llmforge"):
+        HOST_WEIGHTS["value"], FP8["value"] = "-hostw" in stack, stack.endswith("-fp8")
+        return setup_llmforge
+    return {"unsloth": A.setup_unsloth, "hf": A.setup_hf}[stack]
 
 
 # ------------------------------------------------------------------------------------------- table

@@ -69,13 +69,18 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from llmforge.kernels import nf4
+
     target = GPUTarget("cuda", 90, 32)
     results = {}
     for name, fn, signature, constexprs in variants():
         try:
             sig = dict(signature, **{k: "constexpr" for k in constexprs})
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
-            results[name] = "ok"
+            unfused = name.startswith("nf4_dequant")   # launched with nf4.LAUNCH_OPTIONS: no fused multiply-add
+            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                                    options=nf4.LAUNCH_OPTIONS if unfused else None)
+            fused = [line.strip() for line in kernel.asm["ptx"].splitlines() if line.strip().startswith("fma.")]
+            results[name] = f"fused multiply-add in the PTX: {fused[:2]}" if unfused and fused else "ok"
         except Exception:  # noqa: BLE001 - reported to the parent test
             results[name] = traceback.format_exc()[-2500:]
     print(json.dumps(results), flush=True)

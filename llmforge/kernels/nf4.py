@@ -24,6 +24,9 @@ def _kernel_blocksize(blocksize: int) -> bool:
     """The kernel tiles quantization blocks: a power of two of at least 2 (bitsandbytes uses 64..4096)."""
     return blocksize >= 2 and blocksize & (blocksize - 1) == 0
 MAX_SEGMENTS = 3
+# bitsandbytes rounds code2[q] * absmax2 to fp32 before adding the offset (two ops); a fused multiply-add
+# changes the last bit of some block scales, which e4m3's rounding then shows (36 bytes in 117M on an H100)
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 
 if triton_importable():
     import triton
@@ -169,7 +172,8 @@ def _dequantize_triton_many(weights: Sequence[tuple[torch.Tensor, object]], dtyp
         programs.append(programs[-1] + triton.cdiv(triton.cdiv(n_bytes, blocksize // 2), rows))
     n_seg = len(segments)
     if programs[-1]:
-        meta = dict(blocksize=blocksize, blocksize2=blocksize2, DOUBLE=nested, ROWS=rows, FP8=inv_scale is not None)
+        meta = dict(blocksize=blocksize, blocksize2=blocksize2, DOUBLE=nested, ROWS=rows, FP8=inv_scale is not None,
+                    **LAUNCH_OPTIONS)
         grid = (programs[-1],)
         inv = out if inv_scale is None else inv_scale       # unused pointer without FP8
         if n_seg == 1:
