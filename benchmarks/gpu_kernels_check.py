@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmforge.kernels import activations, cross_entropy, fast_lora, nf4, rmsnorm, rope  # noqa: E402
+from llmforge.kernels import activations, cross_entropy, fast_lora, lora_gated, nf4, rmsnorm, rope  # noqa: E402
 
 ROWS: list[dict] = []
 KERNEL_TOL = 2e-2   # relative L2 error of a bf16 kernel vs the float32 reference
@@ -312,6 +312,20 @@ def check_fp8(device: torch.device, small: bool) -> None:
     fast = timed(lambda: grads_of(mlp, mlp_inputs, mlp_dy), device)
     ROWS[-1]["extra"] += f"; forward fast accumulation on {fast:.2f} ms, off {slow:.2f} ms"
     fp8_tolerance(8)
+    # the exact node at the same size (bf16 tolerance), then both nodes with the LoRA terms fused into the
+    # activation kernels (lora_gated.py) and without
+    compare(f"LoRA MLP NF4 {hidden}->{ffn} (exact)", lambda *t: mlp(*t, use_fp8=False),
+            lambda *t: mlp(*t, ref=True), mlp_inputs, mlp_dy, ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device)
+
+    def node_ms(fused: bool, use_fp8: bool) -> float:
+        lora_gated.ENABLED["value"] = fused
+        try:
+            return timed(lambda: grads_of(lambda *t: mlp(*t, use_fp8=use_fp8), mlp_inputs, mlp_dy), device)
+        finally:
+            lora_gated.ENABLED["value"] = True
+
+    ROWS[-1]["extra"] = "fwd+bwd, LoRA fused into the activation vs addmm_: " + ", ".join(
+        f"{'fp8' if f8 else 'exact'} {node_ms(True, f8):.2f} vs {node_ms(False, f8):.2f} ms" for f8 in (True, False))
 
     kv = hidden // 4
     qkv_bases = [quant(hidden, hidden), quant(kv, hidden), quant(kv, hidden)]

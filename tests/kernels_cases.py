@@ -171,6 +171,43 @@ def case_gated_activations():
                      lambda a, b: gated_reference(a, b, kind), [e, g], torch.randn(*shape), ["e", "g"])
 
 
+def case_lora_gated():
+    """The gated activation with the LoRA terms fused in (forward: gate/up LoRA, backward: down's LoRA input
+    gradient) equals the unfused addmm_ + activation in fp32, over several tiles with ragged edges and ranks
+    below, at and above the 16-wide dot; bf16 within two roundings (the interpreter truncates to bf16)."""
+    from llmforge.kernels import lora_gated
+    from llmforge.kernels.activations import gated_reference
+
+    torch = _torch()
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -6)):
+        for m, n, r in ((70, 300, 1), (64, 128, 4), (5, 129, 16), (130, 40, 24)):
+            for kind, name in ((0, "silu"), (1, "gelu_pytorch_tanh")):
+                e, g, dh = (torch.randn(m, n).to(dtype) for _ in range(3))
+                xa, dyb = torch.randn(m, 2 * r).to(dtype), torch.randn(m, r).to(dtype)
+                b_gate, b_up, a_down = (torch.randn(*s).mul(0.3).to(dtype) for s in ((n, r), (n, r), (r, n)))
+                assert lora_gated.fusable(e, g, r, xa, b_gate, b_up)
+                e_ref = (e.float() + xa[:, :r].float() @ b_gate.float().t()).to(dtype)
+                g_ref = (g.float() + xa[:, r:].float() @ b_up.float().t()).to(dtype)
+                e2, g2 = e.clone(), g.clone()
+                h = lora_gated.lora_gated_forward(e2, g2, xa, b_gate, b_up, kind)
+                close(e2, e_ref, tol, f"e {m}x{n} r{r}")   # updated in place: the backward needs them
+                close(g2, g_ref, tol, f"g {m}x{n} r{r}")
+                close(h, gated_reference(e_ref.float(), g_ref.float(), name), 2 * tol, f"h {m}x{n} r{r} {name}")
+                ee, gg = e_ref.float().requires_grad_(), g_ref.float().requires_grad_()
+                dh_ref = (dh.float() + dyb.float() @ a_down.float()).to(dtype).float()
+                de_ref, dg_ref = torch.autograd.grad(gated_reference(ee, gg, name), (ee, gg), dh_ref)
+                de, dg = lora_gated.lora_gated_backward(dh, dyb, a_down, e2, g2, kind)
+                assert de.data_ptr() == e2.data_ptr() and dg.data_ptr() == g2.data_ptr()   # written over e and g
+                close(de, de_ref, 2 * tol, f"de {m}x{n} r{r} {name}")
+                close(dg, dg_ref, 2 * tol, f"dg {m}x{n} r{r} {name}")
+    e = torch.randn(4, 8)
+    assert lora_gated.fusable(e, e, 128, torch.randn(4, 256), torch.randn(8, 128))
+    assert not lora_gated.fusable(e, e, 129, torch.randn(4, 258), torch.randn(8, 129))   # rank above the limit
+    assert not lora_gated.fusable(e, e.t().contiguous().t(), 4, torch.randn(4, 8), torch.randn(8, 4))
+    assert not lora_gated.fusable(e, e, 4, torch.randn(4, 8).double(), torch.randn(8, 4))
+    assert not lora_gated.fusable(e, e, 4, torch.randn(8, 4).t(), torch.randn(8, 4))
+
+
 def case_fused_linear_cross_entropy():
     from llmforge.kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
 

@@ -10,7 +10,7 @@ import traceback
 
 
 def variants():
-    from llmforge.kernels import activations, cross_entropy, fp8, nf4, rmsnorm, rope
+    from llmforge.kernels import activations, cross_entropy, fp8, lora_gated, nf4, rmsnorm, rope
 
     bf = "*bf16"
     for dtype in (bf, "*fp32"):
@@ -27,6 +27,13 @@ def variants():
                    dict(E=dtype, G=dtype, H=dtype, n="i32"), dict(KIND=kind, BLOCK=1024))
             yield (f"gated_bwd {dtype} kind={kind}", activations._gated_bwd,
                    dict(DH=dtype, E=dtype, G=dtype, DE=dtype, DG=dtype, n="i32"), dict(KIND=kind, BLOCK=1024))
+            tiles = dict(BM=lora_gated.BLOCK_M, BN=lora_gated.BLOCK_N, BR=16, UPCAST=False)
+            yield (f"lora_gated_fwd {dtype} kind={kind}", lora_gated._lora_gated_fwd,
+                   dict(E=dtype, G=dtype, H=dtype, XA=dtype, xa_stride="i32", BE=dtype, BG=dtype, b_stride="i32",
+                        M="i32", N="i32", rank="i32"), dict(KIND=kind, **tiles))
+            yield (f"lora_gated_bwd {dtype} kind={kind}", lora_gated._lora_gated_bwd,
+                   dict(DH=dtype, DYB=dtype, dyb_stride="i32", AD=dtype, a_stride="i32", E=dtype, G=dtype,
+                        M="i32", N="i32", rank="i32"), dict(KIND=kind, **tiles))
         for backward in (False, True):
             yield (f"rope {dtype} backward={backward}", rope._rope_kernel,
                    dict(X=dtype, COS=dtype, SIN=dtype, n_t="i32", n_heads="i32", sxb="i32", sxh="i32", sxt="i32",

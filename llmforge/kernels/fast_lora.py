@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from llmforge.kernels import lora_gated
 from llmforge.kernels._backend import compute_dtype, use_triton
 from llmforge.kernels.activations import (ACTIVATION_KINDS, gated_backward_raw, gated_forward_raw,
                                           gated_reference)
@@ -247,6 +248,23 @@ def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights,
     return LoRAQKVFunction.apply(x, spec, q.lora_a, q.lora_b, k.lora_a, k.lora_b, v.lora_a, v.lora_b)
 
 
+def _lora_gated(e, g, xa, gu: "Adapters", kind):
+    """``act(e + LoRA_gate) * (g + LoRA_up)``, e and g updated in place: one fused kernel when it applies."""
+    b_gate, b_up = gu.bs
+    if b_gate.shape[1] == b_up.shape[1] == xa.shape[1] // 2 and lora_gated.fusable(e, g, b_gate.shape[1], xa, b_gate, b_up):
+        return lora_gated.lora_gated_forward(e, g, xa, b_gate.contiguous(), b_up.contiguous(), ACTIVATION_KINDS[kind])
+    e.addmm_(gu.columns(xa, 0), b_gate.t())
+    g.addmm_(gu.columns(xa, 1), b_up.t())
+    return _gated(e, g, kind)
+
+
+def _lora_gated_grad(dh, dyb_d, a_d, e, g, kind):
+    """(de, dg) of ``h = act(e) * g`` for ``dh + dyb_d @ a_d``; the Triton paths overwrite e and g."""
+    if lora_gated.fusable(e, g, a_d.shape[0], dyb_d, a_d) and dh.shape == e.shape:
+        return lora_gated.lora_gated_backward(dh, dyb_d, a_d.contiguous(), e, g, ACTIVATION_KINDS[kind])
+    return _gated_grad(dh.addmm_(dyb_d, a_d), e, g, kind)
+
+
 def _gated(e, g, kind):
     if use_triton(e):
         return gated_forward_raw(e.contiguous(), g.contiguous(), ACTIVATION_KINDS[kind])
@@ -285,9 +303,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dn = _adapters(caches and caches[1], adapters[4:], scales[2:], dtype)
         xa = torch.mm(x2, gu.a.t())
         e, g = base_outputs(x2, bases[:2], dtype, fp8)     # the dense weights are dropped here
-        e.addmm_(gu.columns(xa, 0), gu.bs[0].t())
-        g.addmm_(gu.columns(xa, 1), gu.bs[1].t())
-        h = _gated(e, g, kind)
+        h = _lora_gated(e, g, xa, gu, kind)
         xa_d = torch.mm(h, dn.a.t())
         out = _output(x, out_features(*bases[2]), dtype)
         out2 = out.view(-1, out.shape[-1])
@@ -307,8 +323,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy2 = _rows(dy, dtype)
         dyb_d = torch.mm(dy2, bd)
         d_down = _adapter_grads(dn, dyb_d, [dy2], h, xa_d, scales[2:], need[4:])
-        dh = base_input_grad([dy2], bases[2:], dtype, fp8).addmm_(dyb_d, a_d)
-        de, dg = _gated_grad(dh, e, g, kind)  # reuses e's and g's memory
+        dh = base_input_grad([dy2], bases[2:], dtype, fp8)
+        de, dg = _lora_gated_grad(dh, dyb_d, a_d, e, g, kind)  # reuses e's and g's memory
         del dh, e, g
         dyb = torch.cat([torch.mm(de, bg), torch.mm(dg, bu)], dim=1)
         d_gate_up = _adapter_grads(gu, dyb, [de, dg], x2, xa, scales[:2], need[:4])
