@@ -377,6 +377,51 @@ def case_fused_lora_mlp():
                      tol=2e-5)
 
 
+def case_mlp_recompute():
+    """Re-run by offloaded checkpointing, the fused LoRA MLP skips the down projection when its output only
+    feeds the residual sum (the output is zeros then) and, with FP8, keeps the gate/up e4m3 weights for its
+    backward; the gradients equal those of the plain forward and backward, exact and FP8."""
+    from llmforge.kernels import fast_lora, offload
+    from llmforge.kernels.fast_lora import LoRAWeights, lora_mlp
+
+    torch = _torch()
+    hidden, ffn, r = 32, 64, 4       # multiples of 16: the FP8 path applies
+    parts = [_lora_inputs(torch, ffn, hidden, r, True), _lora_inputs(torch, ffn, hidden, r, True),
+             _lora_inputs(torch, hidden, ffn, r, True)]
+    x = torch.randn(2, 5, hidden)
+    ab = [t for _, a, b in parts for t in (a, b)]
+    calls = []   # (weights in the group, recomputing) of every e4m3 dequantization
+    fp8_weights = fast_lora.fp8_weights
+
+    def counting_fp8_weights(bases):
+        calls.append((len(bases), offload.recomputing()))
+        return fp8_weights(bases)
+
+    # forward: gate/up, down; recompute: gate/up (kept), down unless skipped; backward: down only
+    want = {True: [(2, False), (1, False), (2, True), (1, False)],
+            False: [(2, False), (1, False), (2, True), (1, True), (1, False)]}
+    fast_lora.fp8_weights = counting_fp8_weights
+    try:
+        for fp8 in (False, True):
+            for into_residual in (True, False):
+                def block(h, *adapters):
+                    ws = [LoRAWeights(p.base, p.quant_state, a, b, 2.0)
+                          for (p, _, _), a, b in zip(parts, adapters[0::2], adapters[1::2])]
+                    return h + lora_mlp(h * 1.5, *ws, "silu", None, fp8, into_residual)
+
+                leaves = [t.clone().requires_grad_() for t in (x, *ab)]
+                calls.clear()
+                offload.offloaded_checkpoint(block, *leaves).backward(torch.ones_like(x))
+                assert calls == (want[into_residual] if fp8 else []), (fp8, into_residual, calls)
+                check_fn(lambda h, *ad: offload.offloaded_checkpoint(block, h, *ad), block, [x, *ab],
+                         torch.randn(2, 5, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], tol=1e-6)
+                with torch.no_grad(), offload._Recomputing():
+                    inside = block(x, *ab) - x
+                assert bool((inside == 0).all()) == into_residual, (fp8, into_residual)
+    finally:
+        fast_lora.fp8_weights = fp8_weights
+
+
 def case_offloaded_checkpoint():
     from llmforge.kernels.offload import offloaded_checkpoint
 

@@ -27,16 +27,19 @@ class ArchKernels:
     text_model: tuple[str, ...] = ()   # VLMs: paths of the language model in the wrapper (first found); (): all
     logit_softcap: bool = True     # the loss applies final_logit_softcapping (HF's VLM forwards do not)
     host_weights: bool = True      # frozen embeddings / lm_head may be kept in host memory
+    mlp_into_residual: bool = True  # the MLP's output only goes into the residual sum (no norm after it, as
+                                    # Gemma 2/3's post_feedforward_layernorm): a recompute may skip down_proj
 
 
 TEXT = ArchKernels()
-GEMMA = ArchKernels(norm="1+w")
+GEMMA = ArchKernels(norm="1+w", mlp_into_residual=False)
 ARCHS: dict[str, ArchKernels] = {
     "llama": TEXT, "mistral": TEXT, "qwen2": TEXT, "qwen3": TEXT,
     "gemma2": GEMMA, "gemma3_text": GEMMA,
     "phi3": ArchKernels(mlp="fused"),
     # vision-language models: the language model only
-    "gemma3": ArchKernels(norm="1+w", text_model=VLM_TEXT, logit_softcap=False, host_weights=False),
+    "gemma3": ArchKernels(norm="1+w", text_model=VLM_TEXT, logit_softcap=False, host_weights=False,
+                          mlp_into_residual=False),
     "qwen2_vl": ArchKernels(rope="mrope", text_model=VLM_TEXT, logit_softcap=False, host_weights=False),
     "qwen2_5_vl": ArchKernels(rope="mrope", text_model=VLM_TEXT, logit_softcap=False, host_weights=False),
 }

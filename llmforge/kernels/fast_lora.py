@@ -29,6 +29,7 @@ from llmforge.kernels.activations import (ACTIVATION_KINDS, gated_backward_raw, 
                                           gated_reference)
 from llmforge.kernels.fp8 import Fp8Weights, dense_fp8, fp8_mm, fp8_shapes_ok, quantize_rows
 from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_fp8, dequantize_nf4_many
+from llmforge.kernels.offload import recomputing
 
 _STEP = [0]
 # cuBLAS's fast FP8 accumulation in the forward base matmuls (torchao's default; LLMFORGE_FP8_FAST_ACCUM=0: off)
@@ -78,11 +79,12 @@ def use_fp8(fp8: bool, x2: torch.Tensor, bases: tuple) -> bool:
 
 
 def base_outputs(x2: torch.Tensor, bases: tuple, dtype: torch.dtype, fp8: bool,
-                 outs: list | None = None) -> list[torch.Tensor]:
-    """``x2 @ W_i.T`` for each frozen base of the group (into ``outs[i]`` when given); ``fp8``: e4m3 operands."""
+                 outs: list | None = None, fw: Fp8Weights | None = None) -> list[torch.Tensor]:
+    """``x2 @ W_i.T`` for each frozen base of the group (into ``outs[i]`` when given); ``fp8``: e4m3 operands
+    (``fw``: the group already in e4m3)."""
     if fp8:
         xq, x_scale = quantize_rows(x2)
-        fw = fp8_weights(bases)
+        fw = fw or fp8_weights(bases)
         return [fp8_mm(xq, x_scale, w.t(), fw.group, dtype, out=None if outs is None else outs[i],
                        fast_accum=FP8_FAST_ACCUM)
                 for i, w in enumerate(fw.views)]
@@ -90,10 +92,12 @@ def base_outputs(x2: torch.Tensor, bases: tuple, dtype: torch.dtype, fp8: bool,
             for i, w in enumerate(dense_weights(bases, dtype))]
 
 
-def base_input_grad(dys: list, bases: tuple, dtype: torch.dtype, fp8: bool) -> torch.Tensor:
-    """``sum_i dys[i] @ W_i`` over the frozen bases of the group; ``fp8``: one e4m3 matmul of the concatenations."""
+def base_input_grad(dys: list, bases: tuple, dtype: torch.dtype, fp8: bool,
+                    fw: Fp8Weights | None = None) -> torch.Tensor:
+    """``sum_i dys[i] @ W_i`` over the frozen bases of the group; ``fp8``: one e4m3 matmul of the concatenations
+    (``fw``: the group already in e4m3)."""
     if fp8:
-        fw = fp8_weights(bases)
+        fw = fw or fp8_weights(bases)
         dq, dy_scale = quantize_rows(*dys)
         return fp8_mm(dq, dy_scale, fw.column_major(), fw.group, dtype)
     ws = dense_weights(bases, dtype)
@@ -286,29 +290,39 @@ def _gated_grad(dh, e, g, kind):
 class LoRAMLPFunction(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, one autograd node.
 
-    ``spec`` = ((gate, up, down) as (base, quant_state), (scales), kind, (gate/up cache, down cache) or None);
-    ``adapters`` = gate A, gate B, up A, up B, down A, down B. Gate and up are dequantized in one launch.
-    The activation is saved rather than recomputed: it is alive during the down projection's backward
-    either way. Every activation goes through ``save_for_backward`` (never a plain ``ctx`` attribute):
+    ``spec`` = ((gate, up, down) as (base, quant_state), (scales), kind, (gate/up cache, down cache) or None,
+    fp8, into_residual); ``adapters`` = gate A, gate B, up A, up B, down A, down B. Gate and up are dequantized
+    in one launch. The activation is saved rather than recomputed: it is alive during the down projection's
+    backward either way. Every activation goes through ``save_for_backward`` (never a plain ``ctx`` attribute):
     non-reentrant checkpointing drops saved tensors after forward, but not ``ctx`` attributes.
+
+    Re-run by offloaded checkpointing (``offload.recomputing()``) the node only rebuilds what its backward
+    saves: when ``into_residual`` (the output only goes into the residual sum, whose backward needs no values)
+    the down projection is skipped and the output is zeros; with ``fp8`` the gate/up e4m3 weights are kept for
+    the backward that follows at once (one layer's worth, freed with the node).
     """
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        bases, scales, kind, caches, fp8 = spec
+        bases, scales, kind, caches, fp8, into_residual = spec
         dtype = compute_dtype(x)
         x2 = _rows(x, dtype)
         fp8 = use_fp8(fp8, x2, bases)     # the down projection's input size is gate's output size
+        recompute = recomputing()
         gu = _adapters(caches and caches[0], adapters[:4], scales[:2], dtype)
         dn = _adapters(caches and caches[1], adapters[4:], scales[2:], dtype)
         xa = torch.mm(x2, gu.a.t())
-        e, g = base_outputs(x2, bases[:2], dtype, fp8)     # the dense weights are dropped here
+        ctx.fp8_gate_up = fp8_weights(bases[:2]) if fp8 and recompute else None
+        e, g = base_outputs(x2, bases[:2], dtype, fp8, fw=ctx.fp8_gate_up)   # dense weights are dropped here
         h = _lora_gated(e, g, xa, gu, kind)
         xa_d = torch.mm(h, dn.a.t())
         out = _output(x, out_features(*bases[2]), dtype)
-        out2 = out.view(-1, out.shape[-1])
-        base_outputs(h, bases[2:], dtype, fp8, [out2])
-        out2.addmm_(xa_d, dn.bs[0].t())
+        if recompute and into_residual:
+            out.zero_()
+        else:
+            out2 = out.view(-1, out.shape[-1])
+            base_outputs(h, bases[2:], dtype, fp8, [out2])
+            out2.addmm_(xa_d, dn.bs[0].t())
         ctx.save_for_backward(x2, xa, e, g, h, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
         ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind, fp8), gu.offsets, dtype
         return out
@@ -330,17 +344,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         d_gate_up = _adapter_grads(gu, dyb, [de, dg], x2, xa, scales[:2], need[:4])
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = base_input_grad([de, dg], bases[:2], dtype, fp8).addmm_(dyb, a_gu)
+            dx = base_input_grad([de, dg], bases[:2], dtype, fp8, fw=ctx.fp8_gate_up).addmm_(dyb, a_gu)
             dx = dx.view(*dy.shape[:-1], x2.shape[-1])
+        ctx.fp8_gate_up = None
         return (dx, None, *d_gate_up, *d_down)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, kind: str,
-             caches: tuple[AdapterCache, AdapterCache] | None = None, fp8: bool = False) -> torch.Tensor:
+             caches: tuple[AdapterCache, AdapterCache] | None = None, fp8: bool = False,
+             into_residual: bool = False) -> torch.Tensor:
     """Gated LoRA MLP; ``kind`` is ``silu`` (SwiGLU) or ``gelu_pytorch_tanh`` (GeGLU); ``caches`` for the
-    gate/up group and for down; ``fp8``: the base matmuls on e4m3 operands."""
+    gate/up group and for down; ``fp8``: the base matmuls on e4m3 operands; ``into_residual``: the caller
+    only adds the output to the residual stream (a checkpoint's recompute may then skip the down projection)."""
     spec = (((gate.base, gate.quant_state), (up.base, up.quant_state), (down.base, down.quant_state)),
-            (gate.scale, up.scale, down.scale), kind, caches, fp8)
+            (gate.scale, up.scale, down.scale), kind, caches, fp8, into_residual)
     return LoRAMLPFunction.apply(x, spec, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
 
 

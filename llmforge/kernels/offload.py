@@ -7,6 +7,7 @@ extra device memory)."""
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import Callable
 
@@ -59,6 +60,23 @@ class _Offloaded:
         return hidden
 
 
+_RECOMPUTE = threading.local()   # autograd may run backward on a worker thread per device
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer is being re-run in backward (its outputs' values are then not used:
+    backward needs only the graph it rebuilds and the tensors that graph saves)."""
+    return getattr(_RECOMPUTE, "depth", 0) > 0
+
+
+class _Recomputing:
+    def __enter__(self):
+        _RECOMPUTE.depth = getattr(_RECOMPUTE, "depth", 0) + 1
+
+    def __exit__(self, *exc):
+        _RECOMPUTE.depth -= 1
+
+
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _LAST: dict[torch.device, "weakref.ref[_Offloaded]"] = {}
 
@@ -94,7 +112,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         source = ctx.offloaded.take() if ctx.offloaded is not None else ctx.saved_input
         ctx.offloaded = ctx.saved_input = None
         hidden = source.detach().requires_grad_(True)
-        with torch.enable_grad(), _autocast_as(ctx.autocast):
+        with torch.enable_grad(), _autocast_as(ctx.autocast), _Recomputing():
             out = ctx.run(hidden, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]

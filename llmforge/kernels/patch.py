@@ -256,8 +256,10 @@ def _activation_kind(config) -> str | None:
     return act if act in ACTIVATION_KINDS else None
 
 
-def _patch_split_mlp(mlp: nn.Module, kind: str, cache_casts: bool, fp8: bool = False) -> bool:
-    """Llama-style MLP. Returns True when all three projections take the fused LoRA path."""
+def _patch_split_mlp(mlp: nn.Module, kind: str, cache_casts: bool, fp8: bool = False,
+                     into_residual: bool = False) -> bool:
+    """Llama-style MLP (``into_residual``: its output only goes into the residual sum). Returns True when all
+    three projections take the fused LoRA path."""
     modules = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     fusable = all(_is_lora(p) and lora_unfusable_reason(p) is None for p in modules)
     projections = [_Projection(m) for m in modules] if fusable else []
@@ -266,7 +268,7 @@ def _patch_split_mlp(mlp: nn.Module, kind: str, cache_casts: bool, fp8: bool = F
     def forward(x):
         ws = [p.weights() for p in projections]
         if fusable and all(w is not None for w in ws):
-            return lora_mlp(x, *ws, kind, caches, fp8)
+            return lora_mlp(x, *ws, kind, caches, fp8, into_residual)
         return mlp.down_proj(gated_activation(mlp.gate_proj(x), mlp.up_proj(x), kind))
 
     mlp.forward = forward
@@ -403,7 +405,7 @@ def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | 
             if kind is None:
                 report.not_patched.append(f"{name}: activation {act_name}")
             elif arch.mlp == "split" and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-                fused = _patch_split_mlp(module, kind, cache_casts, fp8)
+                fused = _patch_split_mlp(module, kind, cache_casts, fp8, arch.mlp_into_residual)
                 report.patched["mlp_fused_lora" if fused else "mlp_activation_only"].append(name)
                 if fused:
                     mlp_projection_ids.update(id(p) for p in (module.gate_proj, module.up_proj, module.down_proj))
