@@ -269,6 +269,7 @@ def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setti
     try:
         for _ in range(repeat):
             out.unlink(missing_ok=True)         # as for llama.cpp: no old file to free inside the timed call
+            gpu_pipeline.wait_unmapped()        # nor the previous run's output mapping still being torn down
             t0 = time.perf_counter()
             quantize_gguf(src, out, quant, progress=False, backend=backend.removesuffix("-eager"))
             times.append(time.perf_counter() - t0)
