@@ -308,8 +308,8 @@ def gpu_busy_line(events, wall_s: float, steps: int) -> str:
     kernels = sum(e.self_device_time_total for e in events
                   if not e.key.startswith("Memcpy") and e.device_type.name == "CUDA") / 1e3 / steps
     busy = kernels / (wall_s * 1e3)
-    return (f"PROFILE GPU busy: kernels {kernels:.1f} ms per step (+ copies {copies:.1f} ms) vs step {wall_s * 1e3:.1f} ms"
-            f" -> {100 * busy:.0f}%{' (the host sets the pace)' if busy < 0.85 else ''}")
+    return (f"PROFILE GPU busy: kernels {kernels:.1f} ms per step (+ copies {copies:.1f} ms) vs step "
+            f"{wall_s * 1e3:.1f} ms -> {100 * busy:.0f}%{' (the host sets the pace)' if busy < 0.85 else ''}")
 
 
 def _site(frames: list[dict]) -> str:

@@ -255,7 +255,8 @@ def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights,
 def _lora_gated(e, g, xa, gu: "Adapters", kind):
     """``act(e + LoRA_gate) * (g + LoRA_up)``, e and g updated in place: one fused kernel when it applies."""
     b_gate, b_up = gu.bs
-    if b_gate.shape[1] == b_up.shape[1] == xa.shape[1] // 2 and lora_gated.fusable(e, g, b_gate.shape[1], xa, b_gate, b_up):
+    rank = b_gate.shape[1]
+    if rank == b_up.shape[1] == xa.shape[1] // 2 and lora_gated.fusable(e, g, rank, xa, b_gate, b_up):
         return lora_gated.lora_gated_forward(e, g, xa, b_gate.contiguous(), b_up.contiguous(), ACTIVATION_KINDS[kind])
     e.addmm_(gu.columns(xa, 0), b_gate.t())
     g.addmm_(gu.columns(xa, 1), b_up.t())

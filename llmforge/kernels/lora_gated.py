@@ -86,9 +86,9 @@ if triton_importable():
 def fusable(e: torch.Tensor, g: torch.Tensor, rank: int, *low_rank: torch.Tensor) -> bool:
     """Whether the fused kernels take these operands: same-shape contiguous e and g, a LoRA rank in range,
     rank-r factors of e's dtype with unit column stride, and the Triton path available."""
-    return (ENABLED["value"] and use_triton(e, g, *low_rank) and e.dim() == 2 and e.shape == g.shape and e.dtype == g.dtype
-            and e.is_contiguous() and g.is_contiguous() and e.numel() > 0 and MIN_RANK <= rank <= MAX_RANK
-            and all(t.dtype == e.dtype and t.stride(-1) == 1 for t in low_rank))
+    return (ENABLED["value"] and use_triton(e, g, *low_rank) and e.dim() == 2 and e.shape == g.shape
+            and e.dtype == g.dtype and e.is_contiguous() and g.is_contiguous() and e.numel() > 0
+            and MIN_RANK <= rank <= MAX_RANK and all(t.dtype == e.dtype and t.stride(-1) == 1 for t in low_rank))
 
 
 def _grid(m: int, n: int) -> tuple[int, int]:
