@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from llmforge.errors import LlmforgeError
+from llmforge.export import writer as writer_module
 from llmforge.quant import gpu_pipeline, requantize
 from llmforge.quant.requantize import quantize_gguf
 from kernels_cases import report_cases, run_interpreted
@@ -76,6 +77,24 @@ def test_mapped_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monk
     gpu_pipeline.wait_unmapped()
 
 
+def test_the_read_back_runs_before_the_mapping_is_torn_down(cpu_pipeline, models, tmp_path, monkeypatch):
+    """The file's read-back check maps it; an unmap running at the same time would hold the process's mapping
+    lock, so the teardown starts only after the check (and after a failed one too)."""
+    monkeypatch.setattr(gpu_pipeline, "WRITE_MODE", "mmap")
+    seen = []
+    verify = writer_module.verify_gguf
+
+    def recording_verify(path, planned):
+        seen.append((len(gpu_pipeline._PENDING), len([t for t in gpu_pipeline._UNMAPPING if t.is_alive()])))
+        return verify(path, planned)
+
+    monkeypatch.setattr(writer_module, "verify_gguf", recording_verify)
+    gpu_pipeline.wait_unmapped()
+    quantize_gguf(models["f16"], tmp_path / "ours.gguf", "q8_0", progress=False)
+    assert seen == [(1, 0)] and not gpu_pipeline._PENDING   # pending during the check, started after it
+    gpu_pipeline.wait_unmapped()
+
+
 def test_an_output_that_cannot_be_mapped_is_written_with_pwrite(tmp_path, monkeypatch):
     fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
     try:
@@ -95,7 +114,8 @@ def test_an_output_that_cannot_be_mapped_is_written_with_pwrite(tmp_path, monkey
 
 
 def test_the_output_is_unmapped_in_the_background(tmp_path):
-    """close() hands the mapping to a thread: the file is whole at once, and the mapping does get closed."""
+    """close() leaves the mapping to a thread that unmap_pending starts: the file is whole at once, and the
+    mapping does get closed."""
     fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
     try:
         os.ftruncate(fd, 1 << 20)
@@ -104,8 +124,11 @@ def test_the_output_is_unmapped_in_the_background(tmp_path):
         out.write(np.full(4096, 7, dtype=np.uint8), 8192)
         out.close(background=True)
         assert out.mm is None and os.pread(fd, 4096, 8192) == bytes([7]) * 4096
+        assert not mm.closed and [m for m, _ in gpu_pipeline._PENDING] == [mm]
+        gpu_pipeline.unmap_pending()
         gpu_pipeline.wait_unmapped()
-        assert mm.closed
+        assert mm.closed and not gpu_pipeline._PENDING
+        assert os.pread(fd, 4096, 8192) == bytes([7]) * 4096     # dropping the page-table entries kept the data
         failed = gpu_pipeline._Output(fd, "mmap")     # a failed write unmaps at once
         mm = failed.mm
         failed.close()
