@@ -43,14 +43,19 @@ if triton_importable():
         return tl.dot(left, right, input_precision="ieee")
 
     @triton.jit
+    def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+        """This program's (BM, BN) tile of an (M, N) row-major tensor: row and column indices clamped into
+        bounds (for loads of the rank-r factors), the element mask and the element offsets."""
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        return tl.minimum(rows, M - 1), tl.minimum(cols, N - 1), mask, rows[:, None] * N + cols[None, :]
+
+    @triton.jit
     def _lora_gated_fwd(E, G, H, XA, xa_stride, BE, BG, b_stride, M, N, rank,
                         KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                         UPCAST: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        rows_c, cols_c = tl.minimum(rows, M - 1), tl.minimum(cols, N - 1)   # clamped: loads stay in bounds
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        idx = rows[:, None] * N + cols[None, :]
+        rows_c, cols_c, mask, idx = _tile(M, N, BM, BN)
         dtype = H.dtype.element_ty
         e = tl.load(E + idx, mask=mask, other=0.0).to(tl.float32)
         e += _low_rank_tile(XA, xa_stride, BE, b_stride, rows_c, cols_c, rank, False, BR, UPCAST)
@@ -67,11 +72,7 @@ if triton_importable():
     def _lora_gated_bwd(DH, DYB, dyb_stride, AD, a_stride, E, G, M, N, rank,
                         KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                         UPCAST: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        rows_c, cols_c = tl.minimum(rows, M - 1), tl.minimum(cols, N - 1)
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        idx = rows[:, None] * N + cols[None, :]
+        rows_c, cols_c, mask, idx = _tile(M, N, BM, BN)
         dtype = E.dtype.element_ty
         dh = tl.load(DH + idx, mask=mask, other=0.0).to(tl.float32)
         dh += _low_rank_tile(DYB, dyb_stride, AD, a_stride, rows_c, cols_c, rank, True, BR, UPCAST)
