@@ -123,22 +123,43 @@ def probe_host(src: Path, tmp: Path, lanes: int, chunk: int, say) -> None:
     t = time.perf_counter() - t0
     say(f"probe: H2D pinned, {lanes:2} streams:      {len(offsets) * chunk / t / 1e9:5.1f} GB/s")
     probe_registered(src, lanes, chunk, dev, streams, say)
-    from llmforge.quant.gpu_pipeline import _Output
+    from llmforge.quant import gpu_pipeline
 
+    say(f"probe: {host_pages(tmp)}")
     quarter = offsets[: max(1, len(offsets) // 4)]
-    for mode in ("pwrite", "mmap"):       # the pipeline's two ways to write the output, into a fresh file
+    saved = gpu_pipeline.HUGEPAGES
+    # the pipeline's ways to write the output, into a fresh file
+    for mode, huge in (("pwrite", False), ("mmap", False), ("mmap", True)):
         out = tmp / "probe.bin"
         fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        gpu_pipeline.HUGEPAGES = huge
         try:
             os.ftruncate(fd, len(quarter) * chunk)
-            sink = _Output(fd, mode)
+            sink = gpu_pipeline._Output(fd, mode)
             t = in_threads(lanes, lambda i, n: [sink.write(bufs[i].numpy(), k * chunk)
                                                 for k in range(i, len(quarter), n)])
             sink.close()
-            say(f"probe: {mode:6} output, {lanes:2} threads:   {len(quarter) * chunk / t / 1e9:5.1f} GB/s")
+            label = mode + (" huge" if huge else "")
+            say(f"probe: {label:11} output, {lanes:2} threads:   {len(quarter) * chunk / t / 1e9:5.1f} GB/s")
         finally:
+            gpu_pipeline.HUGEPAGES = saved
             os.close(fd)
             out.unlink()
+
+
+def host_pages(folder: Path) -> str:
+    """The kernel's transparent-huge-page policy for shmem and the mount options of ``folder``'s file system."""
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return "?"
+    mounts = [line.split() for line in read("/proc/mounts").splitlines()]
+    best = max((m for m in mounts if len(m) > 3 and str(folder.resolve()).startswith(m[1])),
+               key=lambda m: len(m[1]), default=None)
+    return (f"THP shmem_enabled [{read('/sys/kernel/mm/transparent_hugepage/shmem_enabled')}], "
+            f"enabled [{read('/sys/kernel/mm/transparent_hugepage/enabled')}]; "
+            f"{folder}: {best[2] + ' ' + best[3] if best else '?'}")
 
 
 def probe_registered(src: Path, lanes: int, chunk: int, dev: list, streams: list, say) -> None:
@@ -201,8 +222,9 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per llmforge backend (the best is the ratio)")
     ap.add_argument("--gpu-settings", default="",
-                    help="cuda pipeline settings to try, LANESxCHUNK_MB[xmmap][xnoalloc], e.g. 12x32,12x32xnoalloc,"
-                         "12x32xmmap (mmap: LLMFORGE_GPU_WRITE=mmap; noalloc: LLMFORGE_GPU_PREALLOCATE=0)")
+                    help="cuda pipeline settings to try, LANESxCHUNK_MB[xmmap][xnoalloc][xhuge], e.g. 12x32,"
+                         "12x32xnoalloc,12x32xmmap (mmap: LLMFORGE_GPU_WRITE=mmap; noalloc: "
+                         "LLMFORGE_GPU_PREALLOCATE=0; huge: LLMFORGE_GPU_HUGEPAGES=1)")
     ap.add_argument("--probe", action="store_true", help="also measure the GPU pipeline's host-side limits")
     ap.add_argument("--out", default=None, help="also write the lines printed to this file")
     args = ap.parse_args()
@@ -221,8 +243,7 @@ def main() -> None:
     backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + cuda)
     if args.backends:
         backends = [b for b in args.backends.split(",") if b in backends]
-    settings = [(int(s.split("x")[0]), int(s.split("x")[1]), "mmap" if "xmmap" in s else "pwrite", "xnoalloc" not in s)
-                for s in args.gpu_settings.split(",") if s] or [None]
+    settings = [parse_setting(s) for s in args.gpu_settings.split(",") if s] or [None]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = Path(tmp) / "model-f32.gguf"
         n = build_f32(src, args.layers)
@@ -249,20 +270,27 @@ def main() -> None:
             ref.unlink()
 
 
-def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setting: tuple[int, int, str] | None,
+def parse_setting(text: str) -> dict:
+    """``LANESxCHUNK_MB[xmmap][xnoalloc][xhuge]`` -> the gpu_pipeline module attributes it sets."""
+    parts = text.split("x")
+    return {"LANES": int(parts[0]), "CHUNK_BYTES": int(parts[1]) << 20,
+            "WRITE_MODE": "mmap" if "mmap" in parts else "pwrite",
+            "PREALLOCATE": "noalloc" not in parts, "HUGEPAGES": "huge" in parts}
+
+
+def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setting: dict | None,
                 repeat: int, mb: float, t_ref: float, say) -> None:
     from llmforge.quant import gpu_pipeline
 
     out = tmp / f"ours-{quant}-{backend}.gguf"
     label = {"numpy": "numpy", "cpu": "torch CPU", "cuda": "CUDA Triton", "cuda-eager": "CUDA eager"}[backend]
+    saved = {name: getattr(gpu_pipeline, name) for name in (setting or {})}
+    for name, value in (setting or {}).items():
+        setattr(gpu_pipeline, name, value)
     if backend == "cuda":
-        lanes, chunk_mb, mode, prealloc = setting or (gpu_pipeline.default_lanes(), gpu_pipeline.CHUNK_BYTES >> 20,
-                                                      gpu_pipeline.WRITE_MODE, gpu_pipeline.PREALLOCATE)
-        label += f" {lanes:2} lanes x {chunk_mb:3} MiB {mode:6}{'' if prealloc else ' no fallocate'}"
-    saved = gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE, gpu_pipeline.PREALLOCATE
-    if setting:
-        (gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE,
-         gpu_pipeline.PREALLOCATE) = setting[0], setting[1] << 20, setting[2], setting[3]
+        lanes = gpu_pipeline.LANES or gpu_pipeline.default_lanes()
+        label += (f" {lanes:2} lanes x {gpu_pipeline.CHUNK_BYTES >> 20:3} MiB {gpu_pipeline.WRITE_MODE:6}"
+                  f"{'' if gpu_pipeline.PREALLOCATE else ' no fallocate'}{' huge' if gpu_pipeline.HUGEPAGES else ''}")
     if backend == "cuda-eager":
         os.environ["LLMFORGE_KQUANT_GPU"] = "eager"    # A/B: TorchOps instead of the Triton kernels
     times = []
@@ -280,7 +308,8 @@ def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setti
                 break
     finally:
         os.environ.pop("LLMFORGE_KQUANT_GPU", None)
-        gpu_pipeline.LANES, gpu_pipeline.CHUNK_BYTES, gpu_pipeline.WRITE_MODE, gpu_pipeline.PREALLOCATE = saved
+        for name, value in saved.items():
+            setattr(gpu_pipeline, name, value)
     runs = " ".join(f"{mb / t:.0f}" for t in times)
     say(f"{quant:7} llmforge {label:10} {mb / min(times):8.1f} MB/s   ratio {t_ref / min(times):5.2f}   "
         f"identical to llama.cpp: {same}   (runs, MB/s: {runs})")

@@ -137,6 +137,34 @@ def test_the_output_is_unmapped_in_the_background(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.parametrize("huge", [False, True])
+def test_huge_pages_are_asked_for_only_when_set_and_keep_the_bytes(tmp_path, monkeypatch, huge):
+    monkeypatch.setattr(gpu_pipeline, "HUGEPAGES", huge)
+    advice = []
+    real = gpu_pipeline._LIBC.madvise
+
+    class Libc:     # records each madvise's advice and passes the call on
+        def madvise(self, addr, length, adv):
+            advice.append(adv)
+            return real(addr, length, adv)
+
+    monkeypatch.setattr(gpu_pipeline, "_LIBC", Libc())
+    data = np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8)
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, data.nbytes)
+        out = gpu_pipeline._Output(fd, "mmap")
+        assert out.mapped
+        out.write(data[: 3 << 20], 0)
+        out.write(data[3 << 20:], 3 << 20)
+        out.close()
+        assert os.pread(fd, data.nbytes, 0) == data.tobytes()
+    finally:
+        os.close(fd)
+    assert (gpu_pipeline._MADV_HUGEPAGE in advice) == huge
+    assert advice.count(gpu_pipeline._MADV_POPULATE_WRITE) == 2
+
+
 @pytest.mark.parametrize("mode,available", [("pwrite", True), ("mmap", True), ("pwrite", False)])
 def test_preallocating_the_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monkeypatch, mode, available):
     """The output's blocks are allocated by a thread in small steps while the lanes write (racing them on

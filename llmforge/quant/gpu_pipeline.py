@@ -51,7 +51,11 @@ LANES = int(os.environ.get("LLMFORGE_GPU_LANES", "0"))       # 0: min(12, cores)
 WRITE_MODE = os.environ.get("LLMFORGE_GPU_WRITE", "mmap")
 PREALLOCATE = os.environ.get("LLMFORGE_GPU_PREALLOCATE", "1") != "0"   # see _Output
 PREALLOCATE_STEP = 256 << 20
+# "mmap" output: ask for transparent huge pages (MADV_HUGEPAGE; tmpfs honours it when shmem_enabled is "advise"):
+# 512x fewer page faults and page-table entries to populate and tear down. Elsewhere a harmless no-op.
+HUGEPAGES = os.environ.get("LLMFORGE_GPU_HUGEPAGES", "0") != "0"
 _MADV_POPULATE_WRITE = 23                                    # Linux 5.14+
+_MADV_HUGEPAGE = 14
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,8 @@ class _Output:
                 return
             self._arr = np.frombuffer(self.mm, dtype=np.uint8)
             self.base, self.mapped = self._arr.ctypes.data, True
+            if HUGEPAGES:       # best effort: before any page is touched
+                _LIBC.madvise(ctypes.c_void_p(self.base), ctypes.c_size_t(size), _MADV_HUGEPAGE)
 
     def _preallocate(self, size: int) -> None:
         for offset in range(0, size, PREALLOCATE_STEP):
