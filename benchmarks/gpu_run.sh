@@ -9,7 +9,7 @@
 # llmforge-*, hf-*, unsloth-* each in its own process, same train_anchor.py loop), maxseq-1b / maxseq-8b
 # (longest sequence per stack by search, slow), memscale-1b / memscale-8b (peak memory at two sequence
 # lengths per stack -> estimated longest sequence; GPU_MEMSCALE_SEQS="4096 16384", GPU_MEMSCALE_STACKS), profile-1b /
-# profile-8b (torch.profiler's top kernels of one step of GPU_PROFILE_STACK, default llmforge; batch GPU_PROFILE_BATCH, default 2). Needs the anchor kit in .anchors/gpu-train (carry ".anchors").
+# profile-8b (torch.profiler's top kernels of one step of each stack in GPU_PROFILE_STACK, default llmforge; batch GPU_PROFILE_BATCH, default 2). Needs the anchor kit in .anchors/gpu-train (carry ".anchors").
 # Knobs: GPU_BUDGET_S (whole script, default 570), GPU_CONFIG_TIMEOUT_S (per config, default 200),
 # GPU_CHECK_TIMEOUT_S (default 240), GPU_CONFIGS_1B / GPU_CONFIGS_8B (override the config lists),
 # GPU_RUN_ARGS (extra args for every `run`), GPU_MODELS (/tmp/models), GPU_SITE (/tmp/site).
@@ -115,15 +115,18 @@ memscale() {  # $1 = size: peak memory at two sequence lengths per stack -> esti
     done
 }
 
-profile() {  # $1 = size: where one llmforge training step's GPU time goes (torch.profiler, top kernels)
+profile() {  # $1 = size: where one training step's GPU time goes (torch.profiler, top kernels), per stack
     build "$1" || return
-    local t; t=$(left); [ "$t" -gt 150 ] && t=150
-    local stack=${GPU_PROFILE_STACK:-llmforge}
-    [ "$t" -lt 50 ] && { say "profile $stack-$1: skipped (${t}s left)"; return; }
-    say "profile $stack-$1 (timeout ${t}s)"
-    ( cd "$WORK" && timeout -k 10 "$t" python3 "$REPO/benchmarks/train_gpu.py" profile --stack "$stack" \
-        --size "$1" --models "$MODELS" --batch "${GPU_PROFILE_BATCH:-2}" ) > "$OUT/profile-$stack-$1.log" 2>&1
-    say "profile $stack-$1: rc=$? $(grep -a "PROFILE $stack" "$OUT/profile-$stack-$1.log" | tail -1 | sed 's/.*PROFILE //')"
+    local stack t
+    for stack in ${GPU_PROFILE_STACK:-llmforge}; do
+        t=$(left); [ "$t" -gt 150 ] && t=150
+        [ "$t" -lt 50 ] && { say "profile $stack-$1: skipped (${t}s left)"; continue; }
+        say "profile $stack-$1 (timeout ${t}s)"
+        ( cd "$WORK" && timeout -k 10 "$t" python3 "$REPO/benchmarks/train_gpu.py" profile --stack "$stack" \
+            --size "$1" --models "$MODELS" --batch "${GPU_PROFILE_BATCH:-2}" ) > "$OUT/profile-$stack-$1.log" 2>&1
+        say "profile $stack-$1: rc=$? $(grep -a "PROFILE $stack" "$OUT/profile-$stack-$1.log" | tail -1 | sed 's/.*PROFILE //')"
+        grep -a -E "PROFILE (GPU busy|syncs|peak)" "$OUT/profile-$stack-$1.log" | sed 's/.*PROFILE /    /' | tee -a "$DLOG"
+    done
 }
 
 for step in $RUN; do

@@ -281,6 +281,7 @@ def profile(args) -> int:
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / args.steps
     A.log(f"PROFILE peak alloc over the timed steps {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB")
+    A.log(sync_line(step))
     if args.memory:
         peak_breakdown(step, args.rows)
         return 0
@@ -310,6 +311,27 @@ def gpu_busy_line(events, wall_s: float, steps: int) -> str:
     busy = kernels / (wall_s * 1e3)
     return (f"PROFILE GPU busy: kernels {kernels:.1f} ms per step (+ copies {copies:.1f} ms) vs step "
             f"{wall_s * 1e3:.1f} ms -> {100 * busy:.0f}%{' (the host sets the pace)' if busy < 0.85 else ''}")
+
+
+def sync_line(step) -> str:
+    """The host-device synchronizations of one step (torch's sync debug mode), counted by the Python line that
+    caused them: each one stalls the host until the GPU drains its queue, so the host cannot run ahead."""
+    import collections
+    import warnings
+
+    import torch
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    listed = ", ".join(f"{site} x{n}" for site, n in sites.most_common(8))
+    return f"PROFILE syncs in one step: {sum(sites.values())}{' at ' + listed if listed else ''}"
 
 
 def _site(frames: list[dict]) -> str:
