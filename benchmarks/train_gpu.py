@@ -314,24 +314,15 @@ def gpu_busy_line(events, wall_s: float, steps: int) -> str:
 
 
 def sync_line(step) -> str:
-    """The host-device synchronizations of one step (torch's sync debug mode), counted by the Python line that
-    caused them: each one stalls the host until the GPU drains its queue, so the host cannot run ahead."""
-    import collections
-    import warnings
-
+    """The host-device synchronizations of one step (torch's sync debug mode) and where: each one stalls the
+    host until the GPU drains its queue, so the host cannot run ahead."""
     import torch
 
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
-                                if "synchroniz" in str(w.message))
-    listed = ", ".join(f"{site} x{n}" for site, n in sites.most_common(8))
-    return f"PROFILE syncs in one step: {sum(sites.values())}{' at ' + listed if listed else ''}"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_kernels_check import host_syncs
+
+    count, places = host_syncs(step, torch.device("cuda"))
+    return f"PROFILE syncs in one step: {count}{' at ' + places if places else ''}"
 
 
 def _site(frames: list[dict]) -> str:
