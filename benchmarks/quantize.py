@@ -127,22 +127,27 @@ def probe_host(src: Path, tmp: Path, lanes: int, chunk: int, say) -> None:
 
     say(f"probe: {host_pages(tmp)}")
     quarter = offsets[: max(1, len(offsets) // 4)]
-    saved = gpu_pipeline.HUGEPAGES
-    # the pipeline's ways to write the output, into a fresh file
-    for mode, huge in (("pwrite", False), ("mmap", False), ("mmap", True)):
+    # the pipeline's ways to write the output, into a fresh file (label, mode, gpu_pipeline settings)
+    for label, mode, setting in (("pwrite", "pwrite", {}), ("mmap", "mmap", {}),
+                                 ("mmap huge", "mmap", {"HUGEPAGES": True}),
+                                 ("mmap ahead2", "mmap", {"POPULATE_AHEAD": 2})):
         out = tmp / "probe.bin"
         fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        gpu_pipeline.HUGEPAGES = huge
+        saved = {name: getattr(gpu_pipeline, name) for name in setting}
+        for name, value in setting.items():
+            setattr(gpu_pipeline, name, value)
         try:
             os.ftruncate(fd, len(quarter) * chunk)
+            t0 = time.perf_counter()     # from the output's opening (populating threads start there)
             sink = gpu_pipeline._Output(fd, mode)
-            t = in_threads(lanes, lambda i, n: [sink.write(bufs[i].numpy(), k * chunk)
-                                                for k in range(i, len(quarter), n)])
+            in_threads(lanes, lambda i, n: [sink.write(bufs[i].numpy(), k * chunk)
+                                            for k in range(i, len(quarter), n)])
+            t = time.perf_counter() - t0
             sink.close()
-            label = mode + (" huge" if huge else "")
             say(f"probe: {label:11} output, {lanes:2} threads:   {len(quarter) * chunk / t / 1e9:5.1f} GB/s")
         finally:
-            gpu_pipeline.HUGEPAGES = saved
+            for name, value in saved.items():
+                setattr(gpu_pipeline, name, value)
             os.close(fd)
             out.unlink()
 
@@ -222,9 +227,10 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per llmforge backend (the best is the ratio)")
     ap.add_argument("--gpu-settings", default="",
-                    help="cuda pipeline settings to try, LANESxCHUNK_MB[xmmap][xnoalloc][xhuge], e.g. 12x32,"
-                         "12x32xnoalloc,12x32xmmap (mmap: LLMFORGE_GPU_WRITE=mmap; noalloc: "
-                         "LLMFORGE_GPU_PREALLOCATE=0; huge: LLMFORGE_GPU_HUGEPAGES=1)")
+                    help="cuda pipeline settings to try, LANESxCHUNK_MB[xmmap][xnoalloc][xhuge][xaheadN], e.g. "
+                         "12x32,12x32xnoalloc,12x32xmmapxahead2 (mmap: LLMFORGE_GPU_WRITE=mmap; noalloc: "
+                         "LLMFORGE_GPU_PREALLOCATE=0; huge: LLMFORGE_GPU_HUGEPAGES=1; aheadN: "
+                         "LLMFORGE_GPU_POPULATE_AHEAD=N)")
     ap.add_argument("--probe", action="store_true", help="also measure the GPU pipeline's host-side limits")
     ap.add_argument("--out", default=None, help="also write the lines printed to this file")
     args = ap.parse_args()
@@ -271,11 +277,13 @@ def main() -> None:
 
 
 def parse_setting(text: str) -> dict:
-    """``LANESxCHUNK_MB[xmmap][xnoalloc][xhuge]`` -> the gpu_pipeline module attributes it sets."""
+    """``LANESxCHUNK_MB[xmmap][xnoalloc][xhuge][xaheadN]`` -> the gpu_pipeline module attributes it sets."""
     parts = text.split("x")
+    ahead = [int(p[5:]) for p in parts if p.startswith("ahead")]
     return {"LANES": int(parts[0]), "CHUNK_BYTES": int(parts[1]) << 20,
             "WRITE_MODE": "mmap" if "mmap" in parts else "pwrite",
-            "PREALLOCATE": "noalloc" not in parts, "HUGEPAGES": "huge" in parts}
+            "PREALLOCATE": "noalloc" not in parts, "HUGEPAGES": "huge" in parts,
+            "POPULATE_AHEAD": ahead[0] if ahead else 0}
 
 
 def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setting: dict | None,
@@ -290,7 +298,8 @@ def run_backend(src: Path, ref: Path, tmp: Path, quant: str, backend: str, setti
     if backend == "cuda":
         lanes = gpu_pipeline.LANES or gpu_pipeline.default_lanes()
         label += (f" {lanes:2} lanes x {gpu_pipeline.CHUNK_BYTES >> 20:3} MiB {gpu_pipeline.WRITE_MODE:6}"
-                  f"{'' if gpu_pipeline.PREALLOCATE else ' no fallocate'}{' huge' if gpu_pipeline.HUGEPAGES else ''}")
+                  f"{'' if gpu_pipeline.PREALLOCATE else ' no fallocate'}{' huge' if gpu_pipeline.HUGEPAGES else ''}"
+                  f"{f' ahead {gpu_pipeline.POPULATE_AHEAD}' if gpu_pipeline.POPULATE_AHEAD else ''}")
     if backend == "cuda-eager":
         os.environ["LLMFORGE_KQUANT_GPU"] = "eager"    # A/B: TorchOps instead of the Triton kernels
     times = []

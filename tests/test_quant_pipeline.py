@@ -165,6 +165,32 @@ def test_huge_pages_are_asked_for_only_when_set_and_keep_the_bytes(tmp_path, mon
     assert advice.count(gpu_pipeline._MADV_POPULATE_WRITE) == 2
 
 
+def test_populating_ahead_keeps_the_bytes_and_its_threads_end_with_the_output(tmp_path, monkeypatch):
+    """Threads populate the mapping from the start while the lanes write; close() joins them before unmapping,
+    also when it comes before they are done."""
+    monkeypatch.setattr(gpu_pipeline, "POPULATE_AHEAD", 2)
+    monkeypatch.setattr(gpu_pipeline, "POPULATE_AHEAD_STEP", 1 << 20)
+    data = np.random.default_rng(1).integers(0, 256, 9 << 20, dtype=np.uint8)
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, data.nbytes)
+        out = gpu_pipeline._Output(fd, "mmap")
+        assert len(out._populators) == 2
+        for offset in range(0, data.nbytes, 3 << 20):
+            out.write(data[offset:offset + (3 << 20)], offset)
+        for thread in out._populators:      # they finish on their own once past the end
+            thread.join(timeout=30)
+        assert out._next_ahead >= data.nbytes
+        out.close()
+        assert os.pread(fd, data.nbytes, 0) == data.tobytes()
+        early = gpu_pipeline._Output(fd, "mmap")    # closed at once: the threads are stopped and joined
+        threads = list(early._populators)
+        early.close()
+        assert threads and not any(t.is_alive() for t in threads)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("mode,available", [("pwrite", True), ("mmap", True), ("pwrite", False)])
 def test_preallocating_the_output_writes_the_same_file(cpu_pipeline, models, tmp_path, monkeypatch, mode, available):
     """The output's blocks are allocated by a thread in small steps while the lanes write (racing them on
@@ -174,6 +200,16 @@ def test_preallocating_the_output_writes_the_same_file(cpu_pipeline, models, tmp
     monkeypatch.setattr(gpu_pipeline, "PREALLOCATE_STEP", 4096)
     if not available:
         monkeypatch.setattr(gpu_pipeline, "_FALLOCATE", None)
+    ours = tmp_path / "ours.gguf"
+    quantize_gguf(models["f16"], ours, "q8_0", progress=False)
+    assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", "q8_0")
+
+
+def test_populating_ahead_writes_the_same_file(cpu_pipeline, models, tmp_path, monkeypatch):
+    """The whole pipeline with two populating threads racing the lanes (page-sized steps): llama.cpp's bytes."""
+    monkeypatch.setattr(gpu_pipeline, "WRITE_MODE", "mmap")
+    monkeypatch.setattr(gpu_pipeline, "POPULATE_AHEAD", 2)
+    monkeypatch.setattr(gpu_pipeline, "POPULATE_AHEAD_STEP", 4096)
     ours = tmp_path / "ours.gguf"
     quantize_gguf(models["f16"], ours, "q8_0", progress=False)
     assert ours.read_bytes() == llama_cpp_file(models["f16"], tmp_path / "ref.gguf", "q8_0")

@@ -55,6 +55,11 @@ PREALLOCATE_STEP = 256 << 20
 # 512x fewer page faults and page-table entries to populate and tear down. Elsewhere a harmless no-op. Off by
 # default: the one GPU host measured (H200, shmem_enabled "never") ignored it (q8_0 8.83x vs 8.88x without).
 HUGEPAGES = os.environ.get("LLMFORGE_GPU_HUGEPAGES", "0") != "0"
+# "mmap" output: threads that populate the mapping in file order from the start (MADV_POPULATE_WRITE), ahead of
+# the lanes, whose copies then find their pages in place. tmpfs inserts one file's pages one at a time, so this
+# starts that serial work at once instead of after the first pieces are read and packed. 0: off (not yet measured)
+POPULATE_AHEAD = int(os.environ.get("LLMFORGE_GPU_POPULATE_AHEAD", "0"))
+POPULATE_AHEAD_STEP = 8 << 20
 _MADV_POPULATE_WRITE = 23                                    # Linux 5.14+
 _MADV_HUGEPAGE = 14
 
@@ -174,12 +179,16 @@ class _Output:
     With :data:`PREALLOCATE`, a thread allocates the file's blocks (fallocate(2), in steps, from the start)
     while the lanes read their first pieces: page allocation then leaves the writes' critical path (on tmpfs
     it costs more than the copy). Best effort: a file system without fallocate just skips it (never glibc's
-    zero-writing emulation, which could race with the lanes)."""
+    zero-writing emulation, which could race with the lanes).
+
+    With :data:`POPULATE_AHEAD` threads, the mapping is populated in file order from the start (see there);
+    they stop at the first error, leaving it to the lane that writes there to report."""
 
     def __init__(self, fd: int, mode: str):
         self.fd, self.mm, self.mapped, self.base, self._arr = fd, None, False, 0, None
         size = os.fstat(fd).st_size
-        self._stop, self._allocator = threading.Event(), None
+        self._stop, self._allocator, self._populators = threading.Event(), None, []
+        self._next_ahead, self._ahead_lock = 0, threading.Lock()
         if PREALLOCATE and size:
             self._allocator = threading.Thread(target=self._preallocate, args=(size,), daemon=True)
             self._allocator.start()
@@ -192,6 +201,19 @@ class _Output:
             self.base, self.mapped = self._arr.ctypes.data, True
             if HUGEPAGES:       # best effort: before any page is touched
                 _LIBC.madvise(ctypes.c_void_p(self.base), ctypes.c_size_t(size), _MADV_HUGEPAGE)
+            self._populators = [threading.Thread(target=self._populate_ahead, args=(size,), daemon=True,
+                                                 name="llmforge-populate") for _ in range(POPULATE_AHEAD)]
+            for thread in self._populators:
+                thread.start()
+
+    def _populate_ahead(self, size: int) -> None:
+        while not self._stop.is_set():
+            with self._ahead_lock:
+                offset, self._next_ahead = self._next_ahead, self._next_ahead + POPULATE_AHEAD_STEP
+            if offset >= size or _LIBC.madvise(ctypes.c_void_p(self.base + offset),
+                                               ctypes.c_size_t(min(POPULATE_AHEAD_STEP, size - offset)),
+                                               _MADV_POPULATE_WRITE) != 0:
+                return
 
     def _preallocate(self, size: int) -> None:
         for offset in range(0, size, PREALLOCATE_STEP):
@@ -216,12 +238,16 @@ class _Output:
         ctypes.memmove(self.base + offset, buf.ctypes.data, buf.nbytes)    # ctypes releases the GIL
 
     def close(self, background: bool = False) -> None:
-        """Stop the allocator and unmap the output: with ``background`` (a finished file) later, on a thread
+        """Stop the allocator and the populating threads, and unmap the output: with ``background`` (a finished
+        file) later, on a thread
         that :func:`unmap_pending` starts (see :func:`unmap_later`), else now (a failed or interrupted write
         leaves nothing behind)."""
         self._stop.set()
         if self._allocator is not None:    # before the caller closes the fd (its number could be reused)
             self._allocator.join()
+        for thread in self._populators:    # before the mapping goes (they write through its addresses)
+            thread.join()
+        self._populators = []
         self.mapped, self._arr = False, None
         mm, self.mm = self.mm, None
         if mm is not None:
