@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmforge.kernels import activations, cross_entropy, fast_lora, lora_gated, nf4, rmsnorm, rope  # noqa: E402
+from llmforge.kernels._backend import interpreting  # noqa: E402
 
 ROWS: list[dict] = []
 KERNEL_TOL = 2e-2   # relative L2 error of a bf16 kernel vs the float32 reference
@@ -527,16 +528,19 @@ def check_step(size: str, device: torch.device, seq: int, batch: int) -> None:
     syncs_new = host_syncs(step, device)
     assert grads_new.keys() == grads_ref.keys(), "patched model trains different parameters"
     floor = rel_all(grads_ref, grads_32)  # how far HF's own bf16 step is from the float32 evaluation
+    # Triton's interpreter (the CPU smoke mode) truncates fp32 -> bf16 where a GPU rounds to nearest (1 + 2**-7 -
+    # 2**-12 becomes 1.0, not 1.0078125): up to twice the error per store, all of it one way. Judged at 4x there.
+    factor = 4.0 if interpreting() else 2.0
     err = rel_all(grads_new, grads_32)
     per_tensor = sorted((rel(grads_new[n], g), n) for n, g in grads_ref.items() if g.norm() > 0)
     zero_new = [n for n, g in grads_new.items() if g.norm() == 0]
     short = per_tensor[-1][1].split("base_model.model.")[-1]
     record(group, "loss |patched - fp32 ref|", abs(loss_new - loss_32), max(2.0 * abs(loss_ref - loss_32), 5e-3),
            f"fp32 {loss_32:.5f}, HF bf16 {loss_ref:.5f}, patched {loss_new:.5f}")
-    record(group, "LoRA grads rel L2 vs fp32 ref", err, 2.0 * floor,
-           f"tol = 2 x HF bf16's own error ({floor:.3g}); {len(grads_ref)} tensors, {n_q} NF4 linears")
+    record(group, "LoRA grads rel L2 vs fp32 ref", err, factor * floor,
+           f"tol = {factor:g} x HF bf16's own error ({floor:.3g}); {len(grads_ref)} tensors, {n_q} NF4 linears")
     # two bf16 evaluations, each within `floor`-ish of the float32 one, can differ by up to about twice that
-    record(group, "LoRA grads rel L2 vs HF bf16", rel_all(grads_new, grads_ref), 2.0 * floor,
+    record(group, "LoRA grads rel L2 vs HF bf16", rel_all(grads_new, grads_ref), factor * floor,
            f"median/worst tensor {per_tensor[len(per_tensor) // 2][0]:.3g}/{per_tensor[-1][0]:.3g} ({short})")
     record(group, "zero grads after patch", float(len(zero_new)), 0.0, ", ".join(zero_new[:3]))
     ROWS.append({"group": group, "check": "step time / peak / host syncs", "error": 0.0, "tol": 0.0, "ok": True,
