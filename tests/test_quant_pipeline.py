@@ -137,6 +137,19 @@ def test_the_output_is_unmapped_in_the_background(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.parametrize("text", ["two", "-1", "1.5", "nan"])
+def test_a_bad_tuning_variable_stops_with_one_line(monkeypatch, text):
+    from llmforge.errors import LlmforgeError
+
+    monkeypatch.setenv("LLMFORGE_GPU_POPULATE_AHEAD", text)
+    with pytest.raises(LlmforgeError, match=r"LLMFORGE_GPU_POPULATE_AHEAD='.*' is not a whole number >= 0"):
+        gpu_pipeline.env_number("LLMFORGE_GPU_POPULATE_AHEAD", "0")
+    monkeypatch.setenv("LLMFORGE_GPU_CHUNK_MB", "1.5")
+    assert gpu_pipeline.env_number("LLMFORGE_GPU_CHUNK_MB", "32", float) == 1.5
+    monkeypatch.delenv("LLMFORGE_GPU_POPULATE_AHEAD")
+    assert gpu_pipeline.env_number("LLMFORGE_GPU_POPULATE_AHEAD", "0") == 0
+
+
 @pytest.mark.parametrize("huge", [False, True])
 def test_huge_pages_are_asked_for_only_when_set_and_keep_the_bytes(tmp_path, monkeypatch, huge):
     monkeypatch.setattr(gpu_pipeline, "HUGEPAGES", huge)

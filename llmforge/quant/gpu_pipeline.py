@@ -44,8 +44,24 @@ Kernel = Callable[[T, torch.Tensor, "torch.Tensor | None", int, int, int], torch
 
 UNWEIGHTED_ONLY = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1})   # with importance: legacy_weighted, host
 SOURCE_DTYPES: dict[T, torch.dtype] = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
-CHUNK_BYTES = int(float(os.environ.get("LLMFORGE_GPU_CHUNK_MB", "32")) * 2**20)
-LANES = int(os.environ.get("LLMFORGE_GPU_LANES", "0"))       # 0: min(12, cores)
+
+
+def env_number(name: str, default: str, cast: Callable[[str], float] = int) -> float:
+    """The tuning knob ``name`` from the environment as a number >= 0 (``default`` when unset); a value that is
+    not one stops with one line naming the variable."""
+    text = os.environ.get(name, default)
+    try:
+        value = cast(text)
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        kind = "whole number" if cast is int else "number"
+        raise LlmforgeError(f"{name}={text!r} is not a {kind} >= 0", hint=f"unset it or give e.g. {default}")
+    return value
+
+
+CHUNK_BYTES = int(env_number("LLMFORGE_GPU_CHUNK_MB", "32", float) * 2**20)
+LANES = env_number("LLMFORGE_GPU_LANES", "0")       # 0: min(12, cores)
 # "mmap" (default: lanes populate and fill their own pages in parallel; H100 host, q8_0 7.9x llama.cpp vs 5.0x with
 # pwrite, whose writes to one tmpfs file are serial) or "pwrite" (see _Output)
 WRITE_MODE = os.environ.get("LLMFORGE_GPU_WRITE", "mmap")
@@ -58,7 +74,7 @@ HUGEPAGES = os.environ.get("LLMFORGE_GPU_HUGEPAGES", "0") != "0"
 # "mmap" output: threads that populate the mapping in file order from the start (MADV_POPULATE_WRITE), ahead of
 # the lanes, whose copies then find their pages in place. tmpfs inserts one file's pages one at a time, so this
 # starts that serial work at once instead of after the first pieces are read and packed. 0: off (not yet measured)
-POPULATE_AHEAD = int(os.environ.get("LLMFORGE_GPU_POPULATE_AHEAD", "0"))
+POPULATE_AHEAD = env_number("LLMFORGE_GPU_POPULATE_AHEAD", "0")
 POPULATE_AHEAD_STEP = 8 << 20
 _MADV_POPULATE_WRITE = 23                                    # Linux 5.14+
 _MADV_HUGEPAGE = 14
