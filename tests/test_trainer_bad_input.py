@@ -254,13 +254,12 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, base: Path, monkeyp
     from llmforge.trainer import sft
     from llmforge.trainer.run import train
 
-    real = sft.token_loss_sum
+    real = sft.summed_loss
 
     def poisoned(model, batch):
-        loss, count = real(model, batch)
-        return loss * torch.tensor(float("nan")), count
+        return real(model, batch) * torch.tensor(float("nan"))
 
-    monkeypatch.setattr(sft, "token_loss_sum", poisoned)
+    monkeypatch.setattr(sft, "summed_loss", poisoned)
     data = jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}] * 4)
     config = load_config(write_config(tmp_path, base, data))
     with pytest.raises(LlmforgeError, match="training loss became nan at step 1"):

@@ -115,3 +115,36 @@ def test_4bit_without_cuda_falls_back_with_a_note(base: Path, capsys) -> None:
     assert "4-bit loading needs CUDA" in capsys.readouterr().err
     assert next(model.parameters()).dtype == torch.float32 and not getattr(model, "is_loaded_in_4bit", False)
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
+
+
+def test_each_steps_loss_is_read_after_the_next_step_is_queued(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """The loop never waits for the step it has just queued: step k's loss is read back (and checked, logged)
+    only after step k+1's forward, backward and optimizer step are issued; the last one after the loop. A
+    checkpoint step is read before its checkpoint is written. The logged losses are those of every step."""
+    from llmforge.trainer import sft
+
+    events: list[tuple[str, int]] = []
+    real_loss, real_record, real_save = sft.summed_loss, sft._record, sft.save_checkpoint
+
+    def loss(model, batch):
+        events.append(("forward", sum(1 for kind, _ in events if kind == "forward") + 1))
+        return real_loss(model, batch)
+
+    def record(done, *args):
+        events.append(("read", done.step))
+        return real_record(done, *args)
+
+    def save(out_dir, step, *args):
+        events.append(("save", step))
+        return real_save(out_dir, step, *args)
+
+    monkeypatch.setattr(sft, "summed_loss", loss)
+    monkeypatch.setattr(sft, "_record", record)
+    monkeypatch.setattr(sft, "save_checkpoint", save)
+    data = write(rows_in("messages"), tmp_path / "data.jsonl")
+    result = train(config_for(base, data, tmp_path / "out", max_steps=5, save_steps=3, batch_size=4))
+    assert events == [("forward", 1), ("forward", 2), ("read", 1), ("forward", 3), ("read", 2), ("read", 3),
+                      ("save", 3), ("forward", 4), ("forward", 5), ("read", 4), ("read", 5)]
+    logged = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4, 5]
+    assert [e["loss"] for e in logged] == pytest.approx(result.losses) and len(result.losses) == 5

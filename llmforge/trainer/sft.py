@@ -80,19 +80,35 @@ def batches(rows: list[Encoded], batch_size: int, seed: int, start_epoch: int = 
         epoch += 1
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy over trainable positions, and their count.
+def trainable_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many positions of ``batch`` have a next-token target (read on the host: give it host tensors)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross entropy over trainable positions (a device scalar; nothing is read back).
 
     The loss comes from the model itself (``labels=`` with ``num_items_in_batch=1``, i.e. a plain sum), so a
     model patched by ``llmforge.kernels`` uses its fused linear + cross-entropy and full-vocabulary float32
     logits never exist; unpatched models compute the same summed loss from their logits.
     """
-    targets = batch["labels"][:, 1:]
-    count = int((targets != IGNORE_INDEX).sum())
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}  # e.g. pixels
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 num_items_in_batch=1, **extra)
-    return out.loss, count
+    return out.loss
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over trainable positions, and their count."""
+    return summed_loss(model, batch), trainable_count(batch)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on ``device``. On CUDA the copies start from pinned memory without waiting for the GPU, so
+    the host can queue the next step while the previous one still runs."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def total_steps(n_rows: int, config: TrainConfig) -> int:
@@ -220,45 +236,71 @@ def train_loop(model: Any, rows: list[Encoded], config: TrainConfig, out_dir: Pa
     progress = Progress(steps)
     started = time.perf_counter()
     empty_warned = False
+    pending: _Done | None = None
     for step in range(start_step + 1, steps + 1):
-        group = [collate_fn(next(stream), pad_id, device) for _ in range(config.grad_accum)]
-        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+        # batches are built and counted on the host, then copied: no read-back from the GPU before the step
+        host = [collate_fn(next(stream), pad_id, torch.device("cpu")) for _ in range(config.grad_accum)]
+        count = sum(trainable_count(b) for b in host)
         if count == 0:
             if not empty_warned:
                 print(f"warning: step {step} has no trainable tokens; skipped", file=sys.stderr)
                 empty_warned = True
             scheduler.step()
             continue
-        total = 0.0
-        for batch in group:
-            loss_sum, _ = token_loss_sum(model, batch)
+        total = None
+        for batch in host:
+            loss_sum = summed_loss(model, to_device(batch, device))
             (loss_sum / count).backward()
-            total += loss_sum.item()
+            total = loss_sum.detach().double() if total is None else total + loss_sum.detach().double()
             result.tokens += int(batch["attention_mask"].sum())
-        loss = total / count
-        if not math.isfinite(loss):
-            progress.close()
-            raise LlmforgeError(f"training loss became {loss} at step {step}",
-                                hint="lower train.lr, check the data, or use float32 (model.dtype)")
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss)
-        log.append({"step": step, "loss": loss, "lr": lr})
-        if step % max(config.logging_steps, 1) == 0 or step == steps:
-            progress.update(step, loss, lr, result.tokens)
+        # the previous step's loss is read only now, with this step queued behind it (reading this one would
+        # make the host wait for the GPU at every step)
+        if pending is not None:
+            _record(pending, result, log, progress, config.logging_steps, steps)
+        pending = _Done(step, total, count, lr, result.tokens)
         if config.save_steps > 0 and step % config.save_steps == 0 and step < steps:
+            _record(pending, result, log, progress, config.logging_steps, steps)
+            pending = None
             write_log(log_path, log)
             save_checkpoint(out_dir, step, model, optimizer, scheduler, config.save_total_limit)
+    if pending is not None:
+        _record(pending, result, log, progress, config.logging_steps, steps)
     progress.close()
     write_log(log_path, log)
     result.seconds = time.perf_counter() - started
     if result.losses:
         result.first_loss, result.last_loss = result.losses[0], result.losses[-1]
     return result
+
+
+@dataclass
+class _Done:
+    """An optimizer step whose summed loss (a device scalar) has not been read yet."""
+    step: int
+    total: torch.Tensor
+    count: int
+    lr: float
+    tokens: int
+
+
+def _record(done: _Done, result: LoopResult, log: list[dict], progress: Progress, logging_steps: int,
+            steps: int) -> None:
+    """Read a finished step's loss (waits for that step on the GPU), stop on a non-finite one, log it."""
+    loss = float(done.total) / done.count
+    if not math.isfinite(loss):
+        progress.close()
+        raise LlmforgeError(f"training loss became {loss} at step {done.step}",
+                            hint="lower train.lr, check the data, or use float32 (model.dtype)")
+    result.losses.append(loss)
+    log.append({"step": done.step, "loss": loss, "lr": done.lr})
+    if done.step % max(logging_steps, 1) == 0 or done.step == steps:
+        progress.update(done.step, loss, done.lr, done.tokens)
 
 
 def write_log(path: Path, log: list[dict]) -> None:
