@@ -249,7 +249,11 @@ def main() -> None:
     backends = ["numpy"] + ([] if args.no_torch else ["cpu"] + cuda)
     if args.backends:
         backends = [b for b in args.backends.split(",") if b in backends]
-    settings = [parse_setting(s) for s in args.gpu_settings.split(",") if s] or [None]
+    try:
+        settings = [parse_setting(s) for s in args.gpu_settings.split(",") if s] or [None]
+    except (ValueError, IndexError):
+        ap.error(f"--gpu-settings {args.gpu_settings!r}: each setting is LANESxCHUNK_MB[xmmap][xnoalloc][xhuge]"
+                 "[xaheadN], e.g. 16x32xmmapxahead2")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = Path(tmp) / "model-f32.gguf"
         n = build_f32(src, args.layers)
