@@ -52,15 +52,20 @@ if triton_importable():
         return tl.minimum(rows, M - 1), tl.minimum(cols, N - 1), mask, rows[:, None] * N + cols[None, :]
 
     @triton.jit
+    def _plus_low_rank(X, idx, mask, L, l_stride, R_, r_stride, rows_c, cols_c, rank, TRANSPOSED: tl.constexpr,
+                       BR: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 tile of ``X`` plus its rank-r term ``L @ R_.T`` (see ``_low_rank_tile``)."""
+        x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
+        return x + _low_rank_tile(L, l_stride, R_, r_stride, rows_c, cols_c, rank, TRANSPOSED, BR, UPCAST)
+
+    @triton.jit
     def _lora_gated_fwd(E, G, H, XA, xa_stride, BE, BG, b_stride, M, N, rank,
                         KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                         UPCAST: tl.constexpr):
         rows_c, cols_c, mask, idx = _tile(M, N, BM, BN)
         dtype = H.dtype.element_ty
-        e = tl.load(E + idx, mask=mask, other=0.0).to(tl.float32)
-        e += _low_rank_tile(XA, xa_stride, BE, b_stride, rows_c, cols_c, rank, False, BR, UPCAST)
-        g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
-        g += _low_rank_tile(XA + rank, xa_stride, BG, b_stride, rows_c, cols_c, rank, False, BR, UPCAST)
+        e = _plus_low_rank(E, idx, mask, XA, xa_stride, BE, b_stride, rows_c, cols_c, rank, False, BR, UPCAST)
+        g = _plus_low_rank(G, idx, mask, XA + rank, xa_stride, BG, b_stride, rows_c, cols_c, rank, False, BR, UPCAST)
         e, g = e.to(dtype), g.to(dtype)         # addmm_ rounds the sums to the storage dtype
         tl.store(E + idx, e, mask=mask)
         tl.store(G + idx, g, mask=mask)
@@ -74,8 +79,7 @@ if triton_importable():
                         UPCAST: tl.constexpr):
         rows_c, cols_c, mask, idx = _tile(M, N, BM, BN)
         dtype = E.dtype.element_ty
-        dh = tl.load(DH + idx, mask=mask, other=0.0).to(tl.float32)
-        dh += _low_rank_tile(DYB, dyb_stride, AD, a_stride, rows_c, cols_c, rank, True, BR, UPCAST)
+        dh = _plus_low_rank(DH, idx, mask, DYB, dyb_stride, AD, a_stride, rows_c, cols_c, rank, True, BR, UPCAST)
         dh = dh.to(dtype).to(tl.float32)        # addmm_ rounds dh to the storage dtype
         e = tl.load(E + idx, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
