@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (<= 10 min) that checks on a GPU what was built on CPU-only machines, most important first:
 #   whole-file quantization (CUDA pipeline, then the numpy pool on all cores) vs llama.cpp on the same host,
-#   convert --device cuda == cpu bytes, host-resident frozen weights at the 8B shape, GRPO and vision on CUDA.
+#   convert --device cuda == cpu bytes, host-resident frozen weights at the 8B shape, GRPO, SFT and vision on CUDA.
 # Run from the repo root with the device tool, carrying ".wheels" (gguf, diskcache, llama-cpp-python wheels; Pillow
 # under .wheels/vision) and ".anchors" (../shared/anchors/gpu-train):   DEADLINE_S=560 bash benchmarks/gpu_verify.sh
 # Every step gets min(its own limit, what is left of DEADLINE_S); outputs go to $OUT. VERIFY_STEPS picks and orders
@@ -51,6 +51,11 @@ bench8b() {
 grpo() {
   timeout $(lim 130) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_grpo_gpu.py > $OUT/grpo_pytest.txt 2>&1
   step grpo $?; tail -4 $OUT/grpo_pytest.txt; cat $OUT/grpo_gpu.txt 2>/dev/null | tail -5
+}
+trainer() {   # QLoRA SFT on CUDA through `llmforge train` (the loop's pinned, non-blocking batch copies)
+  anchor_wheels
+  timeout $(lim 150) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_trainer_gpu.py > $OUT/trainer_pytest.txt 2>&1
+  step trainer $?; grep -E "passed|failed|error|Error" $OUT/trainer_pytest.txt | tail -4
 }
 vision() {
   (python3 -c "import PIL" 2>/dev/null || python3 -m pip install -q --no-deps --target /tmp/site --no-index --find-links .wheels/vision pillow)
