@@ -492,8 +492,8 @@ def rel_all(grads: dict, ref: dict) -> float:
     return (num / den) ** 0.5
 
 
-def check_step(size: str, device: torch.device, seq: int, batch: int) -> None:
-    group = f"train step llama-{size} seq {seq} x{batch}"
+def check_step(size: str, device: torch.device, seq: int, batch: int, graphs: bool = False) -> None:
+    group = f"train step llama-{size} seq {seq} x{batch}{' CUDA graphs' if graphs else ''}"
     model = build_qlora_model(size, device)
     n_q = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
     ids = torch.randint(0, SHAPES[size][5], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
@@ -522,8 +522,10 @@ def check_step(size: str, device: torch.device, seq: int, batch: int) -> None:
         loss_32, grads_32, _, _ = step(autocast=False)
     from llmforge.kernels.patch import patch_model
 
-    report = patch_model(model)
+    report = patch_model(model, cuda_graphs=graphs)
     step()  # warm-up (Triton compilation)
+    if graphs:
+        step()  # the layers' graphs are captured (and replayed) here; the checked step below only replays
     loss_new, grads_new, t_new, peak_new = step()
     syncs_new = host_syncs(step, device)
     assert grads_new.keys() == grads_ref.keys(), "patched model trains different parameters"
@@ -546,7 +548,8 @@ def check_step(size: str, device: torch.device, seq: int, batch: int) -> None:
     ROWS.append({"group": group, "check": "step time / peak / host syncs", "error": 0.0, "tol": 0.0, "ok": True,
                  "extra": f"HF {t_ref:.3f}s {peak_ref:.2f} GiB {syncs_ref[0]} syncs ({syncs_ref[1]}); "
                           f"patched {t_new:.3f}s {peak_new:.2f} GiB {syncs_new[0]} syncs ({syncs_new[1]}); "
-                          + report.summary()[:160]})
+                          + report.summary()[:160]
+                          + (f"; {report.layer_graphs.stats()}" if report.layer_graphs is not None else "")})
     del model, grads_ref, grads_new, grads_32
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -570,6 +573,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--json", default=None)
     p.add_argument("--skip-kernels", action="store_true", help="only the training-step checks")
+    p.add_argument("--graphs", action="store_true", help="the step checks with CUDA graphs per layer")
     p.add_argument("--host-weights", action="store_true", help="only the streamed CE with lm_head on the host")
     p.add_argument("--fp8", action="store_true", help="only the FP8 base-matmul checks and their speed")
     args = p.parse_args()
@@ -586,7 +590,7 @@ def main() -> int:
                                                         else ["1b", "8b"])
     for size in sizes:
         seq = 32 if size == "tiny" else args.seq
-        sections.append((f"step {size}", lambda size=size, seq=seq: check_step(size, device, seq, 1)))
+        sections.append((f"step {size}", lambda size=size, seq=seq: check_step(size, device, seq, 1, args.graphs)))
     for name, fn in sections:
         t = time.time()
         try:

@@ -5,7 +5,7 @@
 #   GPU_RUN="bench-8b"       bash benchmarks/gpu_run.sh      # second call (~7-9 min)
 #
 # Steps (GPU_RUN, in order): check (benchmarks/gpu_kernels_check.py), steps (only its training-step
-# checks, sizes from GPU_STEP_SIZES), bench-1b / bench-8b (configs
+# checks, sizes from GPU_STEP_SIZES, extra arguments from GPU_STEP_ARGS, e.g. --graphs), bench-1b / bench-8b (configs
 # llmforge-*, hf-*, unsloth-* each in its own process, same train_anchor.py loop), maxseq-1b / maxseq-8b
 # (longest sequence per stack by search, slow), memscale-1b / memscale-8b (peak memory at two sequence
 # lengths per stack -> estimated longest sequence; GPU_MEMSCALE_SEQS="4096 16384", GPU_MEMSCALE_STACKS), profile-1b /
@@ -140,7 +140,7 @@ for step in $RUN; do
         steps)  # only the patched-vs-unpatched training-step checks
             t=$(left); [ "$t" -gt "$CHECK_TIMEOUT" ] && t=$CHECK_TIMEOUT
             say "steps: gpu_kernels_check.py --skip-kernels --sizes ${GPU_STEP_SIZES:-1b 8b} (timeout ${t}s)"
-            timeout -k 10 "$t" python3 "$REPO/benchmarks/gpu_kernels_check.py" --skip-kernels \
+            timeout -k 10 "$t" python3 "$REPO/benchmarks/gpu_kernels_check.py" --skip-kernels ${GPU_STEP_ARGS:-} \
                 --sizes ${GPU_STEP_SIZES:-1b 8b} --json "$OUT/steps_check.json" > "$OUT/kernels_check.log" 2>&1
             say "steps: rc=$?" ;;
         bench-1b) bench 1b ;;

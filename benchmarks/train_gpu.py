@@ -43,10 +43,14 @@ for _size in SIZES:
     # the frozen base matmuls on e4m3 operands (train.fp8; changes the numbers), alone and with host weights
     A.CONFIGS[f"llmforge-{_size}-fp8"] = ("llmforge", _size, BATCH[_size])
     A.CONFIGS[f"llmforge-{_size}-hostw-fp8"] = ("llmforge", _size, BATCH[_size])
+    # each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
+    for _variant in ("-graphs", "-fp8-graphs", "-hostw-fp8-graphs"):
+        A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
 OFFLOAD = {"value": True}
 HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
 FP8 = {"value": False}
-VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8")
+GRAPHS = {"value": False}
+VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs")
 
 _setup_hf = A.setup_hf
 
@@ -57,8 +61,13 @@ def setup_llmforge(path, args, dev):
     from llmforge.kernels.patch import patch_model
 
     report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False,
-                         offload_frozen_weights=HOST_WEIGHTS["value"], fp8_base=FP8["value"])
+                         offload_frozen_weights=HOST_WEIGHTS["value"], fp8_base=FP8["value"],
+                         cuda_graphs=GRAPHS["value"])
     A.log(report.summary())
+    if report.layer_graphs is not None:   # what ran as graphs, once the run is over
+        import atexit
+
+        atexit.register(lambda: A.log(report.layer_graphs.stats()))
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
@@ -67,14 +76,15 @@ def setup_llmforge(path, args, dev):
     return model, extra
 
 
-STACKS = ["llmforge", "llmforge-hostw", "llmforge-fp8", "llmforge-hostw-fp8", "hf", "unsloth"]
+STACKS = ["llmforge", "llmforge-hostw", "llmforge-fp8", "llmforge-hostw-fp8", "llmforge-graphs", "llmforge-fp8-graphs",
+          "llmforge-hostw-fp8-graphs", "hf", "unsloth"]
 
 
 def stack_setup(stack: str):
     """The setup function of a stack name (``llmforge-hostw``: llmforge with the frozen weights on the host,
-    ``-fp8``: the FP8 base matmuls)."""
+    ``-fp8``: the FP8 base matmuls, ``-graphs``: CUDA graphs per layer)."""
     if stack.startswith("llmforge"):
-        HOST_WEIGHTS["value"], FP8["value"] = "-hostw" in stack, stack.endswith("-fp8")
+        HOST_WEIGHTS["value"], FP8["value"], GRAPHS["value"] = "-hostw" in stack, "-fp8" in stack, "-graphs" in stack
         return setup_llmforge
     return {"unsloth": A.setup_unsloth, "hf": A.setup_hf}[stack]
 
@@ -94,8 +104,8 @@ def _num(value, digits: int) -> str:
 
 
 def table(results: str) -> str:
-    lines = ["| config | status | batch | tokens/s | peak alloc GiB | loss first->last | notes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | status | batch | tokens/s | peak alloc GiB | peak reserved GiB | loss first->last | notes |",
+             "|---|---|---|---|---|---|---|---|"]
     found: dict[str, dict] = {}
     for size in ("1b", "8b", "tiny"):
         for name in (*(f"llmforge-{size}{v}" for v in VARIANTS), f"llmforge-{size}-nooffload", f"hf-{size}",
@@ -108,8 +118,9 @@ def table(results: str) -> str:
             note = r.get("kernels") or r.get("error") or ""
             lines.append(f"| {name} | {r.get('status')} | {r.get('batch', '-')} | "
                          f"{_num(r.get('tokens_per_s'), 0)} | {_num(r.get('train_peak_alloc_gib'), 2)} | "
+                         f"{_num(r.get('train_peak_reserved_gib'), 2)} | "
                          f"{_num(r.get('loss_first'), 3)}->{_num(r.get('loss_last'), 3)} | {note[:140]} |" if ok else
-                         f"| {name} | {r.get('status')} | - | - | - | - | {str(note)[:200]} |")
+                         f"| {name} | {r.get('status')} | - | - | - | - | - | {str(note)[:200]} |")
     variants = VARIANTS
     for size in ("1b", "8b", "tiny"):
         for variant in variants:
@@ -434,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
         OFFLOAD["value"] = not any(a.endswith("-nooffload") for a in argv)
-        HOST_WEIGHTS["value"] = any(a.endswith(("-hostw", "-hostw-fp8")) for a in argv)
-        FP8["value"] = any(a.endswith("-fp8") for a in argv)
+        configs = [a for a in argv if a.startswith("llmforge-")]
+        HOST_WEIGHTS["value"] = any("-hostw" in a for a in configs)
+        FP8["value"] = any("-fp8" in a for a in configs)
+        GRAPHS["value"] = any(a.endswith("-graphs") for a in configs)
     return A.main(argv)
 
 

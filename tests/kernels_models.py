@@ -12,13 +12,13 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 VOCAB = 300
 
 
-def tiny_lora_model(arch: str, *, lora_dropout: float = 0.0, peft: bool = True, seed: int = 0):
+def tiny_lora_model(arch: str, *, lora_dropout: float = 0.0, peft: bool = True, seed: int = 0, num_layers: int = 2):
     """fp32 tiny ``arch`` model (eager attention) with LoRA r=4 on all linear layers and random B."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(arch, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, vocab_size=VOCAB,
+    config = tiny_config(arch, hidden_size=64, intermediate_size=96, num_layers=num_layers, num_heads=4, vocab_size=VOCAB,
                          head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():

@@ -29,6 +29,7 @@ from llmforge.kernels.activations import (ACTIVATION_KINDS, gated_backward_raw, 
                                           gated_reference)
 from llmforge.kernels.fp8 import Fp8Weights, dense_fp8, fp8_mm, fp8_shapes_ok, quantize_rows
 from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_fp8, dequantize_nf4_many
+from llmforge.kernels.layer_graphs import building_graph
 from llmforge.kernels.offload import recomputing
 
 _STEP = [0]
@@ -160,7 +161,9 @@ class AdapterCache:
 
 
 def _adapters(cache: AdapterCache | None, adapters: tuple, scales: tuple, dtype: torch.dtype) -> Adapters:
-    return Adapters(adapters, scales, dtype) if cache is None else cache.get(adapters, scales, dtype)
+    if cache is None or building_graph():  # a CUDA graph casts its own copies: its replays see the new weights
+        return Adapters(adapters, scales, dtype)
+    return cache.get(adapters, scales, dtype)
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.utils.checkpoint
 
+from llmforge.kernels.layer_graphs import LayerGraphs, autocast_state
+
 MIN_OFFLOAD_BYTES = 2 << 20  # smaller inputs stay on the device: the copy costs more than it saves
 PREFETCH = os.environ.get("LLMFORGE_OFFLOAD_PREFETCH", "1") != "0"  # A/B switch for the next-layer prefetch
 
@@ -90,11 +92,10 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, _grad_anchor, hidden, *args):
-        ctx.run, ctx.args = run, args
+    def forward(ctx, run, graphs, _grad_anchor, hidden, *args):
+        ctx.run, ctx.args, ctx.graphs = run, args, graphs
         ctx.device = hidden.device
-        ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-                        for dev in {"cpu", hidden.device.type}]
+        ctx.autocast = autocast_state(hidden.device.type)
         if hidden.is_cuda and hidden.numel() * hidden.element_size() >= MIN_OFFLOAD_BYTES:
             last = _LAST.get(hidden.device)
             ctx.offloaded = _Offloaded(hidden, last() if last is not None else None)
@@ -102,8 +103,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             ctx.saved_input = None
         else:
             ctx.offloaded, ctx.saved_input = None, hidden.detach()
-        with torch.no_grad():
-            out = run(hidden, *args)
+        out = graphs.forward(run, hidden, args, ctx.autocast) if graphs is not None else None
+        if out is None:
+            with torch.no_grad():
+                out = run(hidden, *args)
         ctx.input_requires_grad = hidden.requires_grad
         return out
 
@@ -111,6 +114,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads):
         source = ctx.offloaded.take() if ctx.offloaded is not None else ctx.saved_input
         ctx.offloaded = ctx.saved_input = None
+        if ctx.graphs is not None:
+            done, dh = ctx.graphs.backward(ctx.run, source, ctx.args, ctx.autocast, grads[0] if len(grads) == 1 else None,
+                                           ctx.input_requires_grad, _Recomputing)
+            if done:
+                return (None, None, None, dh) + (None,) * len(ctx.args)
         hidden = source.detach().requires_grad_(True)
         with torch.enable_grad(), _autocast_as(ctx.autocast), _Recomputing():
             out = ctx.run(hidden, *ctx.args)
@@ -119,7 +127,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         dh = hidden.grad if ctx.input_requires_grad else None
-        return (None, None, dh) + (None,) * len(ctx.args)
+        return (None, None, None, dh) + (None,) * len(ctx.args)
 
 
 class _autocast_as:
@@ -140,13 +148,14 @@ class _autocast_as:
 _GRAD_ANCHOR: dict[torch.device, torch.Tensor] = {}
 
 
-def offloaded_checkpoint(run: Callable, *args, **kwargs):
+def offloaded_checkpoint(run: Callable, *args, graphs: "LayerGraphs | None" = None, **kwargs):
     """Checkpoint ``run(hidden, *args)`` with its input kept in CPU memory until backward.
 
     Drop-in for ``torch.utils.checkpoint.checkpoint`` as a transformers ``_gradient_checkpointing_func``.
     A constant that requires grad makes the output require grad even when ``hidden`` does not (frozen
     embeddings), so the LoRA weights inside still get gradients. Dropout RNG state is not replayed:
-    use it with dropout 0 (LoRA training here).
+    use it with dropout 0 (LoRA training here). ``graphs``: run the layer's forward and backward as CUDA graphs
+    where it can (``layer_graphs.py``).
     """
     if not args or not torch.is_tensor(args[0]) or kwargs:  # nothing positional to offload
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
@@ -154,4 +163,4 @@ def offloaded_checkpoint(run: Callable, *args, **kwargs):
     if not torch.is_grad_enabled():
         return run(hidden, *args)
     anchor = _GRAD_ANCHOR.setdefault(hidden.device, torch.zeros((), device=hidden.device, requires_grad=True))
-    return _OffloadedCheckpoint.apply(run, anchor, hidden, *args)
+    return _OffloadedCheckpoint.apply(run, graphs, anchor, hidden, *args)

@@ -11,6 +11,7 @@ which stays). Every kernel picks its torch fallback itself when Triton cannot ru
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -27,6 +28,7 @@ from llmforge.kernels.fp8 import fp8_supported
 from llmforge.kernels.fast_lora import AdapterCache, LoRAWeights, lora_linear, lora_mlp, lora_qkv, new_step
 from llmforge.kernels.host_weights import is_host_weight, offload_candidates
 from llmforge.kernels.host_weights import offload_frozen_weights as _offload_frozen
+from llmforge.kernels.layer_graphs import LayerGraphs
 from llmforge.kernels.offload import offloaded_checkpoint
 from llmforge.kernels.rmsnorm import rms_norm
 from llmforge.kernels.rope import apply_rope_, rope_fits
@@ -56,6 +58,7 @@ class PatchReport:
     cached_adapter_casts: bool = False
     fp8_base: bool = False  # the fused LoRA MLP nodes' frozen base matmuls run on e4m3 operands
     host_weights: list[str] = field(default_factory=list)  # frozen modules kept in host memory
+    layer_graphs: LayerGraphs | None = None  # CUDA graphs of the offloaded layers (``stats()``: what ran)
     not_patched: list[str] = field(default_factory=list)  # in the patched model, with the reason
     left_as_is: list[str] = field(default_factory=list)  # beside a VLM's language model (vision tower, projector)
     reason: str = ""  # why nothing was patched
@@ -87,6 +90,8 @@ class PatchReport:
             parts.append("adapter casts cached")
         if self.fp8_base:
             parts.append("FP8 base matmuls in the MLP")
+        if self.layer_graphs is not None:
+            parts.append("CUDA graphs per layer")
         if self.host_weights:
             parts.append("host weights: " + ", ".join(self.host_weights))
         text = ", ".join(parts)
@@ -365,30 +370,32 @@ def _patch_causal_lm(lm: nn.Module, logit_softcap: bool = True) -> bool:
 
 
 # ------------------------------------------------------------------------------ gradient checkpointing
-def _apply_offload(scope: nn.Module, prefix: str = "") -> list[str]:
-    """Offload the checkpointed layers of ``scope`` (names returned with ``prefix``)."""
+def _apply_offload(scope: nn.Module, prefix: str = "", graphs: LayerGraphs | None = None) -> list[str]:
+    """Offload the checkpointed layers of ``scope`` (names returned with ``prefix``); with ``graphs``, they run
+    as CUDA graphs where they can."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [(name, m) for name, m in scope.named_modules() if isinstance(m, GradientCheckpointingLayer)
               and getattr(m, "gradient_checkpointing", False)]
     # the last layer is recomputed right away in backward: offloading it only adds copies
+    func = offloaded_checkpoint if graphs is None else functools.partial(offloaded_checkpoint, graphs=graphs)
     for _, layer in layers[:-1]:
-        layer._gradient_checkpointing_func = offloaded_checkpoint
+        layer._gradient_checkpointing_func = func
     return [prefix + name for name, _ in layers[:-1]]
 
 
-def _patch_offload(base: nn.Module, scope: nn.Module, prefix: str = "") -> list[str]:
+def _patch_offload(base: nn.Module, scope: nn.Module, prefix: str = "", graphs: LayerGraphs | None = None) -> list[str]:
     """Offload the checkpointed layer inputs of ``scope`` (``base`` or its language model) now, and again whenever
     checkpointing of ``base`` is (re-)enabled later."""
     setter = getattr(base, "_set_gradient_checkpointing", None)
     if callable(setter) and not getattr(setter, "_llmforge", False):
         def set_gradient_checkpointing(*args, **kwargs):
             result = setter(*args, **kwargs)
-            _apply_offload(scope)
+            _apply_offload(scope, graphs=graphs)
             return result
         set_gradient_checkpointing._llmforge = True
         base._set_gradient_checkpointing = set_gradient_checkpointing
-    return _apply_offload(scope, prefix)
+    return _apply_offload(scope, prefix, graphs)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -433,7 +440,7 @@ def _patch_modules(text: nn.Module, prefix: str, arch: ArchKernels, kind: str | 
 
 def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
                 cache_adapter_casts: bool | None = None, offload_frozen_weights: bool | None = False,
-                fp8_base: bool = False) -> PatchReport:
+                fp8_base: bool = False, cuda_graphs: bool | LayerGraphs = False) -> PatchReport:
     """Patch ``model`` (a transformers causal LM or a supported VLM, bare or wrapped by PEFT) in place; returns
     what was done. ``archs.ARCHS`` says which parts each architecture gets; of a VLM only the language model
     and the loss are patched (the vision tower and projector are listed as left as is).
@@ -452,6 +459,10 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     ``fp8_base``: the frozen base matmuls of the fused LoRA MLP nodes on e4m3 operands (``fp8.py``: about twice
     the matmul rate on Hopper/Ada, less exact; Q/K/V and O stay in the compute dtype, where FP8 measured slower);
     ignored, with the reason in ``not_patched``, where FP8 cannot run.
+    ``cuda_graphs``: the offloaded checkpointed layers replay their forward and backward as CUDA graphs
+    (``layer_graphs.py``: for fixed shapes; the host then launches one graph per layer and pass instead of
+    hundreds of kernels); needs CUDA and offloaded checkpointing. ``report.layer_graphs.stats()`` tells what ran.
+    A ``LayerGraphs`` instance is used as given, on any device (tests pass one with a stand-in backend).
     """
     if cache_adapter_casts is None:
         cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE", "1") != "0"
@@ -495,8 +506,18 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     else:
         report.not_patched.insert(0, f"RoPE: {rope_reason}")
     report.fused_cross_entropy = _patch_causal_lm(base, arch.logit_softcap)
+    graphs = cuda_graphs if isinstance(cuda_graphs, LayerGraphs) else None
+    if cuda_graphs is True:
+        if device.type != "cuda":
+            report.not_patched.append("CUDA graphs: the model is not on a CUDA device")
+        elif offload_checkpointing is False:
+            report.not_patched.append("CUDA graphs: they come with offloaded checkpointing, which is off")
+        else:
+            graphs = getattr(base, "_llmforge_layer_graphs", None) or LayerGraphs()
+    if graphs is not None:
+        base._llmforge_layer_graphs = report.layer_graphs = graphs
     if offload_checkpointing or (offload_checkpointing is None and device.type == "cuda"):
-        report.patched["offloaded_checkpoint"] = _patch_offload(base, text, prefix)
+        report.patched["offloaded_checkpoint"] = _patch_offload(base, text, prefix, graphs)
     if offload_frozen_weights or (offload_frozen_weights is None and device.type == "cuda"):
         if not arch.host_weights:
             if offload_frozen_weights:  # asked for by name: say why not
