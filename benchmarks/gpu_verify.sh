@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (<= 10 min) that checks on a GPU what was built on CPU-only machines, most important first:
 #   whole-file quantization (CUDA pipeline, then the numpy pool on all cores) vs llama.cpp on the same host,
-#   convert --device cuda == cpu bytes, host-resident frozen weights at the 8B shape, GRPO, SFT and vision on CUDA.
+#   convert --device cuda == cpu bytes, host-resident frozen weights at the 8B shape, GRPO, SFT and vision on CUDA,
+#   CUDA graphs per layer (graphs_test; not in the default list).
 # Run from the repo root with the device tool, carrying ".wheels" (gguf, diskcache, llama-cpp-python wheels; Pillow
 # under .wheels/vision) and ".anchors" (../shared/anchors/gpu-train):   DEADLINE_S=560 bash benchmarks/gpu_verify.sh
 # Every step gets min(its own limit, what is left of DEADLINE_S); outputs go to $OUT. VERIFY_STEPS picks and orders
@@ -56,6 +57,11 @@ trainer() {   # QLoRA SFT on CUDA through `llmforge train` (the loop's pinned, n
   anchor_wheels
   timeout $(lim 150) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_trainer_gpu.py > $OUT/trainer_pytest.txt 2>&1
   step trainer $?; grep -E "passed|failed|error|Error" $OUT/trainer_pytest.txt | tail -4
+}
+graphs_test() {   # CUDA graphs per layer, captured for real: same losses and gradients as without graphs
+  anchor_wheels
+  timeout $(lim 120) python3 -m pytest -q -s -rA -p no:cacheprovider -p no:warnings tests/test_layer_graphs_gpu.py > $OUT/graphs_pytest.txt 2>&1
+  step graphs_test $?; grep -E "layer graphs|passed|failed|Error" $OUT/graphs_pytest.txt | tail -6
 }
 vision() {
   (python3 -c "import PIL" 2>/dev/null || python3 -m pip install -q --no-deps --target /tmp/site --no-index --find-links .wheels/vision pillow)

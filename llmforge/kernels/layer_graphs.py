@@ -3,7 +3,8 @@ gradients) replayed as one graph launch each, so the host no longer pays Python,
 time per operation. The host-bound part of a LoRA step on a large GPU is exactly this: hundreds of small
 launches per layer while the GPU runs each in microseconds.
 
-How it works (``offload.py`` calls it from the offloaded checkpoint of every layer but the last):
+How it works (``offload.py`` calls it from the checkpoint of every layer; the last one keeps its input on the
+device):
 - Layers with the same input shape, dtypes, autocast state and keyword arguments (one ``_GraphSet``) share
   static buffers: the input, the output, the output's gradient, the input's gradient, and one copy of each
   tensor keyword argument (RoPE's cos/sin, masks, positions). They also share one memory pool: each graph
@@ -25,8 +26,11 @@ random-number state is not captured (dropout must be 0, as for the fused LoRA ke
 ``MAX_SETS`` shapes are captured per model; further shapes run eagerly. Each captured shape holds one
 layer's working memory in its pool for good.
 
-``GraphBackend`` is the only CUDA-specific part; tests on CPU substitute one whose "replay" re-runs the
+``CudaGraphBackend`` is the only CUDA-specific part; tests on the CPU substitute one whose "replay" re-runs the
 captured function, to check the buffer, gradient and fallback logic.
+
+Status: opt-in. Checked on the CPU with that stand-in only; real capture (``tests/test_layer_graphs_gpu.py``, the
+8B step check with ``--graphs``, the ``-graphs`` benchmark configs) has not run on a GPU yet.
 """
 
 from __future__ import annotations

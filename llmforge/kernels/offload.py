@@ -92,11 +92,12 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, graphs, _grad_anchor, hidden, *args):
+    def forward(ctx, run, options, _grad_anchor, hidden, *args):
+        graphs, offload = options
         ctx.run, ctx.args, ctx.graphs = run, args, graphs
         ctx.device = hidden.device
         ctx.autocast = autocast_state(hidden.device.type)
-        if hidden.is_cuda and hidden.numel() * hidden.element_size() >= MIN_OFFLOAD_BYTES:
+        if offload and hidden.is_cuda and hidden.numel() * hidden.element_size() >= MIN_OFFLOAD_BYTES:
             last = _LAST.get(hidden.device)
             ctx.offloaded = _Offloaded(hidden, last() if last is not None else None)
             _LAST[hidden.device] = weakref.ref(ctx.offloaded)
@@ -148,14 +149,15 @@ class _autocast_as:
 _GRAD_ANCHOR: dict[torch.device, torch.Tensor] = {}
 
 
-def offloaded_checkpoint(run: Callable, *args, graphs: "LayerGraphs | None" = None, **kwargs):
+def offloaded_checkpoint(run: Callable, *args, graphs: "LayerGraphs | None" = None, offload: bool = True, **kwargs):
     """Checkpoint ``run(hidden, *args)`` with its input kept in CPU memory until backward.
 
     Drop-in for ``torch.utils.checkpoint.checkpoint`` as a transformers ``_gradient_checkpointing_func``.
     A constant that requires grad makes the output require grad even when ``hidden`` does not (frozen
     embeddings), so the LoRA weights inside still get gradients. Dropout RNG state is not replayed:
     use it with dropout 0 (LoRA training here). ``graphs``: run the layer's forward and backward as CUDA graphs
-    where it can (``layer_graphs.py``).
+    where it can (``layer_graphs.py``); ``offload=False`` keeps the input on the device (the last layer, whose
+    backward comes right after its forward, when it runs as a graph too).
     """
     if not args or not torch.is_tensor(args[0]) or kwargs:  # nothing positional to offload
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
@@ -163,4 +165,4 @@ def offloaded_checkpoint(run: Callable, *args, graphs: "LayerGraphs | None" = No
     if not torch.is_grad_enabled():
         return run(hidden, *args)
     anchor = _GRAD_ANCHOR.setdefault(hidden.device, torch.zeros((), device=hidden.device, requires_grad=True))
-    return _OffloadedCheckpoint.apply(run, graphs, anchor, hidden, *args)
+    return _OffloadedCheckpoint.apply(run, (graphs, offload), anchor, hidden, *args)

@@ -377,10 +377,14 @@ def _apply_offload(scope: nn.Module, prefix: str = "", graphs: LayerGraphs | Non
 
     layers = [(name, m) for name, m in scope.named_modules() if isinstance(m, GradientCheckpointingLayer)
               and getattr(m, "gradient_checkpointing", False)]
-    # the last layer is recomputed right away in backward: offloading it only adds copies
+    # the last layer is recomputed right away in backward: offloading it only adds copies (with graphs it runs
+    # through the same checkpoint, input kept on the device, so it is a graph too)
     func = offloaded_checkpoint if graphs is None else functools.partial(offloaded_checkpoint, graphs=graphs)
     for _, layer in layers[:-1]:
         layer._gradient_checkpointing_func = func
+    if graphs is not None and layers:
+        layers[-1][1]._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, graphs=graphs,
+                                                                       offload=False)
     return [prefix + name for name, _ in layers[:-1]]
 
 
