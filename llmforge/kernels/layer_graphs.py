@@ -21,7 +21,7 @@ device):
 Limits, checked per call (anything else runs eagerly and is counted in ``stats()`` with the reason):
 the layer is called as ``partial(forward, layer, **kwargs)`` (transformers' checkpointed layers), returns
 one tensor shaped like its input, and its keyword arguments are tensors that need no gradient, tuples of
-them, or constants. Python inside the layer must not branch on tensor values (decoder layers do not); the
+them, or constants. A failed capture sends every layer of that shape back to eager (they run the same code). Python inside the layer must not branch on tensor values (decoder layers do not); the
 random-number state is not captured (dropout must be 0, as for the fused LoRA kernels). At most
 ``MAX_SETS`` shapes are captured per model; further shapes run eagerly. Each captured shape holds one
 layer's working memory in its pool for good.
@@ -130,7 +130,6 @@ class _LayerGraphs:
     grads: list | None = None           # persistent gradient buffers (one per parameter; None: unused)
     forward_calls: int = 0
     backward_calls: int = 0
-    broken: str = ""                    # why this layer runs eagerly for good
 
 
 @dataclass
@@ -146,6 +145,7 @@ class _GraphSet:
     autocast: tuple
     layers: dict[int, _LayerGraphs] = field(default_factory=dict)
     sources: tuple = ()                                          # the tensors last copied into ``statics``
+    broken: str = ""                    # why these layers run eagerly for good (a capture failed: the layers share code)
 
     def load_kwargs(self, kwargs: dict) -> None:
         """Copy this call's tensor arguments into the static ones (skipped when they are the same tensors,
@@ -202,8 +202,8 @@ class LayerGraphs:
         if layer_graphs is None:
             params = tuple(p for p in layer.parameters() if p.requires_grad)
             layer_graphs = graph_set.layers[id(layer)] = _LayerGraphs(params)
-        if layer_graphs.broken:
-            return self._eager(layer_graphs.broken)
+        if graph_set.broken:
+            return self._eager(graph_set.broken)
         return graph_set, layer_graphs
 
     def _new_set(self, hidden: torch.Tensor, kwargs: dict, autocast: tuple) -> _GraphSet:
@@ -219,12 +219,12 @@ class LayerGraphs:
                          grad=torch.empty_like(hidden), dh=torch.empty_like(hidden), names=tuple(kwargs),
                          statics=statics, autocast=autocast)
 
-    def _capture(self, layer_graphs: _LayerGraphs, fn: Callable[[], None], graph_set: _GraphSet, what: str):
+    def _capture(self, fn: Callable[[], None], graph_set: _GraphSet, what: str):
         try:
             graph = self.backend.capture(fn, graph_set.pool)
-        except Exception as error:  # an op that cannot be captured: this layer stays eager from now on
-            layer_graphs.broken = f"{what} capture failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-            self._eager(layer_graphs.broken)
+        except Exception as error:  # an op that cannot be captured: these layers (same code) stay eager from now on
+            graph_set.broken = f"{what} capture failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            self._eager(graph_set.broken)
             return None
         self.counts[f"captured {what}"] += 1
         return graph
@@ -253,7 +253,7 @@ class LayerGraphs:
 
             graph_set.inp.copy_(hidden)
             graph_set.load_kwargs(run.keywords)
-            layer_graphs.forward = self._capture(layer_graphs, fn, graph_set, "forward")
+            layer_graphs.forward = self._capture(fn, graph_set, "forward")
             if layer_graphs.forward is None:
                 return None
         else:
@@ -308,7 +308,7 @@ class LayerGraphs:
                         if buffer is not None:
                             buffer.copy_(g)
 
-            layer_graphs.backward = self._capture(layer_graphs, fn, graph_set, "backward")
+            layer_graphs.backward = self._capture(fn, graph_set, "backward")
             if layer_graphs.backward is None:
                 return False, None
         layer_graphs.backward.replay()
