@@ -107,11 +107,13 @@ def autocast_state(device_type: str) -> tuple:
                  for dev in sorted({"cpu", device_type}))
 
 
-class _AutocastNoCache:
-    """Re-enter an autocast state with its weight-cast cache off: cached casts would be freed after capture."""
+class AutocastAs:
+    """Re-enter an ``autocast_state``. ``cache_enabled=False`` inside graphs: autocast's cached weight casts
+    would be freed after capture while the graph still reads them."""
 
-    def __init__(self, state: tuple):
-        self.contexts = [torch.autocast(dev, dtype=dtype, enabled=on, cache_enabled=False) for dev, on, dtype in state]
+    def __init__(self, state: tuple, cache_enabled: bool | None = None):
+        self.contexts = [torch.autocast(dev, dtype=dtype, enabled=on, cache_enabled=cache_enabled)
+                         for dev, on, dtype in state]
 
     def __enter__(self):
         for c in self.contexts:
@@ -245,7 +247,7 @@ class LayerGraphs:
             func = run.func
 
             def fn():
-                with torch.no_grad(), _AutocastNoCache(graph_set.autocast), _Building():
+                with torch.no_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), _Building():
                     out = func(layer, graph_set.inp, **graph_set.static_kwargs())
                 if not (torch.is_tensor(out) and out.shape == graph_set.out.shape and out.dtype == graph_set.out.dtype):
                     raise TypeError("the layer does not return one tensor shaped like its input")
@@ -295,7 +297,7 @@ class LayerGraphs:
             def fn():
                 x = graph_set.inp.detach().requires_grad_(need_dh)
                 inputs = ([x] if need_dh else []) + list(params)
-                with torch.enable_grad(), _AutocastNoCache(graph_set.autocast), recomputing(), _Building():
+                with torch.enable_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), recomputing(), _Building():
                     out = func(layer, x, **graph_set.static_kwargs())
                 grads = torch.autograd.grad(out, inputs, graph_set.grad, allow_unused=True)
                 if need_dh:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.utils.checkpoint
 
-from llmforge.kernels.layer_graphs import LayerGraphs, autocast_state
+from llmforge.kernels.layer_graphs import AutocastAs, LayerGraphs, autocast_state
 
 MIN_OFFLOAD_BYTES = 2 << 20  # smaller inputs stay on the device: the copy costs more than it saves
 PREFETCH = os.environ.get("LLMFORGE_OFFLOAD_PREFETCH", "1") != "0"  # A/B switch for the next-layer prefetch
@@ -121,7 +121,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if done:
                 return (None, None, None, dh) + (None,) * len(ctx.args)
         hidden = source.detach().requires_grad_(True)
-        with torch.enable_grad(), _autocast_as(ctx.autocast), _Recomputing():
+        with torch.enable_grad(), AutocastAs(ctx.autocast), _Recomputing():
             out = ctx.run(hidden, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
@@ -129,21 +129,6 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         dh = hidden.grad if ctx.input_requires_grad else None
         return (None, None, None, dh) + (None,) * len(ctx.args)
-
-
-class _autocast_as:
-    """Re-enter the autocast state that the forward ran under."""
-
-    def __init__(self, states):
-        self.contexts = [torch.autocast(dev, dtype=dtype, enabled=enabled) for dev, enabled, dtype in states]
-
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
 
 
 _GRAD_ANCHOR: dict[torch.device, torch.Tensor] = {}
