@@ -131,7 +131,6 @@ class _LayerGraphs:
     backward: object | None = None
     grads: list | None = None           # persistent gradient buffers (one per parameter; None: unused)
     forward_calls: int = 0
-    backward_calls: int = 0
 
 
 @dataclass
@@ -152,11 +151,11 @@ class _GraphSet:
     def load_kwargs(self, kwargs: dict) -> None:
         """Copy this call's tensor arguments into the static ones (skipped when they are the same tensors,
         unchanged, as for every layer of one pass)."""
-        tensors = [t for name in self.names for t in (_flatten(kwargs[name]) or ([], None))[0]]
+        tensors = [t for name in self.names for t in _flatten(kwargs[name])[0]]   # checked by ``_plan``
         key = tuple((t, t._version) for t in tensors)
         if len(key) == len(self.sources) and all(a is b and va == vb for (a, va), (b, vb) in zip(key, self.sources)):
             return
-        statics = [t for name in self.names for t in (_flatten(self.statics[name]) or ([], None))[0]]
+        statics = [t for name in self.names for t in _flatten(self.statics[name])[0]]
         for static, t in zip(statics, tensors):
             static.copy_(t)
         self.sources = key
@@ -240,11 +239,12 @@ class LayerGraphs:
             return None
         graph_set, layer_graphs = plan
         layer_graphs.forward_calls += 1
+        if layer_graphs.forward is None and layer_graphs.forward_calls <= WARMUP_CALLS:
+            return self._eager("warm-up")
+        graph_set.inp.copy_(hidden)
+        graph_set.load_kwargs(run.keywords)
         if layer_graphs.forward is None:
-            if layer_graphs.forward_calls <= WARMUP_CALLS:
-                return self._eager("warm-up")
-            layer = run.args[0]
-            func = run.func
+            layer, func = run.args[0], run.func
 
             def fn():
                 with torch.no_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), _Building():
@@ -253,14 +253,9 @@ class LayerGraphs:
                     raise TypeError("the layer does not return one tensor shaped like its input")
                 graph_set.out.copy_(out)
 
-            graph_set.inp.copy_(hidden)
-            graph_set.load_kwargs(run.keywords)
             layer_graphs.forward = self._capture(fn, graph_set, "forward")
             if layer_graphs.forward is None:
                 return None
-        else:
-            graph_set.inp.copy_(hidden)
-            graph_set.load_kwargs(run.keywords)
         layer_graphs.forward.replay()
         self.counts["replayed forward"] += 1
         return graph_set.out.clone()
@@ -284,7 +279,6 @@ class LayerGraphs:
         if layer_graphs.forward is None:  # captured together: a layer whose forward ran eagerly stays eager
             self._eager("warm-up")
             return False, None
-        layer_graphs.backward_calls += 1
         for p, buffer in zip(layer_graphs.params, layer_graphs.grads or ()):
             if buffer is not None and p.grad is buffer:   # still held from the last replay: keep it apart
                 p.grad = buffer.clone()
