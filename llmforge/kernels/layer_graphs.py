@@ -84,6 +84,15 @@ class CudaGraphBackend:
             fn()
         return graph
 
+    @staticmethod
+    def pool_bytes() -> int | None:
+        """Device memory held by graph pools (segments outside the default pool), all devices; None where this
+        torch does not say which pool a segment belongs to."""
+        segments = torch.cuda.memory_snapshot()
+        if any("segment_pool_id" not in seg for seg in segments):
+            return None
+        return sum(seg["total_size"] for seg in segments if tuple(seg["segment_pool_id"]) != (0, 0))
+
 
 def _flatten(value) -> tuple[list[torch.Tensor], object] | None:
     """Tensors of one keyword argument and its signature; None where graphs cannot take it."""
@@ -321,6 +330,9 @@ class LayerGraphs:
     def stats(self) -> str:
         """One line: graphs captured, replays, eager calls and why."""
         parts = [f"{n} {what}" for what, n in sorted(self.counts.items())]
+        pool = self.backend.pool_bytes() if self.sets and hasattr(self.backend, "pool_bytes") else None
+        if pool is not None:
+            parts.append(f"graph pools {pool / 2**30:.2f} GiB")
         if self.reasons:
             parts.append("eager because: " + "; ".join(f"{why} x{n}" for why, n in self.reasons.most_common(4)))
         return "layer graphs: " + (", ".join(parts) or "none used")
