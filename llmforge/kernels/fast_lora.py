@@ -28,8 +28,8 @@ from llmforge.kernels._backend import compute_dtype, use_triton
 from llmforge.kernels.activations import (ACTIVATION_KINDS, gated_backward_raw, gated_forward_raw,
                                           gated_reference)
 from llmforge.kernels.fp8 import Fp8Weights, dense_fp8, fp8_mm, fp8_shapes_ok, quantize_rows
-from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_fp8, dequantize_nf4_many
 from llmforge.kernels.layer_graphs import building_graph
+from llmforge.kernels.nf4 import dequantize_nf4, dequantize_nf4_fp8, dequantize_nf4_many
 from llmforge.kernels.offload import recomputing
 
 _STEP = [0]

@@ -21,8 +21,9 @@ device):
 Limits, checked per call (anything else runs eagerly and is counted in ``stats()`` with the reason):
 the layer is called as ``partial(forward, layer, **kwargs)`` (transformers' checkpointed layers), returns
 one tensor shaped like its input, and its keyword arguments are tensors that need no gradient, tuples of
-them, or constants. A failed capture sends every layer of that shape back to eager (they run the same code). Python inside the layer must not branch on tensor values (decoder layers do not); the
-random-number state is not captured (dropout must be 0, as for the fused LoRA kernels). At most
+them, or constants. A failed capture sends every layer of that shape back to eager (they run the same code).
+Python inside the layer must not branch on tensor values (decoder layers do not); the random-number state is
+not captured (dropout must be 0, as for the fused LoRA kernels). At most
 ``MAX_SETS`` shapes are captured per model; further shapes run eagerly. Each captured shape holds one
 layer's working memory in its pool for good.
 
@@ -155,7 +156,7 @@ class _GraphSet:
     autocast: tuple
     layers: dict[int, _LayerGraphs] = field(default_factory=dict)
     sources: tuple = ()                                          # the tensors last copied into ``statics``
-    broken: str = ""                    # why these layers run eagerly for good (a capture failed: the layers share code)
+    broken: str = ""                    # why these layers run eagerly for good (a capture failed; they share code)
 
     def load_kwargs(self, kwargs: dict) -> None:
         """Copy this call's tensor arguments into the static ones (skipped when they are the same tensors,
@@ -300,7 +301,8 @@ class LayerGraphs:
             def fn():
                 x = graph_set.inp.detach().requires_grad_(need_dh)
                 inputs = ([x] if need_dh else []) + list(params)
-                with torch.enable_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), recomputing(), _Building():
+                with (torch.enable_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), recomputing(),
+                      _Building()):
                     out = func(layer, x, **graph_set.static_kwargs())
                 grads = torch.autograd.grad(out, inputs, graph_set.grad, allow_unused=True)
                 if need_dh:

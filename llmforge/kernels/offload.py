@@ -116,8 +116,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         source = ctx.offloaded.take() if ctx.offloaded is not None else ctx.saved_input
         ctx.offloaded = ctx.saved_input = None
         if ctx.graphs is not None:
-            done, dh = ctx.graphs.backward(ctx.run, source, ctx.args, ctx.autocast, grads[0] if len(grads) == 1 else None,
-                                           ctx.input_requires_grad, _Recomputing)
+            grad = grads[0] if len(grads) == 1 else None
+            done, dh = ctx.graphs.backward(ctx.run, source, ctx.args, ctx.autocast, grad, ctx.input_requires_grad,
+                                           _Recomputing)
             if done:
                 return (None, None, None, dh) + (None,) * len(ctx.args)
         hidden = source.detach().requires_grad_(True)

@@ -58,7 +58,7 @@ class PatchReport:
     cached_adapter_casts: bool = False
     fp8_base: bool = False  # the fused LoRA MLP nodes' frozen base matmuls run on e4m3 operands
     host_weights: list[str] = field(default_factory=list)  # frozen modules kept in host memory
-    layer_graphs: LayerGraphs | None = None  # CUDA graphs of the offloaded layers (``stats()``: what ran)
+    layer_graphs: LayerGraphs | None = None  # CUDA graphs of the checkpointed layers (``stats()``: what ran)
     not_patched: list[str] = field(default_factory=list)  # in the patched model, with the reason
     left_as_is: list[str] = field(default_factory=list)  # beside a VLM's language model (vision tower, projector)
     reason: str = ""  # why nothing was patched
@@ -463,9 +463,10 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     ``fp8_base``: the frozen base matmuls of the fused LoRA MLP nodes on e4m3 operands (``fp8.py``: about twice
     the matmul rate on Hopper/Ada, less exact; Q/K/V and O stay in the compute dtype, where FP8 measured slower);
     ignored, with the reason in ``not_patched``, where FP8 cannot run.
-    ``cuda_graphs``: the offloaded checkpointed layers replay their forward and backward as CUDA graphs
-    (``layer_graphs.py``: for fixed shapes; the host then launches one graph per layer and pass instead of
-    hundreds of kernels); needs CUDA and offloaded checkpointing. ``report.layer_graphs.stats()`` tells what ran.
+    ``cuda_graphs``: the checkpointed layers (offloaded, and the last one) replay their forward and backward as
+    CUDA graphs (``layer_graphs.py``: for fixed shapes; the host then launches one graph per layer and pass
+    instead of hundreds of kernels); needs CUDA and offloaded checkpointing. ``report.layer_graphs.stats()``
+    tells what ran.
     A ``LayerGraphs`` instance is used as given, on any device (tests pass one with a stand-in backend).
     """
     if cache_adapter_casts is None:
