@@ -153,20 +153,19 @@ class _GraphSet:
     dh: torch.Tensor
     names: tuple[str, ...]                                       # keyword arguments, in call order
     statics: dict[str, object]                                  # name -> static tensor(s) or constant
+    static_tensors: list[torch.Tensor]                          # the tensors of ``statics``, flattened in order
     autocast: tuple
     layers: dict[int, _LayerGraphs] = field(default_factory=dict)
     sources: tuple = ()                                          # the tensors last copied into ``statics``
     broken: str = ""                    # why these layers run eagerly for good (a capture failed; they share code)
 
-    def load_kwargs(self, kwargs: dict) -> None:
-        """Copy this call's tensor arguments into the static ones (skipped when they are the same tensors,
-        unchanged, as for every layer of one pass)."""
-        tensors = [t for name in self.names for t in _flatten(kwargs[name])[0]]   # checked by ``_plan``
+    def load_kwargs(self, tensors: list[torch.Tensor]) -> None:
+        """Copy this call's tensor arguments (flattened by ``_plan``) into the static ones (skipped when they are
+        the same tensors, unchanged, as for every layer of one pass)."""
         key = tuple((t, t._version) for t in tensors)
         if len(key) == len(self.sources) and all(a is b and va == vb for (a, va), (b, vb) in zip(key, self.sources)):
             return
-        statics = [t for name in self.names for t in _flatten(self.statics[name])[0]]
-        for static, t in zip(statics, tensors):
+        for static, t in zip(self.static_tensors, tensors):
             static.copy_(t)
         self.sources = key
 
@@ -189,17 +188,19 @@ class LayerGraphs:
         self.reasons[reason] += 1
 
     def _plan(self, run, hidden: torch.Tensor, args: tuple, autocast: tuple, *,
-              create: bool) -> tuple[_GraphSet, _LayerGraphs] | None:
+              create: bool) -> tuple[_GraphSet, _LayerGraphs, list[torch.Tensor]] | None:
         if args:
             return self._eager("extra positional arguments")
         if not (isinstance(run, functools.partial) and len(run.args) == 1 and isinstance(run.args[0], torch.nn.Module)):
             return self._eager("not a transformers checkpointed layer call")
         layer, kwargs = run.args[0], run.keywords
         signature = [tuple(hidden.shape), hidden.dtype, hidden.device, hidden.stride(), autocast]
+        tensors = []
         for name, value in kwargs.items():
             flat = _flatten(value)
             if flat is None:
                 return self._eager(f"keyword argument {name!r} ({type(value).__name__})")
+            tensors.extend(flat[0])
             signature.append((name, flat[1]))
         key = tuple(signature)
         graph_set = self.sets.get(key)
@@ -215,7 +216,7 @@ class LayerGraphs:
             layer_graphs = graph_set.layers[id(layer)] = _LayerGraphs(params)
         if graph_set.broken:
             return self._eager(graph_set.broken)
-        return graph_set, layer_graphs
+        return graph_set, layer_graphs, tensors
 
     def _new_set(self, hidden: torch.Tensor, kwargs: dict, autocast: tuple) -> _GraphSet:
         statics = {}
@@ -228,7 +229,8 @@ class LayerGraphs:
                 statics[name] = value
         return _GraphSet(pool=self.backend.new_pool(), inp=torch.empty_like(hidden), out=torch.empty_like(hidden),
                          grad=torch.empty_like(hidden), dh=torch.empty_like(hidden), names=tuple(kwargs),
-                         statics=statics, autocast=autocast)
+                         statics=statics, static_tensors=[t for v in statics.values() for t in _flatten(v)[0]],
+                         autocast=autocast)
 
     def _capture(self, fn: Callable[[], None], graph_set: _GraphSet, what: str):
         try:
@@ -247,12 +249,12 @@ class LayerGraphs:
         plan = self._plan(run, hidden, args, autocast, create=True)
         if plan is None:
             return None
-        graph_set, layer_graphs = plan
+        graph_set, layer_graphs, tensors = plan
         layer_graphs.forward_calls += 1
         if layer_graphs.forward is None and layer_graphs.forward_calls <= WARMUP_CALLS:
             return self._eager("warm-up")
         graph_set.inp.copy_(hidden)
-        graph_set.load_kwargs(run.keywords)
+        graph_set.load_kwargs(tensors)
         if layer_graphs.forward is None:
             layer, func = run.args[0], run.func
 
@@ -282,7 +284,7 @@ class LayerGraphs:
         plan = self._plan(run, hidden, args, autocast, create=False)
         if plan is None:
             return False, None
-        graph_set, layer_graphs = plan
+        graph_set, layer_graphs, tensors = plan
         if tuple(grad.shape) != tuple(graph_set.grad.shape) or grad.dtype != graph_set.grad.dtype:
             self._eager("output gradient shaped unlike the output")
             return False, None
@@ -294,7 +296,7 @@ class LayerGraphs:
                 p.grad = buffer.clone()
         graph_set.inp.copy_(hidden)
         graph_set.grad.copy_(grad)
-        graph_set.load_kwargs(run.keywords)
+        graph_set.load_kwargs(tensors)
         if layer_graphs.backward is None:
             layer, func, params = run.args[0], run.func, layer_graphs.params
 
