@@ -151,11 +151,15 @@ def test_more_shapes_than_the_limit_run_eagerly(pair, monkeypatch) -> None:
     assert graphs.counts["replayed backward"] == 2 * LAYERS
 
 
-def test_needs_cuda_when_asked_by_name() -> None:
+def test_needs_cuda_when_asked_by_name_and_a_bool() -> None:
     model = tiny_lora_model("llama")
     try:
         report = patch_model(model, offload_checkpointing=True, cuda_graphs=True)
         assert report.layer_graphs is None
         assert "CUDA graphs: the model is not on a CUDA device" in report.not_patched
+        untouched = tiny_lora_model("llama")
+        with pytest.raises(TypeError, match="cuda_graphs must be True, False or a LayerGraphs, not str 'yes'"):
+            patch_model(untouched, cuda_graphs="yes")
+        assert not any("forward" in vars(m) for m in untouched.modules()), "patched before refusing"
     finally:
         unpatch_rope(model)

@@ -469,6 +469,9 @@ def patch_model(model: nn.Module, *, offload_checkpointing: bool | None = None,
     tells what ran.
     A ``LayerGraphs`` instance is used as given, on any device (tests pass one with a stand-in backend).
     """
+    if not isinstance(cuda_graphs, (bool, LayerGraphs)):
+        raise TypeError(f"patch_model: cuda_graphs must be True, False or a LayerGraphs, not "
+                        f"{type(cuda_graphs).__name__} {cuda_graphs!r}")
     if cache_adapter_casts is None:
         cache_adapter_casts = os.environ.get("LLMFORGE_ADAPTER_CACHE", "1") != "0"
     cache_casts = bool(cache_adapter_casts)
