@@ -7,6 +7,7 @@ checked by ``tests/test_layer_graphs_gpu.py`` on a GPU."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -37,8 +38,22 @@ class RerunBackend:
         return type("Rerun", (), {"replay": staticmethod(fn)})()
 
 
-def _pair(backend):
-    """The same LoRA model twice, patched with offloaded checkpointing; the second with layer graphs."""
+def _as_bound_method_calls(model) -> None:
+    """Make the layers' checkpointed calls take the form earlier transformers releases use:
+    ``partial(method bound to the layer, **kwargs)`` instead of ``partial(forward, layer, **kwargs)``."""
+    for layer in model.modules():
+        inner = getattr(layer, "_gradient_checkpointing_func", None)
+        if inner is not None and getattr(layer, "gradient_checkpointing", False):
+            def rewrapped(run, *args, inner=inner, **kwargs):
+                assert len(run.args) == 1, "the test expects transformers' partial(forward, layer, **kwargs)"
+                bound = functools.partial(run.func.__get__(run.args[0]), **run.keywords)
+                return inner(bound, *args, **kwargs)
+            layer._gradient_checkpointing_func = rewrapped
+
+
+def _pair(backend, bound_calls: bool = False):
+    """The same LoRA model twice, patched with offloaded checkpointing; the second with layer graphs.
+    ``bound_calls``: the layers are called as earlier transformers releases call them."""
     ref = tiny_lora_model("llama", num_layers=LAYERS)
     new = copy.deepcopy(ref)
     graphs = LayerGraphs(backend=backend)
@@ -46,6 +61,8 @@ def _pair(backend):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         report = patch_model(model, offload_checkpointing=True, cuda_graphs=g if g is not None else False)
         assert report.offloaded_checkpoint_layers == LAYERS - 1, report.summary()
+        if bound_calls:
+            _as_bound_method_calls(model)
     return ref, new, graphs
 
 
@@ -70,9 +87,9 @@ def _close(a: dict, b: dict, what: str) -> None:
         assert float((b[name] - g).abs().max()) <= 1e-5 * scale, f"{what} {name}: gradients differ"
 
 
-@pytest.fixture
-def pair():
-    ref, new, graphs = _pair(RerunBackend())
+@pytest.fixture(params=["forward", "bound method"])
+def pair(request):
+    ref, new, graphs = _pair(RerunBackend(), bound_calls=request.param == "bound method")
     yield ref, new, graphs
     unpatch_rope(ref)
 

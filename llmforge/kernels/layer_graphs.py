@@ -111,6 +111,20 @@ def _flatten(value) -> tuple[list[torch.Tensor], object] | None:
     return None
 
 
+def _layer_call(run) -> tuple[torch.nn.Module, Callable] | None:
+    """(layer, call) where ``call(hidden, **kwargs)`` runs the layer of a transformers checkpointed call, or None.
+    transformers wraps it as ``partial(forward, layer, **kwargs)`` (5.2x) or as ``partial(layer_call, **kwargs)``,
+    a method bound to the layer (``super().__call__``, earlier 5.x and 4.x)."""
+    if not isinstance(run, functools.partial):
+        return None
+    if len(run.args) == 1 and isinstance(run.args[0], torch.nn.Module):
+        layer, func = run.args[0], run.func
+        return layer, lambda hidden, **kwargs: func(layer, hidden, **kwargs)
+    if not run.args and isinstance(getattr(run.func, "__self__", None), torch.nn.Module):
+        return run.func.__self__, run.func
+    return None
+
+
 def autocast_state(device_type: str) -> tuple:
     """The autocast state of the CPU and of ``device_type``: what a checkpointed layer's backward re-enters."""
     return tuple((dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
@@ -191,9 +205,10 @@ class LayerGraphs:
               create: bool) -> tuple[_GraphSet, _LayerGraphs, list[torch.Tensor]] | None:
         if args:
             return self._eager("extra positional arguments")
-        if not (isinstance(run, functools.partial) and len(run.args) == 1 and isinstance(run.args[0], torch.nn.Module)):
+        layer_call = _layer_call(run)
+        if layer_call is None:
             return self._eager("not a transformers checkpointed layer call")
-        layer, kwargs = run.args[0], run.keywords
+        layer, kwargs = layer_call[0], run.keywords
         signature = [tuple(hidden.shape), hidden.dtype, hidden.device, hidden.stride(), autocast]
         tensors = []
         for name, value in kwargs.items():
@@ -256,11 +271,11 @@ class LayerGraphs:
         graph_set.inp.copy_(hidden)
         graph_set.load_kwargs(tensors)
         if layer_graphs.forward is None:
-            layer, func = run.args[0], run.func
+            call = _layer_call(run)[1]
 
             def fn():
                 with torch.no_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), _Building():
-                    out = func(layer, graph_set.inp, **graph_set.static_kwargs())
+                    out = call(graph_set.inp, **graph_set.static_kwargs())
                 if not (torch.is_tensor(out) and out.shape == graph_set.out.shape and out.dtype == graph_set.out.dtype):
                     raise TypeError("the layer does not return one tensor shaped like its input")
                 graph_set.out.copy_(out)
@@ -298,14 +313,14 @@ class LayerGraphs:
         graph_set.grad.copy_(grad)
         graph_set.load_kwargs(tensors)
         if layer_graphs.backward is None:
-            layer, func, params = run.args[0], run.func, layer_graphs.params
+            call, params = _layer_call(run)[1], layer_graphs.params
 
             def fn():
                 x = graph_set.inp.detach().requires_grad_(need_dh)
                 inputs = ([x] if need_dh else []) + list(params)
                 with (torch.enable_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), recomputing(),
                       _Building()):
-                    out = func(layer, x, **graph_set.static_kwargs())
+                    out = call(x, **graph_set.static_kwargs())
                 grads = torch.autograd.grad(out, inputs, graph_set.grad, allow_unused=True)
                 if need_dh:
                     graph_set.dh.copy_(grads[0] if grads[0] is not None else torch.zeros_like(x))
