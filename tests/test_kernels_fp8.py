@@ -99,6 +99,9 @@ def check_nf4_fp8() -> None:
             exponent = pow2_scale_exponent(torch.tensor([amax]))
             want = torch.cat([(d * pow2(-exponent)).to(E4M3) for d in dense])
             fw = dequantize_nf4_fp8(weights)
+            with torch.autocast("cpu", dtype=torch.bfloat16):   # as in training: CPU autocast's cat refuses float8
+                under_autocast = dequantize_nf4_fp8(weights).buffer
+            assert torch.equal(under_autocast.view(torch.uint8), fw.buffer.view(torch.uint8))
             assert fw.buffer.dtype == E4M3 and fw.buffer.shape == want.shape
             assert torch.equal(fw.buffer.view(torch.uint8), want.view(torch.uint8)), (shapes, nested)
             assert float(fw.scale) == float(pow2(exponent)[0])

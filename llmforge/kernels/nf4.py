@@ -254,5 +254,6 @@ def dequantize_nf4_fp8(weights: Sequence[tuple[torch.Tensor, object]]):
         # even sizes: the views are consecutive rows of the kernel's one output buffer
         buffer = views[0].as_strided((sum(v.shape[0] for v in views), views[0].shape[1]), views[0].stride())
         return Fp8Weights(buffer, tuple(views), group)
-    buffer = torch.cat([(dequantize_nf4_reference(p, qs, torch.float32) * group.inv).to(E4M3) for p, qs in flat])
+    with torch.autocast(flat[0][0].device.type, enabled=False):   # CPU autocast's cat cannot take float8
+        buffer = torch.cat([(dequantize_nf4_reference(p, qs, torch.float32) * group.inv).to(E4M3) for p, qs in flat])
     return Fp8Weights.stacked(buffer, [qs.shape[0] for _, qs in flat], group)
