@@ -33,6 +33,8 @@ sys.path.insert(0, str(REPO))
 import train_anchor as A  # noqa: E402
 
 SIZES = ("1b", "8b", "tiny")
+EXPSEG_VARIANTS = ("-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 BATCH = {"1b": 4, "8b": 2, "tiny": 2}
 for _size in SIZES:
     A.CONFIGS[f"llmforge-{_size}"] = ("llmforge", _size, BATCH[_size])
@@ -46,11 +48,14 @@ for _size in SIZES:
     # each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
     for _variant in ("-graphs", "-fp8-graphs", "-hostw-fp8-graphs"):
         A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
+    # the same with the allocator's expandable segments (reserved memory close to allocated: less fragmentation)
+    for _variant in EXPSEG_VARIANTS:
+        A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
 OFFLOAD = {"value": True}
 HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
 FP8 = {"value": False}
 GRAPHS = {"value": False}
-VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs")
+VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs", *EXPSEG_VARIANTS)
 
 _setup_hf = A.setup_hf
 
@@ -72,7 +77,7 @@ def setup_llmforge(path, args, dev):
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
                  kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights,
-                 kernels_fp8_base=report.fp8_base)
+                 kernels_fp8_base=report.fp8_base, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
     return model, extra
 
 
@@ -107,11 +112,11 @@ def _memory_name(variant: str) -> str:
     """Which peak a variant is judged by: CUDA graphs keep their memory pool reserved between replays, where
     ``max_memory_allocated`` does not see it, so graph variants are judged by their reserved peak (against the
     reference's allocated peak: the stricter comparison)."""
-    return "peak reserved vs alloc" if variant.endswith("-graphs") else "peak alloc"
+    return "peak reserved vs alloc" if "-graphs" in variant else "peak alloc"
 
 
 def _memory_ratio(ours: dict, other: dict, variant: str) -> float | None:
-    key = "train_peak_reserved_gib" if variant.endswith("-graphs") else "train_peak_alloc_gib"
+    key = "train_peak_reserved_gib" if "-graphs" in variant else "train_peak_alloc_gib"
     if not (ours.get(key) and other.get("train_peak_alloc_gib")):
         return None
     return ours[key] / other["train_peak_alloc_gib"]
@@ -461,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         configs = [a for a in argv if a.startswith("llmforge-")]
         HOST_WEIGHTS["value"] = any("-hostw" in a for a in configs)
         FP8["value"] = any("-fp8" in a for a in configs)
-        GRAPHS["value"] = any(a.endswith("-graphs") for a in configs)
+        GRAPHS["value"] = any("-graphs" in a for a in configs)
+        if any(a.endswith("-expseg") for a in configs):   # read when CUDA's allocator starts: before any tensor
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
     return A.main(argv)
 
 

@@ -35,8 +35,13 @@ def test_graph_variants_are_judged_by_their_reserved_peak(train_gpu, tmp_path: P
     _result(tmp_path, "hf-8b", 7000, 13.76, 14.5)
     _result(tmp_path, "llmforge-8b-hostw-fp8", 14500, 5.0, 5.6)
     _result(tmp_path, "llmforge-8b-hostw-fp8-graphs", 14500, 5.0, 5.6)
+    _result(tmp_path, "llmforge-8b-hostw-fp8-graphs-expseg", 14000, 5.0, 5.4)
+    _result(tmp_path, "llmforge-8b-hostw-fp8-expseg", 12000, 5.0, 5.2)
     text = train_gpu.table(str(tmp_path))
     lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("target ")}
     assert lines["target 8b-hostw-fp8 vs hf"].endswith("2.07x / 0.36x (peak alloc) MET"), text
     assert lines["target 8b-hostw-fp8-graphs vs hf"].endswith("2.07x / 0.41x (peak reserved vs alloc) NOT MET"), text
     assert "| llmforge-8b-hostw-fp8-graphs | ok | 2 | 14,500 | 5.00 | 5.60 |" in text
+    # the expandable-segments variants: graphs still by the reserved peak, the others by the allocated one
+    assert lines["target 8b-hostw-fp8-graphs-expseg vs hf"].endswith("2.00x / 0.39x (peak reserved vs alloc) MET"), text
+    assert lines["target 8b-hostw-fp8-expseg vs hf"].endswith("1.71x / 0.36x (peak alloc) NOT MET"), text

@@ -76,6 +76,10 @@ class CudaGraphBackend:
     def capture(self, fn: Callable[[], None], pool):
         if self.stream is None:
             self.stream = torch.cuda.Stream()
+        # the warm-up's blocks are tagged to the side stream: first hand back what the current stream holds cached
+        # but unused, so the capture step does not reserve both (torch.cuda.graph empties the cache too, but only
+        # after the warm-up)
+        torch.cuda.empty_cache()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             fn()   # warm-up: cuBLAS workspaces and lazy state of this stream exist before capture
