@@ -95,7 +95,10 @@ def pair(request):
 
 
 def test_training_steps_match_without_graphs(pair) -> None:
+    from llmforge.trainer.run import layer_graphs_of
+
     ref, new, graphs = pair
+    assert layer_graphs_of(new) is graphs and layer_graphs_of(ref) is None   # how the trainer finds them
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, new)]
     for step in range(4):
         losses = []

@@ -148,3 +148,74 @@ def test_each_steps_loss_is_read_after_the_next_step_is_queued(base: Path, tmp_p
     logged = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in logged] == [1, 2, 3, 4, 5]
     assert [e["loss"] for e in logged] == pytest.approx(result.losses) and len(result.losses) == 5
+
+
+def test_cuda_graphs_pad_every_batch_to_the_fixed_length(base: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """With layer graphs on (a stand-in here: graphs need CUDA), every batch the model sees has the one shape
+    ``model.max_seq_length``, and the graphs' stats are printed after training; without them, batches keep
+    their own length."""
+    from llmforge.trainer import run
+
+    seen: list[tuple] = []
+
+    class StandIn:
+        def stats(self) -> str:
+            return "layer graphs: stand-in"
+
+    def patch(model, config, host_weights=True, graphs=False):
+        assert graphs is True, "text SFT keeps one batch shape: it must say so"
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
+                                        with_kwargs=True)
+        return "stand-in"
+
+    monkeypatch.setattr(run, "maybe_patch_kernels", patch)
+    data = write(rows_in("messages"), tmp_path / "d.jsonl")
+    for graphs, want in ((StandIn(), {64}), (None, None)):
+        seen.clear()
+        monkeypatch.setattr(run, "layer_graphs_of", lambda model, graphs=graphs: graphs)
+        train(config_for(base, data, tmp_path / f"out{graphs is None}", max_steps=2, batch_size=3, cuda_graphs=True))
+        lengths = {shape[1] for shape in seen}
+        assert len(seen) == 2 and (lengths == want if want else max(lengths) < 64), seen
+    assert "layer graphs: stand-in" in capsys.readouterr().err
+
+
+def test_train_cuda_graphs_reaches_the_patch_or_says_why_not(monkeypatch, capsys) -> None:
+    import torch
+
+    from llmforge.kernels import patch as patch_module
+    from llmforge.trainer import run
+    from llmforge.trainer.config import Config
+
+    config = Config()
+    config.train.cuda_graphs = True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run.maybe_patch_kernels(object(), config, graphs=True) == "off (no CUDA device)"
+    assert "note: train.cuda_graphs is not applied (no CUDA device" in capsys.readouterr().err
+    run.maybe_patch_kernels(object(), config)   # GRPO, vision: their shapes change every step
+    assert "train.cuda_graphs is not applied here (only text SFT" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(patch_module, "patch_model", lambda model, **kw: seen.append(kw["cuda_graphs"]) or
+                        patch_module.PatchReport(model_type="llama", supported=True, backend="triton"))
+    run.maybe_patch_kernels(object(), config, graphs=True)
+    run.maybe_patch_kernels(object(), config)
+    config.train.cuda_graphs = False
+    run.maybe_patch_kernels(object(), config, graphs=True)
+    assert seen == [True, False, False]
+
+
+def test_fixed_length_collate() -> None:
+    import torch
+
+    from llmforge.trainer.encode import Encoded
+    from llmforge.trainer.sft import collate
+
+    cpu = torch.device("cpu")
+    rows = [Encoded(input_ids=[5, 6, 7], labels=[-100, 6, 7], row=0), Encoded(input_ids=[8], labels=[8], row=1)]
+    batch = collate(rows, 0, cpu, length=6)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0, 0], [8, 0, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, -100], [8, -100, -100, -100, -100, -100]]
+    assert collate(rows, 0, cpu)["input_ids"].shape == (2, 3)
+    with pytest.raises(ValueError, match="does not fit the fixed batch length 2"):
+        collate(rows, 0, cpu, length=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -105,17 +106,21 @@ def train_lora(model: Any, config: Config, target_modules: str | list[str] | Non
     return add_lora(model, config.lora, gradient_checkpointing=checkpointing, target_modules=target_modules)
 
 
-def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True) -> str:
+def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True, graphs: bool = False) -> str:
     """llmforge's fused kernels on CUDA unless ``train.kernels: false``; tolerated when not available. Returns
     what was done, for the run's summary. ``host_weights=False`` (vision-language models): the embeddings and
-    lm_head stay on the device whatever ``train.offload_embeddings`` says (the caller notes it)."""
+    lm_head stay on the device whatever ``train.offload_embeddings`` says (the caller notes it). ``graphs``: the
+    caller keeps one batch shape, so ``train.cuda_graphs`` can apply (:func:`layer_graphs_of` finds them)."""
+    if config.train.cuda_graphs and not graphs:
+        print("note: train.cuda_graphs is not applied here (only text SFT keeps one batch shape)", file=sys.stderr)
     if not (torch.cuda.is_available() and config.train.kernels):
         why = "no CUDA device" if config.train.kernels else "train.kernels is false"
         if config.train.offload_embeddings == "on" and host_weights:   # asked for by name: say why nothing moved
             print(f"note: train.offload_embeddings: on is not applied ({why}; it comes with the CUDA kernels)",
                   file=sys.stderr)
-        if config.train.fp8:
-            print(f"note: train.fp8 is not applied ({why}; it comes with the CUDA kernels)", file=sys.stderr)
+        for name in ("fp8", "cuda_graphs"):
+            if getattr(config.train, name) and (name != "cuda_graphs" or graphs):
+                print(f"note: train.{name} is not applied ({why}; it comes with the CUDA kernels)", file=sys.stderr)
         return f"off ({why})"
     try:
         from ..kernels.patch import patch_model
@@ -124,9 +129,18 @@ def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True) -
     # host-resident lm_head: ~1 GiB of copies per call, too slow for generating (GRPO) unless asked for
     auto = None if config.train.method == "sft" else False
     offload = {"auto": auto, "on": True, "off": False}[config.train.offload_embeddings] if host_weights else False
-    report = patch_model(model, offload_frozen_weights=offload, fp8_base=config.train.fp8)
+    report = patch_model(model, offload_frozen_weights=offload, fp8_base=config.train.fp8,
+                         cuda_graphs=bool(graphs and config.train.cuda_graphs))
     print(f"kernels: {report}", file=sys.stderr)
+    if report.layer_graphs is not None and not report.offloaded_checkpoint_layers:
+        print("note: train.cuda_graphs has no layer to take: they come with gradient checkpointing, which is off",
+              file=sys.stderr)
     return report.summary()
+
+
+def layer_graphs_of(model: Any):
+    """The :class:`~llmforge.kernels.layer_graphs.LayerGraphs` that ``patch_model`` gave ``model``, or None."""
+    return next((m._llmforge_layer_graphs for m in model.modules() if hasattr(m, "_llmforge_layer_graphs")), None)
 
 
 def train(config: Config, resume: bool = False) -> TrainResult:
@@ -153,7 +167,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     from .data import load_examples
     from .encode import encode_all, resolve_chat_template
     from .load import load_model
-    from .sft import pack, train_loop
+    from .sft import collate, pack, train_loop
 
     if not config.model.path:
         raise LlmforgeError("model.path is not set", hint="set it in the config or with --set model.path=DIR")
@@ -177,9 +191,15 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     if config.data.packing:
         rows = pack(rows, config.model.max_seq_length)
     model = train_lora(model, config)
-    kernels = maybe_patch_kernels(model, config)
+    kernels = maybe_patch_kernels(model, config, graphs=True)
+    graphs = layer_graphs_of(model)
     print(f"[3/4] training ({data_format} data, {stats.summary().removeprefix('data: ')})", file=sys.stderr)
-    loop = train_loop(model, rows, config.train, out_dir, tokenizer.pad_token_id, resume=resume)
+    # CUDA graphs replay one shape: every batch padded to the longest a row can be
+    collate_fn = functools.partial(collate, length=config.model.max_seq_length) if graphs is not None else collate
+    loop = train_loop(model, rows, config.train, out_dir, tokenizer.pad_token_id, resume=resume,
+                      collate_fn=collate_fn)
+    if graphs is not None:
+        print(graphs.stats(), file=sys.stderr)
     print(f"[4/4] saving the adapter to {out_dir / ADAPTER_DIR}", file=sys.stderr)
     adapter_dir = save_adapter(model, tokenizer, config, out_dir / ADAPTER_DIR)
     return TrainResult(adapter_dir=adapter_dir, output_dir=out_dir, base_model=Path(config.model.path),

@@ -57,8 +57,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
-def collate(rows: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    length = max(len(r.input_ids) for r in rows)
+def collate(rows: list[Encoded], pad_id: int, device: torch.device, length: int | None = None) -> dict[str, torch.Tensor]:
+    """One batch of ``rows`` padded to the longest of them, or to ``length`` (a fixed shape, for CUDA graphs)."""
+    longest = max(len(r.input_ids) for r in rows)
+    if length is not None and longest > length:
+        raise ValueError(f"a row of {longest} tokens does not fit the fixed batch length {length}")
+    length = longest if length is None else length
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
