@@ -199,9 +199,12 @@ def test_train_cuda_graphs_reaches_the_patch_or_says_why_not(monkeypatch, capsys
                         patch_module.PatchReport(model_type="llama", supported=True, backend="triton"))
     run.maybe_patch_kernels(object(), config, graphs=True)
     run.maybe_patch_kernels(object(), config)
-    config.train.cuda_graphs = False
+    config.train.gradient_checkpointing = "off"   # nothing to replay: the graphs run the checkpointed layers
     run.maybe_patch_kernels(object(), config, graphs=True)
-    assert seen == [True, False, False]
+    assert "train.gradient_checkpointing is off" in capsys.readouterr().err
+    config.train.gradient_checkpointing, config.train.cuda_graphs = "auto", False
+    run.maybe_patch_kernels(object(), config, graphs=True)
+    assert seen == [True, False, False, False]
 
 
 def test_fixed_length_collate() -> None:

@@ -111,6 +111,7 @@ def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True, g
     what was done, for the run's summary. ``host_weights=False`` (vision-language models): the embeddings and
     lm_head stay on the device whatever ``train.offload_embeddings`` says (the caller notes it). ``graphs``: the
     caller keeps one batch shape, so ``train.cuda_graphs`` can apply (:func:`layer_graphs_of` finds them)."""
+    use_graphs = config.train.cuda_graphs and graphs
     if config.train.cuda_graphs and not graphs:
         print("note: train.cuda_graphs is not applied here (only text SFT keeps one batch shape)", file=sys.stderr)
     if not (torch.cuda.is_available() and config.train.kernels):
@@ -118,10 +119,15 @@ def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True, g
         if config.train.offload_embeddings == "on" and host_weights:   # asked for by name: say why nothing moved
             print(f"note: train.offload_embeddings: on is not applied ({why}; it comes with the CUDA kernels)",
                   file=sys.stderr)
-        for name in ("fp8", "cuda_graphs"):
-            if getattr(config.train, name) and (name != "cuda_graphs" or graphs):
-                print(f"note: train.{name} is not applied ({why}; it comes with the CUDA kernels)", file=sys.stderr)
+        if config.train.fp8:
+            print(f"note: train.fp8 is not applied ({why}; it comes with the CUDA kernels)", file=sys.stderr)
+        if use_graphs:
+            print(f"note: train.cuda_graphs is not applied ({why}; it comes with the CUDA kernels)", file=sys.stderr)
         return f"off ({why})"
+    if use_graphs and config.train.gradient_checkpointing == "off":
+        print("note: train.cuda_graphs is not applied (it runs the checkpointed layers, and "
+              "train.gradient_checkpointing is off)", file=sys.stderr)
+        use_graphs = False
     try:
         from ..kernels.patch import patch_model
     except ImportError as exc:
@@ -130,11 +136,8 @@ def maybe_patch_kernels(model: Any, config: Config, host_weights: bool = True, g
     auto = None if config.train.method == "sft" else False
     offload = {"auto": auto, "on": True, "off": False}[config.train.offload_embeddings] if host_weights else False
     report = patch_model(model, offload_frozen_weights=offload, fp8_base=config.train.fp8,
-                         cuda_graphs=bool(graphs and config.train.cuda_graphs))
+                         cuda_graphs=bool(use_graphs))
     print(f"kernels: {report}", file=sys.stderr)
-    if report.layer_graphs is not None and not report.offloaded_checkpoint_layers:
-        print("note: train.cuda_graphs has no layer to take: they come with gradient checkpointing, which is off",
-              file=sys.stderr)
     return report.summary()
 
 
