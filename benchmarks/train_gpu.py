@@ -33,29 +33,23 @@ sys.path.insert(0, str(REPO))
 import train_anchor as A  # noqa: E402
 
 SIZES = ("1b", "8b", "tiny")
-EXPSEG_VARIANTS = ("-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg")
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
 BATCH = {"1b": 4, "8b": 2, "tiny": 2}
+# The llmforge configurations, by the suffix after ``llmforge-SIZE`` (each flag is read from the name):
+#   -hostw      frozen untied embeddings and lm_head in pinned host memory, the loss streaming lm_head (tied 1B: no-op)
+#   -fp8        the frozen base matmuls on e4m3 operands (train.fp8; changes the numbers)
+#   -graphs     each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
+#   -expseg     the allocator's expandable segments (reserved memory close to allocated: less fragmentation)
+#   -nooffload  plain non-reentrant checkpointing instead of the offloaded one, to price the offload (not tabled)
+VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs",
+            "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg")
 for _size in SIZES:
-    A.CONFIGS[f"llmforge-{_size}"] = ("llmforge", _size, BATCH[_size])
-    # the same without offloaded checkpointing (plain non-reentrant checkpointing), to price the offload
-    A.CONFIGS[f"llmforge-{_size}-nooffload"] = ("llmforge", _size, BATCH[_size])
-    # frozen untied embeddings and lm_head in pinned host memory, the loss streaming lm_head (tied 1B: no-op)
-    A.CONFIGS[f"llmforge-{_size}-hostw"] = ("llmforge", _size, BATCH[_size])
-    # the frozen base matmuls on e4m3 operands (train.fp8; changes the numbers), alone and with host weights
-    A.CONFIGS[f"llmforge-{_size}-fp8"] = ("llmforge", _size, BATCH[_size])
-    A.CONFIGS[f"llmforge-{_size}-hostw-fp8"] = ("llmforge", _size, BATCH[_size])
-    # each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
-    for _variant in ("-graphs", "-fp8-graphs", "-hostw-fp8-graphs"):
-        A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
-    # the same with the allocator's expandable segments (reserved memory close to allocated: less fragmentation)
-    for _variant in EXPSEG_VARIANTS:
+    for _variant in (*VARIANTS, "-nooffload"):
         A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
 OFFLOAD = {"value": True}
 HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
 FP8 = {"value": False}
 GRAPHS = {"value": False}
-VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs", *EXPSEG_VARIANTS)
 
 _setup_hf = A.setup_hf
 
