@@ -115,18 +115,22 @@ def _flatten(value) -> tuple[list[torch.Tensor], object] | None:
     return None
 
 
-def _layer_call(run) -> tuple[torch.nn.Module, Callable] | None:
-    """(layer, call) where ``call(hidden, **kwargs)`` runs the layer of a transformers checkpointed call, or None.
-    transformers wraps it as ``partial(forward, layer, **kwargs)`` (5.2x) or as ``partial(layer_call, **kwargs)``,
-    a method bound to the layer (``super().__call__``, earlier 5.x and 4.x)."""
+def _checkpointed_layer(run) -> torch.nn.Module | None:
+    """The layer of a transformers checkpointed call, or None. transformers wraps it as
+    ``partial(forward, layer, **kwargs)`` (5.2x) or as ``partial(layer_call, **kwargs)``, a method bound to the
+    layer (``super().__call__``, earlier 5.x and 4.x)."""
     if not isinstance(run, functools.partial):
         return None
     if len(run.args) == 1 and isinstance(run.args[0], torch.nn.Module):
-        layer, func = run.args[0], run.func
-        return layer, lambda hidden, **kwargs: func(layer, hidden, **kwargs)
+        return run.args[0]
     if not run.args and isinstance(getattr(run.func, "__self__", None), torch.nn.Module):
-        return run.func.__self__, run.func
+        return run.func.__self__
     return None
+
+
+def _layer_call(run) -> Callable:
+    """``call(hidden, **kwargs)`` running the layer of ``run`` (one :func:`_checkpointed_layer` accepts)."""
+    return functools.partial(run.func, *run.args)
 
 
 def autocast_state(device_type: str) -> tuple:
@@ -209,10 +213,10 @@ class LayerGraphs:
               create: bool) -> tuple[_GraphSet, _LayerGraphs, list[torch.Tensor]] | None:
         if args:
             return self._eager("extra positional arguments")
-        layer_call = _layer_call(run)
-        if layer_call is None:
+        layer = _checkpointed_layer(run)
+        if layer is None:
             return self._eager("not a transformers checkpointed layer call")
-        layer, kwargs = layer_call[0], run.keywords
+        kwargs = run.keywords
         signature = [tuple(hidden.shape), hidden.dtype, hidden.device, hidden.stride(), autocast]
         tensors = []
         for name, value in kwargs.items():
@@ -275,7 +279,7 @@ class LayerGraphs:
         graph_set.inp.copy_(hidden)
         graph_set.load_kwargs(tensors)
         if layer_graphs.forward is None:
-            call = _layer_call(run)[1]
+            call = _layer_call(run)
 
             def fn():
                 with torch.no_grad(), AutocastAs(graph_set.autocast, cache_enabled=False), _Building():
@@ -317,7 +321,7 @@ class LayerGraphs:
         graph_set.grad.copy_(grad)
         graph_set.load_kwargs(tensors)
         if layer_graphs.backward is None:
-            call, params = _layer_call(run)[1], layer_graphs.params
+            call, params = _layer_call(run), layer_graphs.params
 
             def fn():
                 x = graph_set.inp.detach().requires_grad_(need_dh)
