@@ -12,7 +12,9 @@ device):
   and graphs replay in the order they were captured (forward layers up, backward layers down), so
   one layer's working memory is reused by the next.
 - A layer runs eagerly the first time (Triton compiles, caches fill), is captured the second time (after one
-  warm-up run on the capture stream) and replayed from then on.
+  warm-up run on the capture stream) and replayed from then on. With ``LLMFORGE_GRAPH_POOL_WARMUP=1`` the pool is a
+  ``torch.cuda.MemPool`` and that warm-up allocates from it too, so its working memory is the memory the capture
+  then takes, not a second working set in the main cache (an A/B switch, off by default until measured).
 - Backward writes the LoRA gradients into persistent buffers. A parameter with no gradient yet gets the
   buffer itself as ``.grad`` (no copy); one that has a gradient gets it added. Before the next replay a
   ``.grad`` that is still that buffer (gradient accumulation without ``zero_grad``) is copied off first.
@@ -36,7 +38,9 @@ Status: opt-in. Checked on the CPU with that stand-in only; real capture (``test
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,6 +52,7 @@ _BUILDING = [0]     # > 0 while a graph's function runs (warm-up and capture): p
 WARMUP_CALLS = 1   # eager calls of a layer before it is captured (Triton compiles, autotunes, caches fill)
 MAX_SETS = 2       # captured shapes per model; more run eagerly (each holds a layer's working memory)
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype)
+POOL_WARMUP = os.environ.get("LLMFORGE_GRAPH_POOL_WARMUP", "0") == "1"
 
 
 def building_graph() -> bool:
@@ -65,27 +70,34 @@ class _Building:
 
 
 class CudaGraphBackend:
-    """Captures with ``torch.cuda.graph`` on one side stream, after one warm-up run on that stream."""
+    """Captures with ``torch.cuda.graph`` on one side stream, after one warm-up run on that stream.
+    ``warmup_in_pool``: the pool is a ``torch.cuda.MemPool`` and the warm-up allocates from it as well."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup_in_pool: bool | None = None) -> None:
         self.stream: torch.cuda.Stream | None = None
+        self.warmup_in_pool = POOL_WARMUP if warmup_in_pool is None else warmup_in_pool
 
     def new_pool(self):
+        if self.warmup_in_pool and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
+            return torch.cuda.MemPool()
         return torch.cuda.graph_pool_handle()
 
     def capture(self, fn: Callable[[], None], pool):
         if self.stream is None:
             self.stream = torch.cuda.Stream()
+        mem_pool = pool if isinstance(pool, getattr(torch.cuda, "MemPool", ())) else None
         # the warm-up's blocks are tagged to the side stream: first hand back what the current stream holds cached
         # but unused, so the capture step does not reserve both (torch.cuda.graph empties the cache too, but only
         # after the warm-up)
         torch.cuda.empty_cache()
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        in_pool = torch.cuda.use_mem_pool(mem_pool) if mem_pool is not None else contextlib.nullcontext()
+        with torch.cuda.stream(self.stream), in_pool:
             fn()   # warm-up: cuBLAS workspaces and lazy state of this stream exist before capture
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=mem_pool.id if mem_pool is not None else pool, stream=self.stream,
+                              capture_error_mode="thread_local"):
             fn()
         return graph
 
@@ -322,6 +334,8 @@ class LayerGraphs:
         graph_set.load_kwargs(tensors)
         if layer_graphs.backward is None:
             call, params = _layer_call(run), layer_graphs.params
+            # persistent gradient buffers, allocated here: outside the graph's pool, which the warm-up may use
+            buffers, unused = [torch.zeros_like(p) for p in params], set()
 
             def fn():
                 x = graph_set.inp.detach().requires_grad_(need_dh)
@@ -332,17 +346,16 @@ class LayerGraphs:
                 grads = torch.autograd.grad(out, inputs, graph_set.grad, allow_unused=True)
                 if need_dh:
                     graph_set.dh.copy_(grads[0] if grads[0] is not None else torch.zeros_like(x))
-                grads = grads[1:] if need_dh else grads
-                if layer_graphs.grads is None:   # the warm-up run allocates the persistent buffers
-                    layer_graphs.grads = [None if g is None else g.detach().clone() for g in grads]
-                else:
-                    for buffer, g in zip(layer_graphs.grads, grads):
-                        if buffer is not None:
-                            buffer.copy_(g)
+                for i, (buffer, g) in enumerate(zip(buffers, grads[1:] if need_dh else grads)):
+                    if g is None:
+                        unused.add(i)
+                    else:
+                        buffer.copy_(g)
 
             layer_graphs.backward = self._capture(fn, graph_set, "backward")
             if layer_graphs.backward is None:
                 return False, None
+            layer_graphs.grads = [None if i in unused else b for i, b in enumerate(buffers)]
         layer_graphs.backward.replay()
         self.counts["replayed backward"] += 1
         for p, buffer in zip(layer_graphs.params, layer_graphs.grads):
