@@ -135,7 +135,9 @@ def test_loss_and_gradients_equal_trl(loss_type: str, trl_trainer) -> None:
                                 int(inputs["num_items_in_batch"]), 1)
     ours.backward()
     assert bool(cut.any()) and not bool(cut.all())                  # the clip is exercised
-    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    # the loss is a small difference of per-token terms of size ~1: float32 rounding of those terms (~1e-7 each) is
+    # the tolerance, in absolute terms; trl 1.16 rounds differently from 1.15 (9e-8 apart here)
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
     for mine, theirs in zip((p.grad for p in model.parameters()), trl_grads):   # float32 summation order only
         assert float((mine - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max()) + 1e-9
 
