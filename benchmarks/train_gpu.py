@@ -41,10 +41,11 @@ BATCH = {"1b": 4, "8b": 2, "tiny": 2}
 #   -graphs     each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
 #   -expseg     the allocator's expandable segments (reserved memory close to allocated: less fragmentation)
 #   -poolwarm   each graph's capture warm-up allocates from the graphs' own pool (LLMFORGE_GRAPH_POOL_WARMUP=1)
+#   -trim       the allocator's free cache handed back once after the graphs are captured (LLMFORGE_GRAPH_TRIM=1)
 #   -nooffload  plain non-reentrant checkpointing instead of the offloaded one, to price the offload (not tabled)
 VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs",
             "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg", "-fp8-graphs-expseg-poolwarm",
-            "-hostw-fp8-graphs-expseg-poolwarm")
+            "-hostw-fp8-graphs-expseg-poolwarm", "-hostw-fp8-graphs-expseg-trim")
 for _size in SIZES:
     for _variant in (*VARIANTS, "-nooffload"):
         A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
@@ -54,6 +55,18 @@ FP8 = {"value": False}
 GRAPHS = {"value": False}
 
 _setup_hf = A.setup_hf
+
+
+def _segments() -> str:
+    """Reserved and allocated GiB of the CUDA allocator's segments, by (stream, pool)."""
+    import torch
+
+    by = {}
+    for seg in torch.cuda.memory_snapshot():
+        key = (seg.get("stream"), tuple(seg.get("segment_pool_id", ())))
+        total, used = by.get(key, (0, 0))
+        by[key] = (total + seg["total_size"], used + seg["allocated_size"])
+    return "; ".join(f"{k}: {t / 2**30:.2f} reserved / {u / 2**30:.2f} allocated" for k, (t, u) in by.items())
 
 
 def setup_llmforge(path, args, dev):
@@ -70,9 +83,12 @@ def setup_llmforge(path, args, dev):
 
         import torch
 
+        reserved_at_step = []   # reserved GiB as each step's forward starts (no sync)
+        model.register_forward_pre_hook(lambda *_: reserved_at_step.append(round(torch.cuda.memory_reserved() / 2**30, 2)))
         atexit.register(lambda: A.log(f"{report.layer_graphs.stats()}; at exit: allocated "
                                       f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB, reserved "
-                                      f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB"))
+                                      f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB; reserved at each step's start "
+                                      f"{reserved_at_step[:8]}; segments (stream, pool): {_segments()}"))
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
@@ -472,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
         if any("-poolwarm" in a for a in configs):
             os.environ["LLMFORGE_GRAPH_POOL_WARMUP"] = "1"   # read when llmforge.kernels.layer_graphs is imported
+        if any("-trim" in a for a in configs):
+            os.environ["LLMFORGE_GRAPH_TRIM"] = "1"
     return A.main(argv)
 
 

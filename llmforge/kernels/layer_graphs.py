@@ -53,6 +53,9 @@ WARMUP_CALLS = 1   # eager calls of a layer before it is captured (Triton compil
 MAX_SETS = 2       # captured shapes per model; more run eagerly (each holds a layer's working memory)
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype)
 POOL_WARMUP = os.environ.get("LLMFORGE_GRAPH_POOL_WARMUP", "0") == "1"
+# A/B switch: hand the allocator's free cached memory back once, at the first forward replay after new captures
+# (the capture step's leftovers), so the steady state does not keep them reserved
+TRIM_AFTER_CAPTURE = os.environ.get("LLMFORGE_GRAPH_TRIM", "0") == "1"
 
 
 def building_graph() -> bool:
@@ -100,6 +103,10 @@ class CudaGraphBackend:
                               capture_error_mode="thread_local"):
             fn()
         return graph
+
+    @staticmethod
+    def trim() -> None:
+        torch.cuda.empty_cache()
 
     @staticmethod
     def pool_bytes() -> int | None:
@@ -215,6 +222,7 @@ class LayerGraphs:
         self.sets: dict[tuple, _GraphSet] = {}
         self.counts: Counter = Counter()     # captured / replayed / eager, per direction
         self.reasons: Counter = Counter()    # why calls ran eagerly
+        self.trim_pending = False            # a capture happened since the last trim (TRIM_AFTER_CAPTURE)
 
     # ------------------------------------------------------------------------------------------ planning
     def _eager(self, reason: str) -> None:
@@ -275,6 +283,7 @@ class LayerGraphs:
             self._eager(graph_set.broken)
             return None
         self.counts[f"captured {what}"] += 1
+        self.trim_pending = TRIM_AFTER_CAPTURE
         return graph
 
     # ------------------------------------------------------------------------------------------- forward
@@ -303,6 +312,10 @@ class LayerGraphs:
             layer_graphs.forward = self._capture(fn, graph_set, "forward")
             if layer_graphs.forward is None:
                 return None
+        elif self.trim_pending and hasattr(self.backend, "trim"):
+            self.trim_pending = False
+            self.backend.trim()
+            self.counts["trims"] += 1
         layer_graphs.forward.replay()
         self.counts["replayed forward"] += 1
         return graph_set.out.clone()
