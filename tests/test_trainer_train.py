@@ -222,3 +222,25 @@ def test_fixed_length_collate() -> None:
     assert collate(rows, 0, cpu)["input_ids"].shape == (2, 3)
     with pytest.raises(ValueError, match="does not fit the fixed batch length 2"):
         collate(rows, 0, cpu, length=2)
+
+
+def test_training_turns_on_expandable_segments_unless_the_allocator_is_configured(base: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """``train`` sets PyTorch's expandable segments before CUDA starts; a user's own allocator setting, or a CUDA
+    context that already exists (the setting would not be read any more), leaves the environment alone."""
+    import os
+
+    import torch
+
+    from llmforge.trainer import load
+
+    for name in load.ALLOC_CONF_VARS:
+        monkeypatch.delenv(name, raising=False)
+    train(config_for(base, write(rows_in("text"), tmp_path / "data.jsonl"), tmp_path / "out", max_steps=1))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == load.EXPANDABLE_SEGMENTS
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:64")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert not load.prefer_expandable_segments() and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert not load.prefer_expandable_segments() and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

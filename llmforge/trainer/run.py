@@ -149,6 +149,9 @@ def layer_graphs_of(model: Any):
 def train(config: Config, resume: bool = False) -> TrainResult:
     """Run LoRA/QLoRA SFT as ``config`` says; the adapter, tokenizer and chat template land in
     ``<train.output_dir>/adapter``. ``train.method: grpo`` runs :func:`llmforge.trainer.grpo.train_grpo`."""
+    from .load import prefer_expandable_segments
+
+    prefer_expandable_segments()   # before the model touches CUDA
     if config.train.method == "grpo":
         from .grpo import train_grpo
 
