@@ -171,6 +171,30 @@ def test_more_shapes_than_the_limit_run_eagerly(pair, monkeypatch) -> None:
     assert graphs.counts["replayed backward"] == 2 * LAYERS
 
 
+class TrimmingBackend(RerunBackend):
+    def __init__(self):
+        super().__init__()
+        self.trims = 0
+
+    def trim(self):
+        self.trims += 1
+
+
+def test_trim_hands_the_cache_back_once_after_each_round_of_captures(monkeypatch) -> None:
+    """``LLMFORGE_GRAPH_TRIM``: one trim at the first forward replay after new captures, none in steady state; off, none."""
+    for on, expected in ((True, 1), (False, 0)):
+        monkeypatch.setattr(layer_graphs, "TRIM_AFTER_CAPTURE", on)
+        ref, new, graphs = _pair(TrimmingBackend())
+        try:
+            for step in range(4):   # eager, capture, replay, replay
+                new(**_batch(step)).loss.backward()
+                new.zero_grad(set_to_none=True)
+        finally:
+            unpatch_rope(ref)
+        assert graphs.backend.trims == expected and graphs.counts["trims"] == expected, graphs.stats()
+        assert graphs.counts["replayed forward"] == 3 * LAYERS, graphs.stats()
+
+
 def test_needs_cuda_when_asked_by_name_and_a_bool() -> None:
     model = tiny_lora_model("llama")
     try:
