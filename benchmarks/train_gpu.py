@@ -84,7 +84,8 @@ def setup_llmforge(path, args, dev):
         import torch
 
         reserved_at_step = []   # reserved GiB as each step's forward starts (no sync)
-        model.register_forward_pre_hook(lambda *_: reserved_at_step.append(round(torch.cuda.memory_reserved() / 2**30, 2)))
+        model.register_forward_pre_hook(
+            lambda *_: reserved_at_step.append(round(torch.cuda.memory_reserved() / 2**30, 2)))
         atexit.register(lambda: A.log(f"{report.layer_graphs.stats()}; at exit: allocated "
                                       f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB, reserved "
                                       f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB; reserved at each step's start "

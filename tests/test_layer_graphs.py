@@ -181,7 +181,8 @@ class TrimmingBackend(RerunBackend):
 
 
 def test_trim_hands_the_cache_back_once_after_each_round_of_captures(monkeypatch) -> None:
-    """``LLMFORGE_GRAPH_TRIM``: one trim at the first forward replay after new captures, none in steady state; off, none."""
+    """``LLMFORGE_GRAPH_TRIM``: one trim at the first forward replay after new captures, none in steady state;
+    switched off, none."""
     for on, expected in ((True, 1), (False, 0)):
         monkeypatch.setattr(layer_graphs, "TRIM_AFTER_CAPTURE", on)
         ref, new, graphs = _pair(TrimmingBackend())

@@ -14,7 +14,8 @@ device):
 - A layer runs eagerly the first time (Triton compiles, caches fill), is captured the second time (after one
   warm-up run on the capture stream) and replayed from then on. With ``LLMFORGE_GRAPH_POOL_WARMUP=1`` the pool is a
   ``torch.cuda.MemPool`` and that warm-up allocates from it too, so its working memory is the memory the capture
-  then takes, not a second working set in the main cache (an A/B switch, off by default until measured).
+  then takes, not a second working set in the main cache (an A/B switch, off by default: no measurable gain on an
+  H100, docs/kernels.md).
 - Backward writes the LoRA gradients into persistent buffers. A parameter with no gradient yet gets the
   buffer itself as ``.grad`` (no copy); one that has a gradient gets it added. Before the next replay a
   ``.grad`` that is still that buffer (gradient accumulation without ``zero_grad``) is copied off first.
