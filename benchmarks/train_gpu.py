@@ -40,12 +40,10 @@ BATCH = {"1b": 4, "8b": 2, "tiny": 2}
 #   -fp8        the frozen base matmuls on e4m3 operands (train.fp8; changes the numbers)
 #   -graphs     each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
 #   -expseg     the allocator's expandable segments (reserved memory close to allocated: less fragmentation)
-#   -poolwarm   each graph's capture warm-up allocates from the graphs' own pool (LLMFORGE_GRAPH_POOL_WARMUP=1)
 #   -trim       the allocator's free cache handed back once after the graphs are captured (LLMFORGE_GRAPH_TRIM=1)
 #   -nooffload  plain non-reentrant checkpointing instead of the offloaded one, to price the offload (not tabled)
 VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs",
-            "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg", "-fp8-graphs-expseg-poolwarm",
-            "-hostw-fp8-graphs-expseg-poolwarm", "-hostw-fp8-graphs-expseg-trim")
+            "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg-trim")
 for _size in SIZES:
     for _variant in (*VARIANTS, "-nooffload"):
         A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
@@ -95,7 +93,7 @@ def setup_llmforge(path, args, dev):
                  kernels_qkv=report.qkv_fused_lora,
                  kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights,
                  kernels_fp8_base=report.fp8_base, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                 graph_pool_warmup=os.environ.get("LLMFORGE_GRAPH_POOL_WARMUP", "0") == "1")
+                 graph_trim=os.environ.get("LLMFORGE_GRAPH_TRIM", "0") == "1")
     return model, extra
 
 
@@ -487,10 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         GRAPHS["value"] = any("-graphs" in a for a in configs)
         if any("-expseg" in a for a in configs):   # read when CUDA's allocator starts: before any tensor
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
-        if any("-poolwarm" in a for a in configs):
-            os.environ["LLMFORGE_GRAPH_POOL_WARMUP"] = "1"   # read when llmforge.kernels.layer_graphs is imported
         if any("-trim" in a for a in configs):
-            os.environ["LLMFORGE_GRAPH_TRIM"] = "1"
+            os.environ["LLMFORGE_GRAPH_TRIM"] = "1"   # read when llmforge.kernels.layer_graphs is imported
     return A.main(argv)
 
 

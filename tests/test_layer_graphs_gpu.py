@@ -1,7 +1,6 @@
 """Layer graphs captured for real (``torch.cuda.graph``): four training steps of a small LoRA model under bf16
 autocast, with new positions every step and AdamW in between, give the same losses and gradients with graphs as
-without; every offloaded layer is captured once and replayed after, with the capture's warm-up in the main cache
-and in the graphs' own pool (``LLMFORGE_GRAPH_POOL_WARMUP``). Skipped without CUDA."""
+without; every offloaded layer is captured once and replayed after. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -25,12 +24,8 @@ def _batch(step: int, rows: int = 2, length: int = 256):
     return {k: v.cuda() for k, v in dict(input_ids=ids, labels=ids.clone(), position_ids=positions).items()}
 
 
-@pytest.mark.parametrize("warmup_in_pool", [False, True], ids=["warmup-main-cache", "warmup-in-pool"])
-def test_graphed_layers_train_like_eager_ones(warmup_in_pool: bool, monkeypatch) -> None:
-    from llmforge.kernels import layer_graphs
+def test_graphed_layers_train_like_eager_ones() -> None:
     from llmforge.kernels.patch import patch_model, unpatch_rope
-
-    monkeypatch.setattr(layer_graphs, "POOL_WARMUP", warmup_in_pool)
 
     ref = tiny_lora_model("llama", num_layers=LAYERS).cuda()
     new = copy.deepcopy(ref)
@@ -63,5 +58,3 @@ def test_graphed_layers_train_like_eager_ones(warmup_in_pool: bool, monkeypatch)
     assert graphs.counts["captured forward"] == graphs.counts["captured backward"] == LAYERS, graphs.stats()
     assert graphs.counts["replayed backward"] == 3 * LAYERS, graphs.stats()
     assert set(graphs.reasons) == {"warm-up"}, graphs.stats()
-    pools = [graph_set.pool for graph_set in graphs.sets.values()]
-    assert all(isinstance(p, torch.cuda.MemPool) == warmup_in_pool for p in pools), pools

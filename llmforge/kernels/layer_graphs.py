@@ -12,10 +12,7 @@ device):
   and graphs replay in the order they were captured (forward layers up, backward layers down), so
   one layer's working memory is reused by the next.
 - A layer runs eagerly the first time (Triton compiles, caches fill), is captured the second time (after one
-  warm-up run on the capture stream) and replayed from then on. With ``LLMFORGE_GRAPH_POOL_WARMUP=1`` the pool is a
-  ``torch.cuda.MemPool`` and that warm-up allocates from it too, so its working memory is the memory the capture
-  then takes, not a second working set in the main cache (an A/B switch, off by default: no measurable gain on an
-  H100, docs/kernels.md).
+  warm-up run on the capture stream) and replayed from then on.
 - Backward writes the LoRA gradients into persistent buffers. A parameter with no gradient yet gets the
   buffer itself as ``.grad`` (no copy); one that has a gradient gets it added. Before the next replay a
   ``.grad`` that is still that buffer (gradient accumulation without ``zero_grad``) is copied off first.
@@ -33,14 +30,13 @@ layer's working memory in its pool for good.
 ``CudaGraphBackend`` is the only CUDA-specific part; tests on the CPU substitute one whose "replay" re-runs the
 captured function, to check the buffer, gradient and fallback logic.
 
-Status: opt-in. Real capture passed on an H100 (``tests/test_layer_graphs_gpu.py`` in both warm-up modes, the 8B
+Status: opt-in. Real capture passed on an H100 (``tests/test_layer_graphs_gpu.py``, the 8B
 step check with ``--graphs``, ``llmforge train`` with ``train.cuda_graphs``); see docs/kernels.md for the speed and
 memory measured.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections import Counter
@@ -54,7 +50,6 @@ _BUILDING = [0]     # > 0 while a graph's function runs (warm-up and capture): p
 WARMUP_CALLS = 1   # eager calls of a layer before it is captured (Triton compiles, autotunes, caches fill)
 MAX_SETS = 2       # captured shapes per model; more run eagerly (each holds a layer's working memory)
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype)
-POOL_WARMUP = os.environ.get("LLMFORGE_GRAPH_POOL_WARMUP", "0") == "1"
 # A/B switch: hand the allocator's free cached memory back once, at the first forward replay after new captures
 # (the capture step's leftovers), so the steady state does not keep them reserved
 TRIM_AFTER_CAPTURE = os.environ.get("LLMFORGE_GRAPH_TRIM", "0") == "1"
@@ -75,34 +70,27 @@ class _Building:
 
 
 class CudaGraphBackend:
-    """Captures with ``torch.cuda.graph`` on one side stream, after one warm-up run on that stream.
-    ``warmup_in_pool``: the pool is a ``torch.cuda.MemPool`` and the warm-up allocates from it as well."""
+    """Captures with ``torch.cuda.graph`` on one side stream, after one warm-up run on that stream."""
 
-    def __init__(self, warmup_in_pool: bool | None = None) -> None:
+    def __init__(self) -> None:
         self.stream: torch.cuda.Stream | None = None
-        self.warmup_in_pool = POOL_WARMUP if warmup_in_pool is None else warmup_in_pool
 
     def new_pool(self):
-        if self.warmup_in_pool and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
-            return torch.cuda.MemPool()
         return torch.cuda.graph_pool_handle()
 
     def capture(self, fn: Callable[[], None], pool):
         if self.stream is None:
             self.stream = torch.cuda.Stream()
-        mem_pool = pool if isinstance(pool, getattr(torch.cuda, "MemPool", ())) else None
         # the warm-up's blocks are tagged to the side stream: first hand back what the current stream holds cached
         # but unused, so the capture step does not reserve both (torch.cuda.graph empties the cache too, but only
         # after the warm-up)
         torch.cuda.empty_cache()
         self.stream.wait_stream(torch.cuda.current_stream())
-        in_pool = torch.cuda.use_mem_pool(mem_pool) if mem_pool is not None else contextlib.nullcontext()
-        with torch.cuda.stream(self.stream), in_pool:
+        with torch.cuda.stream(self.stream):
             fn()   # warm-up: cuBLAS workspaces and lazy state of this stream exist before capture
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=mem_pool.id if mem_pool is not None else pool, stream=self.stream,
-                              capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
             fn()
         return graph
 
@@ -349,7 +337,7 @@ class LayerGraphs:
         graph_set.load_kwargs(tensors)
         if layer_graphs.backward is None:
             call, params = _layer_call(run), layer_graphs.params
-            # persistent gradient buffers, allocated here: outside the graph's pool, which the warm-up may use
+            # persistent gradient buffers, allocated once here, outside the graph and its warm-up
             buffers, unused = [torch.zeros_like(p) for p in params], set()
 
             def fn():
