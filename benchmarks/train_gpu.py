@@ -32,8 +32,9 @@ sys.path.insert(0, ANCHOR)
 sys.path.insert(0, str(REPO))
 import train_anchor as A  # noqa: E402
 
+from llmforge.trainer.load import EXPANDABLE_SEGMENTS  # noqa: E402  (what `llmforge train` sets itself)
+
 SIZES = ("1b", "8b", "tiny")
-EXPANDABLE_SEGMENTS = "expandable_segments:True"
 BATCH = {"1b": 4, "8b": 2, "tiny": 2}
 # The llmforge configurations, by the suffix after ``llmforge-SIZE`` (each flag is read from the name):
 #   -hostw      frozen untied embeddings and lm_head in pinned host memory, the loss streaming lm_head (tied 1B: no-op)
