@@ -68,6 +68,47 @@ def _segments() -> str:
     return "; ".join(f"{k}: {t / 2**30:.2f} reserved / {u / 2**30:.2f} allocated" for k, (t, u) in by.items())
 
 
+def _watch_reserved(model, graphs, steps: int = 4, step_gib: float = 0.0625) -> list[str]:
+    """Where the reserved peak is reached in the first ``steps`` steps: at each step's start and after each layer
+    graph call, a line whenever ``max_memory_reserved`` passed the last reported value by ``step_gib`` (the call
+    during which it grew, captures so far, current reserved and allocated, and the segments by (stream, pool))."""
+    import torch
+
+    state = {"step": 0, "calls": 0, "reported": 0.0}
+    lines: list[str] = []
+
+    def note(where: str) -> None:
+        if state["step"] > steps:
+            return
+        peak = torch.cuda.max_memory_reserved() / 2**30
+        if peak >= state["reported"] + step_gib:
+            state["reported"] = peak
+            captured = sum(n for what, n in graphs.counts.items() if what.startswith("captured"))
+            lines.append(f"step {state['step']} {where} (captured {captured}): peak reserved {peak:.2f}, reserved "
+                         f"{torch.cuda.memory_reserved() / 2**30:.2f}, allocated {torch.cuda.memory_allocated() / 2**30:.2f}"
+                         f" GiB; {_segments()}")
+
+    def step_start(*_):
+        note("at its end (loss, backward's rest, optimizer)" if state["step"] else "before training")
+        state["step"] += 1
+        state["calls"] = 0
+
+    def wrap(name: str):
+        method = getattr(graphs, name)
+
+        def call(*args, **kwargs):
+            result = method(*args, **kwargs)
+            state["calls"] += 1
+            note(f"after {name} call {state['calls']}")
+            return result
+        setattr(graphs, name, call)
+
+    model.register_forward_pre_hook(step_start)
+    wrap("forward")
+    wrap("backward")
+    return lines
+
+
 def setup_llmforge(path, args, dev):
     """The anchor's HF + PEFT setup, then llmforge's kernels patched in."""
     model, extra = _setup_hf(path, args, dev)
@@ -85,10 +126,12 @@ def setup_llmforge(path, args, dev):
         reserved_at_step = []   # reserved GiB as each step's forward starts (no sync)
         model.register_forward_pre_hook(
             lambda *_: reserved_at_step.append(round(torch.cuda.memory_reserved() / 2**30, 2)))
+        growth = _watch_reserved(model, report.layer_graphs)
         atexit.register(lambda: A.log(f"{report.layer_graphs.stats()}; at exit: allocated "
                                       f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB, reserved "
                                       f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB; reserved at each step's start "
                                       f"{reserved_at_step[:8]}; segments (stream, pool): {_segments()}"))
+        atexit.register(lambda: [A.log(f"reserved growth: {line}") for line in growth[:40]])
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
