@@ -235,6 +235,51 @@ def check_kernels(device: torch.device, small: bool) -> None:
 
         compare(f"LoRA MLP NF4 {hidden}->{ffn} {kind}", mlp, lambda *t: mlp(*t, ref=True),
                 [x, ga, gb, ua, ub, da, db], randn(rows // 2, hidden), ["x", "gA", "gB", "uA", "uB", "dA", "dB"], device)
+    check_chunked_mlp(device, (gate, up, down), [ga, gb, ua, ub, da, db], x, randn(rows // 2, hidden))
+
+
+def check_chunked_mlp(device: torch.device, bases: tuple, adapters: list, x: torch.Tensor, dy: torch.Tensor) -> None:
+    """The chunked MLP backward (``LLMFORGE_MLP_CHUNK_MIB``) of a checkpointed block ``h + MLP(h)``, exact and FP8:
+    its gradients vs the one-pass backward's, and both backwards' time and memory (peak over what was allocated when
+    backward started)."""
+    from llmforge.kernels import offload
+    from llmforge.kernels.fp8 import fp8_supported
+
+    ffn = bases[0][1].shape[0]
+    chunk_bytes = (32 << 20) if x.shape[0] >= 1024 else 16 * ffn * x.element_size()
+    names = ["x", "gA", "gB", "uA", "uB", "dA", "dB"]
+
+    def run(fp8: bool, chunk: int):
+        fast_lora.MLP_CHUNK_BYTES[0] = chunk
+
+        def block(h, *ab):
+            ws = [fast_lora.LoRAWeights(p, q, aa, bb, 2.0) for (p, q), aa, bb in zip(bases, ab[0::2], ab[1::2])]
+            return h + fast_lora.lora_mlp(h, *ws, "silu", None, fp8, True)
+
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *adapters)]
+        out = offload.offloaded_checkpoint(block, *leaves)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        out.backward(dy)
+        peak = (torch.cuda.max_memory_allocated() - start) / 2**20 if device.type == "cuda" else float("nan")
+        return [t.grad for t in leaves], peak
+
+    saved = fast_lora.MLP_CHUNK_BYTES[0]
+    try:
+        for fp8 in (False, True) if fp8_supported(device)[0] else (False,):
+            whole, whole_mib = run(fp8, 0)
+            chunked, chunk_mib = run(fp8, chunk_bytes)
+            group = f"chunked MLP backward ({'fp8' if fp8 else 'exact'}, {fast_lora._chunk_rows(x.shape[0], ffn, x.element_size())} rows a chunk) vs one pass"
+            for n, g, g_whole in zip(names, chunked, whole):
+                record(group, f"d{n}", rel(g, g_whole), KERNEL_TOL)
+            t_whole = timed(lambda: run(fp8, 0), device)
+            t_chunk = timed(lambda: run(fp8, chunk_bytes), device)
+            ROWS[-1]["extra"] = (f"forward + backward {t_chunk:.2f} ms vs {t_whole:.2f} ms one pass; backward peak "
+                                 f"{chunk_mib:.0f} MiB vs {whole_mib:.0f} MiB")
+    finally:
+        fast_lora.MLP_CHUNK_BYTES[0] = saved
 
 
 def fp8_tolerance(n: int) -> None:

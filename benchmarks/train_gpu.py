@@ -42,9 +42,11 @@ BATCH = {"1b": 4, "8b": 2, "tiny": 2}
 #   -graphs     each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
 #   -expseg     the allocator's expandable segments (reserved memory close to allocated: less fragmentation)
 #   -trim       the allocator's free cache handed back once after the graphs are captured (LLMFORGE_GRAPH_TRIM=1)
+#   -chunk      the MLP's backward in row chunks of 32 MiB per (rows, ffn) tensor (LLMFORGE_MLP_CHUNK_MIB=32)
 #   -nooffload  plain non-reentrant checkpointing instead of the offloaded one, to price the offload (not tabled)
 VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs",
-            "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg-trim")
+            "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg-trim",
+            "-hostw-fp8-expseg-chunk", "-hostw-fp8-graphs-expseg-chunk", "-hostw-fp8-graphs-expseg-trim-chunk")
 for _size in SIZES:
     for _variant in (*VARIANTS, "-nooffload"):
         A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
@@ -52,6 +54,7 @@ OFFLOAD = {"value": True}
 HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
 FP8 = {"value": False}
 GRAPHS = {"value": False}
+MLP_CHUNK_MIB = {"value": 0}
 
 _setup_hf = A.setup_hf
 
@@ -112,8 +115,10 @@ def _watch_reserved(model, graphs, steps: int = 4, step_gib: float = 0.0625) -> 
 def setup_llmforge(path, args, dev):
     """The anchor's HF + PEFT setup, then llmforge's kernels patched in."""
     model, extra = _setup_hf(path, args, dev)
+    from llmforge.kernels import fast_lora
     from llmforge.kernels.patch import patch_model
 
+    fast_lora.MLP_CHUNK_BYTES[0] = MLP_CHUNK_MIB["value"] << 20
     report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False,
                          offload_frozen_weights=HOST_WEIGHTS["value"], fp8_base=FP8["value"],
                          cuda_graphs=GRAPHS["value"])
@@ -137,7 +142,7 @@ def setup_llmforge(path, args, dev):
                  kernels_qkv=report.qkv_fused_lora,
                  kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights,
                  kernels_fp8_base=report.fp8_base, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                 graph_trim=os.environ.get("LLMFORGE_GRAPH_TRIM", "0") == "1")
+                 graph_trim=os.environ.get("LLMFORGE_GRAPH_TRIM", "0") == "1", mlp_chunk_mib=MLP_CHUNK_MIB["value"])
     return model, extra
 
 
@@ -527,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         HOST_WEIGHTS["value"] = any("-hostw" in a for a in configs)
         FP8["value"] = any("-fp8" in a for a in configs)
         GRAPHS["value"] = any("-graphs" in a for a in configs)
+        MLP_CHUNK_MIB["value"] = 32 if any("-chunk" in a for a in configs) else 0
         if any("-expseg" in a for a in configs):   # read when CUDA's allocator starts: before any tensor
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
         if any("-trim" in a for a in configs):

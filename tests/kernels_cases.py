@@ -422,6 +422,77 @@ def case_mlp_recompute():
         fast_lora.fp8_weights = fp8_weights
 
 
+def case_mlp_chunked_backward():
+    """Chunked MLP backward (``LLMFORGE_MLP_CHUNK_MIB``): re-run by offloaded checkpointing, the fused LoRA MLP whose
+    output only feeds the residual sum defers gate/up and the activation to its backward and runs them in row
+    chunks (here 64, 64 and 22 rows). The gradients equal the one-pass backward's (exact and FP8) and the plain
+    block's (exact); no (rows, ffn) tensor with more rows than one chunk is made, where the one-pass backward makes
+    them for all 150 rows; the checkpoint's recompute computes no (rows, ffn) tensor at all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llmforge.kernels import fast_lora, offload
+    from llmforge.kernels.fast_lora import LoRAWeights, lora_mlp
+
+    torch = _torch()
+    hidden, ffn, r = 32, 64, 4       # multiples of 16: the FP8 path applies
+    parts = [_lora_inputs(torch, ffn, hidden, r, True), _lora_inputs(torch, ffn, hidden, r, True),
+             _lora_inputs(torch, hidden, ffn, r, True)]
+    x = torch.randn(3, 50, hidden)
+    ab = [t for _, a, b in parts for t in (a, b)]
+    names = ["x", "gA", "gB", "uA", "uB", "dA", "dB"]
+
+    class FfnRows(TorchDispatchMode):
+        """The largest row count of a freshly made op output whose last dimension is ffn or 2 x ffn."""
+        def __init__(self):
+            super().__init__()
+            self.rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value, ret in zip(out if isinstance(out, (tuple, list)) else (out,), func._schema.returns):
+                if isinstance(value, torch.Tensor) and ret.alias_info is None and value.dim() == 2 \
+                        and value.shape[-1] in (ffn, 2 * ffn):
+                    self.rows = max(self.rows, value.shape[0])
+            return out
+
+    def run(fp8, chunk_bytes):
+        def block(h, *adapters):
+            ws = [LoRAWeights(p.base, p.quant_state, a, b, 2.0)
+                  for (p, _, _), a, b in zip(parts, adapters[0::2], adapters[1::2])]
+            return h + lora_mlp(h * 1.5, *ws, "silu", None, fp8, True)
+
+        fast_lora.MLP_CHUNK_BYTES[0] = chunk_bytes
+        leaves = [t.clone().requires_grad_() for t in (x, *ab)]
+        out = offload.offloaded_checkpoint(block, *leaves)
+        with FfnRows() as seen:
+            out.backward(dy)
+        with torch.no_grad(), offload._Recomputing(), FfnRows() as recompute:
+            block(x, *ab)
+        return [t.grad for t in leaves], seen.rows, recompute.rows, block
+
+    dy = torch.randn(3, 50, hidden)
+    saved = fast_lora.MLP_CHUNK_BYTES[0]
+    try:
+        for fp8 in (False, True):
+            whole, whole_rows, _, block = run(fp8, 0)
+            chunked, chunk_rows, recompute_rows, _ = run(fp8, 64 * ffn * 4)
+            assert fast_lora._chunk_rows(150, ffn, 4) == 64
+            assert (whole_rows, chunk_rows, recompute_rows) == (150, 64, 0), (fp8, whole_rows, chunk_rows, recompute_rows)
+            for name, g, g_whole in zip(names, chunked, whole):
+                close(g, g_whole, 1e-5, f"d{name} chunked vs one pass (fp8={fp8})")
+            if not fp8:
+                _, plain = grads(block, [x, *ab], dy)
+                for name, g, g_plain in zip(names, chunked, plain):
+                    close(g, g_plain, 1e-5, f"d{name} chunked vs plain")
+        fast_lora.MLP_CHUNK_BYTES[0] = 16 * 64 * 4     # the tiny models' MLPs in chunks of 16 rows
+        sys.path.insert(0, str(REPO / "tests"))
+        import kernels_models
+        for arch in ("llama", "gemma2"):               # gemma2: its MLP output feeds a norm, so no chunking
+            kernels_models.check_patched_matches(arch, expect_backend="triton-interpreter")
+    finally:
+        fast_lora.MLP_CHUNK_BYTES[0] = saved
+
+
 def case_offloaded_checkpoint():
     from llmforge.kernels.offload import offloaded_checkpoint
 

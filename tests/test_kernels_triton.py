@@ -12,7 +12,7 @@ from kernels_cases import run_cases
 
 CASES = ["backend_is_interpreted", "rmsnorm", "rope", "gated_activations", "lora_gated", "fused_linear_cross_entropy",
          "nf4_vs_bitsandbytes", "nf4_many", "fused_lora_linear", "fused_lora_qkv", "fused_lora_mlp",
-         "mlp_recompute", "offloaded_checkpoint"]
+         "mlp_recompute", "mlp_chunked_backward", "offloaded_checkpoint"]
 
 
 @pytest.fixture(scope="module")

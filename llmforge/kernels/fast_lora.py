@@ -35,6 +35,9 @@ from llmforge.kernels.offload import recomputing
 _STEP = [0]
 # cuBLAS's fast FP8 accumulation in the forward base matmuls (torchao's default; LLMFORGE_FP8_FAST_ACCUM=0: off)
 FP8_FAST_ACCUM = os.environ.get("LLMFORGE_FP8_FAST_ACCUM", "1") != "0"
+# Chunked MLP backward (``_mlp_backward_chunked``): when a checkpoint's recompute may skip the MLP's output, its
+# (rows, ffn) tensors are built in backward this many bytes per tensor at a time (LLMFORGE_MLP_CHUNK_MIB; 0: off)
+MLP_CHUNK_BYTES = [int(os.environ.get("LLMFORGE_MLP_CHUNK_MIB", "0")) << 20]
 
 
 def new_step() -> None:
@@ -79,33 +82,56 @@ def use_fp8(fp8: bool, x2: torch.Tensor, bases: tuple) -> bool:
     return fp8 and fp8_shapes_ok(x2.shape[1], *(out_features(w, qs) for w, qs in bases))
 
 
+class FrozenGroup:
+    """The frozen weights of one group (same input) made ready once for one or more matmuls (row chunks): e4m3 with
+    one scale (row-major for ``x @ W.T``, column-major for ``dy @ W``: cuBLAS's FP8 matmul takes only that layout),
+    or dense in the compute dtype. ``outputs``/``input_grad``: which of the two products will be asked for."""
+    __slots__ = ("dtype", "fp8", "views", "columns", "group", "dense")
+
+    def __init__(self, bases: tuple, dtype: torch.dtype, fp8: bool, *, outputs: bool = True,
+                 input_grad: bool = True, fw: Fp8Weights | None = None):
+        self.dtype, self.fp8 = dtype, fp8
+        self.views = self.columns = self.group = self.dense = None
+        if fp8:
+            fw = fw or fp8_weights(bases)
+            self.group = fw.group
+            self.views = fw.views if outputs else None
+            self.columns = fw.column_major() if input_grad else None
+        else:
+            self.dense = dense_weights(bases, dtype)
+
+    def outputs(self, x2: torch.Tensor, outs: list | None = None) -> list[torch.Tensor]:
+        """``x2 @ W_i.T`` for each weight of the group (into ``outs[i]`` when given)."""
+        if self.fp8:
+            xq, x_scale = quantize_rows(x2)
+            return [fp8_mm(xq, x_scale, w.t(), self.group, self.dtype, out=None if outs is None else outs[i],
+                           fast_accum=FP8_FAST_ACCUM)
+                    for i, w in enumerate(self.views)]
+        return [torch.mm(x2, w.t(), out=None if outs is None else outs[i]) for i, w in enumerate(self.dense)]
+
+    def input_grad(self, dys: list, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_i dys[i] @ W_i``; with e4m3 one matmul of the concatenations (into ``out`` when given)."""
+        if self.fp8:
+            dq, dy_scale = quantize_rows(*dys)
+            return fp8_mm(dq, dy_scale, self.columns, self.group, self.dtype, out=out)
+        dx = torch.mm(dys[0], self.dense[0], out=out)
+        for dy, w in zip(dys[1:], self.dense[1:]):
+            dx.addmm_(dy, w)
+        return dx
+
+
 def base_outputs(x2: torch.Tensor, bases: tuple, dtype: torch.dtype, fp8: bool,
                  outs: list | None = None, fw: Fp8Weights | None = None) -> list[torch.Tensor]:
     """``x2 @ W_i.T`` for each frozen base of the group (into ``outs[i]`` when given); ``fp8``: e4m3 operands
     (``fw``: the group already in e4m3)."""
-    if fp8:
-        xq, x_scale = quantize_rows(x2)
-        fw = fw or fp8_weights(bases)
-        return [fp8_mm(xq, x_scale, w.t(), fw.group, dtype, out=None if outs is None else outs[i],
-                       fast_accum=FP8_FAST_ACCUM)
-                for i, w in enumerate(fw.views)]
-    return [torch.mm(x2, w.t(), out=None if outs is None else outs[i])
-            for i, w in enumerate(dense_weights(bases, dtype))]
+    return FrozenGroup(bases, dtype, fp8, input_grad=False, fw=fw).outputs(x2, outs)
 
 
 def base_input_grad(dys: list, bases: tuple, dtype: torch.dtype, fp8: bool,
                     fw: Fp8Weights | None = None) -> torch.Tensor:
     """``sum_i dys[i] @ W_i`` over the frozen bases of the group; ``fp8``: one e4m3 matmul of the concatenations
     (``fw``: the group already in e4m3)."""
-    if fp8:
-        fw = fw or fp8_weights(bases)
-        dq, dy_scale = quantize_rows(*dys)
-        return fp8_mm(dq, dy_scale, fw.column_major(), fw.group, dtype)
-    ws = dense_weights(bases, dtype)
-    dx = torch.mm(dys[0], ws[0])
-    for dy, w in zip(dys[1:], ws[1:]):
-        dx.addmm_(dy, w)
-    return dx
+    return FrozenGroup(bases, dtype, fp8, outputs=False, fw=fw).input_grad(dys)
 
 
 class Adapters:
@@ -316,6 +342,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         gu = _adapters(caches and caches[0], adapters[:4], scales[:2], dtype)
         dn = _adapters(caches and caches[1], adapters[4:], scales[2:], dtype)
         xa = torch.mm(x2, gu.a.t())
+        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind, fp8), gu.offsets, dtype
+        ctx.chunk_rows = _chunk_rows(x2.shape[0], out_features(*bases[0]), x2.element_size()) \
+            if recompute and into_residual else 0
+        if ctx.chunk_rows:   # backward rebuilds the MLP chunk by chunk from x2: nothing else to compute now
+            ctx.fp8_gate_up = None
+            ctx.save_for_backward(x2, xa, gu.a, *gu.bs, dn.a, *dn.bs)
+            return _output(x, out_features(*bases[2]), dtype).zero_()
         ctx.fp8_gate_up = fp8_weights(bases[:2]) if fp8 and recompute else None
         e, g = base_outputs(x2, bases[:2], dtype, fp8, fw=ctx.fp8_gate_up)   # dense weights are dropped here
         h = _lora_gated(e, g, xa, gu, kind)
@@ -328,11 +361,12 @@ class LoRAMLPFunction(torch.autograd.Function):
             base_outputs(h, bases[2:], dtype, fp8, [out2])
             out2.addmm_(xa_d, dn.bs[0].t())
         ctx.save_for_backward(x2, xa, e, g, h, xa_d, gu.a, *gu.bs, dn.a, *dn.bs)
-        ctx.spec, ctx.offsets, ctx.dtype = (bases, scales, kind, fp8), gu.offsets, dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.chunk_rows:
+            return (*_mlp_backward_chunked(ctx, dy),)
         x2, xa, e, g, h, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
         bases, scales, kind, fp8 = ctx.spec
         need = ctx.needs_input_grad[2:]
@@ -352,6 +386,71 @@ class LoRAMLPFunction(torch.autograd.Function):
             dx = dx.view(*dy.shape[:-1], x2.shape[-1])
         ctx.fp8_gate_up = None
         return (dx, None, *d_gate_up, *d_down)
+
+
+def _chunk_rows(n: int, ffn: int, element_size: int) -> int:
+    """Rows per chunk of the chunked MLP backward (balanced, a multiple of 16), or 0: one pass over all ``n`` rows
+    (``MLP_CHUNK_BYTES`` is 0, or one chunk would hold them all)."""
+    if MLP_CHUNK_BYTES[0] <= 0:
+        return 0
+    rows = max(16, MLP_CHUNK_BYTES[0] // (ffn * element_size) // 16 * 16)
+    if rows >= n:
+        return 0
+    per_chunk = -(-n // -(-n // rows))   # n split evenly over as many chunks as ``rows`` needs
+    return -(-per_chunk // 16) * 16
+
+
+def _mlp_backward_chunked(ctx, dy) -> tuple:
+    """``LoRAMLPFunction``'s backward when its recompute deferred the MLP (``ctx.chunk_rows``): gate/up, the
+    activation and every gradient are rebuilt ``chunk_rows`` rows at a time from the saved input, so the (rows, ffn)
+    tensors (e, g, h, dh, de, dg and their e4m3 copies) exist for one chunk only. The frozen weights are made
+    ready once for all chunks. Same values as the one-pass backward, up to the order of the LoRA sums over rows."""
+    x2, xa, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
+    bases, scales, kind, fp8 = ctx.spec
+    dtype, need, rows = ctx.dtype, ctx.needs_input_grad[2:], ctx.chunk_rows
+    gu = Adapters.saved(a_gu, (bg, bu), ctx.offsets)
+    dy2 = _rows(dy, dtype)
+    n = x2.shape[0]
+    gate_up = FrozenGroup(bases[:2], dtype, fp8, input_grad=ctx.needs_input_grad[0])
+    down = FrozenGroup(bases[2:], dtype, fp8, outputs=False)
+
+    def zeros(t, wanted):   # a float32 sum over the chunks of a (small) LoRA gradient
+        return torch.zeros(t.shape, dtype=torch.float32, device=t.device) if wanted else None
+
+    d_a_down, d_b_gate, d_b_up = zeros(a_d, need[4]), zeros(bg, need[1]), zeros(bu, need[3])
+    xa_d = x2.new_empty(n, a_d.shape[0])      # h @ A_d.T, for down's B gradient
+    dyb = x2.new_empty(n, a_gu.shape[0])      # [de @ B_g, dg @ B_u], for gate/up's A gradients and dx
+    dx = x2.new_empty(n, x2.shape[1]) if ctx.needs_input_grad[0] else None
+    for r0 in range(0, n, rows):
+        part = slice(r0, min(r0 + rows, n))
+        xa_c, dy_c = xa[part], dy2[part]
+        e, g = gate_up.outputs(x2[part])
+        h = _lora_gated(e, g, xa_c, gu, kind)
+        torch.mm(h, a_d.t(), out=xa_d[part])
+        dyb_d = torch.mm(dy_c, bd)
+        if d_a_down is not None:
+            d_a_down.add_(torch.mm(dyb_d.t(), h))
+        del h
+        de, dg = _lora_gated_grad(down.input_grad([dy_c]), dyb_d, a_d, e, g, kind)   # over e's and g's memory
+        dyb[part] = torch.cat([torch.mm(de, bg), torch.mm(dg, bu)], dim=1)
+        if d_b_gate is not None:
+            d_b_gate.add_(torch.mm(de.t(), gu.columns(xa_c, 0)))
+        if d_b_up is not None:
+            d_b_up.add_(torch.mm(dg.t(), gu.columns(xa_c, 1)))
+        if dx is not None:
+            gate_up.input_grad([de, dg], out=dx[part]).addmm_(dyb[part], a_gu)
+        del e, g, de, dg
+    d_a_gu = torch.mm(dyb.t(), x2) if need[0] or need[2] else None
+    grads = [gu.rows(d_a_gu, 0) if need[0] else None, _scaled(d_b_gate, scales[0]),
+             gu.rows(d_a_gu, 1) if need[2] else None, _scaled(d_b_up, scales[1]),
+             d_a_down, _scaled(torch.mm(dy2.t(), xa_d), scales[2]) if need[5] else None]
+    if dx is not None:
+        dx = dx.view(*dy.shape[:-1], x2.shape[-1])
+    return (dx, None, *grads)
+
+
+def _scaled(t: torch.Tensor | None, s: float) -> torch.Tensor | None:
+    return t if t is None or s == 1.0 else t.mul_(s)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, kind: str,
