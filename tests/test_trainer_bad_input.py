@@ -265,3 +265,32 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, base: Path, monkeyp
     with pytest.raises(LlmforgeError, match="training loss became nan at step 1"):
         train(config)
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def model_with_unembedded_tokens(base: Path, target: Path) -> Path:
+    """A copy of ``base`` whose tokenizer has 20 added tokens past the model's 512 embedding rows (not resized)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(base, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.add_tokens([f"<added{i}>" for i in range(20)])
+    tokenizer.save_pretrained(target)
+    assert len(tokenizer) > 512
+    return target
+
+
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_a_token_the_model_has_no_embedding_for(tmp_path: Path, base: Path, capsys, method: str) -> None:
+    """Without the check this is an IndexError traceback mid-step on the CPU (a device-side assert on a GPU)."""
+    model = model_with_unembedded_tokens(base, tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "say <added19>"}, {"role": "assistant", "content": "ok"}]}]
+    extra = {"train": {"method": "grpo", "batch_size": 2}, "grpo": {"num_generations": 2, "max_completion_length": 2,
+                                                                         "rewards": [{"name": "exact_match"}]}} \
+        if method == "grpo" else {}
+    config = write_config(tmp_path, model, jsonl(tmp_path / "d.jsonl", rows), **extra)
+    code, err = run_cli(["train", str(config)], capsys)
+    assert_one_line_error(code, err, "row 2", "'<added19>'", "512 rows", "resize")
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,3 +116,20 @@ def encode_all(examples: list[Example], tokenizer: Any, chat_template: str | Non
               "skipped", file=sys.stderr)
     stats.check_trainable()
     return out, stats
+
+
+def check_token_ids(rows: Iterable[tuple[int, Sequence[int]]], model: Any, tokenizer: Any, model_path: Any) -> None:
+    """Every token id of the data, ``(row, ids)`` pairs, has a row in the model's input embeddings. A tokenizer
+    with added tokens that the model was not resized for otherwise fails mid-step: an IndexError on the CPU, a
+    device-side assert on a GPU."""
+    embeddings = model.get_input_embeddings()
+    size = int(getattr(embeddings, "num_embeddings", 0) or embeddings.weight.shape[0])
+    for row, ids in rows:
+        largest = max(ids, default=-1)
+        if largest >= size:
+            token = tokenizer.convert_ids_to_tokens(int(largest))
+            raise LlmforgeError(
+                f"row {row}: token {token!r} (id {largest}) has no embedding in {model_path}: its input embeddings "
+                f"have {size} rows, its tokenizer {len(tokenizer)} tokens",
+                hint="use the tokenizer that came with the model, or resize the model's embeddings to the tokenizer "
+                     "(model.resize_token_embeddings(len(tokenizer))) and save it")

@@ -319,7 +319,7 @@ def check_settings(config: Config) -> None:
 def train_grpo(config: Config, resume: bool = False) -> Any:
     """``train.method: grpo``: prompts -> model + LoRA -> GRPO loop -> the adapter in ``<output_dir>/adapter``,
     saved as SFT saves it. Returns a :class:`llmforge.trainer.run.TrainResult`."""
-    from .encode import resolve_chat_template
+    from .encode import check_token_ids, resolve_chat_template
     from .load import load_model
     from .run import ADAPTER_DIR, TrainResult, maybe_patch_kernels, save_adapter, start_output, train_lora
 
@@ -342,6 +342,7 @@ def train_grpo(config: Config, resume: bool = False) -> Any:
     chat_template = resolve_chat_template(tokenizer, config.model.chat_template)
     room = min(grpo.max_prompt_length, config.model.max_seq_length - grpo.max_completion_length)
     truncated = encode_prompts(prompts, tokenizer, chat_template, room)
+    check_token_ids(((p.row, p.ids) for p in prompts), model, tokenizer, config.model.path)
     stops = stop_token_ids(model, tokenizer)
     model = train_lora(model, config)
     maybe_patch_kernels(model, config)

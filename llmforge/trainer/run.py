@@ -171,7 +171,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
 
         return train_vision(config, resume=resume)
     from .data import load_examples
-    from .encode import encode_all, resolve_chat_template
+    from .encode import check_token_ids, encode_all, resolve_chat_template
     from .load import load_model
     from .sft import collate, pack, train_loop
 
@@ -194,6 +194,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     chat_template = resolve_chat_template(tokenizer, config.model.chat_template)
     rows, stats = encode_all(examples, tokenizer, chat_template, config.model.max_seq_length,
                              response_only=config.data.response_only, overlong=config.data.overlong)
+    check_token_ids(((r.row, r.input_ids) for r in rows), model, tokenizer, config.model.path)
     if config.data.packing:
         rows = pack(rows, config.model.max_seq_length)
     model = train_lora(model, config)

@@ -26,7 +26,7 @@ from ..errors import LlmforgeError
 from ..export.vision import GEMMA3, VisionArch, find_vision_arch
 from .config import Config, LoraConfig
 from .data import Example
-from .encode import EncodeStats
+from .encode import EncodeStats, check_token_ids
 from .masking import IGNORE_INDEX, assistant_spans, make_renderer, special_tokens_of, token_labels
 
 
@@ -289,6 +289,7 @@ def train_vision(config: Config, resume: bool = False):
                             hint="set model.chat_template")
     rows, stats = encode_vision_all(examples, processor, template, config.model.max_seq_length,
                                     Path(config.data.path).resolve().parent, config.data.response_only, spec)
+    check_token_ids(((r.row, r.input_ids) for r in rows), model, processor.tokenizer, config.model.path)
     images = sum(r.n_images for r in rows)
     model = train_lora(model, config, language_targets(model, config.lora))
     kernels = maybe_patch_kernels(model, config, host_weights=False)   # the language model's; as for text SFT
