@@ -445,6 +445,30 @@ def check_host_weights(device: torch.device, small: bool) -> None:
             extra.append(f"H2D of W {t_copy:.1f} ms ({gbs:.1f} GB/s); W on the device {w.numel() * 2 / 2**30:.2f} GiB")
             ROWS.append({"group": group, "check": "time / peak above inputs", "error": 0.0, "tol": 0.0, "ok": True,
                          "extra": "; ".join(extra)})
+    check_host_gather(device, w_host, vocab, rows)
+
+
+def check_host_gather(device: torch.device, table: torch.Tensor, vocab: int, rows: int) -> None:
+    """The embedding lookup of host-resident weights read by a GPU kernel from pinned memory (``host_gather.py``)
+    == the host path's rows (ids to the CPU, index_select, copy back), and both timed."""
+    from llmforge.kernels.host_gather import gather_rows
+
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, vocab, (2, rows // 2), generator=g, device=device)
+
+    def on_host():
+        return table[ids.cpu()].to(device, non_blocking=True)
+
+    ours = gather_rows(table, ids)
+    if ours is None:   # no kernel here (CPU without the interpreter)
+        return
+    differ = float((ours != on_host()).float().mean())
+    extra = ""
+    if device.type == "cuda":
+        extra = (f"kernel {timed(lambda: gather_rows(table, ids), device):.2f} ms vs host path "
+                 f"{timed(on_host, device):.2f} ms for {ids.numel()} rows of {table.shape[1]}")
+    record(f"embedding rows from pinned host memory {tuple(table.shape)}", "differing elements vs the host path",
+           differ, 0.0, extra)
 
 
 def build_qlora_model(size: str, device: torch.device):

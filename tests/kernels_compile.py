@@ -10,7 +10,7 @@ import traceback
 
 
 def variants():
-    from llmforge.kernels import activations, cross_entropy, fp8, lora_gated, nf4, rmsnorm, rope
+    from llmforge.kernels import activations, cross_entropy, fp8, host_gather, lora_gated, nf4, rmsnorm, rope
 
     bf = "*bf16"
     for dtype in (bf, "*fp32"):
@@ -34,6 +34,8 @@ def variants():
             yield (f"lora_gated_bwd {dtype} kind={kind}", lora_gated._lora_gated_bwd,
                    dict(DH=dtype, DYB=dtype, dyb_stride="i32", AD=dtype, a_stride="i32", E=dtype, G=dtype,
                         M="i32", N="i32", rank="i32"), dict(KIND=kind, **tiles))
+        yield (f"gather_rows {dtype}", host_gather._gather_rows_kernel,
+               dict(TABLE=dtype, IDS="*i64", OUT=dtype, n_rows="i32", n_cols="i32"), dict(BLOCK=host_gather.BLOCK))
         for backward in (False, True):
             yield (f"rope {dtype} backward={backward}", rope._rope_kernel,
                    dict(X=dtype, COS=dtype, SIN=dtype, n_t="i32", n_heads="i32", sxb="i32", sxh="i32", sxt="i32",

@@ -97,6 +97,70 @@ def test_streamed_cross_entropy_triton_interpreted():
     assert proc.returncode == 0 and '"ok"' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
+# ------------------------------------------------------------------------------ rows gathered by the GPU
+def check_gather_rows() -> None:
+    """``gather_rows`` (the embedding lookup of host-resident weights, read by a kernel) == ``table[ids]``: ragged
+    columns (a second, partial block of 1024), repeated ids, any ids shape, no ids; ids out of range give zeros."""
+    from llmforge.kernels.host_gather import gather_rows
+
+    torch.manual_seed(0)
+    for dtype, cols in ((torch.float32, 24), (torch.bfloat16, 1500)):
+        table = torch.randn(37, cols).to(dtype)
+        ids = torch.tensor([[0, 36, 5, 5], [-1, 37, 100, 2]])
+        out = gather_rows(table, ids)
+        valid = ((ids >= 0) & (ids < 37))[..., None]
+        assert out is not None and out.shape == (2, 4, cols) and out.dtype == dtype
+        assert torch.equal(out, torch.where(valid, table[ids.clamp(0, 36)], torch.zeros((), dtype=dtype)))
+        assert torch.equal(gather_rows(table, ids[0]), table[ids[0]])
+        assert gather_rows(table, torch.zeros(0, dtype=torch.long)).shape == (0, cols)
+
+
+def check_host_weights_model_gathers_on_device() -> None:
+    """Patched with its weights on the host and kernels interpreted, a tiny Gemma-2 (scaled embedding) looks its
+    embeddings up through ``gather_rows`` at every forward and gives the unpatched loss and LoRA gradients."""
+    from llmforge.kernels import host_weights
+    from llmforge.kernels.patch import patch_model
+
+    calls = []
+    original = host_weights.gather_rows
+
+    def counting(table, ids):
+        out = original(table, ids)
+        calls.append(out is not None)
+        return out
+
+    host_weights.gather_rows = counting
+    ref = lora_model("gemma2")
+    model = copy.deepcopy(ref)
+    loss_ref, grads_ref = loss_and_grads(ref)
+    assert patch_model(model, offload_frozen_weights=True).host_weights == ["model.embed_tokens", "lm_head"]
+    loss, grads = loss_and_grads(model)
+    assert calls and all(calls), calls
+    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref), (loss, loss_ref)
+    for name, g in grads_ref.items():
+        assert float((grads[name] - g).abs().max()) <= 1e-4 * float(g.abs().max()), name
+
+
+def test_host_gather_rows_triton_interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env.pop("LLMFORGE_KERNELS", None)
+    proc = subprocess.run([sys.executable, __file__, "gather"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and '"ok"' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_host_gather_rows_declines_without_a_kernel(monkeypatch):
+    """Outside the interpreter, ids on the CPU (or ``LLMFORGE_KERNELS=torch``) leave the lookup to the host path."""
+    from llmforge.kernels.host_gather import gather_rows
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert gather_rows(torch.randn(5, 3), torch.tensor([1, 2])) is None
+    monkeypatch.setenv("LLMFORGE_KERNELS", "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gather_rows(torch.randn(5, 3), torch.tensor([1, 2])) is None
+
+
 # ---------------------------------------------------------------------------------------- host weights
 UNTIED = ("llama", "qwen2", "gemma2")  # gemma2: scaled embedding and final logit softcapping
 
@@ -204,3 +268,12 @@ if __name__ == "__main__":
 
         check_streamed_cross_entropy()
         print(json.dumps({"streamed": "ok"}))
+    elif sys.argv[1:] == ["gather"]:
+        os.environ["TRITON_INTERPRET"] = "1"
+        sys.path.insert(0, str(REPO))
+        from llmforge.kernels import host_gather
+
+        assert type(host_gather._gather_rows_kernel).__name__ == "InterpretedFunction"
+        check_gather_rows()
+        check_host_weights_model_gathers_on_device()
+        print(json.dumps({"gather": "ok"}))

@@ -1,8 +1,9 @@
 """Frozen, untied input embeddings and lm_head kept in host memory (pinned when CUDA is present).
 
 On an 8B Llama each is 0.98 GiB of bf16 that LoRA training never updates. ``offload_frozen_weights`` moves
-both weights to the host and swaps the modules' ``forward``s: the embedding gathers its rows on the CPU and
-sends them to the input's device (non_blocking); the lm_head copies W to the input's device per call (slow:
+both weights to the host and swaps the modules' ``forward``s: the embedding's rows are read from pinned memory by
+a GPU kernel (``host_gather.py``; where it cannot run they are gathered on the CPU and sent to the input's device,
+non_blocking, after a copy of the ids to the host); the lm_head copies W to the input's device per call (slow:
 meant for the odd evaluation, not for generation). The training loss does not use ``lm_head.forward``:
 ``llmforge.kernels.patch`` routes it through ``streamed_linear_cross_entropy``, which streams W in vocabulary
 chunks. The parameters stay registered (state dicts, PEFT saving and merging see them, on the CPU), and the
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from llmforge.kernels.host_gather import gather_rows
 
 STATE_ATTR = "_llmforge_host_weights"  # on the model: HostWeights
 MODULE_FLAG = "_llmforge_host_weight"  # on each moved module: True
@@ -87,11 +90,13 @@ def offload_candidates(model: nn.Module) -> tuple[dict[str, nn.Module], list[str
 def _embedding_forward(module: nn.Module, kind: str):
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
         weight = module.weight
-        ids = input_ids.to(weight.device).reshape(-1)
-        rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, device=weight.device,
-                           pin_memory=_pinnable() and weight.device.type == "cpu")
-        torch.index_select(weight, 0, ids, out=rows)
-        out = rows.to(input_ids.device, non_blocking=True).view(*input_ids.shape, weight.shape[1])
+        out = gather_rows(weight, input_ids)   # read by the GPU from pinned memory: no host sync
+        if out is None:                        # gathered on the host: the ids come to the CPU first
+            ids = input_ids.to(weight.device).reshape(-1)
+            rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, device=weight.device,
+                               pin_memory=_pinnable() and weight.device.type == "cpu")
+            torch.index_select(weight, 0, ids, out=rows)
+            out = rows.to(input_ids.device, non_blocking=True).view(*input_ids.shape, weight.shape[1])
         if kind == "scaled":
             out = out * module.embed_scale.to(out.dtype)
         return out
