@@ -14,12 +14,15 @@ checks the data's ids against the embedding size before training). Returns None 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llmforge.kernels._backend import interpreting, triton_importable, use_triton
 
 BLOCK = 1024   # columns per program: 2 KiB of bf16, 16 coalesced 128-byte reads
 _REFUSED = [False]   # set when the driver refused a host pointer once: the host gather from then on
+ENABLED = os.environ.get("LLMFORGE_HOST_GATHER", "1") != "0"   # A/B switch (benchmarks): 0 = the host gather
 
 if triton_importable():
     import triton
@@ -39,7 +42,7 @@ if triton_importable():
 def can_gather_on_device(table: torch.Tensor, ids: torch.Tensor) -> bool:
     """Whether ``gather_rows`` applies: a contiguous 2-D table in pinned host memory and ids on a CUDA device
     (or, under Triton's CPU interpreter, any table and ids on the CPU)."""
-    if table.dim() != 2 or not table.is_contiguous() or table.device.type != "cpu":
+    if not ENABLED or table.dim() != 2 or not table.is_contiguous() or table.device.type != "cpu":
         return False
     if interpreting():
         return ids.device.type == "cpu" and use_triton(ids)
