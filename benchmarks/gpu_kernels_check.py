@@ -238,6 +238,28 @@ def check_kernels(device: torch.device, small: bool) -> None:
     check_chunked_mlp(device, (gate, up, down), [ga, gb, ua, ub, da, db], x, randn(rows // 2, hidden))
 
 
+def check_chunked_mlp_alone(device: torch.device, small: bool) -> None:
+    """``check_chunked_mlp`` at the 8B MLP's sizes (4096 rows: batch 2 x 2048) on fresh random NF4 weights."""
+    import bitsandbytes.functional as bnbf
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, hidden, ffn, r = (40, 64, 160, 4) if small else (4096, 4096, 14336, 16)
+
+    def randn(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    def quant(out_f, in_f):
+        return bnbf.quantize_4bit(randn(out_f, in_f, scale=0.02), compress_statistics=True, quant_type="nf4",
+                                  blocksize=64)
+
+    adapters = []
+    for out_f, in_f in ((ffn, hidden), (ffn, hidden), (hidden, ffn)):
+        adapters += [randn(r, in_f, scale=in_f ** -0.5, dtype=torch.float32),
+                     randn(out_f, r, scale=0.02, dtype=torch.float32)]
+    check_chunked_mlp(device, (quant(ffn, hidden), quant(ffn, hidden), quant(hidden, ffn)), adapters,
+                      randn(rows, hidden), randn(rows, hidden))
+
+
 def check_chunked_mlp(device: torch.device, bases: tuple, adapters: list, x: torch.Tensor, dy: torch.Tensor) -> None:
     """The chunked MLP backward (``LLMFORGE_MLP_CHUNK_MIB``) of a checkpointed block ``h + MLP(h)``, exact and FP8:
     its gradients vs the one-pass backward's, and both backwards' time and memory (peak over what was allocated when
@@ -645,16 +667,20 @@ def main() -> int:
     p.add_argument("--graphs", action="store_true", help="the step checks with CUDA graphs per layer")
     p.add_argument("--host-weights", action="store_true", help="only the streamed CE with lm_head on the host")
     p.add_argument("--fp8", action="store_true", help="only the FP8 base-matmul checks and their speed")
+    p.add_argument("--chunked-mlp", action="store_true",
+                   help="only the chunked MLP backward vs the one-pass backward (gradients, time, memory)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}",
           flush=True)
-    only = args.host_weights or args.fp8
+    only = args.host_weights or args.fp8 or args.chunked_mlp
     sections = [] if args.skip_kernels or only else [("kernels", lambda: check_kernels(device, args.small))]
     if args.host_weights:
         sections.append(("host weights", lambda: check_host_weights(device, args.small)))
     if args.fp8:
         sections.append(("fp8", lambda: check_fp8(device, args.small)))
+    if args.chunked_mlp:
+        sections.append(("chunked MLP", lambda: check_chunked_mlp_alone(device, args.small)))
     sizes = args.sizes if args.sizes is not None else ([] if only else ["tiny"] if args.small
                                                         else ["1b", "8b"])
     for size in sizes:

@@ -9,6 +9,8 @@
 # the steps (default: all, in the order below), e.g. VERIFY_STEPS="quantize_both bench8b" (quantize_both: cuda + numpy in one run).
 # QUANTS picks quantize_cuda's mixtures; GPU_RUN_8B the gpu_run.sh steps of bench8b (e.g. "bench-8b profile-8b").
 # fp8_check: the FP8 base-matmul kernels' bytes and error at real sizes, and their speed vs the exact fused nodes.
+# chunk_check: the chunked MLP backward vs the one-pass backward at 8B sizes; host_weights_check also checks and times
+# the embedding rows read from pinned host memory by a kernel.
 T0=$(date +%s); END=$((T0 + ${DEADLINE_S:-575}))
 lim() { local l=$(( END - $(date +%s) )); [ "$l" -gt "$1" ] && l=$1; echo $l; }
 python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl
@@ -43,6 +45,11 @@ fp8_check() {
   anchor_wheels
   timeout $(lim 120) python3 benchmarks/gpu_kernels_check.py --fp8 --json $OUT/fp8_check.json > $OUT/fp8_check.log 2>&1
   step fp8_check $?; grep -a -E '^\||^(PASS|FAIL)|Error' $OUT/fp8_check.log | tail -24
+}
+chunk_check() {   # the chunked MLP backward (LLMFORGE_MLP_CHUNK_MIB) vs the one-pass one at 8B sizes
+  anchor_wheels
+  timeout $(lim 120) python3 benchmarks/gpu_kernels_check.py --chunked-mlp --json $OUT/chunk_check.json > $OUT/chunk_check.log 2>&1
+  step chunk_check $?; grep -a -E '^\||^(PASS|FAIL)|Error' $OUT/chunk_check.log | tail -18
 }
 bench8b() {
   local B=$(lim ${BENCH_S:-230}) OUT_SAVE=$OUT
