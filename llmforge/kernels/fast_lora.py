@@ -202,6 +202,11 @@ def _output(x: torch.Tensor, n_out: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(*x.shape[:-1], n_out, dtype=dtype, device=x.device)
 
 
+def _scaled(t: torch.Tensor | None, s: float) -> torch.Tensor | None:
+    """A B gradient times its LoRA scale (in place)."""
+    return t if t is None or s == 1.0 else t.mul_(s)
+
+
 def _adapter_grads(ad: Adapters, dyb: torch.Tensor, dys: list, x2: torch.Tensor, xa: torch.Tensor,
                    scales: tuple, need: tuple) -> list:
     """[dA_0, dB_0, dA_1, ...] given ``dyb = [dy_i @ B_i]`` (N x sum r) and ``xa = x2 @ A.T``; left in the
@@ -210,11 +215,7 @@ def _adapter_grads(ad: Adapters, dyb: torch.Tensor, dys: list, x2: torch.Tensor,
     grads = []
     for i, (dy, s) in enumerate(zip(dys, scales)):
         grads.append(ad.rows(d_a, i) if need[2 * i] else None)
-        if need[2 * i + 1]:
-            db = torch.mm(dy.t(), ad.columns(xa, i))
-            grads.append(db if s == 1.0 else db.mul_(s))
-        else:
-            grads.append(None)
+        grads.append(_scaled(torch.mm(dy.t(), ad.columns(xa, i)), s) if need[2 * i + 1] else None)
     return grads
 
 
@@ -366,7 +367,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if ctx.chunk_rows:
-            return (*_mlp_backward_chunked(ctx, dy),)
+            return _mlp_backward_chunked(ctx, dy)
         x2, xa, e, g, h, xa_d, a_gu, bg, bu, a_d, bd = ctx.saved_tensors
         bases, scales, kind, fp8 = ctx.spec
         need = ctx.needs_input_grad[2:]
@@ -447,10 +448,6 @@ def _mlp_backward_chunked(ctx, dy) -> tuple:
     if dx is not None:
         dx = dx.view(*dy.shape[:-1], x2.shape[-1])
     return (dx, None, *grads)
-
-
-def _scaled(t: torch.Tensor | None, s: float) -> torch.Tensor | None:
-    return t if t is None or s == 1.0 else t.mul_(s)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, kind: str,
