@@ -36,20 +36,46 @@ from llmforge.trainer.load import EXPANDABLE_SEGMENTS  # noqa: E402  (what `llmf
 
 SIZES = ("1b", "8b", "tiny")
 BATCH = {"1b": 4, "8b": 2, "tiny": 2}
-# The llmforge configurations, by the suffix after ``llmforge-SIZE`` (each flag is read from the name):
-#   -hostw      frozen untied embeddings and lm_head in pinned host memory, the loss streaming lm_head (tied 1B: no-op)
-#   -fp8        the frozen base matmuls on e4m3 operands (train.fp8; changes the numbers)
-#   -graphs     each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))
-#   -expseg     the allocator's expandable segments (reserved memory close to allocated: less fragmentation)
-#   -trim       the allocator's free cache handed back once after the graphs are captured (LLMFORGE_GRAPH_TRIM=1)
-#   -chunk      the MLP's backward in row chunks of 32 MiB per (rows, ffn) tensor (LLMFORGE_MLP_CHUNK_MIB=32)
-#   -nooffload  plain non-reentrant checkpointing instead of the offloaded one, to price the offload (not tabled)
+# The llmforge configurations are ``llmforge-SIZE`` followed by any of these flags, in this order (each read from
+# the name; e.g. ``llmforge-8b-hostw-fp8-graphs-expseg-trim-chunk``):
+FLAGS = {
+    "-hostw": "frozen untied embeddings and lm_head in pinned host memory, the loss streaming lm_head (tied 1B: no-op)",
+    "-fp8": "the frozen base matmuls on e4m3 operands (train.fp8; changes the numbers)",
+    "-graphs": "each layer's forward and backward replayed as CUDA graphs (patch_model(cuda_graphs=True))",
+    "-expseg": "the allocator's expandable segments (reserved memory close to allocated: less fragmentation)",
+    "-trim": "the allocator's free cache handed back once after the graphs are captured (LLMFORGE_GRAPH_TRIM=1)",
+    "-lightwarm": "the capture stream warmed by two tiny matmuls, not a run of the layer (LLMFORGE_GRAPH_WARMUP=light)",
+    "-chunk": "the MLP's backward in row chunks of 32 MiB per (rows, ffn) tensor (LLMFORGE_MLP_CHUNK_MIB=32)",
+    "-nooffload": "plain non-reentrant checkpointing instead of the offloaded one, to price the offload",
+}
+# the variants the table lists first (any other flag combination found among the results follows)
 VARIANTS = ("", "-hostw", "-fp8", "-hostw-fp8", "-graphs", "-fp8-graphs", "-hostw-fp8-graphs",
-            "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg-trim",
-            "-hostw-fp8-expseg-chunk", "-hostw-fp8-graphs-expseg-chunk", "-hostw-fp8-graphs-expseg-trim-chunk")
-for _size in SIZES:
-    for _variant in (*VARIANTS, "-nooffload"):
-        A.CONFIGS[f"llmforge-{_size}{_variant}"] = ("llmforge", _size, BATCH[_size])
+            "-hostw-fp8-expseg", "-fp8-graphs-expseg", "-hostw-fp8-graphs-expseg")
+
+
+def variant_of(config: str) -> str | None:
+    """The flags of an llmforge configuration name (``-hostw-fp8``; "" for the plain one), or None when the name
+    is not ``llmforge-SIZE`` followed by flags of ``FLAGS`` in their order."""
+    for size in SIZES:
+        prefix = f"llmforge-{size}"
+        if config == prefix or config.startswith(prefix + "-"):
+            rest, order = config[len(prefix):], list(FLAGS)
+            flags = ["-" + part for part in rest.split("-")[1:]]
+            known = all(f in FLAGS for f in flags) and [order.index(f) for f in flags] == sorted(
+                order.index(f) for f in set(flags)) and len(set(flags)) == len(flags)
+            return rest if known else None
+    return None
+
+
+def register(config: str) -> None:
+    """Make an llmforge configuration name known to the anchor's loop (``SystemExit`` for unknown flags)."""
+    if variant_of(config) is None:
+        sys.exit(f"train_gpu: unknown configuration {config!r}: llmforge-SIZE ({', '.join(SIZES)}) followed by "
+                 f"flags from {' '.join(FLAGS)} in that order")
+    size = config.split("-")[1]
+    A.CONFIGS[config] = ("llmforge", size, BATCH[size])
+
+
 OFFLOAD = {"value": True}
 HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
 FP8 = {"value": False}
@@ -191,9 +217,10 @@ def table(results: str) -> str:
     lines = ["| config | status | batch | tokens/s | peak alloc GiB | peak reserved GiB | loss first->last | notes |",
              "|---|---|---|---|---|---|---|---|"]
     found: dict[str, dict] = {}
+    stored = sorted(f[:-5] for f in os.listdir(results) if f.endswith(".json") and variant_of(f[:-5]) is not None)
     for size in ("1b", "8b", "tiny"):
-        for name in (*(f"llmforge-{size}{v}" for v in VARIANTS), f"llmforge-{size}-nooffload", f"hf-{size}",
-                     f"unsloth-{size}"):
+        ours = [n for n in stored if n == f"llmforge-{size}" or n.startswith(f"llmforge-{size}-")]
+        for name in (*sorted(ours, key=lambda n: (n.count("-"), n)), f"hf-{size}", f"unsloth-{size}"):
             r = _load(results, name)
             if r is None:
                 continue
@@ -205,7 +232,8 @@ def table(results: str) -> str:
                          f"{_num(r.get('train_peak_reserved_gib'), 2)} | "
                          f"{_num(r.get('loss_first'), 3)}->{_num(r.get('loss_last'), 3)} | {note[:140]} |" if ok else
                          f"| {name} | {r.get('status')} | - | - | - | - | - | {str(note)[:200]} |")
-    variants = VARIANTS
+    variants = [*VARIANTS, *sorted({v for name in found if (v := variant_of(name)) is not None} - set(VARIANTS),
+                                    key=lambda v: (v.count("-"), v))]
     for size in ("1b", "8b", "tiny"):
         for variant in variants:
             ours = found.get(f"llmforge-{size}{variant}")
@@ -529,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
         OFFLOAD["value"] = not any(a.endswith("-nooffload") for a in argv)
         configs = [a for a in argv if a.startswith("llmforge-")]
+        for config in configs:
+            register(config)
         HOST_WEIGHTS["value"] = any("-hostw" in a for a in configs)
         FP8["value"] = any("-fp8" in a for a in configs)
         GRAPHS["value"] = any("-graphs" in a for a in configs)
@@ -537,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
         if any("-trim" in a for a in configs):
             os.environ["LLMFORGE_GRAPH_TRIM"] = "1"   # read when llmforge.kernels.layer_graphs is imported
+        if any("-lightwarm" in a for a in configs):
+            os.environ["LLMFORGE_GRAPH_WARMUP"] = "light"
     return A.main(argv)
 
 

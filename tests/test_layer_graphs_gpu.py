@@ -24,8 +24,14 @@ def _batch(step: int, rows: int = 2, length: int = 256):
     return {k: v.cuda() for k, v in dict(input_ids=ids, labels=ids.clone(), position_ids=positions).items()}
 
 
-def test_graphed_layers_train_like_eager_ones() -> None:
+@pytest.mark.parametrize("warmup", ["full", "light"])
+def test_graphed_layers_train_like_eager_ones(warmup: str, monkeypatch) -> None:
+    """``light``: the capture stream warmed by two tiny matmuls instead of a run of the layer
+    (``LLMFORGE_GRAPH_WARMUP=light``)."""
+    from llmforge.kernels import layer_graphs
     from llmforge.kernels.patch import patch_model, unpatch_rope
+
+    monkeypatch.setattr(layer_graphs, "LIGHT_WARMUP", warmup == "light")
 
     ref = tiny_lora_model("llama", num_layers=LAYERS).cuda()
     new = copy.deepcopy(ref)

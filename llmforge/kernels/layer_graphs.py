@@ -53,6 +53,11 @@ _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype)
 # A/B switch: hand the allocator's free cached memory back once, at the first forward replay after new captures
 # (the capture step's leftovers), so the steady state does not keep them reserved
 TRIM_AFTER_CAPTURE = os.environ.get("LLMFORGE_GRAPH_TRIM", "0") == "1"
+# A/B switch (LLMFORGE_GRAPH_WARMUP=light): warm the capture stream with two tiny matmuls (its cuBLAS and cuBLASLt
+# workspaces, the per-stream state a capture must not create) instead of a whole run of the layer there, whose
+# working set would be held beside the graphs' pool during the capture step. The layer's first, eager call has
+# compiled and autotuned its kernels already.
+LIGHT_WARMUP = os.environ.get("LLMFORGE_GRAPH_WARMUP", "full") == "light"
 
 
 def building_graph() -> bool:
@@ -87,7 +92,8 @@ class CudaGraphBackend:
         torch.cuda.empty_cache()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            fn()   # warm-up: cuBLAS workspaces and lazy state of this stream exist before capture
+            # warm-up: cuBLAS workspaces and lazy state of this stream exist before capture
+            _warm_matmuls() if LIGHT_WARMUP else fn()
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
@@ -106,6 +112,17 @@ class CudaGraphBackend:
         if any("segment_pool_id" not in seg for seg in segments):
             return None
         return sum(seg["total_size"] for seg in segments if tuple(seg["segment_pool_id"]) != (0, 0))
+
+
+def _warm_matmuls() -> None:
+    """A bf16 matmul and, where the GPU has them, a row-scaled e4m3 one on the current stream: they create its
+    cuBLAS handle and workspace and its cuBLASLt workspace."""
+    a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+    torch.mm(a, a)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        q = a.to(torch.float8_e4m3fn)
+        scale = torch.ones(16, 1, device="cuda")
+        torch._scaled_mm(q, q.t(), scale_a=scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
 
 
 def _flatten(value) -> tuple[list[torch.Tensor], object] | None:
