@@ -126,6 +126,10 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 
     info = inspect_gguf(path)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+    if info.get("truncated"):   # the report is shown; the exit status says the file is unusable
+        name, needed = info["truncated"]
+        raise LlmforgeError(f"{path} is truncated: tensor {name} needs {needed:,} bytes, the file has "
+                            f"{info['file_size']:,}", hint="copy or download it again, or re-convert it")
 
 
 # ---------------------------------------------------------------- quantization

@@ -101,10 +101,16 @@ def test_inspect_flags_a_truncated_file(mistral_gguf, tmp_path, capsys):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(mistral_gguf.read_bytes()[:-4096])
     last = max(read_header(mistral_gguf).tensors, key=lambda t: t.offset).name
-    main(["inspect", str(cut)])
-    assert f"TRUNCATED:     tensor {last} needs {mistral_gguf.stat().st_size:,} bytes" in capsys.readouterr().out
-    main(["inspect", "--json", str(cut)])
-    assert json.loads(capsys.readouterr().out)["truncated"] == [last, mistral_gguf.stat().st_size]
+    for args in (["inspect", str(cut)], ["inspect", "--json", str(cut)]):
+        with pytest.raises(SystemExit) as exc:   # the report, then one error line and a failing exit status
+            main(args)
+        assert exc.value.code != 0
+        out, err = capsys.readouterr()
+        assert err.startswith(f"error: {cut} is truncated: tensor {last} needs") and err.count("\n") == 1, err
+        if "--json" in args:
+            assert json.loads(out)["truncated"] == [last, mistral_gguf.stat().st_size]
+        else:
+            assert f"TRUNCATED:     tensor {last} needs {mistral_gguf.stat().st_size:,} bytes" in out
 
 
 def test_inspect_bad_file(tmp_path, capsys):
