@@ -45,3 +45,17 @@ def test_graph_variants_are_judged_by_their_reserved_peak(train_gpu, tmp_path: P
     # the expandable-segments variants: graphs still by the reserved peak, the others by the allocated one
     assert lines["target 8b-hostw-fp8-graphs-expseg vs hf"].endswith("2.00x / 0.39x (peak reserved vs alloc) MET"), text
     assert lines["target 8b-hostw-fp8-expseg vs hf"].endswith("1.71x / 0.36x (peak alloc) NOT MET"), text
+
+
+def test_configuration_names_are_flags_in_order(train_gpu) -> None:
+    """Any combination of the benchmark's flags, in FLAGS order, names a configuration; anything else is refused
+    before a model is loaded."""
+    assert train_gpu.variant_of("llmforge-8b") == ""
+    assert train_gpu.variant_of("llmforge-8b-hostw-fp8-graphs-expseg-trim-lightwarm-chunk") == \
+        "-hostw-fp8-graphs-expseg-trim-lightwarm-chunk"
+    for bad in ("llmforge-8b-chunk-hostw", "llmforge-8b-fp8-fp8", "llmforge-8b-turbo", "llmforge-3b", "hf-8b"):
+        assert train_gpu.variant_of(bad) is None, bad
+    train_gpu.register("llmforge-1b-graphs-chunk")
+    assert train_gpu.A.CONFIGS["llmforge-1b-graphs-chunk"] == ("llmforge", "1b", 4)
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        train_gpu.register("llmforge-8b-graphs-hostw")
