@@ -467,7 +467,32 @@ def check_host_weights(device: torch.device, small: bool) -> None:
             extra.append(f"H2D of W {t_copy:.1f} ms ({gbs:.1f} GB/s); W on the device {w.numel() * 2 / 2**30:.2f} GiB")
             ROWS.append({"group": group, "check": "time / peak above inputs", "error": 0.0, "tol": 0.0, "ok": True,
                          "extra": "; ".join(extra)})
+            check_prefetch(device, run, w_host, labels, cap, group)
     check_host_gather(device, w_host, vocab, rows)
+
+
+def check_prefetch(device: torch.device, run, w_host: torch.Tensor, labels: torch.Tensor, cap, group: str) -> None:
+    """The streamed CE with its first 512 MiB of lm_head prefetched (``VocabPrefetch``, what the patched forward
+    starts before the decoder runs) == without: the same chunks in the same order, so the same bits."""
+    from llmforge.kernels.cross_entropy import VocabPrefetch, default_chunk_vocab
+
+    chunk = default_chunk_vocab(labels.shape[0], torch.bfloat16)
+    saved = cross_entropy.PREFETCH_BYTES[0]
+    cross_entropy.PREFETCH_BYTES[0] = 512 << 20
+    try:
+        def prefetched(a, weight):
+            ahead = VocabPrefetch.start(weight, chunk, device)
+            assert ahead is not None and len(ahead.chunks) == (512 << 20) // (chunk * weight.shape[1] * 2)
+            return cross_entropy.streamed_linear_cross_entropy(a, weight, labels, softcap=cap, chunk_vocab=chunk,
+                                                               prefetch=ahead)
+
+        ours = run(prefetched, w_host)
+        plain = run(lambda a, weight: cross_entropy.streamed_linear_cross_entropy(
+            a, weight, labels, softcap=cap, chunk_vocab=chunk), w_host)
+    finally:
+        cross_entropy.PREFETCH_BYTES[0] = saved
+    differ = float((ours[0] != plain[0]).float()) + float((ours[1] != plain[1]).float().mean())
+    record(group, "with 512 MiB prefetched vs without: differing values", differ, 0.0)
 
 
 def check_host_gather(device: torch.device, table: torch.Tensor, vocab: int, rows: int) -> None:

@@ -46,6 +46,7 @@ FLAGS = {
     "-trim": "the allocator's free cache handed back once after the graphs are captured (LLMFORGE_GRAPH_TRIM=1)",
     "-lightwarm": "the capture stream warmed by two tiny matmuls, not a run of the layer (LLMFORGE_GRAPH_WARMUP=light)",
     "-chunk": "the MLP's backward in row chunks of 32 MiB per (rows, ffn) tensor (LLMFORGE_MLP_CHUNK_MIB=32)",
+    "-prefetch": "the first 512 MiB of a host lm_head copied during the forward (LLMFORGE_LM_HEAD_PREFETCH_MIB=512)",
     "-nooffload": "plain non-reentrant checkpointing instead of the offloaded one, to price the offload",
 }
 # the variants the table lists first (any other flag combination found among the results follows)
@@ -81,6 +82,9 @@ HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the dev
 FP8 = {"value": False}
 GRAPHS = {"value": False}
 MLP_CHUNK_MIB = {"value": 0}
+PREFETCH_MIB = {"value": 0}
+GRAPH_TRIM = {"value": False}
+LIGHT_WARMUP = {"value": False}
 
 _setup_hf = A.setup_hf
 
@@ -141,10 +145,14 @@ def _watch_reserved(model, graphs, steps: int = 4, step_gib: float = 0.0625) -> 
 def setup_llmforge(path, args, dev):
     """The anchor's HF + PEFT setup, then llmforge's kernels patched in."""
     model, extra = _setup_hf(path, args, dev)
-    from llmforge.kernels import fast_lora
+    from llmforge.kernels import cross_entropy, fast_lora, layer_graphs
     from llmforge.kernels.patch import patch_model
 
+    # the A/B switches behind LLMFORGE_MLP_CHUNK_MIB, _LM_HEAD_PREFETCH_MIB, _GRAPH_TRIM, _GRAPH_WARMUP, set from the name
     fast_lora.MLP_CHUNK_BYTES[0] = MLP_CHUNK_MIB["value"] << 20
+    cross_entropy.PREFETCH_BYTES[0] = PREFETCH_MIB["value"] << 20
+    layer_graphs.TRIM_AFTER_CAPTURE = GRAPH_TRIM["value"]
+    layer_graphs.LIGHT_WARMUP = LIGHT_WARMUP["value"]
     report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False,
                          offload_frozen_weights=HOST_WEIGHTS["value"], fp8_base=FP8["value"],
                          cuda_graphs=GRAPHS["value"])
@@ -168,7 +176,8 @@ def setup_llmforge(path, args, dev):
                  kernels_qkv=report.qkv_fused_lora,
                  kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights,
                  kernels_fp8_base=report.fp8_base, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                 graph_trim=os.environ.get("LLMFORGE_GRAPH_TRIM", "0") == "1", mlp_chunk_mib=MLP_CHUNK_MIB["value"])
+                 graph_trim=GRAPH_TRIM["value"], light_warmup=LIGHT_WARMUP["value"], mlp_chunk_mib=MLP_CHUNK_MIB["value"],
+                 lm_head_prefetch_mib=PREFETCH_MIB["value"])
     return model, extra
 
 
@@ -563,12 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         FP8["value"] = any("-fp8" in a for a in configs)
         GRAPHS["value"] = any("-graphs" in a for a in configs)
         MLP_CHUNK_MIB["value"] = 32 if any("-chunk" in a for a in configs) else 0
+        PREFETCH_MIB["value"] = 512 if any("-prefetch" in a for a in configs) else 0
         if any("-expseg" in a for a in configs):   # read when CUDA's allocator starts: before any tensor
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
-        if any("-trim" in a for a in configs):
-            os.environ["LLMFORGE_GRAPH_TRIM"] = "1"   # read when llmforge.kernels.layer_graphs is imported
-        if any("-lightwarm" in a for a in configs):
-            os.environ["LLMFORGE_GRAPH_WARMUP"] = "light"
+        GRAPH_TRIM["value"] = any("-trim" in a for a in configs)
+        LIGHT_WARMUP["value"] = any("-lightwarm" in a for a in configs)
     return A.main(argv)
 
 

@@ -5,6 +5,8 @@ gradient written in place into the chunk's logits."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llmforge.kernels._backend import compute_dtype, next_power_of_2, triton_importable, use_triton
@@ -273,21 +275,73 @@ def _stream_update(logits, labels, v0, run_max, run_sum, target, w_chunk, dh, so
 
 
 _COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+# Vocabulary chunks of a host lm_head copied to the device while the decoder's forward runs, ahead of the loss
+# (LLMFORGE_LM_HEAD_PREFETCH_MIB; 0: off). They cross PCIe in the other direction from the offloaded layer inputs,
+# and they live from the forward's start to the loss, when no layer's backward working set exists yet.
+PREFETCH_BYTES = [int(os.environ.get("LLMFORGE_LM_HEAD_PREFETCH_MIB", "0")) << 20]
 
 
-def vocab_chunks(weight: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype):
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    copy = _COPY_STREAMS.get(device)
+    if copy is None:
+        copy = _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return copy
+
+
+class VocabPrefetch:
+    """The first chunks of a host weight, copied on the side stream into buffers of their own (``start``), for
+    ``vocab_chunks`` to use before it streams the rest."""
+
+    def __init__(self, weight: torch.Tensor, chunk: int, device: torch.device, n_chunks: int):
+        self.weight, self.chunk, self.device = weight, chunk, device
+        self.chunks: list[tuple[torch.Tensor, object]] = []   # (buffer, event recorded after its copy)
+        compute, copy = torch.cuda.current_stream(device), _copy_stream(device)
+        copy.wait_stream(compute)   # the buffers' memory may have been in use by earlier compute-stream work
+        for i in range(min(n_chunks, -(-weight.shape[0] // chunk))):
+            rows = weight[i * chunk:(i + 1) * chunk]
+            buffer = torch.empty(rows.shape, dtype=weight.dtype, device=device)
+            with torch.cuda.stream(copy):
+                buffer.copy_(rows, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(copy)
+            self.chunks.append((buffer, done))
+
+    @classmethod
+    def start(cls, weight: torch.Tensor, chunk: int, device: torch.device) -> "VocabPrefetch | None":
+        """Prefetch ``PREFETCH_BYTES`` of ``weight`` (host memory, headed for a CUDA ``device``), or None."""
+        if PREFETCH_BYTES[0] <= 0 or device.type != "cuda" or weight.device == device:
+            return None
+        n_chunks = PREFETCH_BYTES[0] // (chunk * weight.shape[1] * weight.element_size())
+        return cls(weight, chunk, device, n_chunks) if n_chunks > 0 else None
+
+    def usable(self, weight: torch.Tensor, chunk: int, device: torch.device) -> bool:
+        return self.weight is weight and self.chunk == chunk and self.device == device
+
+
+def vocab_chunks(weight: torch.Tensor, chunk: int, device: torch.device, dtype: torch.dtype,
+                 prefetch: VocabPrefetch | None = None):
     """Yield ``(start, weight[start:start + chunk])`` on ``device`` in ``dtype``. A host weight headed for a
     CUDA device is copied on a side stream into two alternating buffers, so chunk i + 1 is in flight while
-    the caller computes with chunk i (a pinned ``weight`` makes the copies truly asynchronous)."""
+    the caller computes with chunk i (a pinned ``weight`` makes the copies truly asynchronous); the chunks of a
+    matching ``prefetch`` come first, from their own buffers."""
     vocab = weight.shape[0]
     if weight.device == device or device.type != "cuda":
         for start in range(0, vocab, chunk):
             yield start, weight[start:start + chunk].to(device=device, dtype=dtype)
         return
     compute = torch.cuda.current_stream(device)
-    copy = _COPY_STREAMS.get(device)
-    if copy is None:
-        copy = _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    copy = _copy_stream(device)
+    first = 0
+    if prefetch is not None and prefetch.usable(weight, chunk, device):
+        ahead, prefetch.chunks = prefetch.chunks, []
+        while ahead:   # popped: each prefetched buffer is freed once the caller is done with it
+            buffer, done = ahead.pop(0)
+            compute.wait_event(done)
+            yield first * chunk, (buffer if buffer.dtype == dtype else buffer.to(dtype))
+            first += 1
+            del buffer
+    if first * chunk >= vocab:
+        return
     buffers = [torch.empty((min(chunk, vocab), weight.shape[1]), dtype=weight.dtype, device=device)
                for _ in range(2)]
     ready: list = [None, None]
@@ -305,8 +359,8 @@ def vocab_chunks(weight: torch.Tensor, chunk: int, device: torch.device, dtype: 
             ready[b].record(copy)
 
     n_chunks = -(-vocab // chunk)
-    issue(0)
-    for i in range(n_chunks):
+    issue(first)
+    for i in range(first, n_chunks):
         if i + 1 < n_chunks:
             issue(i + 1)
         b, start = i % 2, i * chunk
@@ -319,7 +373,8 @@ def vocab_chunks(weight: torch.Tensor, chunk: int, device: torch.device, dtype: 
 
 def streamed_row_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,
                         ignore_index: int, chunk_vocab: int, dtype: torch.dtype, scale: float = 1.0,
-                        want_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        want_grad: bool = True, prefetch: VocabPrefetch | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(per-row loss ``logsumexp(z) - z[label]`` in float32, 0 for ignored rows; d loss_i / d hidden_i per row
     in ``dtype``, or None) with z = scale * softcap(hidden @ W.T), ``weight`` streamed in vocabulary chunks."""
     h = hidden.to(dtype)
@@ -329,7 +384,7 @@ def streamed_row_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     target = torch.zeros(n_rows, dtype=torch.float32, device=device)
     acc = torch.zeros(h.shape, dtype=torch.float32, device=device) if want_grad else None
     dh = torch.zeros(h.shape, dtype=dtype, device=device)  # the target terms, then the gradient
-    for start, w in vocab_chunks(weight, chunk_vocab, device, dtype):
+    for start, w in vocab_chunks(weight, chunk_vocab, device, dtype, prefetch):
         logits = h @ w.t()
         alpha = _stream_update(logits, labels, start, run_max, run_sum, target, w, dh, softcap, ignore_index, scale)
         if acc is not None:
@@ -352,8 +407,9 @@ def default_chunk_vocab(n_rows: int, dtype: torch.dtype) -> int:
 
 class _StreamedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, ignore_index, chunk_vocab, dtype):
-        losses, dh = streamed_row_losses(hidden, weight, labels, softcap, ignore_index, chunk_vocab, dtype)
+    def forward(ctx, hidden, weight, labels, softcap, ignore_index, chunk_vocab, dtype, prefetch):
+        losses, dh = streamed_row_losses(hidden, weight, labels, softcap, ignore_index, chunk_vocab, dtype,
+                                         prefetch=prefetch)
         loss_sum = losses.sum()
         ctx.save_for_backward(dh)
         ctx.hidden_dtype = hidden.dtype
@@ -363,18 +419,20 @@ class _StreamedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (dh,) = ctx.saved_tensors
         dh = (dh * grad_loss.to(dh.dtype)).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        return dh, None, None, None, None, None, None
+        return dh, None, None, None, None, None, None, None
 
 
 def streamed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                   softcap: float | None = None, ignore_index: int = IGNORE_INDEX,
                                   num_items_in_batch: torch.Tensor | int | None = None,
-                                  chunk_vocab: int | None = None) -> torch.Tensor:
+                                  chunk_vocab: int | None = None, prefetch: VocabPrefetch | None = None
+                                  ) -> torch.Tensor:
     """``fused_linear_cross_entropy`` for a frozen ``weight`` that may stay in (pinned) host memory.
 
     ``weight`` (V, H) is streamed to ``hidden``'s device ``chunk_vocab`` rows at a time, once per call
     (double-buffered on a side stream on CUDA); only (N, chunk_vocab) logits exist at a time. Only the
-    hidden states get a gradient: a ``weight`` that requires grad is refused.
+    hidden states get a gradient: a ``weight`` that requires grad is refused. ``prefetch``: its first chunks,
+    already on their way (``VocabPrefetch.start`` with the same ``chunk_vocab``).
     """
     if weight.requires_grad:
         raise ValueError("streamed_linear_cross_entropy: the weight must be frozen (requires_grad=False)")
@@ -384,5 +442,6 @@ def streamed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, la
     if chunk_vocab is None:
         chunk_vocab = default_chunk_vocab(hidden.shape[0], dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        loss_sum = _StreamedLinearCE.apply(hidden, weight, labels, softcap, ignore_index, int(chunk_vocab), dtype)
+        loss_sum = _StreamedLinearCE.apply(hidden, weight, labels, softcap, ignore_index, int(chunk_vocab), dtype,
+                                           prefetch)
     return _per_item(loss_sum, labels, ignore_index, num_items_in_batch)

@@ -23,7 +23,8 @@ from torch import nn
 from llmforge.kernels._backend import interpreting, triton_importable, use_triton
 from llmforge.kernels.activations import ACTIVATION_KINDS, gated_activation
 from llmforge.kernels.archs import ARCHS, ArchKernels, find_text_model, left_as_is, rope_unpatchable
-from llmforge.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy, streamed_linear_cross_entropy
+from llmforge.kernels.cross_entropy import (IGNORE_INDEX, PREFETCH_BYTES, VocabPrefetch, default_chunk_vocab,
+                                            fused_linear_cross_entropy, streamed_linear_cross_entropy)
 from llmforge.kernels.fp8 import fp8_supported
 from llmforge.kernels.fast_lora import AdapterCache, LoRAWeights, lora_linear, lora_mlp, lora_qkv, new_step
 from llmforge.kernels.host_weights import is_host_weight, offload_candidates
@@ -352,6 +353,7 @@ def _patch_causal_lm(lm: nn.Module, logit_softcap: bool = True) -> bool:
         kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+        prefetch = _start_lm_head_prefetch(lm, input_ids, inputs_embeds)   # its first chunks cross during forward
         out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if shift_labels is None:
@@ -359,14 +361,30 @@ def _patch_causal_lm(lm: nn.Module, logit_softcap: bool = True) -> bool:
         hidden, weight = out.last_hidden_state, lm.lm_head.weight
         # a weight in host memory (host_weights.py) is streamed in vocabulary chunks
         streamed = is_host_weight(lm.lm_head) or weight.device != hidden.device
-        cross_entropy = streamed_linear_cross_entropy if streamed else fused_linear_cross_entropy
-        loss = cross_entropy(hidden, weight, shift_labels, softcap=softcap, ignore_index=ignore_index,
-                             num_items_in_batch=num_items)
+        if streamed:
+            loss = streamed_linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
+                                                 ignore_index=ignore_index, num_items_in_batch=num_items,
+                                                 chunk_vocab=prefetch.chunk if prefetch else None, prefetch=prefetch)
+        else:
+            loss = fused_linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
+                                              ignore_index=ignore_index, num_items_in_batch=num_items)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
     lm.forward = forward
     return True
+
+
+def _start_lm_head_prefetch(lm: nn.Module, input_ids, inputs_embeds) -> VocabPrefetch | None:
+    """For an ``lm_head`` in host memory: start copying its first vocabulary chunks to the device now, sized for
+    the rows this forward will have (``cross_entropy.PREFETCH_BYTES``; None when off or not applicable)."""
+    weight = lm.lm_head.weight
+    source = input_ids if input_ids is not None else inputs_embeds
+    if PREFETCH_BYTES[0] <= 0 or source is None or not source.is_cuda or not is_host_weight(lm.lm_head):
+        return None
+    rows = source.shape[0] * source.shape[1] if source.dim() >= 2 else source.shape[0]
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
+    return VocabPrefetch.start(weight, default_chunk_vocab(rows, dtype), source.device)
 
 
 # ------------------------------------------------------------------------------ gradient checkpointing
