@@ -120,6 +120,36 @@ def test_training_steps_match_without_graphs(pair) -> None:
     assert graphs.backend.captured == 2 * LAYERS
 
 
+def test_chunked_mlp_backward_inside_the_graphs_trains_like_the_one_pass_one(monkeypatch) -> None:
+    """The chunked MLP backward (``LLMFORGE_MLP_CHUNK_MIB``) captured in the layers' backward graphs: over four
+    AdamW steps the same losses and gradients as the one-pass backward run eagerly."""
+    from llmforge.kernels import fast_lora
+
+    ref, new, graphs = _pair(RerunBackend())
+    chunked = []
+    original, saved = fast_lora._mlp_backward_chunked, fast_lora.MLP_CHUNK_BYTES[0]
+    monkeypatch.setattr(fast_lora, "_mlp_backward_chunked", lambda ctx, dy: chunked.append(1) or original(ctx, dy))
+    try:
+        opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, new)]
+        for step in range(4):
+            losses = []
+            for model, opt, chunk_bytes in zip((ref, new), opts, (0, 16 * 96 * 4)):
+                fast_lora.MLP_CHUNK_BYTES[0] = chunk_bytes   # new: 16-row chunks of the 18 rows (ffn 96, fp32)
+                loss = model(**_batch(step)).loss
+                loss.backward()
+                losses.append(float(loss))
+            assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), f"step {step}: {losses}"
+            _close(_grads(ref), _grads(new), f"step {step}")
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        fast_lora.MLP_CHUNK_BYTES[0] = saved
+        unpatch_rope(ref)
+    assert graphs.counts["replayed backward"] == 3 * LAYERS, graphs.stats()
+    assert len(chunked) >= 4 * LAYERS, len(chunked)   # every layer's backward, every step (replays re-run it here)
+
+
 def test_gradient_accumulation_and_zeroed_grads(pair) -> None:
     ref, new, graphs = pair
     for model in (ref, new):
