@@ -423,11 +423,12 @@ def case_mlp_recompute():
 
 
 def case_mlp_chunked_backward():
-    """Chunked MLP backward (``LLMFORGE_MLP_CHUNK_MIB``): re-run by offloaded checkpointing, the fused LoRA MLP whose
-    output only feeds the residual sum defers gate/up and the activation to its backward and runs them in row
-    chunks (here 64, 64 and 22 rows). The gradients equal the one-pass backward's (exact and FP8) and the plain
-    block's (exact); no (rows, ffn) tensor with more rows than one chunk is made, where the one-pass backward makes
-    them for all 150 rows; the checkpoint's recompute computes no (rows, ffn) tensor at all."""
+    """Chunked MLP (``LLMFORGE_MLP_CHUNK_MIB``): re-run by offloaded checkpointing, the fused LoRA MLP whose output
+    only feeds the residual sum defers gate/up and the activation to its backward and runs them in row chunks (here
+    64, 64 and 22 rows). The gradients equal the one-pass backward's (exact and FP8) and the plain block's (exact);
+    no (rows, ffn) tensor with more rows than one chunk is made, where the one-pass backward makes them for all 150
+    rows; the checkpoint's recompute computes no (rows, ffn) tensor at all; a forward without autograd (the
+    checkpoint's first pass) runs in the same chunks and gives the same output."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from llmforge.kernels import fast_lora, offload
@@ -466,8 +467,12 @@ def case_mlp_chunked_backward():
         out = offload.offloaded_checkpoint(block, *leaves)
         with FfnRows() as seen:
             out.backward(dy)
-        with torch.no_grad(), offload._Recomputing(), FfnRows() as recompute:
-            block(x, *ab)
+        with offload._Recomputing(), FfnRows() as recompute:   # as the checkpoint re-runs it: with autograd
+            block(*[t.detach().requires_grad_() for t in (x, *ab)])
+        with torch.no_grad(), FfnRows() as first_pass:   # the checkpoint's forward (and inference)
+            out_no_grad = block(x, *ab)
+        close(out_no_grad, out.detach(), 1e-6, f"no-grad forward (chunk bytes {chunk_bytes})")
+        assert first_pass.rows == (64 if chunk_bytes else 150), first_pass.rows
         return [t.grad for t in leaves], seen.rows, recompute.rows, block
 
     dy = torch.randn(3, 50, hidden)

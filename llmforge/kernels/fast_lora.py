@@ -35,8 +35,9 @@ from llmforge.kernels.offload import recomputing
 _STEP = [0]
 # cuBLAS's fast FP8 accumulation in the forward base matmuls (torchao's default; LLMFORGE_FP8_FAST_ACCUM=0: off)
 FP8_FAST_ACCUM = os.environ.get("LLMFORGE_FP8_FAST_ACCUM", "1") != "0"
-# Chunked MLP backward (``_mlp_backward_chunked``): when a checkpoint's recompute may skip the MLP's output, its
-# (rows, ffn) tensors are built in backward this many bytes per tensor at a time (LLMFORGE_MLP_CHUNK_MIB; 0: off)
+# Chunked MLP (``_mlp_backward_chunked``, ``_mlp_forward_chunked``): when a checkpoint's recompute may skip the MLP's
+# output, its (rows, ffn) tensors are built in backward this many bytes per tensor at a time, and so are they in a
+# forward without autograd (the checkpoint's first pass) (LLMFORGE_MLP_CHUNK_MIB; 0: off)
 MLP_CHUNK_BYTES = [int(os.environ.get("LLMFORGE_MLP_CHUNK_MIB", "0")) << 20]
 
 
@@ -458,7 +459,36 @@ def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeig
     only adds the output to the residual stream (a checkpoint's recompute may then skip the down projection)."""
     spec = (((gate.base, gate.quant_state), (up.base, up.quant_state), (down.base, down.quant_state)),
             (gate.scale, up.scale, down.scale), kind, caches, fp8, into_residual)
-    return LoRAMLPFunction.apply(x, spec, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
+    adapters = (gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
+    if not torch.is_grad_enabled():   # a checkpoint's first forward, or inference: no graph to keep
+        rows = _chunk_rows(x.numel() // x.shape[-1], out_features(gate.base, gate.quant_state), x.element_size())
+        if rows:
+            return _mlp_forward_chunked(x, spec, adapters, rows)
+    return LoRAMLPFunction.apply(x, spec, *adapters)
+
+
+def _mlp_forward_chunked(x: torch.Tensor, spec: tuple, adapters: tuple, rows: int) -> torch.Tensor:
+    """The MLP without autograd, ``rows`` rows at a time (``MLP_CHUNK_BYTES``): its (rows, ffn) tensors exist for
+    one chunk only; the frozen weights are made ready once."""
+    bases, scales, kind, caches, fp8, _ = spec
+    dtype = compute_dtype(x)
+    x2 = _rows(x, dtype)
+    fp8 = use_fp8(fp8, x2, bases)
+    gu = _adapters(caches and caches[0], adapters[:4], scales[:2], dtype)
+    dn = _adapters(caches and caches[1], adapters[4:], scales[2:], dtype)
+    gate_up = FrozenGroup(bases[:2], dtype, fp8, input_grad=False)
+    down = FrozenGroup(bases[2:], dtype, fp8, input_grad=False)
+    xa = torch.mm(x2, gu.a.t())
+    out = _output(x, out_features(*bases[2]), dtype)
+    out2 = out.view(-1, out.shape[-1])
+    for r0 in range(0, x2.shape[0], rows):
+        part = slice(r0, r0 + rows)
+        e, g = gate_up.outputs(x2[part])
+        h = _lora_gated(e, g, xa[part], gu, kind)
+        del e, g
+        down.outputs(h, [out2[part]])
+        out2[part].addmm_(torch.mm(h, dn.a.t()), dn.bs[0].t())
+    return out
 
 
 def lora_reference(x: torch.Tensor, p: LoRAWeights) -> torch.Tensor:
