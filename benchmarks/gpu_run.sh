@@ -68,7 +68,7 @@ run_config() {  # $1 = config name
     local cfg=$1 t script
     t=$(left); [ "$t" -gt "$PER_CONFIG" ] && t=$PER_CONFIG
     if [ "$t" -lt 60 ]; then say "$cfg: skipped (${t}s left)"; echo skipped > "$RES/$cfg.rc"; return; fi
-    case "$cfg" in llmforge-*) script="$REPO/benchmarks/train_gpu.py" ;; *) script="$ANCHOR/train_anchor.py" ;; esac
+    case "$cfg" in llmforge-*|trainer-*) script="$REPO/benchmarks/train_gpu.py" ;; *) script="$ANCHOR/train_anchor.py" ;; esac
     say "$cfg: start (timeout ${t}s)"
     ( cd "$WORK" && timeout -k 10 "$t" python3 "$script" run --config "$cfg" --models "$MODELS" \
         --result "$RES/$cfg.json" --budget-s $(( t - 8 )) --device "$DEVICE" $RUN_ARGS ) > "$OUT/$cfg.log" 2>&1

@@ -16,6 +16,7 @@ the fused kernels and offloaded checkpointing. Each configuration runs in its ow
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -226,10 +227,12 @@ def table(results: str) -> str:
     lines = ["| config | status | batch | tokens/s | peak alloc GiB | peak reserved GiB | loss first->last | notes |",
              "|---|---|---|---|---|---|---|---|"]
     found: dict[str, dict] = {}
-    stored = sorted(f[:-5] for f in os.listdir(results) if f.endswith(".json") and variant_of(f[:-5]) is not None)
+    stored = sorted(f[:-5] for f in os.listdir(results) if f.endswith(".json")
+                    and variant_of("llmforge-" + f[:-5].removeprefix("trainer-").removeprefix("llmforge-")) is not None)
     for size in ("1b", "8b", "tiny"):
-        ours = [n for n in stored if n == f"llmforge-{size}" or n.startswith(f"llmforge-{size}-")]
-        for name in (*sorted(ours, key=lambda n: (n.count("-"), n)), f"hf-{size}", f"unsloth-{size}"):
+        ours = [n for n in stored if n.split("-")[0] in ("llmforge", "trainer") and n.split("-")[1] == size]
+        for name in (*sorted(ours, key=lambda n: (n.startswith("trainer"), n.count("-"), n)), f"hf-{size}",
+                     f"unsloth-{size}"):
             r = _load(results, name)
             if r is None:
                 continue
@@ -255,6 +258,16 @@ def table(results: str) -> str:
                     mem = "-" if m is None else f"{m:.2f}x"
                     lines.append(f"{size}: llmforge{variant}/{ref} tokens/s = "
                                  f"{ours['tokens_per_s'] / other['tokens_per_s']:.2f}x, {_memory_name(variant)} = {mem}")
+    for name, r in found.items():   # llmforge's own loop (``trainer_bench``) against the anchor loop's numbers
+        if not name.startswith("trainer-") or r.get("status") != "ok":
+            continue
+        size, flags = name.split("-")[1], name.removeprefix(f"trainer-{name.split('-')[1]}")
+        for ref in (f"hf-{size}", f"llmforge-{size}{flags}"):
+            other = found.get(ref)
+            if other and other.get("status") == "ok":
+                m = _memory_ratio(r, other, flags)
+                lines.append(f"{size}: {name}/{ref} tokens/s = {r['tokens_per_s'] / other['tokens_per_s']:.2f}x, "
+                             f"{_memory_name(flags)} = {'-' if m is None else f'{m:.2f}x'}")
     targets = {"8b": ("hf", 2.0, 0.40), "1b": ("unsloth", 1.0, 1.0)}
     for (size, (ref, speed, memory)), variant in ((t, v) for t in targets.items() for v in variants):
         ours, other = found.get(f"llmforge-{size}{variant}"), found.get(f"{ref}-{size}")
@@ -323,6 +336,80 @@ def maxseq(args) -> int:
               "complete": bad is not None and (bad - good) <= args.resolution,
               "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
     A.log("MAXSEQ " + json.dumps(result))
+    if args.result:
+        Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------- llmforge's own loop
+def trainer_bench(args) -> int:
+    """``trainer-SIZE-FLAGS``: ``llmforge train``'s own path (``load_model``, ``train_lora``, ``maybe_patch_kernels``,
+    ``train_loop``: no host sync per step, loss read one step late) on the anchor's random model and the anchor's
+    settings (LoRA r=16, alpha 16 on the 7 projections, AdamW lr 2e-4, clip 1.0, seq ``--seq``, batch of the size),
+    on random tokens. ``--warmup`` steps first (compiles, graph captures), then ``--steps`` timed ones; the peak
+    memory is taken over both, as the anchor does. Flags: ``-hostw`` (train.offload_embeddings), ``-fp8``,
+    ``-graphs`` (train.cuda_graphs), ``-chunk``, ``-prefetch``, ``-trim``, ``-lightwarm``; the trainer sets the
+    allocator's expandable segments itself, ``-nooffload`` does not apply."""
+    import tempfile
+
+    import torch
+
+    from llmforge.kernels import cross_entropy, fast_lora, layer_graphs
+    from llmforge.trainer.config import load_config
+    from llmforge.trainer.encode import Encoded
+    from llmforge.trainer.load import load_model, prefer_expandable_segments
+    from llmforge.trainer.run import layer_graphs_of, maybe_patch_kernels, train_lora
+    from llmforge.trainer.sft import collate, train_loop
+
+    flags = variant_of("llmforge-" + args.config.removeprefix("trainer-"))
+    if flags is None or "-nooffload" in flags:
+        sys.exit(f"train_gpu: unknown trainer configuration {args.config!r}")
+    size = args.config.split("-")[1]
+    prefer_expandable_segments()
+    fast_lora.MLP_CHUNK_BYTES[0] = (32 << 20) if "-chunk" in flags else 0
+    cross_entropy.PREFETCH_BYTES[0] = (512 << 20) if "-prefetch" in flags else 0
+    layer_graphs.TRIM_AFTER_CAPTURE, layer_graphs.LIGHT_WARMUP = "-trim" in flags, "-lightwarm" in flags
+    cuda = args.device.startswith("cuda")
+    out = Path(tempfile.mkdtemp(prefix="trainer_bench_"))
+    config = load_config({
+        "model": {"path": str(A.model_dir(args.models, size)), "load_in_4bit": cuda and not args.no_quant,
+                  "dtype": "bfloat16", "max_seq_length": args.seq},
+        "lora": {"r": 16, "alpha": 16, "target_modules": list(A.TARGET_MODULES)},
+        "train": {"output_dir": str(out), "batch_size": BATCH[size], "lr": 2e-4, "max_grad_norm": 1.0,
+                  "lr_scheduler": "constant", "gradient_checkpointing": "on", "logging_steps": 10 ** 6,
+                  "offload_embeddings": "on" if "-hostw" in flags else "off", "fp8": "-fp8" in flags,
+                  "cuda_graphs": "-graphs" in flags}})
+    model, tokenizer = load_model(config.model.path, load_in_4bit=config.model.load_in_4bit, dtype="bfloat16",
+                                  max_seq_length=args.seq)
+    model = train_lora(model, config)
+    kernels = maybe_patch_kernels(model, config, graphs=True)
+    A.log(f"trainer {args.config}: {kernels}")
+    graphs = layer_graphs_of(model)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+
+    def rows(n: int) -> list:
+        ids = torch.randint(0, vocab, (n, args.seq), generator=g).tolist()
+        return [Encoded(r, list(r), i) for i, r in enumerate(ids)]
+
+    def loop(steps: int):
+        config.train.max_steps = steps
+        return train_loop(model, rows(steps * BATCH[size]), config.train, out, tokenizer.pad_token_id or 0,
+                          collate_fn=functools.partial(collate, length=args.seq) if graphs is not None else collate)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    warm = loop(args.warmup)
+    timed = loop(args.steps)
+    if cuda:
+        torch.cuda.synchronize()
+    result = {"config": args.config, "status": "ok", "batch": BATCH[size], "tokens_per_s": timed.tokens / timed.seconds,
+              "step_time_mean_s": timed.seconds / timed.steps, "timed_steps": timed.steps,
+              "train_peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+              "train_peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+              "loss_first": warm.first_loss, "loss_last": timed.last_loss, "kernels": kernels,
+              "graphs": graphs.stats() if graphs is not None else None}
+    A.log("RESULT " + json.dumps(result))
     if args.result:
         Path(args.result).write_text(json.dumps(result))
     return 0
@@ -562,6 +649,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--memory", action="store_true",
                        help="instead of the profiler: what is live at the step's peak, by allocation site")
         return profile(p.parse_args(argv[1:]))
+    if argv[:1] == ["run"] and any(a.startswith("trainer-") for a in argv):
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("--config", required=True)
+        p.add_argument("--models", default="/tmp/models")
+        p.add_argument("--result", default=None)
+        p.add_argument("--device", default="cuda")
+        p.add_argument("--seq", type=int, default=2048)
+        p.add_argument("--warmup", type=int, default=5)
+        p.add_argument("--steps", type=int, default=25)
+        p.add_argument("--no-quant", action="store_true")
+        p.add_argument("--budget-s", type=float, default=None)   # gpu_run.sh passes it; the timeout bounds the run
+        return trainer_bench(p.parse_known_args(argv[1:])[0])
     if argv[:1] == ["run"]:
         A.setup_hf = setup_llmforge  # only llmforge-* configs are run through this script
         OFFLOAD["value"] = not any(a.endswith("-nooffload") for a in argv)

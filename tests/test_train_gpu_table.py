@@ -59,3 +59,13 @@ def test_configuration_names_are_flags_in_order(train_gpu) -> None:
     assert train_gpu.A.CONFIGS["llmforge-1b-graphs-chunk"] == ("llmforge", "1b", 4)
     with pytest.raises(SystemExit, match="unknown configuration"):
         train_gpu.register("llmforge-8b-graphs-hostw")
+
+
+def test_the_trainer_loop_results_are_tabled_against_hf_and_the_anchor_loop(train_gpu, tmp_path: Path) -> None:
+    _result(tmp_path, "hf-8b", 7000, 13.76, 14.5)
+    _result(tmp_path, "llmforge-8b-hostw-fp8-graphs", 13000, 5.3, 7.7)
+    _result(tmp_path, "trainer-8b-hostw-fp8-graphs", 14000, 5.3, 7.0)
+    text = train_gpu.table(str(tmp_path))
+    assert "| trainer-8b-hostw-fp8-graphs | ok | 2 | 14,000 | 5.30 | 7.00 |" in text, text
+    assert "8b: trainer-8b-hostw-fp8-graphs/hf-8b tokens/s = 2.00x, peak reserved vs alloc = 0.51x" in text, text
+    assert "8b: trainer-8b-hostw-fp8-graphs/llmforge-8b-hostw-fp8-graphs tokens/s = 1.08x" in text, text
