@@ -377,19 +377,34 @@ def case_fused_lora_mlp():
                      tol=2e-5)
 
 
+def _residual_mlp(torch, quantized: bool = True):
+    """NF4 gate/up/down (hidden 32, ffn 64: multiples of 16, so the FP8 path applies) with rank-4 adapters, and a
+    ``block(fp8, into_residual)`` maker for ``h + MLP(1.5 h)`` with adapters passed as leaves."""
+    from llmforge.kernels.fast_lora import LoRAWeights, lora_mlp
+
+    hidden, ffn, r = 32, 64, 4
+    parts = [_lora_inputs(torch, ffn, hidden, r, quantized), _lora_inputs(torch, ffn, hidden, r, quantized),
+             _lora_inputs(torch, hidden, ffn, r, quantized)]
+
+    def block(fp8: bool, into_residual: bool):
+        def run(h, *adapters):
+            ws = [LoRAWeights(p.base, p.quant_state, a, b, 2.0)
+                  for (p, _, _), a, b in zip(parts, adapters[0::2], adapters[1::2])]
+            return h + lora_mlp(h * 1.5, *ws, "silu", None, fp8, into_residual)
+        return run
+
+    return hidden, ffn, [t for _, a, b in parts for t in (a, b)], block
+
+
 def case_mlp_recompute():
     """Re-run by offloaded checkpointing, the fused LoRA MLP skips the down projection when its output only
     feeds the residual sum (the output is zeros then) and, with FP8, keeps the gate/up e4m3 weights for its
     backward; the gradients equal those of the plain forward and backward, exact and FP8."""
     from llmforge.kernels import fast_lora, offload
-    from llmforge.kernels.fast_lora import LoRAWeights, lora_mlp
 
     torch = _torch()
-    hidden, ffn, r = 32, 64, 4       # multiples of 16: the FP8 path applies
-    parts = [_lora_inputs(torch, ffn, hidden, r, True), _lora_inputs(torch, ffn, hidden, r, True),
-             _lora_inputs(torch, hidden, ffn, r, True)]
+    hidden, _, ab, make_block = _residual_mlp(torch)
     x = torch.randn(2, 5, hidden)
-    ab = [t for _, a, b in parts for t in (a, b)]
     calls = []   # (weights in the group, recomputing) of every e4m3 dequantization
     fp8_weights = fast_lora.fp8_weights
 
@@ -404,11 +419,7 @@ def case_mlp_recompute():
     try:
         for fp8 in (False, True):
             for into_residual in (True, False):
-                def block(h, *adapters):
-                    ws = [LoRAWeights(p.base, p.quant_state, a, b, 2.0)
-                          for (p, _, _), a, b in zip(parts, adapters[0::2], adapters[1::2])]
-                    return h + lora_mlp(h * 1.5, *ws, "silu", None, fp8, into_residual)
-
+                block = make_block(fp8, into_residual)
                 leaves = [t.clone().requires_grad_() for t in (x, *ab)]
                 calls.clear()
                 offload.offloaded_checkpoint(block, *leaves).backward(torch.ones_like(x))
@@ -432,14 +443,10 @@ def case_mlp_chunked_backward():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from llmforge.kernels import fast_lora, offload
-    from llmforge.kernels.fast_lora import LoRAWeights, lora_mlp
 
     torch = _torch()
-    hidden, ffn, r = 32, 64, 4       # multiples of 16: the FP8 path applies
-    parts = [_lora_inputs(torch, ffn, hidden, r, True), _lora_inputs(torch, ffn, hidden, r, True),
-             _lora_inputs(torch, hidden, ffn, r, True)]
+    hidden, ffn, ab, make_block = _residual_mlp(torch)
     x = torch.randn(3, 50, hidden)
-    ab = [t for _, a, b in parts for t in (a, b)]
     names = ["x", "gA", "gB", "uA", "uB", "dA", "dB"]
 
     class FfnRows(TorchDispatchMode):
@@ -457,11 +464,7 @@ def case_mlp_chunked_backward():
             return out
 
     def run(fp8, chunk_bytes):
-        def block(h, *adapters):
-            ws = [LoRAWeights(p.base, p.quant_state, a, b, 2.0)
-                  for (p, _, _), a, b in zip(parts, adapters[0::2], adapters[1::2])]
-            return h + lora_mlp(h * 1.5, *ws, "silu", None, fp8, True)
-
+        block = make_block(fp8, True)
         fast_lora.MLP_CHUNK_BYTES[0] = chunk_bytes
         leaves = [t.clone().requires_grad_() for t in (x, *ab)]
         out = offload.offloaded_checkpoint(block, *leaves)

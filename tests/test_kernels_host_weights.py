@@ -88,13 +88,18 @@ def test_streamed_cross_entropy_refuses_a_trained_weight():
         streamed_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4, requires_grad=True), torch.zeros(3).long())
 
 
-def test_streamed_cross_entropy_triton_interpreted():
+def run_interpreted_child(case: str) -> None:
+    """This file's ``__main__`` ``case`` in a child process with Triton's interpreter (it reads the variable once)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     env.pop("LLMFORGE_KERNELS", None)
-    proc = subprocess.run([sys.executable, __file__, "streamed"], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, env=env,
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0 and '"ok"' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_streamed_cross_entropy_triton_interpreted():
+    run_interpreted_child("streamed")
 
 
 # ------------------------------------------------------------------------------ rows gathered by the GPU
@@ -142,12 +147,7 @@ def check_host_weights_model_gathers_on_device() -> None:
 
 
 def test_host_gather_rows_triton_interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    env.pop("LLMFORGE_KERNELS", None)
-    proc = subprocess.run([sys.executable, __file__, "gather"], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 0 and '"ok"' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_interpreted_child("gather")
 
 
 def test_host_gather_rows_declines_without_a_kernel(monkeypatch):

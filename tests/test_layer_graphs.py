@@ -94,15 +94,14 @@ def pair(request):
     unpatch_rope(ref)
 
 
-def test_training_steps_match_without_graphs(pair) -> None:
-    from llmforge.trainer.run import layer_graphs_of
-
-    ref, new, graphs = pair
-    assert layer_graphs_of(new) is graphs and layer_graphs_of(ref) is None   # how the trainer finds them
+def _train_side_by_side(ref, new, before=lambda model: None, steps: int = 4) -> None:
+    """``steps`` AdamW steps (clipped) of both models on the same batches, asserting equal losses and gradients
+    at each; ``before(model)`` runs before each model's forward."""
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, new)]
-    for step in range(4):
+    for step in range(steps):
         losses = []
-        for model, opt in zip((ref, new), opts):
+        for model in (ref, new):
+            before(model)
             loss = model(**_batch(step)).loss
             loss.backward()
             losses.append(float(loss))
@@ -112,6 +111,14 @@ def test_training_steps_match_without_graphs(pair) -> None:
             torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+
+def test_training_steps_match_without_graphs(pair) -> None:
+    from llmforge.trainer.run import layer_graphs_of
+
+    ref, new, graphs = pair
+    assert layer_graphs_of(new) is graphs and layer_graphs_of(ref) is None   # how the trainer finds them
+    _train_side_by_side(ref, new)
     counts = graphs.counts
     assert counts["captured forward"] == counts["captured backward"] == LAYERS, graphs.stats()
     # step 1 eager (warm-up), step 2 captures and replays, steps 3-4 replay
@@ -129,20 +136,9 @@ def test_chunked_mlp_backward_inside_the_graphs_trains_like_the_one_pass_one(mon
     chunked = []
     original, saved = fast_lora._mlp_backward_chunked, fast_lora.MLP_CHUNK_BYTES[0]
     monkeypatch.setattr(fast_lora, "_mlp_backward_chunked", lambda ctx, dy: chunked.append(1) or original(ctx, dy))
-    try:
-        opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, new)]
-        for step in range(4):
-            losses = []
-            for model, opt, chunk_bytes in zip((ref, new), opts, (0, 16 * 96 * 4)):
-                fast_lora.MLP_CHUNK_BYTES[0] = chunk_bytes   # new: 16-row chunks of the 18 rows (ffn 96, fp32)
-                loss = model(**_batch(step)).loss
-                loss.backward()
-                losses.append(float(loss))
-            assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), f"step {step}: {losses}"
-            _close(_grads(ref), _grads(new), f"step {step}")
-            for opt in opts:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    try:   # new: 16-row chunks of the 18 rows (ffn 96, fp32)
+        _train_side_by_side(ref, new, lambda model: fast_lora.MLP_CHUNK_BYTES.__setitem__(
+            0, 16 * 96 * 4 if model is new else 0))
     finally:
         fast_lora.MLP_CHUNK_BYTES[0] = saved
         unpatch_rope(ref)
