@@ -115,14 +115,17 @@ class CudaGraphBackend:
 
 
 def _warm_matmuls() -> None:
-    """A bf16 matmul and, where the GPU has them, a row-scaled e4m3 one on the current stream: they create its
-    cuBLAS handle and workspace and its cuBLASLt workspace."""
+    """A bf16 matmul and, where the GPU has them, an e4m3 one on the current stream: they create its cuBLAS
+    handle and workspace and its cuBLASLt workspace (best effort: a capture that still needs more fails and
+    falls back to eager as any failed capture does)."""
     a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
     torch.mm(a, a)
     if torch.cuda.get_device_capability() >= (8, 9):
-        q = a.to(torch.float8_e4m3fn)
-        scale = torch.ones(16, 1, device="cuda")
-        torch._scaled_mm(q, q.t(), scale_a=scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
+        q, one = a.to(torch.float8_e4m3fn), torch.ones((), device="cuda")
+        try:
+            torch._scaled_mm(q, q.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        except RuntimeError:   # this torch/GPU pair has no FP8 matmul: nothing of it to warm
+            pass
 
 
 def _flatten(value) -> tuple[list[torch.Tensor], object] | None:
