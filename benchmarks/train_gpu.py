@@ -102,6 +102,19 @@ def _segments() -> str:
     return "; ".join(f"{k}: {t / 2**30:.2f} reserved / {u / 2**30:.2f} allocated" for k, (t, u) in by.items())
 
 
+def _allocator_stats() -> str:
+    """The CUDA allocator's fragmentation counters: free bytes inside split blocks (now / peak), cudaMalloc
+    retries after a cache flush, device allocations and frees, and for expandable segments mapped bytes."""
+    import torch
+
+    st = torch.cuda.memory_stats()
+    gib = 2**30
+    return (f"inactive split {st.get('inactive_split_bytes.all.current', 0) / gib:.2f} GiB now / "
+            f"{st.get('inactive_split_bytes.all.peak', 0) / gib:.2f} peak; alloc retries {st.get('num_alloc_retries', 0)}; "
+            f"device allocs {st.get('num_device_alloc', 0)} / frees {st.get('num_device_free', 0)}; "
+            f"segments {st.get('segment.all.current', 0)} (peak {st.get('segment.all.peak', 0)})")
+
+
 def _watch_reserved(model, graphs, steps: int = 4, step_gib: float = 0.0625) -> list[str]:
     """Where the reserved peak is reached in the first ``steps`` steps: at each step's start and after each layer
     graph call, a line whenever ``max_memory_reserved`` passed the last reported value by ``step_gib`` (the call
@@ -172,6 +185,7 @@ def setup_llmforge(path, args, dev):
                                       f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB; reserved at each step's start "
                                       f"{reserved_at_step[:8]}; segments (stream, pool): {_segments()}"))
         atexit.register(lambda: [A.log(f"reserved growth: {line}") for line in growth[:40]])
+        atexit.register(lambda: A.log("allocator: " + _allocator_stats()))
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
