@@ -171,11 +171,13 @@ def setup_llmforge(path, args, dev):
                          offload_frozen_weights=HOST_WEIGHTS["value"], fp8_base=FP8["value"],
                          cuda_graphs=GRAPHS["value"])
     A.log(report.summary())
+    import atexit
+
+    import torch
+
+    if torch.cuda.is_available():
+        atexit.register(lambda: A.log("allocator: " + _allocator_stats()))
     if report.layer_graphs is not None:   # what ran as graphs, once the run is over
-        import atexit
-
-        import torch
-
         reserved_at_step = []   # reserved GiB as each step's forward starts (no sync)
         model.register_forward_pre_hook(
             lambda *_: reserved_at_step.append(round(torch.cuda.memory_reserved() / 2**30, 2)))
@@ -185,7 +187,6 @@ def setup_llmforge(path, args, dev):
                                       f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB; reserved at each step's start "
                                       f"{reserved_at_step[:8]}; segments (stream, pool): {_segments()}"))
         atexit.register(lambda: [A.log(f"reserved growth: {line}") for line in growth[:40]])
-        atexit.register(lambda: A.log("allocator: " + _allocator_stats()))
     extra.update(kernels=report.summary(), kernels_backend=report.backend,
                  kernels_lora_linear=report.lora_linear, kernels_mlp=report.mlp_fused_lora,
                  kernels_qkv=report.qkv_fused_lora,
