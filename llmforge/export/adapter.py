@@ -424,10 +424,7 @@ def convert_adapter(source: str | Path, output: str | Path | None, quant: str = 
     base_model = resolve_base(adapter, base)
     from .vision import convert_vlm_adapter, find_vision_arch
 
-    if find_vision_arch(_read_json(base_model.path / "config.json")) is not None:   # text GGUF + mmproj
-        if lora_only:
-            raise LlmforgeError("--lora-only is not supported for vision-language adapters yet",
-                                hint="convert the merged model (drop --lora-only)")
+    if find_vision_arch(_read_json(base_model.path / "config.json")) is not None and not lora_only:
         return convert_vlm_adapter(adapter, base_model, source, output, quant, imatrix=imatrix, name=name,
                                    overrides=overrides, backend=backend)
     if lora_only:

@@ -6,6 +6,10 @@ Layout (llama.cpp ``src/llama-adapter.cpp``): ``general.type = adapter``, ``adap
 ``.lora_b`` (out x r). llama.cpp scales every pair by ``alpha / rank`` with one global alpha, so per-module
 alphas and rsLoRA are folded into ``lora_b``. llama's Q/K row permutation applies to ``lora_b``. Token
 embeddings are stored flipped: ``lora_a`` is (vocab x r), ``lora_b`` (dim x r).
+
+A vision-language base (Gemma 3, Qwen2.5-VL, Qwen2-VL) gets an adapter for its text GGUF (the architecture the
+text converter writes); the mmproj is the base's, unchanged, so LoRA on the vision tower and a trained projector
+(``modules_to_save``) are refused: merge those instead.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR
 
+from collections.abc import Callable
+
 from ..atomic import atomic_path
 from ..errors import LlmforgeError
 from .adapter import BaseModel, PeftAdapter
-from .registry import HParams, find_arch
+from .registry import ArchSpec, HParams, find_arch
+from .source import SafetensorsSource, TensorSource
 
 LORA_TYPES = {"f32": (gguf.GGMLQuantizationType.F32, np.float32),
               "f16": (gguf.GGMLQuantizationType.F16, np.float16)}
@@ -40,6 +47,33 @@ class LoraGGUFReport:
     def summary_lines(self) -> list[str]:
         return [f"wrote {self.path} (GGUF LoRA adapter, {self.n_pairs} tensor pairs, {self.quant}, "
                 f"alpha {self.alpha:g}, {self.bytes_written / 2**20:.1f} MiB)"] + [f"checked: {c}" for c in self.checks]
+
+
+@dataclass
+class LoraTarget:
+    """The model an adapter GGUF is written for: its architecture, config, the base tensors under the adapter's
+    names, and how an adapter tensor name reads in that architecture's own checkpoints (None: not part of it)."""
+    spec: ArchSpec
+    hp: HParams
+    source: TensorSource
+    own_name: Callable[[str], str | None]
+    what: str                           # for messages: "llama", "the text model of gemma3", ...
+
+
+def lora_target(base: BaseModel) -> LoraTarget:
+    """The target for ``base``: a text model as it is, or the text model of a vision-language one."""
+    from .convert import read_config
+    from .vision import canonical_source, find_vision_arch, swap_prefix, text_config
+
+    config = read_config(base.path)
+    vision = find_vision_arch(config)
+    if vision is None:
+        spec = find_arch(config, str(base.path / "config.json"))
+        return LoraTarget(spec, HParams(config), SafetensorsSource(base.path), lambda name: name, spec.gguf_name)
+    text = text_config(vision, config)
+    spec = find_arch(text, str(base.path / "config.json"))
+    return LoraTarget(spec, HParams(text), canonical_source(vision, base.path),
+                      lambda name: swap_prefix(name, vision.text_prefixes), f"the text model of {vision.name}")
 
 
 def _replaced_tensors(adapter: PeftAdapter, base_src) -> list[str]:
@@ -73,15 +107,16 @@ def _refuse_unrepresentable(adapter: PeftAdapter, hp: HParams, base_src) -> None
                             "llama.cpp at run time", hint=hint)
 
 
-def lora_pairs(adapter: PeftAdapter, base_dir: Path, global_alpha: float):
+def lora_pairs(adapter: PeftAdapter, target: LoraTarget, global_alpha: float):
     """Yield (gguf base name, lora_a, lora_b) as float32 numpy arrays in GGUF layout, one module at a time."""
-    from .convert import read_config
-
-    config = read_config(base_dir)
-    spec, hp = find_arch(config, str(base_dir / "config.json")), HParams(config)
+    spec, hp = target.spec, target.hp
     tmap = spec.tensor_map(hp.n_layer)
     for name, m in adapter.modules.items():
-        mapped = tmap.get_type_and_name(name, try_suffixes=(".weight",))
+        own = target.own_name(name)
+        if own is None:
+            raise LlmforgeError(f"adapter module {m.module} is not part of {target.what}: a GGUF LoRA adapter for "
+                                "the text GGUF cannot carry it", hint="convert without --lora-only to merge it")
+        mapped = tmap.get_type_and_name(own, try_suffixes=(".weight",))
         if mapped is None:
             raise LlmforgeError(f"adapter module {m.module} has no GGUF counterpart for {spec.name}",
                                 hint="the adapter does not belong to this base model")
@@ -100,9 +135,8 @@ def lora_pairs(adapter: PeftAdapter, base_dir: Path, global_alpha: float):
 
 
 def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, quant: str = "f16") -> LoraGGUFReport:
-    """Write ``adapter`` as a GGUF LoRA adapter for ``base`` (f16 or f32 tensors)."""
-    from .convert import read_config
-    from .source import SafetensorsSource
+    """Write ``adapter`` as a GGUF LoRA adapter for ``base`` (f16 or f32 tensors); for a vision-language base, an
+    adapter of its text GGUF."""
 
     output = Path(output)
     key = quant.strip().lower()
@@ -110,10 +144,8 @@ def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, q
         raise LlmforgeError(f"--lora-only writes f16 or f32 tensors, not {quant!r}",
                             hint="pass --quant f16 (or f32); quantize the base model instead")
     qtype, np_dtype = LORA_TYPES[key]
-    config = read_config(base.path)
-    spec, hp = find_arch(config, str(base.path / "config.json")), HParams(config)
-    base_src = SafetensorsSource(base.path)
-    base_names = set(base_src.names())
+    target = lora_target(base)
+    spec, hp, base_src = target.spec, target.hp, target.source
     from .adapter import check_against_base
 
     if base.nf4:
@@ -122,7 +154,7 @@ def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, q
         shapes = DequantizedNF4Source(base_src)
         check_against_base(adapter, set(shapes.names()), shapes.shape)
     else:
-        check_against_base(adapter, base_names, base_src.shape)
+        check_against_base(adapter, set(base_src.names()), base_src.shape)
     _refuse_unrepresentable(adapter, hp, base_src)
     adapter.check_values()
     alpha = float(adapter.config.get("lora_alpha") or adapter.config["r"])
@@ -132,7 +164,7 @@ def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, q
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_name(adapter.path.resolve().name)
     n = 0
-    for gguf_name, a, b in lora_pairs(adapter, base.path, alpha):
+    for gguf_name, a, b in lora_pairs(adapter, target, alpha):
         writer.add_tensor(f"{gguf_name}.lora_a", a.astype(np_dtype), raw_dtype=qtype)
         writer.add_tensor(f"{gguf_name}.lora_b", b.astype(np_dtype), raw_dtype=qtype)
         n += 1
@@ -141,7 +173,9 @@ def write_lora_gguf(adapter: PeftAdapter, base: BaseModel, output: str | Path, q
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    checks = [f"adapter: {adapter.describe()}; base {spec.gguf_name} ({base.path})"]
+    checks = [f"adapter: {adapter.describe()}; base {target.what} ({base.path})"]
+    if target.what != spec.gguf_name:
+        checks.append(f"for the text GGUF of {base.path} (architecture {spec.gguf_name}); its mmproj is unchanged")
     if base.nf4:
         checks.append("the base is stored in NF4: apply this adapter to a GGUF of the same (dequantized) base")
     if any(m.scale != alpha / m.rank for m in adapter.modules.values()):

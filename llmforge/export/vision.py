@@ -243,7 +243,8 @@ def find_vision_arch(config: dict) -> VisionArch | None:
     return None
 
 
-def _swap_prefix(name: str, table: tuple[tuple[str, str], ...]) -> str | None:
+def swap_prefix(name: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    """``name`` with the first matching old prefix of ``table`` replaced by its new one; None if none matches."""
     for old, new in table:
         if name.startswith(old):
             return new + name[len(old):]
@@ -252,7 +253,7 @@ def _swap_prefix(name: str, table: tuple[tuple[str, str], ...]) -> str | None:
 
 def canonical_name(spec: VisionArch, name: str) -> str:
     """A checkpoint (or PEFT module) name in transformers 5's module layout."""
-    swapped = _swap_prefix(name, spec.canonical)
+    swapped = swap_prefix(name, spec.canonical)
     return swapped if swapped is not None else name
 
 
@@ -315,7 +316,7 @@ def text_source(spec: VisionArch, source: TensorSource) -> RenamedSource:
     """The text model's tensors of a canonical source, named as the text architecture's own checkpoints."""
     names = {}
     for n in source.names():
-        new = _swap_prefix(n, spec.text_prefixes)
+        new = swap_prefix(n, spec.text_prefixes)
         if new is not None:
             names[new] = n
     return RenamedSource(source, names)
@@ -403,7 +404,7 @@ def plan_mmproj(spec: VisionArch, source: TensorSource, n_blocks: int, base: T) 
     tmap = gguf.get_tensor_name_map(MODEL_ARCH.MMPROJ, n_blocks)
     out = []
     for name in source.names():
-        mapped_name = _swap_prefix(name, spec.vision_prefixes)
+        mapped_name = swap_prefix(name, spec.vision_prefixes)
         if mapped_name is None or any(name.startswith(s) for s in spec.skip):
             continue
         for pattern, repl in spec.rename:
@@ -583,6 +584,6 @@ def vision_merge_view(adapter: Any, base_model: Any) -> tuple[Any, RenamedSource
     merged = MergedSource(adapter, base_model, inner=canonical_source(spec, base_model.path))
     published = {}
     for name in merged.names():
-        swapped = _swap_prefix(name, spec.published)
+        swapped = swap_prefix(name, spec.published)
         published[swapped if swapped is not None else name] = name
     return merged, RenamedSource(merged, published)
