@@ -14,6 +14,7 @@ text converter writes); the mmproj is the base's, unchanged, so LoRA on the visi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,6 @@ import gguf
 import numpy as np
 import torch
 from gguf import MODEL_TENSOR
-
-from collections.abc import Callable
 
 from ..atomic import atomic_path
 from ..errors import LlmforgeError
