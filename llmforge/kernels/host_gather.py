@@ -60,7 +60,7 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         grid = (flat.numel(), triton.cdiv(table.shape[1], BLOCK))
         try:
             _gather_rows_kernel[grid](table, flat, out, table.shape[0], table.shape[1], BLOCK=BLOCK)
-        except ValueError:   # "Pointer argument cannot be accessed from Triton": this host memory is not mapped
-            _REFUSED[0] = True
+        except (ValueError, RuntimeError):   # the launcher refused the host pointer ("Pointer argument cannot be
+            _REFUSED[0] = True                #  accessed from Triton", or a driver error reading its attributes)
             return None
     return out.view(*ids.shape, table.shape[1])
