@@ -161,6 +161,31 @@ def test_host_gather_rows_declines_without_a_kernel(monkeypatch):
     assert gather_rows(torch.randn(5, 3), torch.tensor([1, 2])) is None
 
 
+def test_a_refused_host_pointer_falls_back_to_the_host_gather_for_good(monkeypatch):
+    """A launcher that cannot map the table (Triton's "Pointer argument cannot be accessed") leaves the lookup to the
+    host path, and the kernel is not tried again."""
+    pytest.importorskip("triton")
+    from llmforge.kernels import host_gather
+
+    tries = []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tries.append(grid)
+                raise ValueError("Pointer argument cannot be accessed from Triton (cpu tensor?)")
+            return launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("LLMFORGE_KERNELS", raising=False)
+    monkeypatch.setattr(host_gather, "_gather_rows_kernel", Refusing())
+    monkeypatch.setattr(host_gather, "_REFUSED", [False])
+    table, ids = torch.randn(5, 3), torch.tensor([1, 2])
+    assert host_gather.gather_rows(table, ids) is None and len(tries) == 1
+    assert not host_gather.can_gather_on_device(table, ids)
+    assert host_gather.gather_rows(table, ids) is None and len(tries) == 1   # not tried again
+
+
 # ---------------------------------------------------------------------------------------- host weights
 UNTIED = ("llama", "qwen2", "gemma2")  # gemma2: scaled embedding and final logit softcapping
 

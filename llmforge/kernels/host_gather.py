@@ -42,11 +42,11 @@ if triton_importable():
 def can_gather_on_device(table: torch.Tensor, ids: torch.Tensor) -> bool:
     """Whether ``gather_rows`` applies: a contiguous 2-D table in pinned host memory and ids on a CUDA device
     (or, under Triton's CPU interpreter, any table and ids on the CPU)."""
-    if not ENABLED or table.dim() != 2 or not table.is_contiguous() or table.device.type != "cpu":
+    if not ENABLED or _REFUSED[0] or table.dim() != 2 or not table.is_contiguous() or table.device.type != "cpu":
         return False
     if interpreting():
         return ids.device.type == "cpu" and use_triton(ids)
-    return ids.is_cuda and not _REFUSED[0] and use_triton(ids) and table.is_pinned()
+    return ids.is_cuda and use_triton(ids) and table.is_pinned()
 
 
 def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
