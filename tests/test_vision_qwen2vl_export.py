@@ -60,3 +60,17 @@ def test_llama_cpp_runs_the_image_prompt_like_transformers(exported):
     assert text_ids == [i for i in ids if i != image_token]
     assert rel(last, logits) < 2e-3
     assert new == greedy
+
+
+def test_lora_only_adapter_of_the_text_gguf_runs_in_llama_cpp_like_the_merge(exported, tmp_path):
+    """``--lora-only`` on a Qwen2-VL adapter: the same check as for Qwen2.5-VL (f32 base text GGUF)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from test_vision_qwen_export import QWEN_IDS
+    from vision_checks import assert_lora_only_runs_like_the_merge, random_adapter
+
+    vlm_dir = exported[0]
+    base = tmp_path / "base-f32.gguf"
+    convert(vlm_dir, base, "f32")
+    adapter = random_adapter(Qwen2VLForConditionalGeneration, vlm_dir, tmp_path / "adapter", seed=8)
+    assert_lora_only_runs_like_the_merge(adapter, base, "qwen2vl", QWEN_IDS, tmp_path)

@@ -197,32 +197,15 @@ def test_window_attention_matches_transformers(vlm_dir, exported):
     assert rel(embeddings, features.numpy()) < 2e-3
 
 
+QWEN_IDS = [9707, 11, 1879, 0, 576, 264, 1273, 315, 279, 3974]
+
+
 def test_lora_only_adapter_of_the_text_gguf_runs_in_llama_cpp_like_the_merge(vlm_dir, exported, tmp_path):
     """``--lora-only`` on a Qwen2.5-VL adapter (LoRA on the language model's projections, biased Q/K/V included): a
     GGUF LoRA adapter of the ``qwen2vl`` text GGUF; llama.cpp applying it gives the merged text GGUF's logits."""
-    import torch
-    from adapter_helpers import llama_with_lora_logits
-    from gguf import GGUFReader
-    from oracles import llama_cpp_logits, rel_error
-    from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(7)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=(
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.05)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    lora, merged = tmp_path / "adapter.gguf", tmp_path / "merged.gguf"
-    convert(adapter, lora, "f32", lora_only=True)
-    assert GGUFReader(lora).get_field("general.architecture").contents() == "qwen2vl"
-    convert(adapter, merged, "f32")
-    base, _ = exported("f32")
-    ids = [9707, 11, 1879, 0, 576, 264, 1273, 315, 279, 3974]
-    merged_logits = llama_cpp_logits(merged, ids)
-    assert rel_error(llama_cpp_logits(base, ids), merged_logits) > 1e-2   # the adapter matters
-    assert rel_error(llama_with_lora_logits(base, lora, ids), merged_logits) < 1e-4
+    from vision_checks import assert_lora_only_runs_like_the_merge, random_adapter
+
+    adapter = random_adapter(Qwen2_5_VLForConditionalGeneration, vlm_dir, tmp_path / "adapter", seed=7)
+    assert_lora_only_runs_like_the_merge(adapter, exported("f32")[0], "qwen2vl", QWEN_IDS, tmp_path)

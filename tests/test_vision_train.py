@@ -108,51 +108,18 @@ def test_adapter_gguf_runs_like_the_peft_merge_and_learned_the_colours(trained, 
     assert correct == 12
 
 
-LANGUAGE_MODEL_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-def _random_adapter(base_dir: Path, out: Path, target_modules: str) -> Path:
-    """A PEFT LoRA adapter with random factors (r=4, alpha 8) on ``target_modules`` of the tiny Gemma 3."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import Gemma3ForConditionalGeneration
-
-    torch.manual_seed(5)
-    model = Gemma3ForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.05)
-    peft_model.save_pretrained(out)
-    return out
-
-
 def test_lora_only_adapter_of_the_text_gguf_runs_in_llama_cpp_like_the_merge(base_dir, tmp_path):
     """``--lora-only`` on a VLM adapter: a GGUF LoRA adapter for the base's text GGUF (gemma3); llama.cpp applying
     it at run time gives the logits of the merged text GGUF (itself checked against PEFT's merge above)."""
-    from adapter_helpers import llama_with_lora_logits
-    from gguf import GGUFReader
-    from oracles import llama_cpp_logits, rel_error
+    from transformers import Gemma3ForConditionalGeneration
 
-    adapter = _random_adapter(base_dir, tmp_path / "adapter", LANGUAGE_MODEL_PROJECTIONS)
-    lora = tmp_path / "out" / "adapter.gguf"
-    lora.parent.mkdir()
-    report = convert(adapter, lora, "f32", lora_only=True)
-    assert sorted(p.name for p in lora.parent.iterdir()) == ["adapter.gguf"]   # no mmproj: the base's is unchanged
-    assert any("its mmproj is unchanged" in c for c in report.checks), report.checks
-    fields = GGUFReader(lora)
-    assert fields.get_field("general.architecture").contents() == "gemma3"
-    assert fields.get_field("general.type").contents() == "adapter"
-    assert "blk.0.attn_q.weight.lora_a" in {t.name for t in fields.tensors}
+    from vision_checks import assert_lora_only_runs_like_the_merge, random_adapter
 
-    base_gguf, merged = tmp_path / "base.gguf", tmp_path / "merged.gguf"
+    adapter = random_adapter(Gemma3ForConditionalGeneration, base_dir, tmp_path / "adapter")
+    base_gguf = tmp_path / "base.gguf"
     convert(base_dir, base_gguf, "f32")
-    convert(adapter, merged, "f32")
-    ids = [2, 10, 50, 100, 200, 300, 35, 7, 120, 64]
-    merged_logits = llama_cpp_logits(merged, ids)
-    assert rel_error(llama_cpp_logits(base_gguf, ids), merged_logits) > 1e-2   # the adapter matters
-    assert rel_error(llama_with_lora_logits(base_gguf, lora, ids), merged_logits) < 1e-4
+    assert_lora_only_runs_like_the_merge(adapter, base_gguf, "gemma3", [2, 10, 50, 100, 200, 300, 35, 7, 120, 64],
+                                         tmp_path)
 
 
 def test_lora_only_refuses_what_an_adapter_of_the_text_gguf_cannot_carry(trained, base_dir, tmp_path):
@@ -164,7 +131,12 @@ def test_lora_only_refuses_what_an_adapter_of_the_text_gguf_cannot_carry(trained
     out.mkdir()
     with pytest.raises(LlmforgeError, match="whole tensors"):
         convert(trained.adapter_dir, out / "a.gguf", "f16", lora_only=True)
-    tower = _random_adapter(base_dir, tmp_path / "tower", r".*vision_tower.*\.(q_proj|k_proj|v_proj)")
+    from transformers import Gemma3ForConditionalGeneration
+
+    from vision_checks import random_adapter
+
+    tower = random_adapter(Gemma3ForConditionalGeneration, base_dir, tmp_path / "tower",
+                           r".*vision_tower.*\.(q_proj|k_proj|v_proj)")
     with pytest.raises(LlmforgeError, match="is not part of the text model of gemma3"):
         convert(tower, out / "b.gguf", "f16", lora_only=True)
     assert list(out.iterdir()) == []

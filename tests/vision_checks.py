@@ -1,5 +1,5 @@
-"""Shared checks for the vision training tests: merge -> convert equals adapter -> convert; ship to the fake
-Ollama server."""
+"""Shared checks for the vision tests: merge -> convert equals adapter -> convert; ship to the fake Ollama server;
+``--lora-only`` adapters of the text GGUF against the merge in llama.cpp."""
 
 from __future__ import annotations
 
@@ -61,3 +61,50 @@ def assert_merge_converts_like_the_adapter(merged_dir: Path, adapter_dir: Path, 
     for a, b in ((from_merged, from_adapter), (mmproj_path(from_merged), mmproj_path(from_adapter))):
         ours = tensor_bytes(a)
         assert ours and ours == tensor_bytes(b)
+
+
+LANGUAGE_MODEL_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def random_adapter(model_cls, model_dir: Path, out: Path, target_modules: str = LANGUAGE_MODEL_PROJECTIONS,
+                   seed: int = 5) -> Path:
+    """A PEFT LoRA adapter (r=4, alpha 8) with random factors on ``target_modules`` of the VLM in ``model_dir``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = model_cls.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def assert_lora_only_runs_like_the_merge(adapter: Path, base_text_gguf: Path, arch: str, ids: list[int],
+                                         tmp_path: Path) -> None:
+    """``convert --lora-only`` writes a GGUF LoRA adapter of the text GGUF (architecture ``arch``, no mmproj);
+    llama.cpp applying it to the base's text GGUF gives the merged text GGUF's logits (< 1e-4), which differ from
+    the base's (the adapter matters)."""
+    from adapter_helpers import llama_with_lora_logits
+    from gguf import GGUFReader
+    from oracles import llama_cpp_logits, rel_error
+
+    from llmforge.export.convert import convert
+
+    out = tmp_path / "lora-only"
+    out.mkdir()
+    lora, merged = out / "adapter.gguf", tmp_path / "merged.gguf"
+    report = convert(adapter, lora, "f32", lora_only=True)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.gguf"]   # no mmproj: the base's is unchanged
+    assert any("its mmproj is unchanged" in c for c in report.checks), report.checks
+    fields = GGUFReader(lora)
+    assert fields.get_field("general.architecture").contents() == arch
+    assert fields.get_field("general.type").contents() == "adapter"
+    assert "blk.0.attn_q.weight.lora_a" in {t.name for t in fields.tensors}
+    convert(adapter, merged, "f32")
+    merged_logits = llama_cpp_logits(merged, ids)
+    assert rel_error(llama_cpp_logits(base_text_gguf, ids), merged_logits) > 1e-2
+    assert rel_error(llama_with_lora_logits(base_text_gguf, lora, ids), merged_logits) < 1e-4
