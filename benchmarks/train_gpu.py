@@ -82,10 +82,7 @@ OFFLOAD = {"value": True}
 HOST_WEIGHTS = {"value": False}  # the plain configs keep the weights on the device, as measured before
 FP8 = {"value": False}
 GRAPHS = {"value": False}
-MLP_CHUNK_MIB = {"value": 0}
-PREFETCH_MIB = {"value": 0}
-GRAPH_TRIM = {"value": False}
-LIGHT_WARMUP = {"value": False}
+SWITCH_FLAGS = {"value": ""}   # the flags of the configurations run, for ``set_switches``
 
 _setup_hf = A.setup_hf
 
@@ -156,17 +153,23 @@ def _watch_reserved(model, graphs, steps: int = 4, step_gib: float = 0.0625) -> 
     return lines
 
 
+def set_switches(flags: str) -> None:
+    """llmforge's A/B switches as the configuration's flags say (the settings behind LLMFORGE_MLP_CHUNK_MIB,
+    _LM_HEAD_PREFETCH_MIB, _GRAPH_TRIM and _GRAPH_WARMUP, set on the modules directly)."""
+    from llmforge.kernels import cross_entropy, fast_lora, layer_graphs
+
+    fast_lora.MLP_CHUNK_BYTES[0] = (32 << 20) if "-chunk" in flags else 0
+    cross_entropy.PREFETCH_BYTES[0] = (512 << 20) if "-prefetch" in flags else 0
+    layer_graphs.TRIM_AFTER_CAPTURE, layer_graphs.LIGHT_WARMUP = "-trim" in flags, "-lightwarm" in flags
+
+
 def setup_llmforge(path, args, dev):
     """The anchor's HF + PEFT setup, then llmforge's kernels patched in."""
     model, extra = _setup_hf(path, args, dev)
     from llmforge.kernels import cross_entropy, fast_lora, layer_graphs
     from llmforge.kernels.patch import patch_model
 
-    # the A/B switches behind LLMFORGE_MLP_CHUNK_MIB, _LM_HEAD_PREFETCH_MIB, _GRAPH_TRIM, _GRAPH_WARMUP, set from the name
-    fast_lora.MLP_CHUNK_BYTES[0] = MLP_CHUNK_MIB["value"] << 20
-    cross_entropy.PREFETCH_BYTES[0] = PREFETCH_MIB["value"] << 20
-    layer_graphs.TRIM_AFTER_CAPTURE = GRAPH_TRIM["value"]
-    layer_graphs.LIGHT_WARMUP = LIGHT_WARMUP["value"]
+    set_switches(SWITCH_FLAGS["value"])
     report = patch_model(model, offload_checkpointing=None if OFFLOAD["value"] else False,
                          offload_frozen_weights=HOST_WEIGHTS["value"], fp8_base=FP8["value"],
                          cuda_graphs=GRAPHS["value"])
@@ -192,8 +195,8 @@ def setup_llmforge(path, args, dev):
                  kernels_qkv=report.qkv_fused_lora,
                  kernels_offloaded_layers=report.offloaded_checkpoint_layers, kernels_host_weights=report.host_weights,
                  kernels_fp8_base=report.fp8_base, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                 graph_trim=GRAPH_TRIM["value"], light_warmup=LIGHT_WARMUP["value"], mlp_chunk_mib=MLP_CHUNK_MIB["value"],
-                 lm_head_prefetch_mib=PREFETCH_MIB["value"])
+                 graph_trim=layer_graphs.TRIM_AFTER_CAPTURE, light_warmup=layer_graphs.LIGHT_WARMUP,
+                 mlp_chunk_mib=fast_lora.MLP_CHUNK_BYTES[0] >> 20, lm_head_prefetch_mib=cross_entropy.PREFETCH_BYTES[0] >> 20)
     return model, extra
 
 
@@ -369,7 +372,6 @@ def trainer_bench(args) -> int:
 
     import torch
 
-    from llmforge.kernels import cross_entropy, fast_lora, layer_graphs
     from llmforge.trainer.config import load_config
     from llmforge.trainer.encode import Encoded
     from llmforge.trainer.load import load_model, prefer_expandable_segments
@@ -381,9 +383,7 @@ def trainer_bench(args) -> int:
         sys.exit(f"train_gpu: unknown trainer configuration {args.config!r}")
     size = args.config.split("-")[1]
     prefer_expandable_segments()
-    fast_lora.MLP_CHUNK_BYTES[0] = (32 << 20) if "-chunk" in flags else 0
-    cross_entropy.PREFETCH_BYTES[0] = (512 << 20) if "-prefetch" in flags else 0
-    layer_graphs.TRIM_AFTER_CAPTURE, layer_graphs.LIGHT_WARMUP = "-trim" in flags, "-lightwarm" in flags
+    set_switches(flags)
     cuda = args.device.startswith("cuda")
     out = Path(tempfile.mkdtemp(prefix="trainer_bench_"))
     config = load_config({
@@ -687,12 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         HOST_WEIGHTS["value"] = any("-hostw" in a for a in configs)
         FP8["value"] = any("-fp8" in a for a in configs)
         GRAPHS["value"] = any("-graphs" in a for a in configs)
-        MLP_CHUNK_MIB["value"] = 32 if any("-chunk" in a for a in configs) else 0
-        PREFETCH_MIB["value"] = 512 if any("-prefetch" in a for a in configs) else 0
+        SWITCH_FLAGS["value"] = "".join(configs)
         if any("-expseg" in a for a in configs):   # read when CUDA's allocator starts: before any tensor
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
-        GRAPH_TRIM["value"] = any("-trim" in a for a in configs)
-        LIGHT_WARMUP["value"] = any("-lightwarm" in a for a in configs)
     return A.main(argv)
 
 

@@ -332,3 +332,16 @@ if __name__ == "__main__":   # the interpreted child: TRITON_INTERPRET=1 was set
         {"rows": check_rows, "nf4": check_nf4_fp8, "nodes": check_lora_nodes, "model": check_patched_model}[name]()
 
     report_cases(sys.argv[1:], run_case)
+
+
+def test_a_mib_switch_that_is_not_a_number_is_one_warning_and_off(monkeypatch, capsys):
+    from llmforge.kernels._backend import env_mib
+
+    monkeypatch.setenv("LLMFORGE_TEST_MIB", "32")
+    assert env_mib("LLMFORGE_TEST_MIB") == 32 << 20
+    monkeypatch.setenv("LLMFORGE_TEST_MIB", "lots")
+    assert env_mib("LLMFORGE_TEST_MIB") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: LLMFORGE_TEST_MIB='lots' is not a whole number")
+    monkeypatch.delenv("LLMFORGE_TEST_MIB")
+    assert env_mib("LLMFORGE_TEST_MIB") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -47,3 +48,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+def env_mib(name: str) -> int:
+    """An A/B switch given in MiB by environment variable ``name`` (unset: 0, off), as bytes. A value that is not a
+    whole number is one warning line and counts as off."""
+    text = os.environ.get(name, "0").strip() or "0"
+    try:
+        return max(0, int(text)) << 20
+    except ValueError:
+        print(f"warning: {name}={text!r} is not a whole number of MiB; {name} is off", file=sys.stderr)
+        return 0

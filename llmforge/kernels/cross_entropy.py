@@ -5,11 +5,9 @@ gradient written in place into the chunk's logits."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from llmforge.kernels._backend import compute_dtype, next_power_of_2, triton_importable, use_triton
+from llmforge.kernels._backend import compute_dtype, env_mib, next_power_of_2, triton_importable, use_triton
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 256 << 20  # logits of one chunk, in the compute dtype (~1000 rows at a 128K vocabulary)
@@ -278,7 +276,7 @@ _COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
 # Vocabulary chunks of a host lm_head copied to the device while the decoder's forward runs, ahead of the loss
 # (LLMFORGE_LM_HEAD_PREFETCH_MIB; 0: off). They cross PCIe in the other direction from the offloaded layer inputs,
 # and they live from the forward's start to the loss, when no layer's backward working set exists yet.
-PREFETCH_BYTES = [int(os.environ.get("LLMFORGE_LM_HEAD_PREFETCH_MIB", "0")) << 20]
+PREFETCH_BYTES = [env_mib("LLMFORGE_LM_HEAD_PREFETCH_MIB")]
 
 
 def _copy_stream(device: torch.device) -> "torch.cuda.Stream":

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from llmforge.kernels import lora_gated
-from llmforge.kernels._backend import compute_dtype, use_triton
+from llmforge.kernels._backend import compute_dtype, env_mib, use_triton
 from llmforge.kernels.activations import (ACTIVATION_KINDS, gated_backward_raw, gated_forward_raw,
                                           gated_reference)
 from llmforge.kernels.fp8 import Fp8Weights, dense_fp8, fp8_mm, fp8_shapes_ok, quantize_rows
@@ -38,7 +38,7 @@ FP8_FAST_ACCUM = os.environ.get("LLMFORGE_FP8_FAST_ACCUM", "1") != "0"
 # Chunked MLP (``_mlp_backward_chunked``, ``_mlp_forward_chunked``): when a checkpoint's recompute may skip the MLP's
 # output, its (rows, ffn) tensors are built in backward this many bytes per tensor at a time, and so are they in a
 # forward without autograd (the checkpoint's first pass) (LLMFORGE_MLP_CHUNK_MIB; 0: off)
-MLP_CHUNK_BYTES = [int(os.environ.get("LLMFORGE_MLP_CHUNK_MIB", "0")) << 20]
+MLP_CHUNK_BYTES = [env_mib("LLMFORGE_MLP_CHUNK_MIB")]
 
 
 def new_step() -> None:
